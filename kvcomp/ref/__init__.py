@@ -1,0 +1,58 @@
+"""Pure-PyTorch references (fp32 math, GQA-aware, CPU or CUDA): the ground truth for every kernel.
+
+Layouts and names follow docs/architecture.md, section "References (kvcomp/ref/)".
+"""
+
+from .attention import attention as attention
+from .attention import gather_paged as gather_paged
+from .attention import paged_attention as paged_attention
+from .rope import apply_rope as apply_rope
+from .rope import rope_cos_sin as rope_cos_sin
+from .rope import unapply_rope as unapply_rope
+from .rope import windowed_rope_query as windowed_rope_query
+from .streaming import paged_streaming_attention as paged_streaming_attention
+from .streaming import streaming_attention as streaming_attention
+from .streaming import streaming_mask as streaming_mask
+from .think import pack_pruned_keys as pack_pruned_keys
+from .think import pruned_key_attention as pruned_key_attention
+from .think import think_channel_scores as think_channel_scores
+from .think import think_keep_channels as think_keep_channels
+from .vq import fit_codebook as fit_codebook
+from .vq import kmeans as kmeans
+from .vq import mask_to_indices as mask_to_indices
+from .vq import paged_sparse_attention as paged_sparse_attention
+from .vq import query_hessian as query_hessian
+from .vq import sparse_attention as sparse_attention
+from .vq import vq_encode as vq_encode
+from .vq import vq_lut as vq_lut
+from .vq import vq_scores as vq_scores
+from .vq import vq_select as vq_select
+from .vq import whitening as whitening
+
+__all__ = [
+    "attention",
+    "gather_paged",
+    "paged_attention",
+    "streaming_mask",
+    "streaming_attention",
+    "paged_streaming_attention",
+    "think_channel_scores",
+    "think_keep_channels",
+    "pack_pruned_keys",
+    "pruned_key_attention",
+    "rope_cos_sin",
+    "apply_rope",
+    "unapply_rope",
+    "windowed_rope_query",
+    "query_hessian",
+    "whitening",
+    "kmeans",
+    "fit_codebook",
+    "vq_encode",
+    "vq_lut",
+    "vq_scores",
+    "vq_select",
+    "mask_to_indices",
+    "sparse_attention",
+    "paged_sparse_attention",
+]

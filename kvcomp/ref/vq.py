@@ -1,0 +1,448 @@
+"""A²ATS query-aware vector quantisation of pre-RoPE keys, retrieval and sparse attention references.
+
+Calibration (per layer and KV head): ``H = sum q~ q~^T`` over windowed-RoPE queries of the group,
+normalised by its RMS; ``L = cholesky(H + eps I)`` so that ``(k-c) H (k-c)^T ~= ||(k-c) L||^2`` for
+row vectors; k-means++ on ``k_pre @ L`` gives ``C'`` and the stored codebook is ``C = C' L^-1``.
+Decode: ``lut = scale * q~ C^T``, token scores are ``lut[code]``, each query head keeps its top-k,
+the group's union plus sinks and a local window is attended exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _validate as V
+from .attention import softmax_av
+
+MAX_CODES = 32768  # codes are int16
+# Distance-matrix elements computed at once by kmeans / vq_encode (64 MiB of fp32).
+_DIST_ELEMS = 1 << 24
+
+
+# ----------------------------------------------------------------------------------------------
+# calibration
+
+
+def query_hessian(q_wrope: torch.Tensor) -> torch.Tensor:
+    """Query second-moment matrix of the VQ objective ``E_q[(q.k - q.c)^2]``.
+
+    Args:
+        q_wrope: ``[N, D]`` windowed-RoPE queries (all query heads of the group stacked).
+    Returns:
+        ``[D, D]`` fp32, ``H = q^T q / rms(q^T q)`` (RMS over the D*D entries).
+    """
+    V.tensor("q_wrope", q_wrope, ndim=2, kind="float")
+    if q_wrope.shape[0] == 0:
+        raise ValueError("q_wrope must hold at least one query")
+    q = q_wrope.double()
+    h = q.T @ q
+    rms = h.pow(2).mean().sqrt()
+    if not torch.isfinite(rms) or rms == 0:
+        raise ValueError("q_wrope gives a zero or non-finite Hessian")
+    return (h / rms).float()
+
+
+def whitening(h: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Lower Cholesky factor ``L`` of ``H + eps I`` (``L L^T = H + eps I``).
+
+    Args:
+        h: ``[D, D]`` symmetric positive semi-definite.
+        eps: ridge added to the diagonal.
+    Returns:
+        ``[D, D]`` fp32 lower-triangular ``L``.
+    """
+    V.tensor("h", h, ndim=2, kind="float")
+    d = h.shape[0]
+    if h.shape[1] != d:
+        raise ValueError(f"h must be square, got {tuple(h.shape)}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
+        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    hd = h.double()
+    if not torch.allclose(hd, hd.T, rtol=1e-4, atol=1e-6 * float(hd.abs().max().clamp(min=1e-30))):
+        raise ValueError("h must be symmetric")
+    a = 0.5 * (hd + hd.T) + eps * torch.eye(d, dtype=torch.float64, device=h.device)
+    l, info = torch.linalg.cholesky_ex(a)
+    if int(info) != 0:
+        raise ValueError(f"h + eps*I is not positive definite (eps={eps}); increase eps")
+    return l.float()
+
+
+def _nearest(x: torch.Tensor, x2: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest centroid of each row of ``x [N, D]`` among ``c [C, D]`` (chunked); (idx int64, dist)."""
+    n, nc = x.shape[0], c.shape[0]
+    c2 = (c * c).sum(1)
+    ct = c.T.contiguous()
+    step = max(1, _DIST_ELEMS // max(nc, 1))
+    idx = torch.empty(n, dtype=torch.long, device=x.device)
+    dist = torch.empty(n, dtype=x.dtype, device=x.device)
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        d = torch.addmm(c2.unsqueeze(0), x[s:e], ct, alpha=-2.0)
+        m, i = d.min(dim=1)
+        idx[s:e] = i
+        dist[s:e] = (m + x2[s:e]).clamp_(min=0)
+    return idx, dist
+
+
+def _kmeanspp(x: torch.Tensor, x2: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding: each new centroid is drawn with probability proportional to D(x)^2."""
+    n = x.shape[0]
+    u = torch.rand(k, generator=gen, dtype=torch.float64).to(x.device)
+    c = torch.empty(k, x.shape[1], dtype=x.dtype, device=x.device)
+    first = torch.clamp((u[:1] * n).long(), max=n - 1)
+    c[0] = x[first[0]]
+    dmin = (x2 - 2.0 * (x @ c[0]) + x2[first[0]]).clamp_(min=0)
+    for i in range(1, k):
+        cum = torch.cumsum(dmin.double(), 0)
+        j = torch.searchsorted(cum, (u[i] * cum[-1]).reshape(1), right=True).clamp_(max=n - 1)[0]
+        c[i] = x[j]
+        d = (x2 - 2.0 * (x @ c[i]) + x2[j]).clamp_(min=0)
+        d[j] = 0.0
+        dmin = torch.minimum(dmin, d)
+    return c
+
+
+def kmeans(x: torch.Tensor, n_codes: int, *, iters: int = 300, tol: float = 1e-4, seed: int = 0) -> torch.Tensor:
+    """Lloyd k-means with k-means++ seeding (deterministic for a given ``seed``).
+
+    Distances are computed in row chunks, so ``N=64K, D=64, n_codes=4096`` needs ~64 MiB of scratch.
+    Stops after ``iters`` Lloyd steps, or once the mean squared centroid shift of a step is at most
+    ``tol`` times the data's mean squared distance to its mean. An empty cluster is moved to the
+    point currently farthest from its centroid.
+
+    Args:
+        x: ``[N, D]`` float, ``N >= n_codes``.
+        n_codes: number of centroids.
+        iters: maximum Lloyd iterations (0 returns the k-means++ seeds).
+        tol: relative convergence threshold.
+        seed: seed of the CPU ``torch.Generator`` that drives the seeding.
+    Returns:
+        ``[n_codes, D]`` in ``x.dtype`` (computed in fp32).
+    """
+    V.tensor("x", x, ndim=2, kind="float")
+    if isinstance(n_codes, bool) or not isinstance(n_codes, int) or n_codes < 1:
+        raise ValueError(f"n_codes must be a positive int, got {n_codes!r}")
+    n = x.shape[0]
+    if n < n_codes:
+        raise ValueError(f"x has N={n} points, fewer than n_codes={n_codes}: cannot fit the codebook")
+    V.nonneg_int("iters", iters)
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or tol < 0:
+        raise ValueError(f"tol must be a non-negative float, got {tol!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    xf = x.float().contiguous()
+    if not torch.isfinite(xf).all():
+        raise ValueError("x must be finite")
+    x2 = (xf * xf).sum(1)
+    gen = torch.Generator().manual_seed(seed)
+    c = _kmeanspp(xf, x2, n_codes, gen)
+    thresh = tol * float((xf - xf.mean(0)).pow(2).sum(1).mean())
+    for _ in range(iters):
+        assign, dist = _nearest(xf, x2, c)
+        counts = torch.bincount(assign, minlength=n_codes)
+        sums = torch.zeros_like(c).index_add_(0, assign, xf)
+        new = torch.where((counts > 0).unsqueeze(1), sums / counts.clamp(min=1).unsqueeze(1).to(xf.dtype), c)
+        empty = (counts == 0).nonzero().flatten()
+        if empty.numel():
+            far = torch.topk(dist, empty.numel()).indices
+            new[empty] = xf[far]
+        shift = float((new - c).pow(2).sum(1).mean())
+        c = new
+        if empty.numel() == 0 and shift <= thresh:
+            break
+    return c.to(x.dtype)
+
+
+def fit_codebook(k_pre: torch.Tensor, q_wrope: torch.Tensor, n_codes: int, *, iters: int = 300,
+                 seed: int = 0, tol: float = 1e-4, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fit one KV head's query-aware codebook.
+
+    Args:
+        k_pre: ``[N, D]`` pre-RoPE calibration keys.
+        q_wrope: ``[M, D]`` windowed-RoPE calibration queries of the head's group.
+        n_codes: codebook size (``<= 32768``, ``<= N``).
+        iters, seed, tol: passed to :func:`kmeans`; eps: passed to :func:`whitening`.
+    Returns:
+        ``(codebook [n_codes, D] fp32, L [D, D] fp32)`` with ``codebook = kmeans(k_pre @ L) @ L^-1``.
+    """
+    V.tensor("k_pre", k_pre, ndim=2, kind="float")
+    V.tensor("q_wrope", q_wrope, ndim=2, kind="float")
+    V.same_device(k_pre=k_pre, q_wrope=q_wrope)
+    V.dim_eq("q_wrope", q_wrope.shape[1], k_pre.shape[1], "head dim (equal to k_pre's)")
+    if isinstance(n_codes, int) and n_codes > MAX_CODES:
+        raise ValueError(f"n_codes={n_codes} exceeds {MAX_CODES} (codes are int16)")
+    lw = whitening(query_hessian(q_wrope), eps)
+    cw = kmeans(k_pre.float() @ lw, n_codes, iters=iters, tol=tol, seed=seed)
+    codebook = torch.linalg.solve_triangular(lw.double(), cw.double(), upper=False, left=False)
+    return codebook.float(), lw
+
+
+# ----------------------------------------------------------------------------------------------
+# decode-time retrieval
+
+
+def vq_encode(k_pre: torch.Tensor, codebook: torch.Tensor, whiten: torch.Tensor) -> torch.Tensor:
+    """Nearest centroid of each key in the whitened metric ``||(k - c) L||^2``.
+
+    Args:
+        k_pre: ``[B, Hkv, T, D]`` pre-RoPE keys.
+        codebook: ``[Hkv, C, D]`` (``C <= 32768``).
+        whiten: ``[Hkv, D, D]`` the heads' ``L`` factors.
+    Returns:
+        ``[B, Hkv, T]`` int16 codes (equal distances pick the lower code).
+    """
+    V.tensor("k_pre", k_pre, ndim=4, kind="float")
+    V.tensor("codebook", codebook, ndim=3, kind="float")
+    V.tensor("whiten", whiten, ndim=3, kind="float")
+    V.same_device(k_pre=k_pre, codebook=codebook, whiten=whiten)
+    b, hkv, t, d = k_pre.shape
+    nc = codebook.shape[1]
+    if codebook.shape[0] != hkv or codebook.shape[2] != d or nc < 1:
+        raise ValueError(f"codebook must be [Hkv={hkv}, C>=1, D={d}], got {tuple(codebook.shape)}")
+    if nc > MAX_CODES:
+        raise ValueError(f"codebook has {nc} entries, more than {MAX_CODES} (codes are int16)")
+    if tuple(whiten.shape) != (hkv, d, d):
+        raise ValueError(f"whiten must be [Hkv={hkv}, D={d}, D={d}], got {tuple(whiten.shape)}")
+    lw = whiten.float()
+    xw = torch.matmul(k_pre.float(), lw.unsqueeze(0))  # [B, Hkv, T, D]
+    cw = torch.matmul(codebook.float(), lw)  # [Hkv, C, D]
+    x2 = (xw * xw).sum(-1)
+    c2 = (cw * cw).sum(-1)[None, :, None, :]
+    cwt = cw.transpose(1, 2).unsqueeze(0)
+    codes = torch.empty(b, hkv, t, dtype=torch.int16, device=k_pre.device)
+    step = max(1, _DIST_ELEMS // max(1, b * hkv * nc))
+    for s in range(0, t, step):
+        e = min(t, s + step)
+        dist = x2[:, :, s:e, None] - 2.0 * torch.matmul(xw[:, :, s:e], cwt) + c2
+        codes[:, :, s:e] = dist.argmin(dim=-1).to(torch.int16)
+    return codes
+
+
+def vq_lut(q_wrope: torch.Tensor, codebook: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
+    """Score of every centroid for every query head: ``lut = scale * q~ C^T``.
+
+    Args:
+        q_wrope: ``[B, Hq, D]`` windowed-RoPE decode queries.
+        codebook: ``[Hkv, C, D]``; query head ``h`` uses codebook ``h // G``.
+        scale: default ``1/sqrt(D)``.
+    Returns:
+        ``[B, Hq, C]`` fp32.
+    """
+    V.tensor("q_wrope", q_wrope, ndim=3, kind="float")
+    V.tensor("codebook", codebook, ndim=3, kind="float")
+    V.same_device(q_wrope=q_wrope, codebook=codebook)
+    b, hq, d = q_wrope.shape
+    hkv, nc, _ = codebook.shape
+    V.dim_eq("codebook", codebook.shape[2], d, "head dim (equal to q_wrope's)")
+    g = V.gqa("q_wrope", hq, hkv)
+    sc = V.scale_or_default(scale, d)
+    qf = q_wrope.float().reshape(b, hkv, g, d)
+    lut = torch.matmul(qf, codebook.float().transpose(1, 2).unsqueeze(0)) * sc
+    return lut.reshape(b, hq, nc)
+
+
+def vq_scores(lut: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Approximate logits ``scores[b, h, t] = lut[b, h, codes[b, h // G, t]]``.
+
+    Args:
+        lut: ``[B, Hq, C]`` from :func:`vq_lut`.
+        codes: ``[B, Hkv, T]`` integer codes in ``[0, C)``.
+    Returns:
+        ``[B, Hq, T]`` fp32.
+    """
+    V.tensor("lut", lut, ndim=3, kind="float")
+    V.tensor("codes", codes, ndim=3, kind="int")
+    V.same_device(lut=lut, codes=codes)
+    b, hq, nc = lut.shape
+    V.dim_eq("codes", codes.shape[0], b, "batch size")
+    hkv, t = codes.shape[1], codes.shape[2]
+    g = V.gqa("lut", hq, hkv)
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= nc):
+        raise ValueError(f"codes must lie in [0, {nc}), got [{int(codes.min())}, {int(codes.max())}]")
+    ix = codes.long().repeat_interleave(g, dim=1)  # [B, Hq, T]
+    return torch.gather(lut.float(), 2, ix)
+
+
+def _lens(name: str, x, b: int, t: int, device: torch.device, default: int) -> torch.Tensor:
+    """An int or a ``[B]`` integer tensor → int64 ``[B]`` on ``device`` with values in [0, t]."""
+    if x is None:
+        return torch.full((b,), default, dtype=torch.long, device=device)
+    if isinstance(x, int) and not isinstance(x, bool):
+        if x < 0:
+            raise ValueError(f"{name} must be >= 0, got {x}")
+        return torch.full((b,), x, dtype=torch.long, device=device)
+    V.tensor(name, x, ndim=1, kind="int")
+    if x.shape[0] != b:
+        raise ValueError(f"{name} must have {b} entries, got {x.shape[0]}")
+    x = x.to(device=device, dtype=torch.long)
+    if x.numel() and int(x.min()) < 0:
+        raise ValueError(f"{name} must be >= 0")
+    return x
+
+
+def vq_select(scores: torch.Tensor, *, topk, sink: int, local: int, num_kv_heads: int,
+              seq_lens: torch.Tensor | None = None) -> torch.Tensor:
+    """Tokens each KV head attends to exactly.
+
+    Each query head keeps its ``topk`` highest-scoring valid tokens (all of them when ``topk`` is at
+    least the number of valid tokens; equal scores prefer the lower position); the union over the
+    head's GQA group (query heads ``h*G .. h*G+G-1``) is taken, then the first ``sink`` and the last
+    ``local`` valid tokens are added. Tokens at ``t >= seq_lens[b]`` are never selected.
+
+    Args:
+        scores: ``[B, Hq, T]`` from :func:`vq_scores`.
+        topk: int, or ``[B]`` integer tensor (per sequence), >= 0.
+        sink: number of leading tokens always kept.
+        local: number of trailing valid tokens always kept.
+        num_kv_heads: ``Hkv`` (``scores`` alone cannot tell the group size).
+        seq_lens: optional ``[B]`` integer valid lengths (``<= T``); default all ``T``.
+    Returns:
+        ``[B, Hkv, T]`` bool, True = attend.
+    """
+    V.tensor("scores", scores, ndim=3, kind="float")
+    b, hq, t = scores.shape
+    if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int) or num_kv_heads < 1:
+        raise ValueError(f"num_kv_heads must be a positive int, got {num_kv_heads!r}")
+    g = V.gqa("scores", hq, num_kv_heads)
+    V.nonneg_int("sink", sink)
+    V.nonneg_int("local", local)
+    dev = scores.device
+    k = _lens("topk", topk, b, t, dev, 0)
+    lens = _lens("seq_lens", seq_lens, b, t, dev, t)
+    if b and int(lens.max()) > t:
+        raise ValueError(f"seq_lens must be <= T={t}")
+    pos = torch.arange(t, device=dev)
+    valid = pos[None, :] < lens[:, None]  # [B, T]
+    s = scores.float().masked_fill(~valid[:, None, :], float("-inf"))
+    order = torch.sort(s, dim=-1, descending=True, stable=True).indices  # [B, Hq, T]
+    take = (pos[None, None, :] < k[:, None, None]).expand(b, hq, t)
+    top = torch.zeros(b, hq, t, dtype=torch.bool, device=dev).scatter_(2, order, take)
+    mask = top.reshape(b, num_kv_heads, g, t).any(dim=2)
+    always = (pos[None, :] < sink) | (pos[None, :] >= lens[:, None] - local)
+    return (mask | always[:, None, :]) & valid[:, None, :]
+
+
+def mask_to_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compact a selection mask into ascending token indices.
+
+    Args:
+        mask: ``[B, Hkv, T]`` bool.
+    Returns:
+        ``(idx [B, Hkv, Kmax] int32, count [B, Hkv] int32)`` with ``Kmax = max(count)``; row entries
+        past ``count`` repeat the row's last selected index (0 for an empty row).
+    """
+    V.tensor("mask", mask, ndim=3, kind="bool")
+    b, h, t = mask.shape
+    count = mask.sum(dim=-1)
+    kmax = int(count.max()) if count.numel() else 0
+    pos = torch.arange(t, device=mask.device).expand(b, h, t)
+    srt = torch.where(mask, pos, torch.full_like(pos, t)).sort(dim=-1).values[..., :kmax]
+    last = srt.gather(2, (count - 1).clamp(min=0).unsqueeze(-1)) if kmax else srt[..., :1]
+    last = torch.where(count.unsqueeze(-1) > 0, last, torch.zeros_like(last))
+    j = torch.arange(kmax, device=mask.device)
+    idx = torch.where(j < count.unsqueeze(-1), srt, last)
+    return idx.to(torch.int32), count.to(torch.int32)
+
+
+def _check_sparse_idx(idx: torch.Tensor, count: torch.Tensor, b: int, hkv: int, limit: int, what: str) -> None:
+    V.tensor("idx", idx, ndim=3, kind="int")
+    V.tensor("count", count, ndim=2, kind="int")
+    if tuple(idx.shape[:2]) != (b, hkv):
+        raise ValueError(f"idx must be [B={b}, Hkv={hkv}, Kmax], got {tuple(idx.shape)}")
+    if tuple(count.shape) != (b, hkv):
+        raise ValueError(f"count must be [B={b}, Hkv={hkv}], got {tuple(count.shape)}")
+    kmax = idx.shape[2]
+    if count.numel() and (int(count.min()) < 0 or int(count.max()) > kmax):
+        raise ValueError(f"count must lie in [0, Kmax={kmax}]")
+    live = torch.arange(kmax, device=idx.device) < count.unsqueeze(-1).to(idx.device)
+    if live.any():
+        sel = idx[live]
+        if int(sel.min()) < 0 or int(sel.max()) >= limit:
+            raise ValueError(f"idx has selected entries outside [0, {limit}) ({what})")
+
+
+def _sparse_core(q: torch.Tensor, k_sel: torch.Tensor, v_sel: torch.Tensor, live: torch.Tensor, sc: float) -> torch.Tensor:
+    """q ``[B, Hq, Tq, D]``, k_sel/v_sel ``[B, Hkv, K, D|Dv]``, live ``[B, Hkv, K]`` → ``[B, Hq, Tq, Dv]`` fp32."""
+    b, hq, tq, d = q.shape
+    hkv = k_sel.shape[1]
+    g = hq // hkv
+    qf = q.float().reshape(b, hkv, g, tq, d)
+    logits = torch.matmul(qf, k_sel.float().unsqueeze(2).transpose(-1, -2)) * sc
+    o = softmax_av(logits, live[:, :, None, None, :], v_sel.float())
+    return o.reshape(b, hq, tq, v_sel.shape[-1])
+
+
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, count: torch.Tensor,
+                     *, scale: float | None = None) -> torch.Tensor:
+    """Exact attention of each query head over the selected tokens of its KV head (no causal mask).
+
+    Args:
+        q: ``[B, Hq, Tq, D]`` (Tq = 1 for decode); post-RoPE, like ``k``.
+        k: ``[B, Hkv, T, D]``; v: ``[B, Hkv, T, Dv]``.
+        idx: ``[B, Hkv, Kmax]`` token indices; only ``idx[b, h, :count[b, h]]`` are read.
+        count: ``[B, Hkv]``.
+        scale: default ``1/sqrt(D)``.
+    Returns:
+        ``[B, Hq, Tq, Dv]`` in ``q.dtype`` (zero for a head with ``count == 0``).
+    """
+    V.tensor("q", q, ndim=4, kind="float")
+    V.tensor("k", k, ndim=4, kind="float")
+    V.tensor("v", v, ndim=4, kind="float")
+    V.same_device(q=q, k=k, v=v, idx=idx, count=count)
+    b, hq, tq, d = q.shape
+    _, hkv, t, _ = k.shape
+    V.dim_eq("k", k.shape[0], b, "batch size")
+    V.dim_eq("k", k.shape[3], d, "head dim (equal to q's)")
+    if tuple(v.shape[:3]) != (b, hkv, t):
+        raise ValueError(f"v must be [B={b}, Hkv={hkv}, T={t}, Dv], got {tuple(v.shape)}")
+    V.gqa("q", hq, hkv)
+    _check_sparse_idx(idx, count, b, hkv, t, "T")
+    sc = V.scale_or_default(scale, d)
+    live = torch.arange(idx.shape[2], device=q.device) < count.long().unsqueeze(-1)
+    ix = torch.where(live, idx.long(), torch.zeros((), dtype=torch.long, device=q.device))
+    k_sel = torch.gather(k, 2, ix.unsqueeze(-1).expand(-1, -1, -1, d))
+    v_sel = torch.gather(v, 2, ix.unsqueeze(-1).expand(-1, -1, -1, v.shape[3]))
+    return _sparse_core(q, k_sel, v_sel, live, sc).to(q.dtype)
+
+
+def paged_sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                           idx: torch.Tensor, count: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
+    """Decode-time sparse attention over a paged cache.
+
+    Args:
+        q: ``[B, Hq, D]`` one decode query per sequence.
+        k_cache: ``[num_blocks, block_size, Hkv, D]``; v_cache: ``[num_blocks, block_size, Hkv, Dv]``.
+        block_table: ``[B, max_blocks]``; token ``p`` of sequence ``b`` lives in slot ``p % block_size``
+            of block ``block_table[b, p // block_size]``.
+        idx: ``[B, Hkv, Kmax]`` token positions within each sequence; count: ``[B, Hkv]``.
+        scale: default ``1/sqrt(D)``.
+    Returns:
+        ``[B, Hq, Dv]`` in ``q.dtype``.
+    """
+    V.tensor("q", q, ndim=3, kind="float")
+    V.tensor("k_cache", k_cache, ndim=4, kind="float")
+    V.tensor("v_cache", v_cache, ndim=4, kind="float")
+    V.tensor("block_table", block_table, ndim=2, kind="int")
+    V.same_device(q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table, idx=idx, count=count)
+    b, hq, d = q.shape
+    nb, bs, hkv, _ = k_cache.shape
+    V.dim_eq("k_cache", k_cache.shape[3], d, "head dim (equal to q's)")
+    if tuple(v_cache.shape[:3]) != (nb, bs, hkv):
+        raise ValueError(f"v_cache shape {tuple(v_cache.shape)} does not match k_cache {tuple(k_cache.shape)}")
+    V.dim_eq("block_table", block_table.shape[0], b, "batch size (rows)")
+    V.gqa("q", hq, hkv)
+    _check_sparse_idx(idx, count, b, hkv, block_table.shape[1] * bs, "block_table capacity")
+    sc = V.scale_or_default(scale, d)
+    live = torch.arange(idx.shape[2], device=q.device) < count.long().unsqueeze(-1)
+    pos = torch.where(live, idx.long(), torch.zeros((), dtype=torch.long, device=q.device))
+    kmax = pos.shape[2]
+    blk = torch.gather(block_table.long(), 1, (pos // bs).reshape(b, hkv * kmax)).reshape(b, hkv, kmax)
+    if live.any():
+        used = blk[live]
+        if int(used.min()) < 0 or int(used.max()) >= nb:
+            raise ValueError(f"block_table maps selected tokens to blocks outside [0, {nb})")
+    blk = torch.where(live, blk, torch.zeros_like(blk))
+    head = torch.arange(hkv, device=q.device)[None, :, None].expand(b, hkv, kmax)
+    k_sel = k_cache[blk, pos % bs, head]  # [B, Hkv, Kmax, D]
+    v_sel = v_cache[blk, pos % bs, head]
+    return _sparse_core(q.unsqueeze(2), k_sel, v_sel, live, sc)[:, :, 0].to(q.dtype)
