@@ -1,0 +1,94 @@
+"""Shared helpers for the Triton kernels in ``kernels/`` (host-side checks and small device helpers).
+
+Importing this module imports triton; ``import kvcomp`` never does (the ops in ``kvcomp/ops`` import
+kernels lazily, inside the op).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def interpreting() -> bool:
+    """True when Triton runs in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_head_dim(name: str, d: int) -> None:
+    """Head dims the kernels support: powers of two in [16, 256] (64 and 128 are the tuned ones)."""
+    if d < 16 or d > 256 or d & (d - 1):
+        raise ValueError(f"{name}: head dim {d} is not supported (need a power of two in [16, 256])")
+
+
+def check_float(name: str, t: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+    """``t`` is a fp32/fp16/bf16 tensor (of ``dtype`` when given) with a contiguous last dim."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{name} has dtype {t.dtype}; supported: float32, float16, bfloat16")
+    if dtype is not None and t.dtype != dtype:
+        raise ValueError(f"{name} has dtype {t.dtype} but must match {dtype}")
+    if t.dim() and t.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dim (stride {t.stride(-1)})")
+
+
+def check_int(name: str, t: torch.Tensor, ndim: int) -> None:
+    """``t`` is an int32/int64 tensor with ``ndim`` dims."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name} must be int32 or int64, got {t.dtype}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+
+
+def check_shape(name: str, t: torch.Tensor, shape: tuple) -> None:
+    """Exact shape check (entries of ``None`` are free)."""
+    if t.dim() != len(shape) or any(w is not None and g != w for g, w in zip(t.shape, shape)):
+        want = "[" + ", ".join("*" if w is None else str(w) for w in shape) + "]"
+        raise ValueError(f"{name} must have shape {want}, got {list(t.shape)}")
+
+
+def check_device(**tensors: torch.Tensor) -> torch.device:
+    """All tensors on one device; CPU only under the interpreter. Returns the device."""
+    items = list(tensors.items())
+    dev = items[0][1].device
+    for n, t in items[1:]:
+        if t.device != dev:
+            raise ValueError(f"{n} is on {t.device} but {items[0][0]} is on {dev}")
+    if dev.type == "cpu" and not interpreting():
+        raise ValueError(f"{items[0][0]} is on the CPU: the Triton kernels need CUDA tensors "
+                         "(or TRITON_INTERPRET=1 for the interpreter)")
+    return dev
+
+
+def next_pow2(x: int) -> int:
+    return 1 if x <= 1 else triton.next_power_of_2(int(x))
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (a fixed 8 under the interpreter / on the CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8
+
+
+def dot_f32(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a kernel should compute its dots in fp32: always under the interpreter (bf16 arithmetic
+    is wrong there) and for fp32 inputs (then with IEEE precision, not TF32)."""
+    return interpreting() or device.type != "cuda" or dtype == torch.float32
+
+
+@triton.jit
+def dot(a, b, F32: tl.constexpr):
+    """``a @ b`` accumulated in fp32. ``F32``: inputs already fp32, use IEEE precision (no TF32)."""
+    if F32:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)

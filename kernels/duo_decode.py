@@ -1,0 +1,193 @@
+"""DuoAttention paged decode, head-split, split-K (flash-decoding) — Triton.
+
+One launch serves a batch: each KV head of the layer is either a *retrieval* head (full paged KV,
+``[num_blocks, block_size, n_ret, D]`` + block table) or a *streaming* head (compact ring
+``[B, n_str, sink + window, D]``), chosen per KV head by ``head_map [Hkv, 2] = (kind, index)``.
+
+Stage 1 (``_duo_split_kernel``, grid ``(B, Hkv, num_splits)``): a program owns one KV head of one
+sequence and all ``G`` query heads reading it (GQA: K/V are loaded once per group), and one slice of
+that head's tokens (retrieval: ``seq_len`` tokens; streaming: ``min(seq_len, sink + window)`` valid
+ring slots, which are exactly the visible ones). It writes its normalised partial output and its
+log-sum-exp (base 2). Stage 2 (``_duo_reduce_kernel``, grid ``(B, Hq)``) merges the splits with a
+log-sum-exp weighted sum. Empty splits write ``lse = -inf`` and weigh nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._common import (check_device, check_float, check_head_dim, check_int, dot, dot_f32,
+                             interpreting, next_pow2, num_sms)
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _duo_split_kernel(
+    q_ptr, kc_ptr, vc_ptr, bt_ptr, sl_ptr, ks_ptr, vs_ptr, hm_ptr, po_ptr, plse_ptr,
+    qk_scale, buf_slots, page_size, G, NUM_SPLITS,
+    sq_b, sq_h,
+    skc_n, skc_s, skc_h,
+    svc_n, svc_s, svc_h,
+    sbt_b,
+    sks_b, sks_h, sks_s,
+    svs_b, svs_h, svs_s,
+    D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, F32: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    kind = tl.load(hm_ptr + pid_h * 2)
+    idx = tl.load(hm_ptr + pid_h * 2 + 1).to(tl.int64)
+    seq_len = tl.load(sl_ptr + pid_b)
+    is_ret = kind == 0
+    n_tok = tl.where(is_ret, seq_len, tl.minimum(seq_len, buf_slots))
+    chunk = tl.cdiv(tl.cdiv(n_tok, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = pid_s * chunk
+    end = tl.minimum(start + chunk, n_tok)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, D)
+    g_mask = offs_g < G
+    qh = pid_h * G + offs_g
+    q = tl.load(q_ptr + pid_b.to(tl.int64) * sq_b + qh[:, None] * sq_h + offs_d[None, :],
+                mask=g_mask[:, None], other=0.0)
+    if F32:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, D], tl.float32)
+    ret_k = kc_ptr + idx * skc_h
+    ret_v = vc_ptr + idx * svc_h
+    str_k = ks_ptr + pid_b.to(tl.int64) * sks_b + idx * sks_h
+    str_v = vs_ptr + pid_b.to(tl.int64) * svs_b + idx * svs_h
+    for n0 in range(start, end, BLOCK_N):
+        tok = n0 + tl.arange(0, BLOCK_N)
+        valid = tok < end
+        blk = tl.load(bt_ptr + pid_b.to(tl.int64) * sbt_b + tok // page_size, mask=valid & is_ret, other=0)
+        blk = blk.to(tl.int64)
+        off = tok % page_size
+        k_base = tl.where(is_ret, ret_k + blk * skc_n + off * skc_s, str_k + tok.to(tl.int64) * sks_s)
+        v_base = tl.where(is_ret, ret_v + blk * svc_n + off * svc_s, str_v + tok.to(tl.int64) * svs_s)
+        k = tl.load(k_base[None, :] + offs_d[:, None], mask=valid[None, :], other=0.0)  # [D, BLOCK_N]
+        v = tl.load(v_base[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)  # [BLOCK_N, D]
+        if F32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = dot(q, k, F32) * qk_scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, F32)
+        m_i = m_new
+
+    has = l_i > 0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    row = (pid_b * (G * tl.num_programs(1)) + qh).to(tl.int64) * NUM_SPLITS + pid_s
+    tl.store(plse_ptr + row, lse, mask=g_mask)
+    tl.store(po_ptr + row[:, None] * D + offs_d[None, :], o, mask=g_mask[:, None])
+
+
+@triton.jit
+def _duo_reduce_kernel(po_ptr, plse_ptr, o_ptr, NUM_SPLITS, so_b, so_h, HQ,
+                       D: tl.constexpr, BLOCK_S: tl.constexpr):
+    pid_b = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, D)
+    s_mask = offs_s < NUM_SPLITS
+    row = (pid_b * HQ + pid_h).to(tl.int64) * NUM_SPLITS
+    lse = tl.load(plse_ptr + row + offs_s, mask=s_mask, other=float("-inf"))
+    m = tl.max(lse, 0)
+    w = tl.where(s_mask & (lse > float("-inf")), tl.exp2(lse - m), 0.0)
+    po = tl.load(po_ptr + (row + offs_s)[:, None] * D + offs_d[None, :], mask=s_mask[:, None], other=0.0)
+    o = tl.sum(po * w[:, None], 0) / tl.sum(w, 0)
+    tl.store(o_ptr + pid_b.to(tl.int64) * so_b + pid_h * so_h + offs_d, o.to(o_ptr.dtype.element_ty))
+
+
+def default_num_splits(batch: int, hkv: int, max_tokens: int, block_n: int, device: torch.device) -> int:
+    """Splits per (sequence, KV head): enough programs to fill ~2 waves of SMs, at most one split per
+    ``block_n`` tokens of capacity, at most 128. Depends only on shapes (CUDA-graph safe)."""
+    tiles = max(1, triton.cdiv(max_tokens, block_n))
+    want = max(1, triton.cdiv(2 * num_sms(device), max(1, batch * hkv)))
+    return int(max(1, min(tiles, want, 128)))
+
+
+def duo_decode_attention(q, k_cache, v_cache, block_table, seq_lens, k_stream, v_stream, head_map, *,
+                         sink: int, window: int, scale: float | None = None, num_splits: int | None = None,
+                         block_n: int | None = None) -> torch.Tensor:
+    """DuoAttention decode step (Triton): same signature and result as ``kvcomp.ref.duo.duo_decode_attention``.
+
+    Args:
+        q: ``[B, Hq, D]``.
+        k_cache, v_cache: ``[num_blocks, block_size, n_ret, D]`` retrieval heads (paged).
+        block_table: ``[B, max_blocks]`` int32/int64; seq_lens: ``[B]`` int (incl. the new token, >= 1).
+        k_stream, v_stream: ``[B, n_str, sink + window, D]`` streaming rings.
+        head_map: ``[n_ret + n_str, 2]`` int ``(kind, index)``; kind 0 retrieval, 1 streaming.
+        sink, window: streaming pattern; scale: default ``1/sqrt(D)``.
+        num_splits: KV splits per (sequence, KV head); default from shapes only (no host sync).
+        block_n: tokens per tile (power of two >= 16; default 64, 16 under the interpreter).
+    Returns:
+        ``[B, Hq, D]`` in q's dtype.
+
+    Shape/dtype/device checks always run; value checks (head_map, block ids, lengths) run only for
+    CPU tensors, so the CUDA path never syncs and can be captured in a CUDA graph.
+    """
+    from kvcomp.ref.duo import check_duo_inputs, check_duo_values
+
+    g, n_ret, n_str = check_duo_inputs(q, k_cache, v_cache, block_table, seq_lens, k_stream, v_stream,
+                                       head_map, sink, window)
+    dev = check_device(q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table, seq_lens=seq_lens,
+                       k_stream=k_stream, v_stream=v_stream, head_map=head_map)
+    check_float("q", q)
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k_stream", k_stream), ("v_stream", v_stream)):
+        check_float(name, t, q.dtype)
+    check_int("block_table", block_table, 2)
+    check_int("seq_lens", seq_lens, 1)
+    check_int("head_map", head_map, 2)
+    bsz, hq, d = q.shape
+    check_head_dim("q", d)
+    if block_n is None:
+        block_n = 16 if interpreting() else 64
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
+    if dev.type == "cpu":
+        check_duo_values(head_map, block_table, seq_lens, n_ret, n_str, k_cache.shape[1], k_cache.shape[0])
+    hkv = n_ret + n_str
+    if num_splits is None:
+        cap = max(block_table.shape[1] * k_cache.shape[1] if n_ret else 0, sink + window)
+        num_splits = default_num_splits(bsz, hkv, cap, block_n, dev)
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
+        raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
+    scale = 1.0 / d ** 0.5 if scale is None else float(scale)
+    block_table = block_table.contiguous()
+    seq_lens = seq_lens.contiguous()
+    head_map = head_map.to(torch.int32).contiguous()
+    po = torch.empty((bsz, hq, num_splits, d), device=dev, dtype=torch.float32)
+    plse = torch.empty((bsz, hq, num_splits), device=dev, dtype=torch.float32)
+    out = torch.empty_like(q)
+    if bsz == 0 or hq == 0:
+        return out
+    f32 = dot_f32(dev, q.dtype)
+    # zero-head caches still need a valid pointer; strides of an empty dim are harmless (never read)
+    _duo_split_kernel[(bsz, hkv, num_splits)](
+        q, k_cache, v_cache, block_table, seq_lens, k_stream, v_stream, head_map, po, plse,
+        scale * _LOG2E, sink + window, k_cache.shape[1], g, num_splits,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_table.stride(0),
+        k_stream.stride(0), k_stream.stride(1), k_stream.stride(2),
+        v_stream.stride(0), v_stream.stride(1), v_stream.stride(2),
+        D=d, BLOCK_G=max(16, next_pow2(g)), BLOCK_N=block_n, F32=f32, num_warps=4,
+    )
+    _duo_reduce_kernel[(bsz, hq)](po, plse, out, num_splits, out.stride(0), out.stride(1), hq,
+                                  D=d, BLOCK_S=max(2, next_pow2(num_splits)), num_warps=4)
+    return out
