@@ -1,0 +1,358 @@
+"""Compression methods as config objects, composable per layer and per KV head.
+
+Each KV head ``(l, h)`` gets one :class:`HeadPolicy`:
+
+* ``kind="full"``: a retrieval head keeping its whole KV cache,
+* ``kind="streaming"``: DuoAttention streaming head, keeping only ``sink`` + ``recent`` tokens,
+* ``kind="vq"``: A²ATS retrieval through VQ codes; full KV offloaded to host memory,
+
+and ``prune_keys`` (ThinK) on ``full`` and ``vq`` heads stores their keys with fewer channels.
+
+Example::
+
+    cfg = CompressionConfig.for_model(model,
+        duo=DuoAttention.from_tsv("full_attention_heads.tsv", sparsity=0.5),
+        think=ThinK(prune_ratio=0.4))
+    cfg.save("my-config")           # config.json + pattern TSV + safetensors
+    cfg = CompressionConfig.load("my-config")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from .patterns import read_pattern_tsv, threshold_pattern, write_pattern_tsv
+
+#: head dims the kernels and backends support; the references accept any even size
+SUPPORTED_HEAD_DIMS = (32, 64, 96, 128, 256)
+
+
+class ConfigError(ValueError):
+    """An invalid compression config; ``field`` names the offending field."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+@dataclass(frozen=True)
+class HeadPolicy:
+    kind: str = "full"  # "full" | "streaming" | "vq"
+    prune_keys: bool = False
+
+
+KINDS = ("full", "streaming", "vq")
+
+
+def _bool_grid(name: str, t, shape: tuple[int, int]) -> torch.Tensor:
+    if t is None:
+        return None
+    t = torch.as_tensor(t)
+    if t.dtype != torch.bool:
+        raise ConfigError(name, f"must be a bool tensor, got {t.dtype}")
+    if tuple(t.shape) != shape:
+        raise ConfigError(name, f"must have shape [num_layers, num_kv_heads] = {list(shape)}, got {list(t.shape)}")
+    return t.cpu()
+
+
+@dataclass
+class DuoAttention:
+    """DuoAttention: streaming heads keep ``sink`` + ``recent`` tokens only.
+
+    ``pattern`` is a bool ``[L, Hkv]`` grid, True = streaming head. ``alphas`` (optional) are the
+    trained gates the pattern was thresholded from. Defaults follow duo-attention's quick start
+    (sink 64, recent 256).
+    """
+
+    pattern: torch.Tensor
+    sink: int = 64
+    recent: int = 256
+    alphas: torch.Tensor | None = None
+
+    @classmethod
+    def from_alphas(cls, alphas: torch.Tensor, sparsity: float = 0.5, **kw) -> "DuoAttention":
+        if not 0.0 <= sparsity <= 1.0:
+            raise ConfigError("duo.sparsity", f"must be in [0, 1], got {sparsity}")
+        return cls(pattern=threshold_pattern(alphas, sparsity), alphas=alphas.float(), **kw)
+
+    @classmethod
+    def from_tsv(cls, path: str | os.PathLike, sparsity: float = 0.5, **kw) -> "DuoAttention":
+        """Load duo-attention's ``full_attention_heads.tsv`` and threshold it at ``sparsity``."""
+        return cls.from_alphas(read_pattern_tsv(path), sparsity, **kw)
+
+    @property
+    def streaming_fraction(self) -> float:
+        return float(self.pattern.float().mean())
+
+
+@dataclass
+class ThinK:
+    """ThinK: query-driven key channel pruning per KV head.
+
+    ``prune_ratio`` = fraction λ of channels removed (floor(λ·D)). The last ``window`` tokens
+    keep all channels and the last ``window`` prompt queries score the channels. ``heads``
+    ([L, Hkv] bool) restricts pruning (default: every non-streaming head). ``channels``
+    ([L, Hkv, D_keep] int) are static kept channels (calibrated offline); None = chosen per
+    request from the observation window.
+    """
+
+    prune_ratio: float = 0.4
+    window: int = 32
+    heads: torch.Tensor | None = None
+    channels: torch.Tensor | None = None
+
+    def kept_dim(self, head_dim: int) -> int:
+        return head_dim - int(self.prune_ratio * head_dim)
+
+    def save_channels(self, path: str | os.PathLike) -> None:
+        from safetensors.torch import save_file
+
+        if self.channels is None:
+            raise ConfigError("think.channels", "no static channels to save (query-driven ThinK)")
+        save_file({"channels": self.channels.to(torch.int32).contiguous()}, str(path),
+                  metadata={"prune_ratio": repr(self.prune_ratio), "window": str(self.window)})
+
+    @staticmethod
+    def load_channels(path: str | os.PathLike) -> torch.Tensor:
+        from safetensors.torch import load_file
+
+        d = load_file(str(path))
+        if "channels" not in d:
+            raise ConfigError("think.channels", f"{path} has no 'channels' tensor")
+        return d["channels"].long()
+
+
+@dataclass
+class VQRetrieval:
+    """A²ATS: windowed-RoPE query-aware VQ codes select the top-K tokens at decode.
+
+    ``codebook [L, Hkv, C, D]`` and ``whiten [L, Hkv, D, D]`` (Cholesky factor of the query
+    Hessian) come from ``kvcomp calibrate vq``. ``topk`` is a fraction of the context (< 1) or
+    a token count (>= 1). ``sink`` first and ``local`` last tokens are always attended exactly.
+    """
+
+    codebook: torch.Tensor
+    whiten: torch.Tensor
+    topk: float = 0.03
+    sink: int = 8
+    local: int = 64
+    rel_pos: int = 2048
+    heads: torch.Tensor | None = None
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, **kw) -> "VQRetrieval":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            for k in ("codebook", "whiten"):
+                if k not in keys:
+                    raise ConfigError(f"vq.{k}", f"{path} has no '{k}' tensor")
+            meta = f.metadata() or {}
+            codebook, whiten = f.get_tensor("codebook"), f.get_tensor("whiten")
+        if "rel_pos" in meta and "rel_pos" not in kw:
+            kw["rel_pos"] = int(meta["rel_pos"])
+        return cls(codebook=codebook.float(), whiten=whiten.float(), **kw)
+
+    def save(self, path: str | os.PathLike) -> None:
+        from safetensors.torch import save_file
+
+        save_file({"codebook": self.codebook.float().contiguous(), "whiten": self.whiten.float().contiguous()},
+                  str(path), metadata={"rel_pos": str(self.rel_pos), "n_codes": str(self.n_codes)})
+
+    @property
+    def n_codes(self) -> int:
+        return int(self.codebook.shape[-2])
+
+    def topk_tokens(self, seq_len: int) -> int:
+        return int(self.topk) if self.topk >= 1 else max(1, int(round(self.topk * seq_len)))
+
+
+@dataclass
+class CompressionConfig:
+    """The per-(layer, KV head) policy grid of a model, built from the enabled methods."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    num_q_heads: int | None = None
+    duo: DuoAttention | None = None
+    think: ThinK | None = None
+    vq: VQRetrieval | None = None
+    kinds: list = field(init=False, repr=False)
+    prune: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.validate()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def for_model(cls, model, **methods) -> "CompressionConfig":
+        c = model.config
+        hq = c.num_attention_heads
+        hkv = getattr(c, "num_key_value_heads", None) or hq
+        d = getattr(c, "head_dim", None) or c.hidden_size // hq
+        return cls(num_layers=c.num_hidden_layers, num_kv_heads=hkv, head_dim=d, num_q_heads=hq, **methods)
+
+    def validate(self) -> None:
+        L, H, D = self.num_layers, self.num_kv_heads, self.head_dim
+        for name, v in (("num_layers", L), ("num_kv_heads", H), ("head_dim", D)):
+            if not isinstance(v, int) or v <= 0:
+                raise ConfigError(name, f"must be a positive int, got {v!r}")
+        if D % 2 or D > 256:
+            raise ConfigError("head_dim", f"{D} unsupported: must be even and <= 256 (kernels: {SUPPORTED_HEAD_DIMS})")
+        if self.num_q_heads is not None and self.num_q_heads % H:
+            raise ConfigError("num_q_heads", f"{self.num_q_heads} is not a multiple of num_kv_heads {H}")
+        shape = (L, H)
+        streaming = torch.zeros(shape, dtype=torch.bool)
+        if self.duo is not None:
+            d = self.duo
+            d.pattern = _bool_grid("duo.pattern", d.pattern, shape)
+            if d.sink < 0:
+                raise ConfigError("duo.sink", f"must be >= 0, got {d.sink}")
+            if d.recent < 1:
+                raise ConfigError("duo.recent", f"must be >= 1, got {d.recent}")
+            streaming = d.pattern.clone()
+        vq_heads = torch.zeros(shape, dtype=torch.bool)
+        if self.vq is not None:
+            v = self.vq
+            if v.codebook.dim() != 4 or tuple(v.codebook.shape[:2]) != shape or v.codebook.shape[3] != D:
+                raise ConfigError("vq.codebook", f"must be [L, Hkv, C, D] = [{L}, {H}, C, {D}], got {list(v.codebook.shape)}")
+            if tuple(v.whiten.shape) != (L, H, D, D):
+                raise ConfigError("vq.whiten", f"must be [L, Hkv, D, D] = [{L}, {H}, {D}, {D}], got {list(v.whiten.shape)}")
+            if not 1 <= v.n_codes <= 32768:
+                raise ConfigError("vq.codebook", f"{v.n_codes} codes: must be 1..32768 (int16 codes)")
+            if not (0 < v.topk < 1 or (v.topk >= 1 and float(v.topk).is_integer())):
+                raise ConfigError("vq.topk", f"must be a fraction in (0, 1) or a whole token count, got {v.topk}")
+            if v.sink < 0 or v.local < 1:
+                raise ConfigError("vq.local", f"sink must be >= 0 and local >= 1, got sink={v.sink} local={v.local}")
+            vq_heads = ~streaming if v.heads is None else _bool_grid("vq.heads", v.heads, shape)
+            if (vq_heads & streaming).any():
+                raise ConfigError("vq.heads", "a streaming head cannot also be a VQ head")
+        prune = torch.zeros(shape, dtype=torch.bool)
+        if self.think is not None:
+            t = self.think
+            if not 0.0 <= t.prune_ratio < 1.0:
+                raise ConfigError("think.prune_ratio", f"must be in [0, 1), got {t.prune_ratio}")
+            if t.window < 1:
+                raise ConfigError("think.window", f"must be >= 1, got {t.window}")
+            prune = ~streaming if t.heads is None else _bool_grid("think.heads", t.heads, shape)
+            if (prune & streaming).any():
+                raise ConfigError("think.heads", "streaming heads cannot prune keys")
+            if t.channels is not None:
+                kd = t.kept_dim(D)
+                if tuple(t.channels.shape) != (L, H, kd):
+                    raise ConfigError("think.channels", f"must be [L, Hkv, D_keep] = [{L}, {H}, {kd}], got {list(t.channels.shape)}")
+                if t.channels.min() < 0 or t.channels.max() >= D:
+                    raise ConfigError("think.channels", f"channel indices must lie in [0, {D})")
+            if self.vq is not None and (prune & vq_heads).any() and self.vq.local < t.window:
+                raise ConfigError("vq.local", f"must be >= think.window ({t.window}) on heads that are both VQ and pruned")
+        kinds = [["full"] * H for _ in range(L)]
+        for l in range(L):
+            for h in range(H):
+                if streaming[l, h]:
+                    kinds[l][h] = "streaming"
+                elif vq_heads[l, h]:
+                    kinds[l][h] = "vq"
+        self.kinds = kinds
+        self.prune = prune
+
+    # ------------------------------------------------------------------ queries
+    def policy(self, layer: int, head: int) -> HeadPolicy:
+        return HeadPolicy(self.kinds[layer][head], bool(self.prune[layer, head]))
+
+    def layer_groups(self, layer: int) -> dict[str, list[int]]:
+        """KV head indices of ``layer`` per storage group: full, think, streaming, vq, vq_think."""
+        g: dict[str, list[int]] = {"full": [], "think": [], "streaming": [], "vq": [], "vq_think": []}
+        for h in range(self.num_kv_heads):
+            kind, pr = self.kinds[layer][h], bool(self.prune[layer, h])
+            if kind == "streaming":
+                key = "streaming"
+            elif kind == "vq":
+                key = "vq_think" if pr else "vq"
+            else:
+                key = "think" if pr else "full"
+            g[key].append(h)
+        return g
+
+    def describe(self) -> str:
+        n = self.num_layers * self.num_kv_heads
+        parts = []
+        for kind in KINDS:
+            c = sum(row.count(kind) for row in self.kinds)
+            parts.append(f"{kind} {c}/{n}")
+        parts.append(f"pruned-keys {int(self.prune.sum())}/{n}")
+        return ", ".join(parts)
+
+    @property
+    def is_identity(self) -> bool:
+        return self.duo is None and self.think is None and self.vq is None
+
+    # ------------------------------------------------------------------ save / load
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write ``config.json`` plus the pattern TSV, channel masks and codebooks beside it."""
+        os.makedirs(directory, exist_ok=True)
+        meta: dict = {"num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads,
+                      "head_dim": self.head_dim, "num_q_heads": self.num_q_heads}
+        if self.duo is not None:
+            d = self.duo
+            meta["duo"] = {"sink": d.sink, "recent": d.recent, "pattern_file": "streaming_pattern.tsv"}
+            write_pattern_tsv(os.path.join(directory, "streaming_pattern.tsv"), d.pattern.float())
+            if d.alphas is not None:
+                write_pattern_tsv(os.path.join(directory, "full_attention_heads.tsv"), d.alphas)
+        if self.think is not None:
+            t = self.think
+            meta["think"] = {"prune_ratio": t.prune_ratio, "window": t.window,
+                             "heads": None if t.heads is None else t.heads.int().tolist()}
+            if t.channels is not None:
+                t.save_channels(os.path.join(directory, "think_channels.safetensors"))
+                meta["think"]["channels_file"] = "think_channels.safetensors"
+        if self.vq is not None:
+            v = self.vq
+            v.save(os.path.join(directory, "vq_codebooks.safetensors"))
+            meta["vq"] = {"topk": v.topk, "sink": v.sink, "local": v.local, "rel_pos": v.rel_pos,
+                          "codebook_file": "vq_codebooks.safetensors",
+                          "heads": None if v.heads is None else v.heads.int().tolist()}
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump(meta, f, indent=2)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "CompressionConfig":
+        path = os.path.join(directory, "config.json")
+        if not os.path.exists(path):
+            raise ConfigError("config.json", f"not found in {directory}")
+        with open(path) as f:
+            meta = json.load(f)
+        kw = {k: meta[k] for k in ("num_layers", "num_kv_heads", "head_dim", "num_q_heads")}
+        if "duo" in meta:
+            d = meta["duo"]
+            pat = read_pattern_tsv(os.path.join(directory, d["pattern_file"])) > 0.5
+            alpha_path = os.path.join(directory, "full_attention_heads.tsv")
+            alphas = read_pattern_tsv(alpha_path) if os.path.exists(alpha_path) else None
+            kw["duo"] = DuoAttention(pattern=pat, sink=d["sink"], recent=d["recent"], alphas=alphas)
+        if "think" in meta:
+            t = meta["think"]
+            ch = ThinK.load_channels(os.path.join(directory, t["channels_file"])) if t.get("channels_file") else None
+            heads = None if t.get("heads") is None else torch.tensor(t["heads"], dtype=torch.bool)
+            kw["think"] = ThinK(prune_ratio=t["prune_ratio"], window=t["window"], heads=heads, channels=ch)
+        if "vq" in meta:
+            v = meta["vq"]
+            heads = None if v.get("heads") is None else torch.tensor(v["heads"], dtype=torch.bool)
+            kw["vq"] = VQRetrieval.from_file(os.path.join(directory, v["codebook_file"]), topk=v["topk"],
+                                             sink=v["sink"], local=v["local"], rel_pos=v["rel_pos"], heads=heads)
+        return cls(**kw)
+
+    def to_dict(self) -> dict:
+        """A JSON-friendly summary (no tensors)."""
+        out = {"policy": self.describe()}
+        for name in ("duo", "think", "vq"):
+            m = getattr(self, name)
+            if m is not None:
+                out[name] = {f.name: getattr(m, f.name) for f in dataclasses.fields(m)
+                             if not isinstance(getattr(m, f.name), torch.Tensor)}
+        return out
