@@ -1,0 +1,244 @@
+"""Run the RULER-style tasks through a caller-supplied ``generate`` function and aggregate.
+
+``generate(sample) -> (text, stats)`` is the only model interface: the HF path builds it from a
+model, a tokenizer and a compression config. ``stats`` must hold ``kv_bytes_per_token`` (the KV
+cache bytes per context token the method kept) and may hold more numbers (``device_bytes_per_token``,
+``host_bytes_per_token``, ``seconds``, ...), all averaged by ``summarize``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import sys
+import time
+from collections import OrderedDict
+from typing import Any, Callable, Iterable, Sequence
+
+from ..utils.machine import git_commit, machine_info
+from .haystack import HAYSTACKS
+from .score import string_match_all
+from .tasks import TASKS, Sample, derive_seed, make_sample
+
+__all__ = ["build_samples", "evaluate_samples", "run_eval", "summarize", "write_results"]
+
+Generate = Callable[[Sample], "tuple[str, dict]"]
+
+
+def _names(arg: str, values: Any, allowed: Iterable[str]) -> list[str]:
+    if isinstance(values, str):
+        values = [values]
+    values = list(values or [])
+    allowed = list(allowed)
+    if not values or any(v not in allowed for v in values):
+        raise ValueError(f"{arg} must be a non-empty list drawn from {allowed}, got {values!r}")
+    return values
+
+
+def build_samples(tokenizer: Any, *, tasks: Sequence[str], context_lens: Sequence[int], n_trials: int,
+                  haystacks: Sequence[str] = ("noise",), seed: int = 0, chat: bool = False,
+                  max_new_tokens: dict[str, int] | None = None,
+                  task_options: dict[str, dict] | None = None) -> list[Sample]:
+    """All samples of the grid context_len x task x haystack x trial (in that nesting order).
+
+    The sample seed is ``derive_seed(seed, task, haystack, context_len, trial)``, so the same
+    ``seed`` gives identical prompts for every method compared.
+    """
+    tasks = _names("tasks", tasks, TASKS)
+    haystacks = _names("haystacks", haystacks, HAYSTACKS)
+    if isinstance(context_lens, int):
+        context_lens = [context_lens]
+    lens = list(context_lens)
+    if not lens or any(not isinstance(c, int) or c < 1 for c in lens):
+        raise ValueError(f"context_lens must be a non-empty list of positive ints, got {context_lens!r}")
+    if not isinstance(n_trials, int) or n_trials < 1:
+        raise ValueError(f"n_trials must be a positive int, got {n_trials!r}")
+    budgets = dict(max_new_tokens or {})
+    options = dict(task_options or {})
+    for name, d in (("max_new_tokens", budgets), ("task_options", options)):
+        if any(t not in TASKS for t in d):
+            raise ValueError(f"{name} keys must be task names from {sorted(TASKS)}, got {sorted(d)}")
+    samples = []
+    for ctx in lens:
+        for task in tasks:
+            for hay in haystacks:
+                for trial in range(n_trials):
+                    s = make_sample(task, tokenizer, ctx, haystack=hay, chat=chat,
+                                    seed=derive_seed(seed, task, hay, ctx, trial),
+                                    max_new_tokens=budgets.get(task), **options.get(task, {}))
+                    s.meta["trial"] = trial
+                    samples.append(s)
+    return samples
+
+
+def evaluate_samples(generate: Generate, samples: Sequence[Sample], *, method_name: str,
+                     progress: bool = True) -> list[dict]:
+    """Run ``generate`` on every sample and score it with ``string_match_all``.
+
+    Returns one record per sample: ``method, task, haystack, context_len, seed, trial, depth,
+    score, prediction, answers, n_prompt_tokens, max_new_tokens, stats, wall_s``.
+    Raises ValueError when ``generate`` does not return ``(str, dict)`` with ``kv_bytes_per_token``.
+    """
+    if not callable(generate):
+        raise ValueError("generate must be callable: generate(sample) -> (text, stats)")
+    if not isinstance(method_name, str) or not method_name:
+        raise ValueError(f"method_name must be a non-empty str, got {method_name!r}")
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(samples), desc=method_name, file=sys.stderr, dynamic_ncols=True)
+    records: list[dict] = []
+    total = 0.0
+    try:
+        for s in samples:
+            t0 = time.perf_counter()
+            out = generate(s)
+            wall = time.perf_counter() - t0
+            if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], str)
+                    and isinstance(out[1], dict)):
+                raise ValueError("generate must return (text: str, stats: dict)")
+            text, stats = out
+            if "kv_bytes_per_token" not in stats:
+                raise ValueError("generate's stats must contain 'kv_bytes_per_token'")
+            score = string_match_all(text, s.answers)
+            total += score
+            records.append({
+                "method": method_name, "task": s.task, "haystack": s.haystack,
+                "context_len": s.context_len, "seed": s.seed, "trial": s.meta.get("trial"),
+                "depth": s.depth, "score": score, "prediction": text, "answers": list(s.answers),
+                "n_prompt_tokens": s.n_prompt_tokens, "max_new_tokens": s.max_new_tokens,
+                "stats": dict(stats), "wall_s": wall,
+            })
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(ctx=s.context_len, task=s.task, acc=f"{total / len(records):.3f}")
+    finally:
+        if bar is not None:
+            bar.close()
+    return records
+
+
+def run_eval(generate: Generate, tokenizer: Any, *, tasks: Sequence[str], context_lens: Sequence[int],
+             n_trials: int, haystacks: Sequence[str] = ("noise",), seed: int = 0,
+             method_name: str = "full", progress: bool = True, chat: bool = False,
+             max_new_tokens: dict[str, int] | None = None,
+             task_options: dict[str, dict] | None = None) -> list[dict]:
+    """Build the sample grid (see ``build_samples``) and evaluate it (see ``evaluate_samples``).
+
+    Example::
+
+        records = run_eval(gen, tok, tasks=["niah_single"], context_lens=[2048], n_trials=4,
+                           haystacks=["prose"], method_name="duo")
+        summary = summarize(records)
+    """
+    samples = build_samples(tokenizer, tasks=tasks, context_lens=context_lens, n_trials=n_trials,
+                            haystacks=haystacks, seed=seed, chat=chat, max_new_tokens=max_new_tokens,
+                            task_options=task_options)
+    return evaluate_samples(generate, samples, method_name=method_name, progress=progress)
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _is_num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def summarize(records: Sequence[dict]) -> list[dict]:
+    """Aggregate records per (method, context_len).
+
+    Each row: ``method, context_len, accuracy`` (mean score), ``n_samples``, ``n_trials`` (fewest
+    samples of any task/haystack pair in the group), ``kv_bytes_per_token`` (mean) and, when every
+    record has them, ``device_bytes_per_token`` / ``host_bytes_per_token``; ``stats`` (mean of each
+    numeric stat present in every record), ``per_task``, ``per_haystack`` and ``per_task_haystack``
+    (``"task/haystack"``) accuracies. Methods keep their first-seen order; context lengths ascend.
+    """
+    if not records:
+        raise ValueError("records must be a non-empty list")
+    groups: "OrderedDict[tuple[str, int], list[dict]]" = OrderedDict()
+    methods: list[str] = []
+    for r in records:
+        for k in ("method", "task", "haystack", "context_len", "score", "stats"):
+            if k not in r:
+                raise ValueError(f"record lacks {k!r}: {sorted(r)}")
+        if r["method"] not in methods:
+            methods.append(r["method"])
+        groups.setdefault((r["method"], r["context_len"]), []).append(r)
+    rows = []
+    for (method, ctx) in sorted(groups, key=lambda mc: (methods.index(mc[0]), mc[1])):
+        rs = groups[(method, ctx)]
+
+        def by(key: Callable[[dict], str]) -> dict[str, float]:
+            acc: "OrderedDict[str, list[float]]" = OrderedDict()
+            for r in rs:
+                acc.setdefault(key(r), []).append(r["score"])
+            return {k: _mean(v) for k, v in acc.items()}
+
+        counts: dict[str, int] = {}
+        for r in rs:
+            counts[f"{r['task']}/{r['haystack']}"] = counts.get(f"{r['task']}/{r['haystack']}", 0) + 1
+        keys = set.intersection(*(set(k for k, v in r["stats"].items() if _is_num(v)) for r in rs))
+        stats = {k: _mean([float(r["stats"][k]) for r in rs]) for k in sorted(keys)}
+        row = {
+            "method": method, "context_len": ctx,
+            "accuracy": _mean([float(r["score"]) for r in rs]),
+            "n_samples": len(rs), "n_trials": min(counts.values()),
+            "kv_bytes_per_token": stats.get("kv_bytes_per_token", float("nan")),
+        }
+        for k in ("device_bytes_per_token", "host_bytes_per_token"):
+            if k in stats:
+                row[k] = stats[k]
+        row["stats"] = stats
+        row["per_task"] = by(lambda r: r["task"])
+        row["per_haystack"] = by(lambda r: r["haystack"])
+        row["per_task_haystack"] = by(lambda r: f"{r['task']}/{r['haystack']}")
+        rows.append(row)
+    return rows
+
+
+def _jsonable(obj: Any) -> Any:
+    if hasattr(obj, "item") and callable(obj.item):
+        try:
+            return obj.item()
+        except (ValueError, RuntimeError):
+            pass
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    return str(obj)
+
+
+def write_results(path: str, records: Sequence[dict], summary: Sequence[dict] | None = None,
+                  meta: dict | None = None) -> dict:
+    """Write ``{"machine", "commit", "created", "meta", "summary", "records"}`` as JSON to ``path``.
+
+    ``summary`` defaults to ``summarize(records)``; ``machine`` is ``machine_info()`` (with its
+    one-line form under ``machine["line"]``) and ``commit`` is ``git_commit()``. Parent folders are
+    created. Returns the written object.
+    """
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise ValueError(f"path must be a file path, got {path!r}")
+    records = list(records)
+    if summary is None:
+        summary = summarize(records) if records else []
+    obj = {
+        "machine": machine_info(),
+        "commit": git_commit(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "meta": dict(meta or {}),
+        "summary": list(summary),
+        "records": records,
+    }
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=_jsonable)
+        f.write("\n")
+    os.replace(tmp, path)
+    return obj
