@@ -89,16 +89,17 @@ def _kmeanspp(x: torch.Tensor, x2: torch.Tensor, k: int, gen: torch.Generator) -
     n = x.shape[0]
     u = torch.rand(k, generator=gen, dtype=torch.float64).to(x.device)
     c = torch.empty(k, x.shape[1], dtype=x.dtype, device=x.device)
-    first = torch.clamp((u[:1] * n).long(), max=n - 1)
-    c[0] = x[first[0]]
-    dmin = (x2 - 2.0 * (x @ c[0]) + x2[first[0]]).clamp_(min=0)
+    j = torch.clamp((u[0] * n).long(), max=n - 1)
+    c[0] = x[j]
+    dmin = torch.addmv(x2, x, c[0], alpha=-2.0).add_(x2[j]).clamp_(min=0)
+    dmin[j] = 0.0
     for i in range(1, k):
-        cum = torch.cumsum(dmin.double(), 0)
+        cum = torch.cumsum(dmin, 0, dtype=torch.float64)
         j = torch.searchsorted(cum, (u[i] * cum[-1]).reshape(1), right=True).clamp_(max=n - 1)[0]
         c[i] = x[j]
-        d = (x2 - 2.0 * (x @ c[i]) + x2[j]).clamp_(min=0)
+        d = torch.addmv(x2, x, c[i], alpha=-2.0).add_(x2[j]).clamp_(min=0)
         d[j] = 0.0
-        dmin = torch.minimum(dmin, d)
+        torch.minimum(dmin, d, out=dmin)
     return c
 
 
@@ -130,13 +131,15 @@ def kmeans(x: torch.Tensor, n_codes: int, *, iters: int = 300, tol: float = 1e-4
         raise ValueError(f"tol must be a non-negative float, got {tol!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an int, got {seed!r}")
-    xf = x.float().contiguous()
+    xf = x.float()
     if not torch.isfinite(xf).all():
         raise ValueError("x must be finite")
+    mu = xf.mean(0)
+    xf = (xf - mu).contiguous()  # distances are shift-invariant; centring avoids cancellation
     x2 = (xf * xf).sum(1)
     gen = torch.Generator().manual_seed(seed)
     c = _kmeanspp(xf, x2, n_codes, gen)
-    thresh = tol * float((xf - xf.mean(0)).pow(2).sum(1).mean())
+    thresh = tol * float(x2.mean())
     for _ in range(iters):
         assign, dist = _nearest(xf, x2, c)
         counts = torch.bincount(assign, minlength=n_codes)
@@ -150,7 +153,7 @@ def kmeans(x: torch.Tensor, n_codes: int, *, iters: int = 300, tol: float = 1e-4
         c = new
         if empty.numel() == 0 and shift <= thresh:
             break
-    return c.to(x.dtype)
+    return (c + mu).to(x.dtype)
 
 
 def fit_codebook(k_pre: torch.Tensor, q_wrope: torch.Tensor, n_codes: int, *, iters: int = 300,
