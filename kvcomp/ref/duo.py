@@ -134,3 +134,19 @@ def duo_decode_attention(q, k_cache, v_cache, block_table, seq_lens, k_stream, v
                                         q_pos=torch.tensor([length - 1], device=q.device), k_pos=pos_t)
             out[b, h * g:(h + 1) * g] = o[0, :, 0].to(q.dtype)
     return out
+
+
+def ring_positions(seq_lens: torch.Tensor, sink: int, window: int) -> torch.Tensor:
+    """Absolute position held by each ring slot after ``seq_lens[b]`` tokens, ``[B, sink + window]`` int64.
+
+    Empty slots get ``2**30`` (beyond any query, so a causal mask hides them). With these positions a
+    ring can be passed as compact keys to ``streaming_attention`` (e.g. ``cat(ring, chunk)`` for a
+    chunked-prefill step whose chunk starts at position ``seq_lens[b]``).
+    """
+    V.tensor("seq_lens", seq_lens, ndim=1, kind="int")
+    slot = torch.arange(sink + window, device=seq_lens.device)[None, :]
+    length = seq_lens.long()[:, None]
+    r = torch.remainder(length - 1 - slot, window)
+    pos = torch.where(slot < sink, slot, length - 1 - r)
+    ok = (pos < length) & (pos >= 0) & ((slot < sink) | (pos >= sink))
+    return torch.where(ok, pos, torch.full_like(pos, 1 << 30))

@@ -1,0 +1,49 @@
+"""``kvcomp::duo_decode``: DuoAttention head-split paged decode as a torch.library custom op.
+
+Triton is imported lazily inside the op, so importing this module is cheap. The fake implementation
+lets ``torch.compile`` trace and CUDA graphs capture the decode step (the launcher never syncs with
+the host for CUDA tensors).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvcomp.ref.duo import check_duo_inputs
+
+
+@torch.library.custom_op("kvcomp::duo_decode", mutates_args=())
+def _duo_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                   seq_lens: torch.Tensor, k_stream: torch.Tensor, v_stream: torch.Tensor, head_map: torch.Tensor,
+                   sink: int, window: int, scale: float, num_splits: int) -> torch.Tensor:
+    from kernels.duo_decode import duo_decode_attention
+
+    return duo_decode_attention(q, k_cache, v_cache, block_table, seq_lens, k_stream, v_stream, head_map,
+                                sink=sink, window=window, scale=scale,
+                                num_splits=None if num_splits <= 0 else num_splits)
+
+
+@_duo_decode_op.register_fake
+def _duo_decode_fake(q, k_cache, v_cache, block_table, seq_lens, k_stream, v_stream, head_map, sink, window,
+                     scale, num_splits):
+    return torch.empty_like(q)
+
+
+def triton_duo_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                block_table: torch.Tensor, seq_lens: torch.Tensor, k_stream: torch.Tensor,
+                                v_stream: torch.Tensor, head_map: torch.Tensor, *, sink: int, window: int,
+                                scale: float | None = None, num_splits: int | None = None) -> torch.Tensor:
+    """DuoAttention decode step through the ``kvcomp::duo_decode`` op (Triton split-K kernel).
+
+    Same arguments and result as ``kvcomp.ref.duo.duo_decode_attention``:
+    q ``[B, Hq, D]``; retrieval heads paged in ``k_cache, v_cache [num_blocks, block_size, n_ret, D]`` with
+    ``block_table [B, max_blocks]`` / ``seq_lens [B]`` (incl. the new token); streaming heads in rings
+    ``k_stream, v_stream [B, n_str, sink + window, D]``; ``head_map [n_ret + n_str, 2]`` = (kind, index).
+    Returns ``[B, Hq, D]`` in q's dtype. ``num_splits=None`` picks a shape-only default.
+    """
+    check_duo_inputs(q, k_cache, v_cache, block_table, seq_lens, k_stream, v_stream, head_map, sink, window)
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
+    scale = 1.0 / q.shape[-1] ** 0.5 if scale is None else float(scale)
+    return torch.ops.kvcomp.duo_decode(q, k_cache, v_cache, block_table, seq_lens, k_stream, v_stream,
+                                       head_map, sink, window, scale, 0 if num_splits is None else num_splits)

@@ -1,0 +1,123 @@
+"""Prefill attention for DuoAttention: ``kvcomp::streaming_prefill`` (Triton, sink + window block-sparse,
+streaming heads) and the dense causal path for retrieval heads (``flash_attn`` when installed and the
+inputs are CUDA fp16/bf16, otherwise torch SDPA).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+
+@torch.library.custom_op("kvcomp::streaming_prefill", mutates_args=())
+def _streaming_prefill_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: int, window: int, scale: float,
+                          q_pos: Optional[torch.Tensor], k_pos: Optional[torch.Tensor]) -> torch.Tensor:
+    from kernels.streaming_prefill import streaming_prefill
+
+    return streaming_prefill(q, k, v, sink=sink, window=window, scale=scale, q_pos=q_pos, k_pos=k_pos)
+
+
+@_streaming_prefill_op.register_fake
+def _streaming_prefill_fake(q, k, v, sink, window, scale, q_pos, k_pos):
+    return torch.empty_like(q)
+
+
+def triton_streaming_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sink: int, window: int,
+                               scale: float | None = None, q_pos: torch.Tensor | None = None,
+                               k_pos: torch.Tensor | None = None) -> torch.Tensor:
+    """Sink + window causal attention through ``kvcomp::streaming_prefill``; same contract as
+    ``kvcomp.ref.streaming_attention``: q ``[B, Hq, Tq, D]``, k/v ``[B, Hkv, Tk, D]``, positions ``[T]`` or
+    ``[B, T]`` (default bottom-right / ``arange``). Chunked prefill over a ring buffer: pass
+    ``k = cat(ring, chunk)`` with ``k_pos = cat(ring_positions(...), chunk positions)``. Returns
+    ``[B, Hq, Tq, D]`` in q's dtype."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-dim tensor [B, H, T, D]")
+    scale = 1.0 / q.shape[-1] ** 0.5 if scale is None else float(scale)
+    return torch.ops.kvcomp.streaming_prefill(q, k, v, sink, window, scale, q_pos, k_pos)
+
+
+@functools.cache
+def _flash_attn():
+    try:
+        import flash_attn
+    except ImportError:
+        return None
+    return flash_attn
+
+
+def _use_flash(q: torch.Tensor) -> bool:
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _flash_attn() is not None
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Bottom-right causal SDPA on ``[1|B, H, T, D]``."""
+    tq, tk = q.shape[-2], k.shape[-2]
+    gqa = q.shape[1] != k.shape[1]
+    if tq == tk:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    qpos = torch.arange(tk - tq, tk, device=q.device)
+    mask = torch.arange(tk, device=q.device)[None, :] <= qpos[:, None]
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+def dense_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
+    """Dense causal (bottom-right) attention for retrieval heads.
+
+    Args: q ``[B, Hq, Tq, D]``, k/v ``[B, Hkv, Tk, D]`` with ``Tq <= Tk``, ``Hq % Hkv == 0``.
+    Returns ``[B, Hq, Tq, D]``. Uses ``flash_attn.flash_attn_func`` for CUDA fp16/bf16 when installed,
+    else ``torch.nn.functional.scaled_dot_product_attention``. Reference: ``kvcomp.ref.attention``.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-dim tensor [B, H, T, D]")
+    if q.shape[2] > k.shape[2]:
+        raise ValueError(f"q: Tq={q.shape[2]} > Tk={k.shape[2]}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ValueError(f"q: {q.shape[1]} query heads is not a multiple of {k.shape[1]} KV heads")
+    scale = 1.0 / q.shape[-1] ** 0.5 if scale is None else float(scale)
+    if _use_flash(q):
+        o = _flash_attn().flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                          softmax_scale=scale, causal=True)
+        return o.transpose(1, 2)
+    return _sdpa(q, k, v, scale)
+
+
+def varlen_dense_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                         cu_seqlens_k: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
+    """Packed varlen causal attention (bottom-right per sequence) for retrieval heads.
+
+    Args: q ``[total_q, Hq, D]``, k/v ``[total_k, Hkv, D]``, ``cu_seqlens_q/k [B+1]`` int (sequence b owns
+    rows ``cu[b]:cu[b+1]``; its queries are its last tokens). Returns ``[total_q, Hq, D]``.
+    ``flash_attn_varlen_func`` when available, else one SDPA call per sequence.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            raise ValueError(f"{name} must be a 3-dim tensor [total, H, D]")
+    for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name} must be a 1-dim int32/int64 tensor")
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError("cu_seqlens_q and cu_seqlens_k must have the same length B+1")
+    scale = 1.0 / q.shape[-1] ** 0.5 if scale is None else float(scale)
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    if cq[-1] != q.shape[0] or ck[-1] != k.shape[0]:
+        raise ValueError("cu_seqlens must end at the packed lengths of q and k")
+    if _use_flash(q):
+        return _flash_attn().flash_attn_varlen_func(
+            q, k, v, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32),
+            max(b - a for a, b in zip(cq, cq[1:])), max(b - a for a, b in zip(ck, ck[1:])),
+            softmax_scale=scale, causal=True)
+    out = torch.empty_like(q)
+    for b in range(len(cq) - 1):
+        if cq[b + 1] - cq[b] > ck[b + 1] - ck[b]:
+            raise ValueError(f"sequence {b}: more queries than keys")
+        if cq[b + 1] == cq[b]:
+            continue
+        qb = q[cq[b]:cq[b + 1]].transpose(0, 1)[None]
+        kb = k[ck[b]:ck[b + 1]].transpose(0, 1)[None]
+        vb = v[ck[b]:ck[b + 1]].transpose(0, 1)[None]
+        out[cq[b]:cq[b + 1]] = _sdpa(qb, kb, vb, scale)[0].transpose(0, 1)
+    return out
