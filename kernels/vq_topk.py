@@ -195,7 +195,8 @@ def triton_vq_topk(lut: torch.Tensor, code_cache: torch.Tensor, block_table: tor
         code_cache: ``[num_blocks, block_size, Hkv]`` int16 codes in ``[0, C)`` (not checked on device).
         block_table: ``[B, max_blocks]`` int32/int64; seq_lens: ``[B]`` int32/int64 valid tokens.
         topk: int >= 0 or ``[B]`` int tensor; sink, local: ints >= 0.
-        kmax: columns of ``idx``; default :func:`default_kmax` (never smaller than the true count).
+        kmax: columns of ``idx``; default :func:`default_kmax` (never smaller than the true count). With a
+            tensor ``topk`` the caller vouches that ``kmax >= G*max(topk) + sink + local`` (or the capacity).
         chunk: tokens per parallel chunk (default 4096 on GPU, 256 under the interpreter).
     Returns:
         ``(idx [B, Hkv, kmax] int32, count [B, Hkv] int32)``; the ref's ``Kmax = max(count)`` columns
@@ -234,8 +235,10 @@ def triton_vq_topk(lut: torch.Tensor, code_cache: torch.Tensor, block_table: tor
     need_kmax = default_kmax(topk, g, sink, local, cap)
     if kmax is None:
         kmax = need_kmax
-    elif isinstance(kmax, bool) or not isinstance(kmax, int) or kmax < need_kmax:
-        raise ValueError(f"kmax must be an int >= {need_kmax} (the largest possible count), got {kmax!r}")
+    elif isinstance(kmax, bool) or not isinstance(kmax, int) or kmax < 1:
+        raise ValueError(f"kmax must be a positive int, got {kmax!r}")
+    elif not isinstance(topk, torch.Tensor) and kmax < need_kmax:
+        raise ValueError(f"kmax must be >= {need_kmax} (the largest possible count), got {kmax}")
     interp = C.interpreting()
     ch = int(chunk or (256 if interp else 4096))
     block_t = min(256, C.next_pow2(ch)) if interp else 256

@@ -1,0 +1,95 @@
+"""ThinK ops: ``kvcomp::think_decode`` and ``kvcomp::pack_pruned_keys`` (torch.library custom ops).
+
+Cache layout (see ``kernels/think_decode.py`` and :mod:`kvcomp.ref.think_paged`): pruned keys in pages
+``kp_cache [num_blocks, block_size, Hkv, Dk]``, kept channels ``chan_idx [B or 1, Hkv, Dk]``, a
+full-width ring ``k_recent [B, Hkv, W, D]`` (token ``p`` in slot ``p % W``, the last ``min(L, W)``
+tokens), values in ordinary pages ``v_cache [num_blocks, block_size, Hkv, Dv]``.
+
+The ops run the Triton kernels on CUDA tensors (or on CPU tensors under ``TRITON_INTERPRET=1``) and
+the pure-PyTorch references on CPU tensors otherwise. Triton is imported lazily inside the ops; the
+fake implementations let ``torch.compile`` trace them and CUDA graphs capture them (no host sync).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return t.device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@torch.library.custom_op("kvcomp::think_decode", mutates_args=())
+def _think_decode_op(q: torch.Tensor, kp_cache: torch.Tensor, chan_idx: torch.Tensor, k_recent: torch.Tensor,
+                     v_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                     tokens_per_split: int) -> torch.Tensor:
+    if not _use_triton(q):
+        from kvcomp.ref.think_paged import paged_pruned_key_attention
+
+        return paged_pruned_key_attention(q, kp_cache, chan_idx, k_recent, v_cache, block_table, seq_lens,
+                                          scale=scale)
+    from kernels.think_decode import triton_think_decode
+
+    return triton_think_decode(q, kp_cache, chan_idx, k_recent, v_cache, block_table, seq_lens, scale=scale,
+                               tokens_per_split=None if tokens_per_split <= 0 else tokens_per_split)
+
+
+@_think_decode_op.register_fake
+def _think_decode_fake(q, kp_cache, chan_idx, k_recent, v_cache, block_table, seq_lens, scale, tokens_per_split):
+    return q.new_empty(q.shape[0], q.shape[1], v_cache.shape[3])
+
+
+@torch.library.custom_op("kvcomp::pack_pruned_keys", mutates_args=("kp_cache", "k_recent"))
+def _pack_pruned_keys_op(k_new: torch.Tensor, chan_idx: torch.Tensor, kp_cache: torch.Tensor, k_recent: torch.Tensor,
+                         block_table: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor) -> None:
+    if not _use_triton(k_new):
+        from kvcomp.ref.compressed_write import pack_pruned_keys_paged as ref
+
+        ref(k_new, chan_idx, kp_cache, k_recent, block_table, seq_lens, query_start_loc)
+        return
+    from kernels.think_write import triton_pack_pruned_keys_paged
+
+    triton_pack_pruned_keys_paged(k_new, chan_idx, kp_cache, k_recent, block_table, seq_lens, query_start_loc)
+
+
+@_pack_pruned_keys_op.register_fake
+def _pack_pruned_keys_fake(k_new, chan_idx, kp_cache, k_recent, block_table, seq_lens, query_start_loc):
+    return None
+
+
+def think_decode(q: torch.Tensor, kp_cache: torch.Tensor, chan_idx: torch.Tensor, k_recent: torch.Tensor,
+                 v_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, *,
+                 scale: float | None = None, tokens_per_split: int | None = None) -> torch.Tensor:
+    """ThinK decode step over the paged layout (module doc), through ``kvcomp::think_decode``.
+
+    Same arguments and result as :func:`kvcomp.ref.think_paged.paged_pruned_key_attention`:
+    q ``[B, Hq, D]``, kp_cache ``[num_blocks, block_size, Hkv, Dk]``, chan_idx ``[B or 1, Hkv, Dk]``,
+    k_recent ``[B, Hkv, W, D]``, v_cache ``[num_blocks, block_size, Hkv, Dv]``, block_table
+    ``[B, max_blocks]``, seq_lens ``[B]`` (incl. the new token). Returns ``[B, Hq, Dv]`` in q's dtype.
+    ``scale`` defaults to ``1/sqrt(D)`` of the full head dim; ``tokens_per_split=None`` sizes the
+    split-K parts to fill the GPU.
+    """
+    if not isinstance(q, torch.Tensor) or q.dim() != 3:
+        raise ValueError("q must be a [B, Hq, D] tensor")
+    if tokens_per_split is not None and (isinstance(tokens_per_split, bool) or not isinstance(tokens_per_split, int)
+                                         or tokens_per_split < 1):
+        raise ValueError(f"tokens_per_split must be a positive int or None, got {tokens_per_split!r}")
+    sc = 1.0 / q.shape[-1] ** 0.5 if scale is None else float(scale)
+    return torch.ops.kvcomp.think_decode(q, kp_cache, chan_idx, k_recent, v_cache, block_table, seq_lens, sc,
+                                         tokens_per_split or 0)
+
+
+def pack_pruned_keys_paged(k_new: torch.Tensor, chan_idx: torch.Tensor, kp_cache: torch.Tensor,
+                           k_recent: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                           query_start_loc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append new keys to a ThinK cache in place, through ``kvcomp::pack_pruned_keys``.
+
+    Same arguments and result as :func:`kvcomp.ref.compressed_write.pack_pruned_keys_paged`:
+    k_new ``[N, Hkv, D]`` packed by ``query_start_loc [B+1]``; the kept channels go to the pages, and
+    the tokens among the last ``W`` of their sequence also to the ring ``k_recent``. Returns
+    ``(kp_cache, k_recent)``.
+    """
+    torch.ops.kvcomp.pack_pruned_keys(k_new, chan_idx, kp_cache, k_recent, block_table, seq_lens, query_start_loc)
+    return kp_cache, k_recent

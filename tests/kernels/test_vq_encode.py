@@ -1,0 +1,106 @@
+"""A²ATS VQ encoding (Triton, dense and paged) vs kvcomp.ref.vq_encode / compressed_write.vq_encode_paged."""
+
+import pytest
+import torch
+
+from kvcomp.ref import vq_encode
+from kvcomp.ref.compressed_write import vq_encode_paged
+
+
+def dev():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def codebook(hkv, nc, d, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    cb = torch.randn(hkv, nc, d, generator=gen)
+    a = torch.randn(hkv, d, d, generator=gen) / d ** 0.5
+    lw = torch.linalg.cholesky(a @ a.transpose(1, 2) + 0.5 * torch.eye(d))
+    return cb, lw
+
+
+def whitened_dist(k, cb, lw, codes):
+    """fp64 ||(k - c) L||^2 of the chosen codes: k [Hkv, N, D], codes [Hkv, N] -> [Hkv, N]."""
+    c = torch.gather(cb.double(), 1, codes.long().unsqueeze(-1).expand(-1, -1, cb.shape[-1]))
+    return ((k.double() - c) @ lw.double()).pow(2).sum(-1)
+
+
+def check_codes(k, cb, lw, ref, out):
+    """Codes equal, except where the two centroids are equally near (fp rounding in the argmin)."""
+    ref, out = ref.cpu(), out.cpu()
+    diff = ref != out
+    assert diff.float().mean() <= 0.02, f"{int(diff.sum())} of {diff.numel()} codes differ"
+    if diff.any():
+        dr = whitened_dist(k, cb, lw, ref)
+        do = whitened_dist(k, cb, lw, out)
+        assert torch.allclose(do[diff], dr[diff], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("nc", [7, 300], ids=["c7", "c300"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_vq_encode_dense(nc, dtype, nan_empty):
+    from kernels.vq_encode import triton_vq_encode
+
+    cb, lw = codebook(2, nc, 32, seed=nc)
+    k = torch.randn(3, 2, 13, 32, generator=torch.Generator().manual_seed(1)).to(dtype)
+    ref = vq_encode(k, cb, lw)
+    out = triton_vq_encode(k.to(dev()), cb.to(dev()), lw.to(dev()))
+    assert out.dtype == torch.int16 and out.shape == (3, 2, 13)
+    for b in range(3):
+        check_codes(k[b].float(), cb, lw, ref[b], out[b])
+
+
+def test_vq_encode_paged_write(nan_empty):
+    """Chunked prefill + decode rows packed by query_start_loc; untouched slots keep their value."""
+    from kvcomp.ops.vq import vq_encode_paged as op_encode_paged
+
+    gen = torch.Generator().manual_seed(2)
+    hkv, d, bs, nc = 3, 32, 8, 40
+    cb, lw = codebook(hkv, nc, d, seed=3)
+    lens = torch.tensor([9, 4, 17], dtype=torch.int32)
+    qsl = torch.tensor([0, 9, 9, 12], dtype=torch.int32)  # seq 1 adds nothing, seq 2 its last 3 tokens
+    nb = 12
+    bt = torch.randperm(nb, generator=gen).view(3, 4).to(torch.int32)
+    k_new = torch.randn(12, hkv, d, generator=gen)
+    init = torch.full((nb, bs, hkv), -7, dtype=torch.int16)
+    ref = vq_encode_paged(k_new, cb, lw, init.clone(), bt, lens, qsl)
+    out = op_encode_paged(k_new.to(dev()), cb.to(dev()), lw.to(dev()), init.clone().to(dev()), bt.to(dev()),
+                          lens.to(dev()), qsl.to(dev())).cpu()
+    assert torch.equal(out == -7, ref == -7)
+    written = ref != -7
+    assert int(written.sum()) == 12 * hkv
+    assert (out[written] == ref[written]).float().mean() >= 0.98
+
+
+@pytest.mark.parametrize("bad", ["codebook_heads", "whiten_shape", "codes_dtype", "head_dim"])
+def test_vq_encode_rejects_bad_inputs(bad):
+    from kernels.vq_encode import triton_vq_encode, triton_vq_encode_paged
+
+    cb, lw = codebook(2, 9, 32)
+    k = torch.randn(1, 2, 5, 32).to(dev())
+    cb, lw = cb.to(dev()), lw.to(dev())
+    with pytest.raises(ValueError):
+        if bad == "codebook_heads":
+            triton_vq_encode(k, cb[:1], lw)
+        elif bad == "whiten_shape":
+            triton_vq_encode(k, cb, lw[:, :16])
+        elif bad == "head_dim":
+            triton_vq_encode(k[..., :24], cb[..., :24], lw[:, :24, :24])
+        else:
+            triton_vq_encode_paged(k[0].transpose(0, 1).contiguous(), cb, lw,
+                                   torch.zeros(4, 8, 2, dtype=torch.int32, device=dev()),
+                                   torch.zeros(1, 1, dtype=torch.int32, device=dev()),
+                                   torch.tensor([5], dtype=torch.int32, device=dev()),
+                                   torch.tensor([0, 5], dtype=torch.int32, device=dev()))
+
+
+@pytest.mark.gpu
+def test_vq_encode_gpu_4096_codes():
+    from kernels.vq_encode import triton_vq_encode
+
+    cb, lw = codebook(4, 4096, 128, seed=4)
+    k = torch.randn(2, 4, 500, 128, generator=torch.Generator().manual_seed(5))
+    ref = vq_encode(k, cb, lw)
+    out = triton_vq_encode(k.cuda(), cb.cuda(), lw.cuda())
+    for b in range(2):
+        check_codes(k[b], cb, lw, ref[b], out[b])

@@ -1,0 +1,158 @@
+"""A²ATS LUT and exact top-K selection (Triton) vs kvcomp.ref (vq_lut, vq_scores/vq_select/mask_to_indices)."""
+
+import pytest
+import torch
+
+from kvcomp.ref import vq_lut
+from kvcomp.ref.think_paged import paged_vq_topk
+from kvcomp.testing import assert_close, assert_equal
+
+
+def dev():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def paged_codes(lens, hkv, nc, bs, seed=0):
+    """Random codes in a paged int16 cache (permuted block table, -1 in unused slots)."""
+    gen = torch.Generator().manual_seed(seed)
+    b = len(lens)
+    max_blocks = max(-(-x // bs) for x in lens) + 1
+    nb = b * max_blocks + 2
+    bt = torch.randperm(nb, generator=gen)[: b * max_blocks].view(b, max_blocks).to(torch.int32)
+    cc = torch.full((nb, bs, hkv), -1, dtype=torch.int16)
+    for i, n in enumerate(lens):
+        for p in range(n):
+            cc[bt[i, p // bs], p % bs] = torch.randint(0, nc, (hkv,), generator=gen, dtype=torch.int16)
+    return cc.to(dev()), bt.to(dev()), torch.tensor(lens, dtype=torch.int32, device=dev())
+
+
+def check_topk(lut, cc, bt, sl, *, chunk=None, kmax=None, **kw):
+    from kernels.vq_topk import triton_vq_topk
+
+    ri, rc = paged_vq_topk(lut.cpu(), cc.cpu(), bt.cpu(), sl.cpu(), **{k: (v.cpu() if torch.is_tensor(v) else v)
+                                                                       for k, v in kw.items()})
+    idx, count = triton_vq_topk(lut, cc, bt, sl, chunk=chunk, kmax=kmax, **kw)
+    assert_equal("count", rc, count.cpu())
+    k = ri.shape[2]
+    assert idx.shape[2] >= k
+    assert_equal("idx", ri, idx[..., :k].cpu())
+    pad = ri[..., -1:] if k else torch.zeros_like(idx[..., :1].cpu())
+    assert_equal("idx padding", pad.expand(-1, -1, idx.shape[2] - k), idx[..., k:].cpu())
+
+
+@pytest.mark.parametrize("g", [1, 3, 4], ids=["g1", "g3", "g4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_vq_lut(g, dtype, nan_empty):
+    from kernels.vq_lut import triton_vq_lut
+
+    gen = torch.Generator().manual_seed(g)
+    q = torch.randn(3, 2 * g, 32, generator=gen).to(dev(), dtype)
+    cb = torch.randn(2, 75, 32, generator=gen).to(dev())
+    ref = vq_lut(q, cb, scale=0.3)
+    out = triton_vq_lut(q, cb, scale=0.3)
+    assert out.dtype == torch.float32
+    assert_close("vq_lut", ref, out, 1e-5)
+
+
+# (id, seq_lens, Hkv, G, C, block_size, topk, sink, local, chunk)
+CASES = [
+    ("b3-g3-topk-gt-len", [1, 6, 29], 2, 3, 40, 8, 10, 2, 3, None),
+    ("b1-g1-multichunk", [150], 1, 1, 64, 16, 9, 4, 8, 32),
+    ("b3-g4-few-codes-ties", [40, 17, 33], 1, 4, 5, 16, 6, 0, 0, 16),
+    ("b2-g1-sink-local-overlap", [5, 12], 2, 1, 30, 8, 1, 6, 9, None),
+    ("b2-g3-topk0", [9, 20], 2, 3, 16, 8, 0, 1, 2, None),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_vq_topk(case, nan_empty):
+    _, lens, hkv, g, nc, bs, topk, sink, local, chunk = case
+    cc, bt, sl = paged_codes(lens, hkv, nc, bs, seed=len(lens))
+    lut = torch.randn(len(lens), hkv * g, nc, generator=torch.Generator().manual_seed(7)).to(dev())
+    check_topk(lut, cc, bt, sl, topk=topk, sink=sink, local=local, chunk=chunk)
+
+
+def test_vq_topk_equal_scores_across_codes_and_signed_zero(nan_empty):
+    """Different codes with the same score (and -0.0 vs +0.0) tie; lower positions win, like the ref."""
+    cc, bt, sl = paged_codes([37, 23], 2, 8, 8, seed=4)
+    lut = torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(2))
+    lut[..., 3] = lut[..., 1]
+    lut[..., 5] = lut[..., 1]
+    lut[0, :, 2] = 0.0
+    lut[0, :, 6] = -0.0
+    lut[0, :, 0] = 5.0  # several codes above zero, then the +-0 tie straddles the threshold
+    check_topk(lut.to(dev()), cc, bt, sl, topk=7, sink=1, local=1, chunk=16)
+    check_topk(lut.to(dev()), cc, bt, sl, topk=4, sink=0, local=0)
+
+
+def test_vq_topk_per_sequence_tensor_topk(nan_empty):
+    cc, bt, sl = paged_codes([13, 30, 2], 1, 12, 8, seed=5)
+    lut = torch.randn(3, 3, 12, generator=torch.Generator().manual_seed(3)).to(dev())
+    topk = torch.tensor([2, 5, 9], dtype=torch.int32, device=dev())
+    check_topk(lut, cc, bt, sl, topk=topk, sink=1, local=2, kmax=18)
+
+
+def test_vq_ops_pipeline_and_fake(nan_empty):
+    """ops.vq: lut -> topk (static Kmax) -> sparse decode, against the references; fake shapes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from kvcomp.ops.vq import sparse_decode, topk_kmax, vq_lut as op_lut, vq_topk
+    from kvcomp.ref import paged_sparse_attention
+
+    gen = torch.Generator().manual_seed(11)
+    cc, bt, sl = paged_codes([19, 44], 2, 20, 16, seed=6)
+    q = torch.randn(2, 4, 32, generator=gen).to(dev())
+    cb = torch.randn(2, 20, 32, generator=gen).to(dev())
+    lut = op_lut(q, cb)
+    assert_close("lut", vq_lut(q, cb), lut, 1e-5)
+    idx, count = vq_topk(lut, cc, bt, sl, topk=5, sink=2, local=3)
+    assert idx.shape == (2, 2, topk_kmax(5, 2, 2, 3, bt.shape[1] * 16))
+    ri, rc = paged_vq_topk(lut, cc, bt, sl, topk=5, sink=2, local=3)
+    assert_equal("count", rc, count)
+    kc = torch.randn(cc.shape[0], 16, 2, 32, generator=gen).to(dev())
+    vc = torch.randn(cc.shape[0], 16, 2, 32, generator=gen).to(dev())
+    out = sparse_decode(q, kc, vc, bt, idx, count)
+    assert_close("sparse", paged_sparse_attention(q, kc, vc, bt, ri, rc), out, 1e-5)  # kc, vc NaN-free
+    with FakeTensorMode():
+        fl = torch.ops.kvcomp.vq_lut(torch.empty(2, 8, 64), torch.empty(4, 4096, 64), 0.1)
+        fi, fc = torch.ops.kvcomp.vq_topk(fl, torch.empty(9, 16, 4, dtype=torch.int16),
+                                          torch.empty(2, 4, dtype=torch.int32), torch.empty(2, dtype=torch.int32),
+                                          torch.empty(2, dtype=torch.int32), 8, 64, 100)
+    assert tuple(fl.shape) == (2, 8, 4096) and tuple(fi.shape) == (2, 4, 100) and tuple(fc.shape) == (2, 4)
+
+
+@pytest.mark.parametrize("bad", ["lut_dtype", "codes_dtype", "gqa", "kmax_small", "topk_neg", "sink"])
+def test_vq_topk_rejects_bad_inputs(bad):
+    from kernels.vq_topk import triton_vq_topk
+
+    cc, bt, sl = paged_codes([5, 9], 2, 8, 8)
+    lut = torch.randn(2, 4, 8).to(dev())
+    kw = dict(topk=2, sink=1, local=1)
+    if bad == "lut_dtype":
+        lut = lut.half()
+    elif bad == "codes_dtype":
+        cc = cc.int()
+    elif bad == "gqa":
+        lut = lut[:, :3].contiguous()
+    elif bad == "kmax_small":
+        kw["kmax"] = 3
+    elif bad == "topk_neg":
+        kw["topk"] = -1
+    elif bad == "sink":
+        kw["sink"] = 1.5
+    with pytest.raises(ValueError):
+        triton_vq_topk(lut, cc, bt, sl, **kw)
+
+
+@pytest.mark.gpu
+def test_vq_topk_gpu_long():
+    lens = [20000, 7001]
+    gen = torch.Generator().manual_seed(9)
+    bs, hkv, nc = 16, 4, 4096
+    b = len(lens)
+    max_blocks = max(-(-x // bs) for x in lens)
+    nb = b * max_blocks
+    bt = torch.randperm(nb, generator=gen).view(b, max_blocks).to(torch.int32).cuda()
+    cc = torch.randint(0, nc, (nb, bs, hkv), generator=gen, dtype=torch.int16).cuda()
+    lut = torch.randn(b, hkv * 4, nc, generator=gen).cuda()
+    check_topk(lut, cc, bt, torch.tensor(lens, dtype=torch.int32).cuda(), topk=600, sink=8, local=64)
