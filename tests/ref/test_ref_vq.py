@@ -289,3 +289,47 @@ def test_paged_sparse_attention_matches_dense(bs):
         assert_close(f"paged sparse {b}", ref[0, :, 0], out[b], 1e-5)
     with pytest.raises(ValueError, match="idx"):
         R.paged_sparse_attention(q, kc, vc, table, idx + 10 ** 4, cnt)
+
+
+def test_distance_blocks_stay_bounded(monkeypatch):
+    # kmeans and vq_encode never materialise more than _DIST_ELEMS distances at once.
+    monkeypatch.setattr(VQ, "_DIST_ELEMS", 1000)
+    seen = []
+    addmm, matmul = torch.addmm, torch.matmul
+
+    def rec_addmm(*a, **k):
+        out = addmm(*a, **k)
+        seen.append(out.numel())
+        return out
+
+    def rec_matmul(a, b):
+        out = matmul(a, b)
+        if out.dim() == 4 and out.shape[-1] == 50:  # the [B, Hkv, t, C] distance block
+            seen.append(out.numel())
+        return out
+
+    monkeypatch.setattr(torch, "addmm", rec_addmm)
+    monkeypatch.setattr(torch, "matmul", rec_matmul)
+    x = torch.randn(3000, 4, generator=torch.Generator().manual_seed(14))
+    c = R.kmeans(x, 50, iters=2)
+    R.vq_encode(x.reshape(2, 1, 1500, 4), c[None], torch.eye(4)[None])
+    assert seen and max(seen) <= 1000
+
+
+@pytest.mark.slow
+def test_kmeans_64k_by_4096_memory():
+    # N=64K, D=64, C=4096 in a fresh process: peak RSS stays far below the 1 GiB a full distance matrix needs.
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, torch\n"
+        "from kvcomp.ref import kmeans\n"
+        "x = torch.randn(65536, 64)\n"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "c = kmeans(x, 4096, iters=1)\n"
+        "assert c.shape == (4096, 64) and torch.isfinite(c).all()\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert float(res.stdout.strip().splitlines()[-1]) < 400  # MiB over the input
