@@ -87,7 +87,7 @@ def _prepare(codebook: torch.Tensor, whiten: torch.Tensor, hkv: int, d: int):
 
 def _blocks(nc: int):
     interp = C.interpreting()
-    return (16, min(max(16, C.next_pow2(nc)), 256), 4) if interp else (64, min(max(16, C.next_pow2(nc)), 64), 4)
+    return (16, min(max(16, C.next_pow2(nc)), 256), 4) if interp else (64, min(max(16, C.next_pow2(nc)), 64), 8)
 
 
 def triton_vq_encode(k_pre: torch.Tensor, codebook: torch.Tensor, whiten: torch.Tensor) -> torch.Tensor:
