@@ -159,3 +159,21 @@ def test_think_decode_gpu_long_bf16():
     ref = paged_pruned_key_attention(*args)
     out = triton_think_decode(*args)
     assert_close("think_decode_gpu", ref.float(), out.float(), RATIO[torch.bfloat16])
+
+
+def test_think_ops_cpu_fallback_is_the_reference(monkeypatch):
+    """Without CUDA and without the interpreter the ops run the references."""
+    from kvcomp.ops.think import pack_pruned_keys_paged as op_pack
+    from kvcomp.ops.think import think_decode
+    from kvcomp.ref.compressed_write import pack_pruned_keys_paged as ref_pack
+
+    args = [a.cpu() for a in build(2, 1, 2, 32, 8, 4, 8, [3, 11], torch.float32)]
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert torch.equal(think_decode(*args), paged_pruned_key_attention(*args))
+    kp, kr = torch.zeros(6, 8, 1, 8), torch.zeros(2, 1, 4, 32)
+    k_new = torch.randn(2, 1, 32)
+    sl, qsl = torch.tensor([3, 11], dtype=torch.int32), torch.tensor([0, 1, 2], dtype=torch.int32)
+    chan, bt = args[2], args[5]
+    rp, rr = ref_pack(k_new, chan, kp.clone(), kr.clone(), bt, sl, qsl)
+    op, orr = op_pack(k_new, chan, kp.clone(), kr.clone(), bt, sl, qsl)
+    assert torch.equal(rp, op) and torch.equal(rr, orr)

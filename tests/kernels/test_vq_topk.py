@@ -156,3 +156,19 @@ def test_vq_topk_gpu_long():
     cc = torch.randint(0, nc, (nb, bs, hkv), generator=gen, dtype=torch.int16).cuda()
     lut = torch.randn(b, hkv * 4, nc, generator=gen).cuda()
     check_topk(lut, cc, bt, torch.tensor(lens, dtype=torch.int32).cuda(), topk=600, sink=8, local=64)
+
+
+def test_vq_ops_cpu_fallback_pads_like_the_kernel(monkeypatch):
+    """Without CUDA and without the interpreter ``vq_topk`` runs the reference, padded to the same Kmax."""
+    from kvcomp.ops.vq import vq_topk
+
+    cc, bt, sl = (t.cpu() for t in paged_codes([6, 21], 1, 9, 8, seed=8))
+    lut = torch.randn(2, 2, 9, generator=torch.Generator().manual_seed(4))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    idx, count = vq_topk(lut, cc, bt, sl, topk=3, sink=1, local=2)
+    ri, rc = paged_vq_topk(lut, cc, bt, sl, topk=3, sink=1, local=2)
+    k = ri.shape[2]
+    assert idx.shape == (2, 1, 2 * 3 + 1 + 2)
+    assert_equal("count", rc, count)
+    assert_equal("idx", ri, idx[..., :k])
+    assert_equal("pad", ri[..., -1:].expand(-1, -1, idx.shape[2] - k), idx[..., k:])
