@@ -27,27 +27,10 @@ import torch
 from ..ref.attention import paged_attention
 from . import ENV_TRACE
 from . import compat as C
-from .plan import Plan, plan_from_env
+from .plan import Plan, kv_head_range, layer_index, plan_from_env
 
 # a child of "vllm" so that vLLM's log handler (and its level setting) prints it
 logger = logging.getLogger("vllm.kvcomp")
-
-
-def _layer_index(layer_name: str) -> int:
-    """First integer component of a vLLM layer name (``model.layers.3.self_attn.attn`` -> 3)."""
-    for part in layer_name.split("."):
-        if part.isdigit():
-            return int(part)
-    raise ValueError(f"layer_name: no layer index in {layer_name!r}")
-
-
-def _kv_head_range(num_kv_heads_local: int, num_kv_heads_total: int, rank: int, size: int) -> tuple[int, int]:
-    """Global KV heads ``[start, end)`` held by tensor-parallel rank ``rank`` of ``size``."""
-    if num_kv_heads_total >= size:
-        start = rank * num_kv_heads_local
-    else:  # fewer KV heads than ranks: each head replicated on size // total ranks
-        start = rank // (size // num_kv_heads_total)
-    return start, start + num_kv_heads_local
 
 
 class KVCompAttentionBackend(C.AttentionBackend):
@@ -189,8 +172,8 @@ class KVCompAttentionImpl(C.AttentionImpl):
         if total is None:
             raise ValueError("kvcomp plan has ThinK channels but no num_kv_heads")
         self.plan.check_model(self.head_size)
-        start, end = _kv_head_range(self.num_kv_heads, total, rank, size)
-        ch = self.plan.layer_channels(_layer_index(layer.layer_name), start, end)
+        start, end = kv_head_range(self.num_kv_heads, total, rank, size)
+        ch = self.plan.layer_channels(layer_index(layer.layer_name), start, end)
         self._channels = ch.to(kv_cache.device)
         g = self.num_heads // self.num_kv_heads
         self._q_index = self._channels.repeat_interleave(g, dim=0)

@@ -26,6 +26,37 @@ import torch
 from . import ENV_CONFIG
 
 
+def layer_index(layer_name: str) -> int:
+    """First integer component of a vLLM layer name (``model.layers.3.self_attn.attn`` -> 3)."""
+    for part in layer_name.split("."):
+        if part.isdigit():
+            return int(part)
+    raise ValueError(f"layer_name: no layer index in {layer_name!r}")
+
+
+def kv_head_range(num_kv_heads_local: int, num_kv_heads_total: int, rank: int, size: int) -> tuple[int, int]:
+    """Global KV heads ``[start, end)`` held by tensor-parallel rank ``rank`` of ``size``.
+
+    vLLM splits KV heads evenly over ranks; with fewer KV heads than ranks each head is replicated
+    on ``size // total`` consecutive ranks (one head per rank).
+
+    Raises:
+        ValueError: inconsistent counts (not an even split, rank out of range).
+    """
+    if size < 1 or not 0 <= rank < size:
+        raise ValueError(f"rank: {rank} outside tensor-parallel size {size}")
+    if num_kv_heads_total >= size:
+        if num_kv_heads_total % size or num_kv_heads_local * size != num_kv_heads_total:
+            raise ValueError(f"num_kv_heads_local: {num_kv_heads_local} x {size} ranks != {num_kv_heads_total} KV heads")
+        start = rank * num_kv_heads_local
+    else:
+        if size % num_kv_heads_total or num_kv_heads_local != 1:
+            raise ValueError(f"num_kv_heads_local: {num_kv_heads_local} (expected 1 replicated head of "
+                             f"{num_kv_heads_total} over {size} ranks)")
+        start = rank // (size // num_kv_heads_total)
+    return start, start + num_kv_heads_local
+
+
 @dataclass(frozen=True)
 class Plan:
     """Per-process serving plan.

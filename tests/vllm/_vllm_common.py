@@ -65,6 +65,42 @@ def make_prompts(lengths=(5, 37, 150, 1), vocab: int = 512, seed: int = 1) -> li
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
+def use_pruned_key_attention(model, channels) -> None:
+    """Switch an HF Llama to attention whose logits use only the kept key channels.
+
+    ``channels [L, Hkv, D_keep]``: query head ``h`` and its KV head ``h // G`` keep the channels
+    ``channels[layer, h // G]`` (post-RoPE), the rest are zeroed in both, so ``q·k`` equals the
+    packed-channel product; values and the ``1/sqrt(D)`` scale are untouched. This is ThinK with
+    static channels on every token, the semantics of kvcomp's vLLM pages.
+    """
+    import torch
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    L, H, D = channels.shape[0], channels.shape[1], model.config.head_dim
+    keep = torch.zeros(L, H, D, dtype=torch.bool)
+    keep.scatter_(2, channels.long(), True)
+
+    def pruned(module, query, key, value, attention_mask, **kw):
+        m = keep[module.layer_idx].to(query.dtype)  # [Hkv, D]
+        g = query.shape[1] // key.shape[1]
+        query = query * m.repeat_interleave(g, 0)[None, :, None, :]
+        key = key * m[None, :, None, :]
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
+
+    AttentionInterface.register("kvcomp_pruned_key_ref", pruned)
+    model.set_attn_implementation("kvcomp_pruned_key_ref")
+
+
+def think_channels(num_layers: int, num_kv_heads: int, head_dim: int, keep: int, seed: int = 2):
+    """Random static ThinK channels ``[L, Hkv, keep]`` (ascending per head), int64."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.stack([torch.randperm(head_dim, generator=g)[:keep].sort().values
+                                     for _ in range(num_kv_heads)]) for _ in range(num_layers)])
+
+
 def hf_greedy(model, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
     """Greedy continuation of each prompt with full recomputation (the ground truth)."""
     import torch

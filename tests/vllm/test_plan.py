@@ -1,0 +1,83 @@
+"""The vLLM plugin's serving plan and registration guards (no vLLM needed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvcomp.config import CompressionConfig, DuoAttention, ThinK
+from kvcomp.vllm_plugin import ENV_CONFIG, ENV_OVERRIDE_CPU, register
+from kvcomp.vllm_plugin.plan import Plan, kv_head_range, layer_index, load_plan, plan_from_config, plan_from_env
+
+
+def _channels(L=2, H=2, D=64, keep=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # deliberately unsorted: the plan sorts them
+    return torch.stack([torch.stack([torch.randperm(D, generator=g)[:keep] for _ in range(H)]) for _ in range(L)])
+
+
+def _cfg(**kw):
+    return CompressionConfig(num_layers=2, num_kv_heads=2, head_dim=64, num_q_heads=4, **kw)
+
+
+def test_no_config_is_off(monkeypatch):
+    monkeypatch.delenv(ENV_CONFIG, raising=False)
+    p = plan_from_env()
+    assert p.method == "off" and p.key_dim is None and p.layer_channels(0, 0, 2) is None
+    assert load_plan("") == Plan() and load_plan(None) == Plan()
+
+
+def test_think_static_channels_roundtrip(tmp_path):
+    ch = _channels()
+    _cfg(think=ThinK(prune_ratio=0.25, channels=ch)).save(tmp_path / "c")
+    for path in (tmp_path / "c", tmp_path / "c" / "config.json"):
+        p = load_plan(path)
+        assert p.method == "think" and p.key_dim == 48
+        got = p.layer_channels(1, 1, 2)
+        assert got.shape == (1, 48)
+        assert torch.equal(got[0], ch[1, 1].sort().values)
+        assert bool((p.think_channels.diff(dim=-1) > 0).all())
+
+
+def test_think_errors():
+    with pytest.raises(ValueError, match="static ThinK channels"):
+        plan_from_config(_cfg(think=ThinK(prune_ratio=0.25)))
+    heads = torch.tensor([[True, False], [True, True]])
+    with pytest.raises(ValueError, match="prune every"):
+        plan_from_config(_cfg(think=ThinK(prune_ratio=0.25, heads=heads, channels=_channels())))
+    p = plan_from_config(_cfg(think=ThinK(prune_ratio=0.25, channels=_channels())))
+    with pytest.raises(ValueError, match="layer"):
+        p.layer_channels(2, 0, 1)
+    with pytest.raises(ValueError, match="head range"):
+        p.layer_channels(0, 1, 3)
+    with pytest.raises(ValueError, match="head_dim 64 != model head_size 128"):
+        p.check_model(128)
+    with pytest.raises(ValueError, match="num_kv_heads 2 != model num_kv_heads 4"):
+        p.check_model(64, 4)
+
+
+def test_unserved_methods_refused(tmp_path):
+    duo = DuoAttention(pattern=torch.tensor([[True, False], [False, False]]))
+    with pytest.raises(ValueError, match="DuoAttention is not served"):
+        plan_from_config(_cfg(duo=duo))
+    with pytest.raises(ValueError, match="not a directory"):
+        load_plan(tmp_path / "missing")
+
+
+def test_layer_index_and_tp_head_ranges():
+    assert layer_index("model.layers.17.self_attn.attn") == 17
+    with pytest.raises(ValueError, match="layer_name"):
+        layer_index("lm_head")
+    assert kv_head_range(8, 8, 0, 1) == (0, 8)
+    assert kv_head_range(2, 8, 3, 4) == (6, 8)
+    assert kv_head_range(1, 2, 3, 4) == (1, 2)  # 2 KV heads replicated over 4 ranks
+    with pytest.raises(ValueError, match="rank"):
+        kv_head_range(2, 8, 4, 4)
+    with pytest.raises(ValueError, match="num_kv_heads_local"):
+        kv_head_range(3, 8, 0, 4)
+
+
+def test_register_rejects_bad_override(monkeypatch):
+    monkeypatch.setenv(ENV_OVERRIDE_CPU, "yes")
+    with pytest.raises(ValueError, match=ENV_OVERRIDE_CPU):
+        register()
