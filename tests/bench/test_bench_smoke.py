@@ -1,0 +1,74 @@
+"""The benchmark runner works on a CPU: --smoke checks each DuoAttention kernel against its reference
+(Triton interpreter), timing without CUDA is skipped with a reason, and a wrong kernel fails the smoke."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+DUO = "duo_decode,streaming_prefill,write_paged_kv,write_streaming_kv"
+
+
+def _run(*args):
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
+    return subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_smoke_duo_kernels(tmp_path):
+    out = tmp_path / "smoke.json"
+    res = _run("--smoke", "--kernels", DUO, "--out", str(out))
+    assert res.returncode == 0, res.stdout + res.stderr
+    data = json.loads(out.read_text())
+    assert data["mode"] == "smoke" and data["machine"]["line"]
+    assert [r["kernel"] for r in data["results"]] == DUO.split(",")
+    assert all(r["ok"] and r["rel_rms"] <= r["tolerance"] for r in data["results"])
+    assert "median_ms" not in json.dumps(data)  # no timing claims in smoke mode
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA skip path")
+def test_timing_without_cuda_is_skipped_with_reason(tmp_path):
+    out = tmp_path / "t.json"
+    res = _run("--kernels", "write_paged_kv", "--out", str(out))
+    assert res.returncode == 0
+    assert "skipped: timing needs a CUDA device" in res.stdout
+    assert not out.exists()
+
+
+def test_unknown_kernel_is_an_error():
+    res = _run("--smoke", "--kernels", "no_such_kernel")
+    assert res.returncode != 0 and "unknown kernels" in res.stderr
+
+
+def test_smoke_detects_a_wrong_kernel(monkeypatch, tmp_path):
+    sys.path.insert(0, str(ROOT))
+    try:
+        from bench import run as runner
+        from bench.registry import REGISTRY, Bench, Problem
+    finally:
+        sys.path.remove(str(ROOT))
+    x = torch.randn(4, 8)
+    bad = Bench(name="_bad", description="doubles instead of copying", make=lambda p: x,
+                run=lambda t: t * 2, ref=lambda t: t.clone(), nbytes=lambda p: 0,
+                smoke=Problem(1, 8, 1, 1, 16, torch.float32, "cpu"))
+    monkeypatch.setitem(REGISTRY, "_bad", bad)
+    assert runner.smoke(["_bad"], tmp_path / "bad.json") == 1
+    assert json.loads((tmp_path / "bad.json").read_text())["results"][0]["ok"] is False
+
+
+def test_peak_bandwidth_table():
+    sys.path.insert(0, str(ROOT))
+    try:
+        from bench.registry import peak_gbps
+    finally:
+        sys.path.remove(str(ROOT))
+    assert peak_gbps("NVIDIA H100 80GB HBM3") == 3350.0
+    assert peak_gbps("NVIDIA H200") == 4800.0
+    assert peak_gbps("NVIDIA H100 PCIe") == 2000.0
+    assert peak_gbps("NVIDIA A100-SXM4-80GB") == 2039.0
+    assert peak_gbps("Some Future GPU") is None
