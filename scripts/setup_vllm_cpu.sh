@@ -55,9 +55,23 @@ for pkg in torchvision torchaudio torchcodec; do
         "${PIP[@]}" uninstall -q -y "$pkg"
     fi
 done
-step "installing kvcomp (editable, no deps) + safetensors, tqdm"
-"${PIP[@]}" install -q -c "$CONSTRAINTS" safetensors tqdm
-"${PIP[@]}" install -q --no-deps -e "$REPO"
+kvcomp_ok() { "$VENV/bin/python" - "$REPO" <<'PYEOF'
+import os, sys
+import importlib.metadata as m
+try:
+    import kvcomp, safetensors, tqdm  # noqa: F401
+except ImportError:
+    sys.exit(1)
+here = os.path.realpath(os.path.dirname(kvcomp.__file__))
+eps = [e for e in m.entry_points(group="vllm.general_plugins") if e.name == "kvcomp"]
+sys.exit(0 if eps and here == os.path.realpath(os.path.join(sys.argv[1], "kvcomp")) else 1)
+PYEOF
+}
+if ! kvcomp_ok; then
+    step "installing kvcomp (editable, no deps) + safetensors, tqdm"
+    "${PIP[@]}" install -q -c "$CONSTRAINTS" safetensors tqdm
+    "${PIP[@]}" install -q --no-deps -e "$REPO"
+fi
 
 step "checking imports"
 "$VENV/bin/python" - <<'PYEOF'
