@@ -1,0 +1,247 @@
+// SPDX-License-Identifier: Apache-2.0
+// Exact decode attention on the CPU over the tokens A2ATS selected, read straight from the host
+// mirror (no cached KV crosses PCIe). Work items are (batch, KV head, token split); the G query
+// heads of a KV head share each key/value row load. Each split keeps a flash-decoding partial
+// (running max m, sum l, unnormalised accumulator) that a second pass merges; all math in fp32.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "checks.h"
+#include "kvcomp/host_mirror.h"
+
+// Hot loops get an AVX2+FMA clone picked at load time (ifunc) next to the portable default, so one
+// binary is fast on AVX2 machines and still runs anywhere. `omp simd` lets the reductions vectorise
+// without -ffast-math.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define KVCOMP_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define KVCOMP_CLONES
+#endif
+
+namespace kvcomp {
+namespace {
+
+KVCOMP_CLONES void dot_rows(const float* q, int64_t g, int64_t d, const float* k, float* out) {
+  for (int64_t i = 0; i < g; ++i) {
+    const float* qi = q + i * d;
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t c = 0; c < d; ++c) s += qi[c] * k[c];
+    out[i] = s;
+  }
+}
+
+KVCOMP_CLONES void axpy_rows(float* acc, int64_t g, int64_t d, const float* w, int64_t w_stride, const float* v) {
+  for (int64_t i = 0; i < g; ++i) {
+    float* ai = acc + i * d;
+    const float wi = w[i * w_stride];
+#pragma omp simd
+    for (int64_t c = 0; c < d; ++c) ai[c] += wi * v[c];
+  }
+}
+
+// Pointer to an fp32 view of one row: the row itself for fp32, else converted into `buf`.
+template <typename scalar_t>
+inline const float* as_float(const scalar_t* row, int64_t n, float* buf) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return row;
+  } else {
+    for (int64_t c = 0; c < n; ++c) buf[c] = static_cast<float>(row[c]);
+    return buf;
+  }
+}
+
+struct Dims {
+  int64_t b, hq, hkv, g, d, dv, kmax, split, chunk;
+};
+
+template <typename scalar_t, typename index_t>
+void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const index_t* idx, const int64_t* cnt,
+         const int32_t* table, int64_t table_len, bool paged, const Dims& n, float scale, at::Tensor& out) {
+  using detail::TokenAddr;
+  TokenAddr ka = detail::make_addr(k, paged, 1), va = detail::make_addr(v, paged, 1);
+  const int64_t k_sb = paged ? 0 : k.stride(0), v_sb = paged ? 0 : v.stride(0);
+  const scalar_t* kbase = k.data_ptr<scalar_t>();
+  const scalar_t* vbase = v.data_ptr<scalar_t>();
+  const scalar_t* qbase = q.data_ptr<scalar_t>();
+  const int64_t q_sb = q.stride(0), q_sh = q.stride(1);
+  // Partials per work item: for each of the G heads [m, l, acc(Dv)].
+  const int64_t part = n.g * (n.dv + 2);
+  std::vector<float> partials(static_cast<size_t>(n.b * n.hkv * n.split * part));
+  const int64_t items = n.b * n.hkv * n.split;
+
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(n.g * n.d), kbuf(n.d), vbuf(n.dv), logits(n.g * std::max<int64_t>(n.chunk, 1));
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t bh = it / n.split, s = it % n.split;
+      const int64_t bi = bh / n.hkv, h = bh % n.hkv;
+      const int64_t c = cnt[bh];
+      const int64_t j0 = std::min(s * n.chunk, c), j1 = std::min(j0 + n.chunk, c);
+      float* p = partials.data() + it * part;
+      float* m = p;               // [G]
+      float* l = p + n.g;         // [G]
+      float* acc = p + 2 * n.g;   // [G, Dv]
+      std::fill(p, p + part, 0.f);
+      for (int64_t i = 0; i < n.g; ++i) m[i] = -std::numeric_limits<float>::infinity();
+      if (j0 >= j1) continue;
+      for (int64_t i = 0; i < n.g; ++i) {
+        const scalar_t* qr = qbase + bi * q_sb + (h * n.g + i) * q_sh;
+        for (int64_t cc = 0; cc < n.d; ++cc) qf[i * n.d + cc] = static_cast<float>(qr[cc]) * scale;
+      }
+      ka.table = va.table = table ? table + bi * table_len : nullptr;
+      const index_t* ids = idx + bh * n.kmax;
+      const int64_t len = j1 - j0;
+      for (int64_t j = 0; j < len; ++j) {
+        const int64_t t = static_cast<int64_t>(ids[j0 + j]);
+        const float* kr = as_float(kbase + bi * k_sb + ka.offset(h, t), n.d, kbuf.data());
+        float dots[64];
+        // G <= 64 in every real model; larger groups go through logits directly, one head at a time.
+        if (n.g <= 64) {
+          dot_rows(qf.data(), n.g, n.d, kr, dots);
+          for (int64_t i = 0; i < n.g; ++i) logits[i * len + j] = dots[i];
+        } else {
+          for (int64_t i = 0; i < n.g; ++i) dot_rows(qf.data() + i * n.d, 1, n.d, kr, &logits[i * len + j]);
+        }
+      }
+      for (int64_t i = 0; i < n.g; ++i) {
+        float* li = logits.data() + i * len;
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j < len; ++j) mx = std::max(mx, li[j]);
+        float sum = 0.f;
+        for (int64_t j = 0; j < len; ++j) {
+          li[j] = std::exp(li[j] - mx);
+          sum += li[j];
+        }
+        m[i] = mx;
+        l[i] = sum;
+      }
+      for (int64_t j = 0; j < len; ++j) {
+        const int64_t t = static_cast<int64_t>(ids[j0 + j]);
+        const float* vr = as_float(vbase + bi * v_sb + va.offset(h, t), n.dv, vbuf.data());
+        axpy_rows(acc, n.g, n.dv, logits.data() + j, len, vr);
+      }
+    }
+  });
+
+  // Merge the splits of each (batch, query head) and write out in q's dtype.
+  scalar_t* obase = out.data_ptr<scalar_t>();
+  at::parallel_for(0, n.b * n.hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> res(n.dv);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t bi = bh / n.hkv, h = bh % n.hkv;
+      for (int64_t i = 0; i < n.g; ++i) {
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t s = 0; s < n.split; ++s) mx = std::max(mx, partials[(bh * n.split + s) * part + i]);
+        float sum = 0.f;
+        std::fill(res.begin(), res.end(), 0.f);
+        for (int64_t s = 0; s < n.split; ++s) {
+          const float* p = partials.data() + (bh * n.split + s) * part;
+          if (p[n.g + i] == 0.f) continue;  // empty split
+          const float w = std::exp(p[i] - mx);
+          sum += w * p[n.g + i];
+          const float* a = p + 2 * n.g + i * n.dv;
+          for (int64_t c = 0; c < n.dv; ++c) res[c] += w * a[c];
+        }
+        scalar_t* o = obase + (bi * n.hq + h * n.g + i) * n.dv;
+        const float inv = 1.f / sum;
+        for (int64_t c = 0; c < n.dv; ++c) o[c] = static_cast<scalar_t>(res[c] * inv);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor sparse_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& idx,
+                                const at::Tensor& count, const std::optional<at::Tensor>& block_table, double scale) {
+  using namespace detail;
+  check_cpu(q, "q");
+  check_cpu(k, "k");
+  check_cpu(v, "v");
+  check_cpu(idx, "idx");
+  check_cpu(count, "count");
+  check_dim(q, 3, "q", "[B, Hq, D] (one decode query per sequence)");
+  check_float_dtype(q, "q");
+  TORCH_CHECK_VALUE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "q, k and v must share one dtype, got q ", q.scalar_type(), ", k ", k.scalar_type(), ", v ",
+              v.scalar_type());
+  TORCH_CHECK_VALUE(k.dim() == 4 && v.dim() == 4, "k and v must both be dense [B, Hkv, T, D] or paged "
+              "[num_blocks, block_size, Hkv, D], got k ", shape_str(k), ", v ", shape_str(v));
+  const bool paged = block_table.has_value();
+  const int64_t b = q.size(0), hq = q.size(1), d = q.size(2);
+  const int64_t hkv = paged ? k.size(2) : k.size(1);
+  const int64_t dv = v.size(3);
+  TORCH_CHECK_VALUE(k.size(3) == d, "k head dim ", k.size(3), " differs from q head dim ", d);
+  TORCH_CHECK_VALUE(hkv > 0 && hq % hkv == 0, "q heads Hq=", hq, " must be a multiple of the KV heads Hkv=", hkv);
+  if (paged) {
+    TORCH_CHECK_VALUE(v.size(0) == k.size(0) && v.size(1) == k.size(1) && v.size(2) == hkv,
+                "paged v must be [num_blocks, block_size, Hkv, Dv] matching k ", shape_str(k), ", got ", shape_str(v));
+  } else {
+    TORCH_CHECK_VALUE(k.size(0) == b && v.size(0) == b && v.size(1) == hkv && v.size(2) == k.size(2),
+                "dense k, v must be [B, Hkv, T, D|Dv] with B=", b, ", got k ", shape_str(k), ", v ", shape_str(v));
+  }
+  check_last_dim_contiguous(q, "q");
+  check_last_dim_contiguous(k, "k");
+  check_last_dim_contiguous(v, "v");
+  check_dim(idx, 3, "idx", "[B, Hkv, K]");
+  check_index_dtype(idx, "idx");
+  check_contiguous(idx, "idx");
+  TORCH_CHECK_VALUE(idx.size(0) == b && idx.size(1) == hkv, "idx must be [B, Hkv, K] = [", b, ", ", hkv, ", K], got ",
+              shape_str(idx));
+  check_dim(count, 2, "count", "[B, Hkv]");
+  check_index_dtype(count, "count");
+  TORCH_CHECK_VALUE(count.size(0) == b && count.size(1) == hkv, "count must be [B, Hkv] = [", b, ", ", hkv, "], got ",
+              shape_str(count));
+  const int64_t kmax = idx.size(2);
+  const at::Tensor cnt = count.to(at::kLong).contiguous();
+  const int64_t* cp = cnt.data_ptr<int64_t>();
+  for (int64_t i = 0; i < b * hkv; ++i) {
+    TORCH_CHECK_VALUE(cp[i] >= 1 && cp[i] <= kmax, "count[", i / hkv, ", ", i % hkv, "] = ", cp[i],
+                " must be in [1, K] with K=", kmax, " (every query sees at least one token)");
+  }
+  const int32_t* table = nullptr;
+  int64_t table_len = 0;
+  if (paged) {
+    const at::Tensor& bt = *block_table;
+    check_cpu(bt, "block_table");
+    check_dim(bt, 2, "block_table", "[B, max_blocks]");
+    TORCH_CHECK_VALUE(bt.scalar_type() == at::kInt, "block_table must be int32, got ", bt.scalar_type());
+    check_contiguous(bt, "block_table");
+    TORCH_CHECK_VALUE(bt.size(0) == b, "block_table has ", bt.size(0), " rows but q has B=", b);
+    table = bt.data_ptr<int32_t>();
+    table_len = bt.size(1);
+  }
+  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, "scale must be a positive finite number, got ", scale);
+
+  auto out = at::empty({b, hq, dv}, q.options());
+  if (b == 0 || hq == 0) return out;
+  Dims n{b, hq, hkv, hq / hkv, d, dv, kmax, 1, kmax};
+  // Split the selected tokens when there are fewer (batch, head) items than 2x the threads, keeping
+  // at least 128 tokens per split so the merge stays cheap.
+  const int64_t threads = at::get_num_threads();
+  if (b * hkv < 2 * threads) {
+    n.split = std::max<int64_t>(1, std::min((2 * threads + b * hkv - 1) / (b * hkv), (kmax + 127) / 128));
+  }
+  n.chunk = (kmax + n.split - 1) / n.split;
+
+  AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "sparse_attention_cpu", [&] {
+    const index_t* ip = idx.data_ptr<index_t>();
+    for (int64_t bh = 0; bh < b * hkv; ++bh) {
+      check_token_ids(ip + bh * kmax, cp[bh], "idx", paged, paged ? 0 : k.size(2), paged ? k.size(0) : 0,
+                      paged ? k.size(1) : 1, table ? table + (bh / hkv) * table_len : nullptr, table_len,
+                      "block_table");
+    }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "sparse_attention_cpu", [&] {
+      run<scalar_t, index_t>(q, k, v, ip, cp, table, table_len, paged, n, static_cast<float>(scale), out);
+    });
+  });
+  return out;
+}
+
+}  // namespace kvcomp
