@@ -92,3 +92,52 @@ def test_import_kvcomp_ops_does_not_import_triton():
     code = ("import sys, kvcomp.ops.duo, kvcomp.ops.prefill, kvcomp.ops.cache_write; "
             "assert 'triton' not in sys.modules, 'triton imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_decode_step_traces_fullgraph():
+    """A decode step (paged write + ring write + duo decode) compiles with fullgraph=True (aot_eager:
+    dynamo + functionalization of the mutating ops through their fake impls) and matches eager."""
+    from kvcomp.ops.cache_write import triton_write_paged_kv, triton_write_streaming_kv
+    from kvcomp.ops.duo import triton_duo_decode_attention
+
+    q, kc, vc, bt, lens, ks, vs, hm = duo_args()[:8]
+
+    def step(q, knew, vnew, kc, vc, ks, vs, slots, qsl, lens):
+        triton_write_paged_kv(knew[:, :1], vnew[:, :1], kc, vc, slots)
+        triton_write_streaming_kv(knew[:, 1:], vnew[:, 1:], ks, vs, qsl, lens, sink=2)
+        return triton_duo_decode_attention(q, kc, vc, bt, lens, ks, vs, hm, sink=2, window=4, num_splits=1)
+
+    g = torch.Generator().manual_seed(3)
+    knew = torch.randn(1, 2, D, generator=g).to(dev())
+    vnew = torch.randn(1, 2, D, generator=g).to(dev())
+    slots = torch.tensor([8], device=dev())  # token 8 -> block 1, offset 0
+    qsl = torch.tensor([0, 1], dtype=torch.int32, device=dev())
+    caches = [kc, vc, ks, vs]
+    eager_caches = [c.clone() for c in caches]
+    want = step(q, knew, vnew, *eager_caches, slots, qsl, lens)
+    got = torch.compile(step, backend="aot_eager", fullgraph=True)(q, knew, vnew, *caches, slots, qsl, lens)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(caches, eager_caches):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.gpu
+def test_duo_decode_cuda_graph_replay():
+    """The decode op launches without host syncs, so it can be captured and replayed in a CUDA graph."""
+    from kvcomp.ops.duo import triton_duo_decode_attention
+
+    q, kc, vc, bt, lens, ks, vs, hm = duo_args()[:8]
+    run = lambda: triton_duo_decode_attention(q, kc, vc, bt, lens, ks, vs, hm, sink=2, window=4)  # noqa: E731
+    want = run()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        run()  # warm-up compiles outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    torch.testing.assert_close(out, run())
+    assert not torch.equal(out, want)
