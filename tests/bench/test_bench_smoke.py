@@ -72,3 +72,38 @@ def test_peak_bandwidth_table():
     assert peak_gbps("NVIDIA H100 PCIe") == 2000.0
     assert peak_gbps("NVIDIA A100-SXM4-80GB") == 2039.0
     assert peak_gbps("Some Future GPU") is None
+
+
+def test_timing_row_assembly_with_a_fake_timer(monkeypatch):
+    """The CUDA timing path builds its rows (check, bytes, GB/s, % peak, baselines, speedups); the timer
+    and the memory guard are replaced so it runs on the CPU."""
+    import argparse
+    import dataclasses
+
+    sys.path.insert(0, str(ROOT))
+    try:
+        from bench import run as runner
+        from bench.registry import REGISTRY
+    finally:
+        sys.path.remove(str(ROOT))
+    times = iter([2.0, 4.0])
+    monkeypatch.setattr(runner, "_time", lambda fn, w, r: (fn(), {"median_ms": next(times), "p20_ms": 1.0,
+                                                                  "p80_ms": 3.0})[1])
+    monkeypatch.setattr(runner, "_fits", lambda p, f: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    bench = REGISTRY["streaming_prefill"]
+    bench = dataclasses.replace(bench, baselines={"sdpa_flash": bench.baselines["sdpa_flash"],
+                                                  "flash_attn": bench.baselines["flash_attn"]})
+    args = argparse.Namespace(check=True, check_max_context=1000, warmup=1, rep=1, no_baselines=False, mem_frac=0.5)
+    problem = runner._problem(bench, bench.smoke, device="cuda" if torch.cuda.is_available() else "cpu")
+    row = runner.bench_case(bench, problem, args, peak=1000.0)
+    assert row["check"]["ok"]
+    assert row["median_ms"] == 2.0 and row["bytes"] == bench.nbytes(problem)
+    assert abs(row["gbps"] - row["bytes"] / 2e-3 / 1e9) < 1e-12
+    assert abs(row["pct_peak_bw"] - row["gbps"] / 10.0) < 1e-12
+    assert row["speedup"]["sdpa_flash"] == 2.0
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        assert "unavailable" in row["baselines"]["flash_attn"]
+    assert "skipped" not in runner._fmt(row)
