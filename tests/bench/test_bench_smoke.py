@@ -86,7 +86,7 @@ def test_timing_row_assembly_with_a_fake_timer(monkeypatch):
         from bench.registry import REGISTRY
     finally:
         sys.path.remove(str(ROOT))
-    times = iter([2.0, 4.0])
+    times = iter([2.0, 4.0, 8.0])
     monkeypatch.setattr(runner, "_time", lambda fn, w, r: (fn(), {"median_ms": next(times), "p20_ms": 1.0,
                                                                   "p80_ms": 3.0})[1])
     monkeypatch.setattr(runner, "_fits", lambda p, f: None)
