@@ -62,7 +62,7 @@ def _streaming_prefill_kernel(
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // HQ).to(tl.int64)
-    h = pid_bh % HQ
+    h = (pid_bh % HQ).to(tl.int64)
     kvh = (h // G).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
