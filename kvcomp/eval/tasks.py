@@ -28,6 +28,7 @@ followed by the prefix. Tokenize ``prompt`` with ``add_special_tokens=sample.add
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 import string
@@ -141,12 +142,18 @@ class _Plan:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+@functools.lru_cache(maxsize=None)
+def _forbidden_text(haystack: str) -> str:
+    """Lower-cased haystack source plus the fixed template words: drawn values must avoid both."""
+    return corpus_text(haystack).lower() + "\n" + _FIXED_TEXT
+
+
 class _Draw:
     """Random draws that never repeat a value and never hit text of the haystack source."""
 
     def __init__(self, rng: random.Random, haystack: str):
         self.rng = rng
-        self.corpus = corpus_text(haystack).lower() + "\n" + _FIXED_TEXT
+        self.corpus = _forbidden_text(haystack)
         self.used: set[str] = set()
 
     def _fresh(self, make: Callable[[], str]) -> str:
