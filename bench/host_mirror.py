@@ -41,8 +41,8 @@ def machine() -> dict:
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        "loadavg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "cpu": platform.processor() or platform.machine(),
         "platform": platform.platform(),
         "commit": commit + ("+dirty" if dirty else ""),
@@ -52,16 +52,21 @@ def machine() -> dict:
 
 
 def bench(fn, reps: int, warmup: int = 3) -> dict:
+    """Median / p20 / p80 wall time in ms, plus the median process CPU time (all threads) in ms.
+
+    On a shared, oversubscribed machine wall time includes waiting for a core; CPU time does not.
+    """
     for _ in range(warmup):
         fn()
-    times = []
+    wall, cpu = [], []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    t = torch.tensor(times)
-    q = torch.quantile(t, torch.tensor([0.5, 0.2, 0.8])).tolist()
-    return {"ms": round(q[0], 4), "p20": round(q[1], 4), "p80": round(q[2], 4)}
+        wall.append((time.perf_counter() - t0) * 1e3)
+        cpu.append((time.process_time() - c0) * 1e3)
+    q = torch.quantile(torch.tensor(wall), torch.tensor([0.5, 0.2, 0.8])).tolist()
+    return {"ms": round(q[0], 4), "p20": round(q[1], 4), "p80": round(q[2], 4),
+            "cpu_ms": round(float(torch.tensor(cpu).median()), 4)}
 
 
 def main() -> None:
@@ -73,6 +78,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=1024)
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--threads", type=int, nargs="+", default=sorted({1, torch.get_num_threads()}),
+                    help="torch intra-op thread counts to run (default: 1 and all)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "host-mirror-cpu.json")
     args = ap.parse_args()
     t, hkv, d, k, bs = args.tokens, args.kv_heads, args.head_dim, args.k, args.block_size
@@ -105,24 +112,28 @@ def main() -> None:
                                        attn_bytes),
         }
         out_g = torch.empty(hkv, k, d, dtype=dtype)
-        for name, (fn, nbytes) in cases.items():
-            row = {"case": name, "dtype": str(dtype).replace("torch.", ""), "tokens": t, "kv_heads": hkv,
-                   "q_heads": hkv * args.group, "head_dim": d, "k": k, "block_size": bs if "paged" in name else None}
+        for threads, (name, (fn, nbytes)) in ((th, c) for th in args.threads for c in cases.items()):
+            torch.set_num_threads(threads)
+            row = {"case": name, "dtype": str(dtype).replace("torch.", ""), "threads": threads, "tokens": t,
+                   "kv_heads": hkv, "q_heads": hkv * args.group, "head_dim": d, "k": k,
+                   "block_size": bs if "paged" in name else None}
             base = None
             for impl in impls:
                 r = bench(lambda: fn(impl), args.reps)
                 r["GB/s"] = round(nbytes / (r["ms"] * 1e-3) / 1e9, 2)
-                base = base or r["ms"]
-                r["speedup_vs_torch"] = round(base / r["ms"], 2)
+                base = base or r
+                r["speedup_vs_torch"] = round(base["ms"] / r["ms"], 2)
+                r["cpu_speedup_vs_torch"] = round(base["cpu_ms"] / max(r["cpu_ms"], 1e-6), 2)
                 row[impl] = r
             if "native" in impls:
                 a, b = fn("torch"), fn("native")
                 row["max_abs_diff"] = float((a.float() - b.float()).abs().max())
             results.append(row)
-            print(f"{name:24s} {row['dtype']:9s} " + "  ".join(
-                f"{impl}: {row[impl]['ms']:8.3f} ms ({row[impl]['GB/s']:6.2f} GB/s, x{row[impl]['speedup_vs_torch']})"
-                for impl in impls), flush=True)
+            print(f"{name:24s} {row['dtype']:9s} thr={threads} " + "  ".join(
+                f"{impl}: {row[impl]['ms']:8.3f} ms (cpu {row[impl]['cpu_ms']:8.3f}, {row[impl]['GB/s']:6.2f} GB/s, "
+                f"x{row[impl]['speedup_vs_torch']})" for impl in impls), flush=True)
     info = machine()
+    info["threads_default"] = max(args.threads)
     print("machine:", json.dumps(info))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": info, "config": vars(args) | {"out": str(args.out)},

@@ -9,48 +9,67 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <limits>
 #include <vector>
 
 #include "checks.h"
 #include "kvcomp/host_mirror.h"
 
-// Hot loops get an AVX2+FMA clone picked at load time (ifunc) next to the portable default, so one
-// binary is fast on AVX2 machines and still runs anywhere. `omp simd` lets the reductions vectorise
-// without -ffast-math.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define KVCOMP_CLONES __attribute__((target_clones("arch=haswell", "default")))
-#else
-#define KVCOMP_CLONES
-#endif
-
 namespace kvcomp {
 namespace {
 
-KVCOMP_CLONES void dot_rows(const float* q, int64_t g, int64_t d, const float* k, float* out) {
-  for (int64_t i = 0; i < g; ++i) {
-    const float* qi = q + i * d;
-    float s = 0.f;
-#pragma omp simd reduction(+ : s)
-    for (int64_t c = 0; c < d; ++c) s += qi[c] * k[c];
-    out[i] = s;
-  }
+#if defined(__x86_64__) && defined(__GNUC__)
+#define KVCOMP_X86_DISPATCH 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#include "attention_kernels.inc"
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
+namespace generic {
+#include "attention_kernels.inc"
+}  // namespace generic
+
+// The inner loops for this CPU: AVX2+FMA when it has them, else the portable build.
+struct Kernels {
+  void (*dot_rows)(const float*, int64_t, int64_t, const float*, float*);
+  void (*axpy_rows)(float*, int64_t, int64_t, const float*, int64_t, const float*);
+  void (*bf16_to_float)(const uint16_t*, int64_t, float*);
+};
+
+const Kernels& kernels() {
+  static const Kernels k = [] {
+#ifdef KVCOMP_X86_DISPATCH
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+      return Kernels{avx2::dot_rows, avx2::axpy_rows, avx2::bf16_to_float};
+    }
+#endif
+    return Kernels{generic::dot_rows, generic::axpy_rows, generic::bf16_to_float};
+  }();
+  return k;
 }
 
-KVCOMP_CLONES void axpy_rows(float* acc, int64_t g, int64_t d, const float* w, int64_t w_stride, const float* v) {
-  for (int64_t i = 0; i < g; ++i) {
-    float* ai = acc + i * d;
-    const float wi = w[i * w_stride];
-#pragma omp simd
-    for (int64_t c = 0; c < d; ++c) ai[c] += wi * v[c];
-  }
+// Selected rows are scattered over the mirror, so the hardware prefetcher cannot guess the next one:
+// ask for the rows kPrefetch positions ahead while the current one is being used.
+constexpr int64_t kPrefetch = 4;
+inline void prefetch_row(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 1);
 }
 
 // Pointer to an fp32 view of one row: the row itself for fp32, else converted into `buf`.
 template <typename scalar_t>
-inline const float* as_float(const scalar_t* row, int64_t n, float* buf) {
+inline const float* as_float(const scalar_t* row, int64_t n, float* buf, const Kernels& kn) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     return row;
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    kn.bf16_to_float(reinterpret_cast<const uint16_t*>(row), n, buf);
+    return buf;
   } else {
     for (int64_t c = 0; c < n; ++c) buf[c] = static_cast<float>(row[c]);
     return buf;
@@ -75,6 +94,7 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const in
   const int64_t part = n.g * (n.dv + 2);
   std::vector<float> partials(static_cast<size_t>(n.b * n.hkv * n.split * part));
   const int64_t items = n.b * n.hkv * n.split;
+  const Kernels& kn = kernels();
 
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(n.g * n.d), kbuf(n.d), vbuf(n.dv), logits(n.g * std::max<int64_t>(n.chunk, 1));
@@ -98,15 +118,19 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const in
       const index_t* ids = idx + bh * n.kmax;
       const int64_t len = j1 - j0;
       for (int64_t j = 0; j < len; ++j) {
+        if (j + kPrefetch < len) {
+          prefetch_row(kbase + bi * k_sb + ka.offset(h, static_cast<int64_t>(ids[j0 + j + kPrefetch])),
+                       n.d * static_cast<int64_t>(sizeof(scalar_t)));
+        }
         const int64_t t = static_cast<int64_t>(ids[j0 + j]);
-        const float* kr = as_float(kbase + bi * k_sb + ka.offset(h, t), n.d, kbuf.data());
+        const float* kr = as_float(kbase + bi * k_sb + ka.offset(h, t), n.d, kbuf.data(), kn);
         float dots[64];
         // G <= 64 in every real model; larger groups go through logits directly, one head at a time.
         if (n.g <= 64) {
-          dot_rows(qf.data(), n.g, n.d, kr, dots);
+          kn.dot_rows(qf.data(), n.g, n.d, kr, dots);
           for (int64_t i = 0; i < n.g; ++i) logits[i * len + j] = dots[i];
         } else {
-          for (int64_t i = 0; i < n.g; ++i) dot_rows(qf.data() + i * n.d, 1, n.d, kr, &logits[i * len + j]);
+          for (int64_t i = 0; i < n.g; ++i) kn.dot_rows(qf.data() + i * n.d, 1, n.d, kr, &logits[i * len + j]);
         }
       }
       for (int64_t i = 0; i < n.g; ++i) {
@@ -122,9 +146,13 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const in
         l[i] = sum;
       }
       for (int64_t j = 0; j < len; ++j) {
+        if (j + kPrefetch < len) {
+          prefetch_row(vbase + bi * v_sb + va.offset(h, static_cast<int64_t>(ids[j0 + j + kPrefetch])),
+                       n.dv * static_cast<int64_t>(sizeof(scalar_t)));
+        }
         const int64_t t = static_cast<int64_t>(ids[j0 + j]);
-        const float* vr = as_float(vbase + bi * v_sb + va.offset(h, t), n.dv, vbuf.data());
-        axpy_rows(acc, n.g, n.dv, logits.data() + j, len, vr);
+        const float* vr = as_float(vbase + bi * v_sb + va.offset(h, t), n.dv, vbuf.data(), kn);
+        kn.axpy_rows(acc, n.g, n.dv, logits.data() + j, len, vr);
       }
     }
   });
