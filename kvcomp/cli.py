@@ -1,0 +1,200 @@
+"""``kvcomp`` command line: demo, eval, calibrate, info."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+DEFAULT_METHODS = "full,duo,think,vq,all"
+
+
+def _add_method_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="registry name or local HF folder")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--methods", default=DEFAULT_METHODS,
+                   help="comma-separated: full, all, or '+'-joined subsets of duo, think, vq")
+    p.add_argument("--sparsity", type=float, default=0.5, help="DuoAttention: fraction of streaming KV heads")
+    p.add_argument("--sink", type=int, default=64, help="DuoAttention sink tokens")
+    p.add_argument("--recent", type=int, default=256, help="DuoAttention recent window")
+    p.add_argument("--prune-ratio", type=float, default=0.4, help="ThinK: fraction of key channels pruned")
+    p.add_argument("--topk", type=float, default=0.02, help="VQ: top-K per query head (fraction < 1, or count)")
+    p.add_argument("--n-codes", type=int, default=1024, help="VQ codebook size")
+    p.add_argument("--duo-pattern", default=None, help="duo-attention full_attention_heads.tsv (or its folder)")
+    p.add_argument("--codebooks", default=None, help="VQ codebooks .safetensors (default: calibrate on first use)")
+
+
+def _options(a):
+    from .methods import MethodOptions
+
+    return MethodOptions(sparsity=a.sparsity, sink=a.sink, recent=a.recent, prune_ratio=a.prune_ratio,
+                         topk=a.topk, n_codes=a.n_codes, duo_pattern=a.duo_pattern, codebooks=a.codebooks)
+
+
+def _setup(a):
+    import torch
+
+    from .methods import build_method, parse_method
+    from .models import load_model
+
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    for m in methods:
+        parse_method(m)  # fail on a bad name before loading anything
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    t0 = time.perf_counter()
+    model, tok = load_model(a.model, device=device)
+    print(f"[kvcomp] loaded {a.model} on {device} in {time.perf_counter() - t0:.1f} s")
+    opts = _options(a)
+    configs = {m: build_method(m, model, tok, a.model, opts) for m in methods}
+    return model, tok, configs
+
+
+def cmd_demo(a) -> int:
+    from .eval.score import string_match_all
+    from .eval.tasks import make_sample
+    from .hf.generate import generate, sample_input_ids
+
+    model, tok, configs = _setup(a)
+    s = make_sample("niah_single", tok, a.context, haystack="prose", seed=a.seed, chat=True)
+    ids = sample_input_ids(tok, s)
+    print(f"[kvcomp] prompt: {ids.shape[1]} tokens of Python-docs prose hiding one fact "
+          f"(needle at {s.depth:.0f}% depth): {s.needles[0]!r}")
+    print(f"[kvcomp] question: {s.query!r}  expected: {s.answers}")
+    full_bpt = None
+    rows = []
+    for name, cfg in configs.items():
+        r = generate(model, tok, ids, cfg, max_new_tokens=s.max_new_tokens)
+        bpt = r.device_bytes_per_token
+        full_bpt = bpt if name == "full" else full_bpt
+        rel = f"{100 * bpt / full_bpt:5.1f}%" if full_bpt else "  n/a"
+        ok = "OK " if string_match_all(r.text, s.answers) == 1.0 else "MISS"
+        desc = cfg.describe() if cfg is not None else "stock cache"
+        print(f"{name:>12} | {ok} | answer {r.text.strip()[:40]!r:44} | KV {bpt:8.0f} B/token on device ({rel} of full)"
+              f", {r.host_bytes_per_token:7.0f} B/token offloaded | {r.seconds:5.1f} s | {desc}")
+        rows.append({"method": name, "answer": r.text, **r.stats()})
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from .eval.runner import build_samples, evaluate_samples, summarize
+    from .hf.generate import make_generate
+
+    model, tok, configs = _setup(a)
+    tasks = [t for t in a.tasks.split(",") if t]
+    lens = [int(x) for x in a.context_lens.split(",") if x]
+    samples = build_samples(tok, tasks=tasks, context_lens=lens, n_trials=a.trials,
+                            haystacks=[h for h in a.haystacks.split(",") if h], seed=a.seed, chat=True)
+    print(f"[kvcomp] {len(samples)} samples x {len(configs)} methods")
+    records = []
+    for name, cfg in configs.items():
+        records += evaluate_samples(make_generate(model, tok, cfg), samples, method_name=name)
+    summary = summarize(records)
+    full = {r["context_len"]: r for r in summary if r["method"] == "full"}
+    for r in summary:
+        f = full.get(r["context_len"])
+        if f is not None:
+            r["full_accuracy"] = f["accuracy"]
+            r["full_kv_bytes_per_token"] = f["kv_bytes_per_token"]
+            r["accuracy_retained"] = r["accuracy"] / f["accuracy"] if f["accuracy"] else None
+            r["bytes_fraction"] = r["kv_bytes_per_token"] / f["kv_bytes_per_token"]
+        r["config"] = configs[r["method"]].to_dict() if configs.get(r["method"]) is not None else {"policy": "stock"}
+        print(json.dumps({k: r.get(k) for k in ("method", "context_len", "accuracy", "full_accuracy",
+                                                 "kv_bytes_per_token", "bytes_fraction", "n_trials")}))
+    meta = {"model": a.model, "tasks": tasks, "haystacks": a.haystacks, "trials": a.trials, "seed": a.seed,
+            "command": " ".join(sys.argv)}
+    from .eval.runner import _jsonable
+    from .utils.machine import git_commit, machine_info
+
+    obj = {"machine": machine_info(), "commit": git_commit(), "meta": meta, "records": summary}
+    if a.keep_samples:
+        obj["samples"] = records
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(obj, f, indent=1, default=_jsonable)
+    print(f"[kvcomp] wrote {a.out}")
+    if a.plot:
+        from .eval.plot import plot_accuracy_vs_kv
+
+        plot_accuracy_vs_kv(summary, a.plot, title=f"{a.model}: accuracy vs allocated KV bytes/token")
+        print(f"[kvcomp] wrote {a.plot}")
+    return 0
+
+
+def cmd_calibrate(a) -> int:
+    if a.what == "duo":
+        from .calibrate.duo import run_duo
+
+        run_duo(a)
+    else:
+        from .calibrate.vq import run_vq
+
+        run_vq(a)
+    return 0
+
+
+def cmd_info(a) -> int:
+    import torch
+
+    from . import __version__
+    from ._ext import has_ext
+
+    try:
+        import triton
+
+        tv = triton.__version__
+    except ImportError:
+        tv = None
+    print(json.dumps({"kvcomp": __version__, "torch": torch.__version__, "triton": tv,
+                      "cuda": torch.cuda.is_available(), "native_extension": has_ext()}, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvcomp", description="KV-cache compression with real memory savings")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    d = sub.add_parser("demo", help="answer a hidden-fact question over long prose with each method")
+    _add_method_args(d)
+    d.add_argument("--context", type=int, default=2048, help="prompt length in tokens")
+    d.add_argument("--seed", type=int, default=1)
+    d.add_argument("--json", default=None, help="also write the rows as JSON")
+    d.set_defaults(fn=cmd_demo)
+
+    e = sub.add_parser("eval", help="RULER-style offline quality harness")
+    _add_method_args(e)
+    e.add_argument("--tasks", default="passkey,niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt")
+    e.add_argument("--haystacks", default="prose", help="comma-separated: noise, prose")
+    e.add_argument("--context-lens", default="2048,4096")
+    e.add_argument("--trials", type=int, default=4)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--out", default="quality.json")
+    e.add_argument("--plot", default=None, help="PNG of accuracy vs KV bytes/token")
+    e.add_argument("--keep-samples", action="store_true", help="store every sample's prediction in the JSON")
+    e.set_defaults(fn=cmd_eval)
+
+    c = sub.add_parser("calibrate", help="calibrate DuoAttention gates or VQ codebooks")
+    csub = c.add_subparsers(dest="what", required=True)
+    from .calibrate.duo import add_duo_args
+    from .calibrate.vq import add_vq_args
+
+    add_duo_args(csub.add_parser("duo", help="optimise one gate per KV head on multi-passkey data"))
+    add_vq_args(csub.add_parser("vq", help="fit windowed-RoPE query-aware VQ codebooks"))
+    c.set_defaults(fn=cmd_calibrate)
+
+    i = sub.add_parser("info", help="versions and build features")
+    i.set_defaults(fn=cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

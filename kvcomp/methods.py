@@ -1,0 +1,124 @@
+"""Named methods (``full``, ``duo``, ``think``, ``vq`` and ``+``-joined combinations) for a model.
+
+A method name is ``full`` or any ``+``-joined subset of ``duo``, ``think``, ``vq`` (``all`` is
+``duo+think+vq``). Calibrated artifacts are found here:
+
+* DuoAttention pattern: ``--duo-pattern`` (a duo-attention ``full_attention_heads.tsv`` or its
+  folder) or the pattern shipped in ``kvcomp/patterns_data/<model>/``;
+* VQ codebooks: ``--codebooks`` or ``$KVCOMP_CACHE/vq_codebooks/<model>-c<C>.safetensors``,
+  calibrated on first use (minutes on CPU for SmolLM2) when missing.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .config import CompressionConfig, DuoAttention, ThinK, VQRetrieval
+
+COMPONENTS = ("duo", "think", "vq")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclass
+class MethodOptions:
+    """Knobs of the named methods (defaults: the issue's targets)."""
+
+    sparsity: float = 0.5          # DuoAttention: fraction of streaming KV heads
+    sink: int = 64                 # DuoAttention streaming sink tokens
+    recent: int = 256              # DuoAttention streaming recent window
+    prune_ratio: float = 0.4       # ThinK: fraction of key channels pruned
+    think_window: int = 32         # ThinK: observation window / full-width recent keys
+    topk: float = 0.02             # VQ: per-query-head top-K (fraction or count)
+    vq_sink: int = 8
+    vq_local: int = 64
+    n_codes: int = 1024
+    duo_pattern: str | None = None
+    codebooks: str | None = None
+
+
+def parse_method(name: str) -> tuple[str, ...]:
+    """``"duo+vq"`` -> ``("duo", "vq")``; ``"full"`` -> ``()``; raises on unknown parts."""
+    name = name.strip().lower()
+    if name == "full":
+        return ()
+    if name == "all":
+        return COMPONENTS
+    parts = tuple(p.strip() for p in name.split("+"))
+    bad = [p for p in parts if p not in COMPONENTS]
+    if bad or not parts or len(set(parts)) != len(parts):
+        raise ValueError(f"method {name!r}: use 'full', 'all' or a '+'-joined subset of {COMPONENTS}")
+    return tuple(p for p in COMPONENTS if p in parts)
+
+
+def model_key(model_name: str) -> str:
+    from .models import _canonical
+
+    return os.path.basename(os.path.normpath(model_name)) if os.path.isdir(model_name) else _canonical(model_name)
+
+
+def shipped_pattern(model_name: str) -> str | None:
+    p = os.path.join(_HERE, "patterns_data", model_key(model_name), "full_attention_heads.tsv")
+    return p if os.path.exists(p) else None
+
+
+def duo_pattern_path(model_name: str, opts: MethodOptions) -> str:
+    p = opts.duo_pattern
+    if p is not None:
+        if os.path.isdir(p):
+            p = os.path.join(p, "full_attention_heads.tsv")
+        if not os.path.exists(p):
+            raise FileNotFoundError(f"duo pattern {p} not found")
+        return p
+    p = shipped_pattern(model_name)
+    if p is None:
+        raise FileNotFoundError(f"no DuoAttention pattern ships for {model_name!r}: run `kvcomp calibrate duo "
+                                f"--model {model_name}` and pass --duo-pattern")
+    return p
+
+
+def codebook_path(model_name: str, n_codes: int) -> str:
+    from .models import cache_root
+
+    return os.path.join(cache_root(), "vq_codebooks", f"{model_key(model_name)}-c{n_codes}.safetensors")
+
+
+def ensure_codebooks(model, tokenizer, model_name: str, opts: MethodOptions, *, progress: bool = True) -> str:
+    """Path of the VQ codebooks, calibrating and caching them on first use."""
+    if opts.codebooks is not None:
+        if not os.path.exists(opts.codebooks):
+            raise FileNotFoundError(f"codebooks {opts.codebooks} not found")
+        return opts.codebooks
+    path = codebook_path(model_name, opts.n_codes)
+    if os.path.exists(path):
+        return path
+    from .calibrate.data import make_text_samples
+    from .calibrate.vq import calibrate_codebooks, save_codebooks
+
+    print(f"[kvcomp] calibrating VQ codebooks ({opts.n_codes} codes) for {model_name}: first use only -> {path}")
+    samples = make_text_samples(tokenizer, 8192, sample_len=2048, uuid_fraction=0.2, seed=0)
+    res = calibrate_codebooks(model, samples, n_codes=opts.n_codes, iters=25, rel_pos=2048, seed=0, progress=progress)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp.safetensors"
+    save_codebooks(tmp, res["codebook"], res["whiten"], rel_pos=2048, model=model_name, tokens=res["tokens"])
+    os.replace(tmp, path)
+    return path
+
+
+def build_method(name: str, model, tokenizer, model_name: str, opts: MethodOptions | None = None,
+                 *, progress: bool = True) -> CompressionConfig | None:
+    """The :class:`CompressionConfig` of a named method (None for ``full``: stock cache)."""
+    opts = opts or MethodOptions()
+    parts = parse_method(name)
+    if not parts:
+        return None
+    kw = {}
+    if "duo" in parts:
+        kw["duo"] = DuoAttention.from_tsv(duo_pattern_path(model_name, opts), sparsity=opts.sparsity,
+                                          sink=opts.sink, recent=opts.recent)
+    if "think" in parts:
+        kw["think"] = ThinK(prune_ratio=opts.prune_ratio, window=opts.think_window)
+    if "vq" in parts:
+        kw["vq"] = VQRetrieval.from_file(ensure_codebooks(model, tokenizer, model_name, opts, progress=progress),
+                                         topk=opts.topk, sink=opts.vq_sink, local=opts.vq_local)
+    return CompressionConfig.for_model(model, **kw)

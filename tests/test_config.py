@@ -1,0 +1,92 @@
+import pytest
+import torch
+
+from kvcomp.config import CompressionConfig, ConfigError, DuoAttention, ThinK, VQRetrieval
+from kvcomp.patterns import read_pattern_tsv, threshold_pattern, write_pattern_tsv
+
+L, H, D = 3, 4, 16
+
+
+def _vq(**kw):
+    g = torch.Generator().manual_seed(0)
+    return VQRetrieval(codebook=torch.randn(L, H, 8, D, generator=g), whiten=torch.eye(D).expand(L, H, D, D).clone(), **kw)
+
+
+def test_duo_attention_tsv_format_loads(tmp_path):
+    # duo-attention's published files: one row per layer, tab-separated gates, tiny negatives
+    p = tmp_path / "full_attention_heads.tsv"
+    p.write_text("1.0\t-1.2e-07\t0.5\t0.25\n0.9\t0.1\t0.0\t0.7\n0.3\t0.8\t0.6\t0.05\n")
+    a = read_pattern_tsv(p)
+    assert a.shape == (L, H) and a.min() == 0.0
+    duo = DuoAttention.from_tsv(p, sparsity=0.5)
+    assert int(duo.pattern.sum()) == 6
+    # the lowest gates stream
+    assert duo.pattern[0, 1] and duo.pattern[1, 2] and not duo.pattern[0, 0] and not duo.pattern[1, 0]
+    cfg = CompressionConfig(L, H, D, duo=duo)
+    assert sum(r.count("streaming") for r in cfg.kinds) == 6
+
+
+def test_pattern_roundtrip_and_threshold(tmp_path):
+    a = torch.rand(5, 7)
+    write_pattern_tsv(tmp_path / "x.tsv", a)
+    assert torch.allclose(read_pattern_tsv(tmp_path / "x.tsv"), a)
+    for s in (0.0, 0.25, 0.5, 1.0):
+        assert int(threshold_pattern(a, s).sum()) == round(s * 35)
+    tied = torch.ones(4, 4)
+    assert int(threshold_pattern(tied, 0.5).sum()) == 8
+
+
+def test_policy_grid_composes_per_head():
+    pat = torch.zeros(L, H, dtype=torch.bool)
+    pat[:, 0] = True
+    vq_heads = torch.zeros(L, H, dtype=torch.bool)
+    vq_heads[:, 1] = True
+    think_heads = torch.zeros(L, H, dtype=torch.bool)
+    think_heads[:, 1:3] = True
+    cfg = CompressionConfig(L, H, D, duo=DuoAttention(pattern=pat), think=ThinK(heads=think_heads, window=8),
+                            vq=_vq(heads=vq_heads))
+    assert cfg.policy(0, 0).kind == "streaming"
+    assert cfg.policy(0, 1).kind == "vq" and cfg.policy(0, 1).prune_keys
+    assert cfg.policy(0, 2).kind == "full" and cfg.policy(0, 2).prune_keys
+    assert cfg.policy(0, 3).kind == "full" and not cfg.policy(0, 3).prune_keys
+    assert cfg.layer_groups(1) == {"full": [3], "think": [2], "streaming": [0], "vq": [], "vq_think": [1]}
+
+
+@pytest.mark.parametrize("make,field", [
+    (lambda: CompressionConfig(L, H, D, duo=DuoAttention(pattern=torch.zeros(L, H + 1, dtype=torch.bool))), "duo.pattern"),
+    (lambda: CompressionConfig(L, H, D, duo=DuoAttention(pattern=torch.zeros(L, H))), "duo.pattern"),
+    (lambda: CompressionConfig(L, H, D, think=ThinK(prune_ratio=1.0)), "think.prune_ratio"),
+    (lambda: CompressionConfig(L, H, D, think=ThinK(prune_ratio=-0.1)), "think.prune_ratio"),
+    (lambda: CompressionConfig(L, H, 15), "head_dim"),
+    (lambda: CompressionConfig(L, H, 512), "head_dim"),
+    (lambda: CompressionConfig(L, H, D, num_q_heads=6), "num_q_heads"),
+    (lambda: CompressionConfig(L, H, D, vq=VQRetrieval(codebook=torch.zeros(L, H, 8, D + 2), whiten=torch.zeros(L, H, D, D))), "vq.codebook"),
+    (lambda: CompressionConfig(L, H, D, vq=_vq(topk=1.5)), "vq.topk"),
+    (lambda: CompressionConfig(L, H, D, think=ThinK(channels=torch.zeros(L, H, 3, dtype=torch.long))), "think.channels"),
+    (lambda: CompressionConfig(L, H, D, duo=DuoAttention(pattern=torch.ones(L, H, dtype=torch.bool)),
+                               think=ThinK(heads=torch.ones(L, H, dtype=torch.bool))), "think.heads"),
+    (lambda: CompressionConfig(L, H, D, think=ThinK(window=64), vq=_vq(local=16)), "vq.local"),
+])
+def test_bad_configs_name_the_field(make, field):
+    with pytest.raises(ConfigError) as e:
+        make()
+    assert e.value.field == field
+    assert str(e.value).startswith(field)
+
+
+def test_save_load_roundtrip(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    alphas = torch.rand(L, H, generator=g)
+    kd = D - int(0.4 * D)
+    ch = torch.stack([torch.randperm(D, generator=g)[:kd].sort().values for _ in range(L * H)]).view(L, H, kd)
+    cfg = CompressionConfig(L, H, D, num_q_heads=8, duo=DuoAttention.from_alphas(alphas, 0.25, sink=4, recent=16),
+                            think=ThinK(prune_ratio=0.4, window=8, channels=ch), vq=_vq(topk=5, local=8))
+    cfg.save(tmp_path / "c")
+    back = CompressionConfig.load(tmp_path / "c")
+    assert torch.equal(back.duo.pattern, cfg.duo.pattern) and back.duo.sink == 4 and back.duo.recent == 16
+    assert torch.allclose(back.duo.alphas, alphas)
+    assert torch.equal(back.think.channels, ch) and back.think.window == 8
+    assert torch.equal(back.vq.codebook, cfg.vq.codebook) and torch.equal(back.vq.whiten, cfg.vq.whiten)
+    assert back.vq.topk == 5 and back.kinds == cfg.kinds and torch.equal(back.prune, cfg.prune)
+    with pytest.raises(ConfigError):
+        CompressionConfig.load(tmp_path / "missing")
