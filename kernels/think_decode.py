@@ -159,7 +159,7 @@ def triton_think_decode(q: torch.Tensor, kp_cache: torch.Tensor, chan_idx: torch
         block_table: ``[B, max_blocks]`` int32/int64; seq_lens: ``[B]`` (>= 1) tokens incl. the new one.
         scale: default ``1/sqrt(D)``.
         tokens_per_split: pruned tokens per split-K part (default: sized to fill the GPU).
-        block_n: key tile (default 64; 16 under the interpreter).
+        block_n: key tile (default 64, 32 for fp32; 16 under the interpreter).
     Returns:
         ``[B, Hq, Dv]`` in ``q.dtype``.
     """
@@ -170,7 +170,9 @@ def triton_think_decode(q: torch.Tensor, kp_cache: torch.Tensor, chan_idx: torch
     dv = v_cache.shape[3]
     g = hq // hkv
     sc = 1.0 / d ** 0.5 if scale is None else float(scale)
-    bn = block_n or (16 if C.interpreting() else 64)
+    interp = C.interpreting()
+    # sm_90, D=128: 64-key tiles x 8 warps (fp32: 32) compile without register spills
+    bn = block_n or (16 if interp else (32 if q.dtype == torch.float32 else 64))
     cap = block_table.shape[1] * bs
     if tokens_per_split is None:
         nsplit, per = pick_splits(b * hkv, cap, q.device, bn)
@@ -187,7 +189,7 @@ def triton_think_decode(q: torch.Tensor, kp_cache: torch.Tensor, chan_idx: torch
         cb, chan_idx.stride(1), k_recent.stride(0), k_recent.stride(1), k_recent.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_table.stride(0),
         BLOCK_H=max(16, C.next_pow2(g)), BLOCK_N=bn, BLOCK_DK=max(16, C.next_pow2(dk)),
-        BLOCK_D=C.next_pow2(d), BLOCK_DV=C.next_pow2(dv), F32=f32, num_warps=4,
+        BLOCK_D=C.next_pow2(d), BLOCK_DV=C.next_pow2(dv), F32=f32, num_warps=4 if interp else 8,
     )
     out = torch.empty(b, hq, dv, dtype=q.dtype, device=q.device)
     return splitk_combine(m, l, acc, out)

@@ -69,7 +69,8 @@ def triton_pack_pruned_keys_paged(k_new: torch.Tensor, chan_idx: torch.Tensor, k
     C.check_int("seq_lens", seq_lens, 1)
     C.check_int("query_start_loc", query_start_loc, 1)
     if k_new.dim() != 3 or kp_cache.dim() != 4 or k_recent.dim() != 4:
-        raise ValueError("k_new must be [N, Hkv, D], kp_cache [num_blocks, block_size, Hkv, Dk], k_recent [B, Hkv, W, D]")
+        raise ValueError("k_new must be [N, Hkv, D], kp_cache [num_blocks, block_size, Hkv, Dk], "
+                         "k_recent [B, Hkv, W, D]")
     n, hkv, d = k_new.shape
     nb, bs, _, dk = kp_cache.shape
     bsz = block_table.shape[0]

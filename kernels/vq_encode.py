@@ -2,7 +2,7 @@
 
 With ``xw = k L`` and ``cw = C L`` (precomputed once per call by the launcher, with ``|cw|^2``), the
 distance is ``|xw|^2 - 2 xw.cw + |cw|^2`` (the reference's formula and order); one program takes a
-tile of tokens of one KV head, computes ``xw`` with a ``[T, D] x [D, D]`` dot and scans the codebook
+tile of tokens of one KV head, computes ``xw`` with ``[T, D] x [D, D]`` dots (in K-chunks) and scans the codebook
 in chunks, keeping the first minimum (lower code on ties, like ``argmin``). Two addressing modes:
 dense ``k [B, Hkv, T, D] -> codes [B, Hkv, T]`` (:func:`triton_vq_encode`, contract of
 :func:`kvcomp.ref.vq_encode`) and paged ``k_new [N, Hkv, D] -> code_cache [num_blocks, block_size, Hkv]``
@@ -22,7 +22,7 @@ from . import _common as C
 def _vq_encode_kernel(k_ptr, l_ptr, cw_ptr, c2_ptr, out_ptr, bt_ptr, sl_ptr, qsl_ptr,
                       N, T, B, NC, D, BS, s_k0, s_k1, s_kh, s_o0, s_o1, s_oh, s_btb,
                       PAGED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-                      BLOCK_B: tl.constexpr):
+                      BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
     tb = tl.program_id(0)
     h = tl.program_id(1)
     tok = tb * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -46,11 +46,15 @@ def _vq_encode_kernel(k_ptr, l_ptr, cw_ptr, c2_ptr, out_ptr, bt_ptr, sl_ptr, qsl
         out_off = bb * s_o0 + tt * s_o1
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
-    x = tl.load(k_ptr + in_off[:, None] + h * s_kh + offs_d[None, :], mask=tmask[:, None] & dmask[None, :],
-                other=0.0).to(tl.float32)
-    lw = tl.load(l_ptr + h * D * D + offs_d[:, None] * D + offs_d[None, :], mask=dmask[:, None] & dmask[None, :],
-                 other=0.0)
-    xw = tl.dot(x, lw, input_precision="ieee")
+    offs_k = tl.arange(0, BLOCK_K)
+    xw = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    for k0 in tl.static_range(0, BLOCK_D, BLOCK_K):
+        kk = k0 + offs_k
+        x = tl.load(k_ptr + in_off[:, None] + h * s_kh + kk[None, :], mask=tmask[:, None] & (kk < D)[None, :],
+                    other=0.0).to(tl.float32)
+        lw = tl.load(l_ptr + h * D * D + kk[:, None] * D + offs_d[None, :], mask=(kk < D)[:, None] & dmask[None, :],
+                     other=0.0)
+        xw += tl.dot(x, lw, input_precision="ieee")
     x2 = tl.sum(xw * xw, 1)
     best = tl.full([BLOCK_T], float("inf"), dtype=tl.float32)
     best_i = tl.zeros([BLOCK_T], dtype=tl.int32)
@@ -85,9 +89,13 @@ def _prepare(codebook: torch.Tensor, whiten: torch.Tensor, hkv: int, d: int):
     return lw, cw, (cw * cw).sum(-1).contiguous()
 
 
-def _blocks(nc: int):
-    interp = C.interpreting()
-    return (16, min(max(16, C.next_pow2(nc)), 256), 4) if interp else (64, min(max(16, C.next_pow2(nc)), 64), 8)
+def _blocks(nc: int, d: int):
+    """(BLOCK_T, BLOCK_C, BLOCK_K, num_warps): big tiles for the interpreter (cost per operation),
+    register-sized ones on the GPU (no spills at D=128 on sm_90)."""
+    bd = C.next_pow2(d)
+    if C.interpreting():
+        return 16, min(max(16, C.next_pow2(nc)), 256), bd, 4
+    return 32, min(max(16, C.next_pow2(nc)), 32), min(bd, 32), 8
 
 
 def triton_vq_encode(k_pre: torch.Tensor, codebook: torch.Tensor, whiten: torch.Tensor) -> torch.Tensor:
@@ -110,11 +118,11 @@ def triton_vq_encode(k_pre: torch.Tensor, codebook: torch.Tensor, whiten: torch.
     n = b * t
     if n == 0:
         return out
-    bt_, bc, nw = _blocks(cw.shape[1])
+    bt_, bc, bk, nw = _blocks(cw.shape[1], d)
     _vq_encode_kernel[(triton.cdiv(n, bt_), hkv)](
         k_pre, lw, cw, c2, out, out, out, out, n, t, b, cw.shape[1], d, 1,
         k_pre.stride(0), k_pre.stride(2), k_pre.stride(1), out.stride(0), out.stride(2), out.stride(1), 0,
-        PAGED=False, BLOCK_T=bt_, BLOCK_C=bc, BLOCK_D=C.next_pow2(d), BLOCK_B=1, num_warps=nw)
+        PAGED=False, BLOCK_T=bt_, BLOCK_C=bc, BLOCK_D=C.next_pow2(d), BLOCK_K=bk, BLOCK_B=1, num_warps=nw)
     return out
 
 
@@ -153,10 +161,11 @@ def triton_vq_encode_paged(k_new: torch.Tensor, codebook: torch.Tensor, whiten: 
     lw, cw, c2 = _prepare(codebook, whiten, hkv, d)
     if n == 0:
         return code_cache
-    bt_, bc, nw = _blocks(cw.shape[1])
+    bt_, bc, bk, nw = _blocks(cw.shape[1], d)
     _vq_encode_kernel[(triton.cdiv(n, bt_), hkv)](
         k_new, lw, cw, c2, code_cache, block_table, seq_lens, query_start_loc, n, 1, bsz, cw.shape[1], d,
         code_cache.shape[1], k_new.stride(0), 0, k_new.stride(1), code_cache.stride(0), code_cache.stride(1), 1,
         block_table.stride(0),
-        PAGED=True, BLOCK_T=bt_, BLOCK_C=bc, BLOCK_D=C.next_pow2(d), BLOCK_B=C.next_pow2(bsz), num_warps=nw)
+        PAGED=True, BLOCK_T=bt_, BLOCK_C=bc, BLOCK_D=C.next_pow2(d), BLOCK_K=bk, BLOCK_B=C.next_pow2(bsz),
+        num_warps=nw)
     return code_cache

@@ -67,10 +67,11 @@ def triton_vq_lut(q_wrope: torch.Tensor, codebook: torch.Tensor, *, scale: float
     sc = 1.0 / d ** 0.5 if scale is None else float(scale)
     lut = torch.empty(b, hq, nc, dtype=torch.float32, device=q_wrope.device)
     f32 = C.dot_f32(q_wrope.device, q_wrope.dtype) or codebook.dtype == torch.float32
-    block_c = min(C.next_pow2(nc), 64 if C.interpreting() else 128)
-    block_c = max(block_c, 16)
+    interp = C.interpreting()
+    block_c = max(16, min(C.next_pow2(nc), 64))  # sm_90, D=128: 64 codes x 8 warps, no spills
     _vq_lut_kernel[(b * hkv, triton.cdiv(nc, block_c))](
         q_wrope, codebook, lut, sc, hkv, g, nc, d, q_wrope.stride(0), q_wrope.stride(1),
         codebook.stride(0), codebook.stride(1),
-        BLOCK_H=max(16, C.next_pow2(g)), BLOCK_C=block_c, BLOCK_D=C.next_pow2(d), F32=f32, num_warps=4)
+        BLOCK_H=max(16, C.next_pow2(g)), BLOCK_C=block_c, BLOCK_D=C.next_pow2(d), F32=f32,
+        num_warps=4 if interp else 8)
     return lut

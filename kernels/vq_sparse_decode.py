@@ -107,7 +107,9 @@ def triton_paged_sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     dv = v_cache.shape[3]
     kmax = idx.shape[2]
     sc = 1.0 / d ** 0.5 if scale is None else float(scale)
-    bn = block_n or (16 if C.interpreting() else 64)
+    interp = C.interpreting()
+    # sm_90, D=128: 64-key tiles x 8 warps (fp32: 32) compile without register spills
+    bn = block_n or (16 if interp else (32 if q.dtype == torch.float32 else 64))
     if tokens_per_split is None:
         nsplit, per = pick_splits(b * hkv, kmax, q.device, bn, min_tokens_per_split=128)
     else:
@@ -120,6 +122,6 @@ def triton_paged_sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cach
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_table.stride(0),
         BLOCK_H=max(16, C.next_pow2(g)), BLOCK_N=bn, BLOCK_D=C.next_pow2(d), BLOCK_DV=C.next_pow2(dv),
-        F32=C.dot_f32(q.device, q.dtype), num_warps=4)
+        F32=C.dot_f32(q.device, q.dtype), num_warps=4 if interp else 8)
     out = torch.empty(b, hq, dv, dtype=q.dtype, device=q.device)
     return splitk_combine(m, l, acc, out)
