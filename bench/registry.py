@@ -400,3 +400,198 @@ register(Bench(
     defaults=dict(sink=64, window=256),
     smoke=Problem(2, 30, 4, 2, 16, torch.float32, "cpu", dict(sink=4, window=8, q_len=12)),
 ))
+
+
+# --------------------------------------------------------------------------------------------------
+# ThinK and A²ATS entries (kernels/think_*.py, kernels/vq_*.py; ops in kvcomp/ops/think.py, vq.py)
+
+
+def _pages(p: Problem, g: torch.Generator) -> tuple[int, torch.Tensor]:
+    bs = p.get("block_size")
+    per_seq = math.ceil(p.context / bs)
+    nb = p.batch * per_seq
+    perm = torch.randperm(nb, device=p.device, generator=g).to(torch.int32)
+    return nb, perm.view(p.batch, per_seq)
+
+
+def _think_dk(p: Problem) -> int:
+    return p.d - math.floor(p.get("prune_ratio") * p.d)
+
+
+def make_think_decode(p: Problem) -> dict:
+    """ThinK cache at ``p.context`` tokens per sequence: pruned key pages (``D_keep`` channels, one static
+    channel set per layer), full-width ring of ``window`` tokens, value pages; permuted blocks."""
+    g = torch.Generator(device=p.device).manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, device=p.device, dtype=p.dtype, generator=g)  # noqa: E731
+    nb, bt = _pages(p, g)
+    bs, w, dk = p.get("block_size"), p.get("window"), _think_dk(p)
+    chan = torch.stack([torch.randperm(p.d, device=p.device, generator=g)[:dk].sort().values
+                        for _ in range(p.hkv)]).view(1, p.hkv, dk)
+    return dict(q=rnd(p.batch, p.hq, p.d), kp_cache=rnd(nb, bs, p.hkv, dk), chan_idx=chan,
+                k_recent=rnd(p.batch, p.hkv, w, p.d), v_cache=rnd(nb, bs, p.hkv, p.d), block_table=bt,
+                seq_lens=torch.full((p.batch,), p.context, dtype=torch.int32, device=p.device))
+
+
+_THINK_KEYS = ("q", "kp_cache", "chan_idx", "k_recent", "v_cache", "block_table", "seq_lens")
+
+
+def run_think_decode(x):
+    from kvcomp.ops.think import think_decode
+
+    return think_decode(*(x[k] for k in _THINK_KEYS))
+
+
+def ref_think_decode(x):
+    from kvcomp.ref.think_paged import paged_pruned_key_attention
+
+    return paged_pruned_key_attention(*(x[k] for k in _THINK_KEYS))
+
+
+def bytes_think_decode(p: Problem) -> int:
+    w = min(p.context, p.get("window"))
+    tp = p.context - w
+    return p.batch * p.elt * (p.hkv * (tp * _think_dk(p) + w * p.d + p.context * p.d) + 2 * p.hq * p.d)
+
+
+register(Bench(
+    name="think_decode",
+    description="ThinK pruned-key paged decode (split-K): keys with D_keep channels + full-width recent ring",
+    make=make_think_decode, run=run_think_decode, nbytes=bytes_think_decode, ref=ref_think_decode,
+    baselines={**full_attention_baselines(_decode_len),
+               "think_unpruned": Baseline(
+                   lambda p: make_think_decode(dataclasses.replace(p, extra={**p.extra, "prune_ratio": 0.0})),
+                   run_think_decode)},
+    defaults=dict(block_size=16, prune_ratio=0.4, window=32),
+    smoke=Problem(2, 41, 4, 2, 16, torch.float32, "cpu", dict(block_size=8, window=6)),
+))
+
+
+def make_think_write(p: Problem) -> dict:
+    """Decode-style ThinK key write: one new token per sequence at position ``p.context - 1``."""
+    g = torch.Generator(device=p.device).manual_seed(0)
+    nb, bt = _pages(p, g)
+    bs, w, dk = p.get("block_size"), p.get("window"), _think_dk(p)
+    chan = torch.stack([torch.randperm(p.d, device=p.device, generator=g)[:dk].sort().values
+                        for _ in range(p.hkv)]).view(1, p.hkv, dk)
+    return dict(k_new=torch.randn(p.batch, p.hkv, p.d, device=p.device, dtype=p.dtype, generator=g), chan_idx=chan,
+                kp_cache=torch.zeros(nb, bs, p.hkv, dk, device=p.device, dtype=p.dtype),
+                k_recent=torch.zeros(p.batch, p.hkv, w, p.d, device=p.device, dtype=p.dtype), block_table=bt,
+                seq_lens=torch.full((p.batch,), p.context, dtype=torch.int32, device=p.device),
+                query_start_loc=torch.arange(p.batch + 1, dtype=torch.int32, device=p.device))
+
+
+_THINK_W_KEYS = ("k_new", "chan_idx", "kp_cache", "k_recent", "block_table", "seq_lens", "query_start_loc")
+
+
+def run_think_write(x):
+    from kvcomp.ops.think import pack_pruned_keys_paged
+
+    pack_pruned_keys_paged(*(x[k] for k in _THINK_W_KEYS))
+
+
+def ref_think_write(x):
+    from kvcomp.ref.compressed_write import pack_pruned_keys_paged
+
+    a = [x[k] for k in _THINK_W_KEYS]
+    kp, kr = pack_pruned_keys_paged(a[0], a[1], a[2].clone(), a[3].clone(), *a[4:])
+    return torch.cat([kp.flatten(), kr.flatten()])
+
+
+register(Bench(
+    name="think_write",
+    description="ThinK cache write: kept channels into the narrow pages + full-width ring (one decode token)",
+    make=make_think_write, run=run_think_write, ref=ref_think_write,
+    output=lambda x, _: torch.cat([x["kp_cache"].flatten(), x["k_recent"].flatten()]),
+    nbytes=lambda p: p.batch * p.hkv * p.elt * (2 * p.d + _think_dk(p)),
+    contexts=(4096,), batches=(1, 8, 64),
+    defaults=dict(block_size=16, prune_ratio=0.4, window=32),
+    smoke=Problem(3, 20, 4, 2, 16, torch.float32, "cpu", dict(block_size=8, window=4)),
+))
+
+
+def _vq_topk_int(p: Problem) -> int:
+    t = p.get("topk")
+    return max(1, int(t * p.context)) if isinstance(t, float) else int(t)
+
+
+def make_vq_decode(p: Problem) -> dict:
+    """A²ATS decode state: paged K/V and int16 codes (permuted blocks), a ``n_codes`` codebook per KV head."""
+    g = torch.Generator(device=p.device).manual_seed(0)
+    rnd = lambda *s, dt=p.dtype: torch.randn(*s, device=p.device, dtype=dt, generator=g)  # noqa: E731
+    nb, bt = _pages(p, g)
+    bs, nc = p.get("block_size"), p.get("n_codes")
+    return dict(q=rnd(p.batch, p.hq, p.d), q_wrope=rnd(p.batch, p.hq, p.d),
+                codebook=rnd(p.hkv, nc, p.d, dt=torch.float32),
+                code_cache=torch.randint(0, nc, (nb, bs, p.hkv), device=p.device, dtype=torch.int16, generator=g),
+                k_cache=rnd(nb, bs, p.hkv, p.d), v_cache=rnd(nb, bs, p.hkv, p.d), block_table=bt,
+                seq_lens=torch.full((p.batch,), p.context, dtype=torch.int32, device=p.device),
+                topk=_vq_topk_int(p), sink=p.get("sink"), local=p.get("local"))
+
+
+def run_vq_decode(x):
+    from kvcomp.ops.vq import sparse_decode, vq_lut, vq_topk
+
+    lut = vq_lut(x["q_wrope"], x["codebook"])
+    idx, count = vq_topk(lut, x["code_cache"], x["block_table"], x["seq_lens"], topk=x["topk"], sink=x["sink"],
+                         local=x["local"])
+    return sparse_decode(x["q"], x["k_cache"], x["v_cache"], x["block_table"], idx, count)
+
+
+def ref_vq_decode(x):
+    from kvcomp.ref import paged_sparse_attention, vq_lut
+    from kvcomp.ref.think_paged import paged_vq_topk
+
+    lut = vq_lut(x["q_wrope"], x["codebook"])
+    idx, count = paged_vq_topk(lut, x["code_cache"], x["block_table"], x["seq_lens"], topk=x["topk"],
+                               sink=x["sink"], local=x["local"])
+    return paged_sparse_attention(x["q"], x["k_cache"], x["v_cache"], x["block_table"], idx, count)
+
+
+def bytes_vq_decode(p: Problem) -> int:
+    """Codes read by the 4 selection passes + LUT + the selected tokens' K and V (upper bound)."""
+    sel = min(p.context, (p.hq // p.hkv) * _vq_topk_int(p) + p.get("sink") + p.get("local"))
+    lut = p.batch * p.hq * p.get("n_codes") * 4 * 2 + p.hkv * p.get("n_codes") * p.d * 4
+    return (p.batch * p.hkv * (4 * 2 * p.context + 2 * sel * p.d * p.elt) + lut
+            + 2 * p.batch * p.hq * p.d * p.elt)
+
+
+register(Bench(
+    name="vq_decode",
+    description="A2ATS decode: LUT + exact per-KV-head top-K over int16 codes + sparse paged attention",
+    make=make_vq_decode, run=run_vq_decode, nbytes=bytes_vq_decode, ref=ref_vq_decode,
+    baselines=full_attention_baselines(_decode_len),
+    defaults=dict(block_size=16, n_codes=4096, topk=0.03, sink=8, local=64),
+    smoke=Problem(2, 45, 4, 2, 16, torch.float32, "cpu", dict(block_size=8, n_codes=24, topk=5, sink=2, local=4)),
+))
+
+
+def run_vq_topk_only(x):
+    from kvcomp.ops.vq import vq_topk
+
+    return vq_topk(x["lut"], x["code_cache"], x["block_table"], x["seq_lens"], topk=x["topk"], sink=x["sink"],
+                   local=x["local"])[1]
+
+
+def _make_vq_topk(p: Problem) -> dict:
+    x = make_vq_decode(p)
+    g = torch.Generator(device=p.device).manual_seed(1)
+    x["lut"] = torch.randn(p.batch, p.hq, p.get("n_codes"), device=p.device, generator=g)
+    return x
+
+
+def _ref_vq_topk_count(x):
+    from kvcomp.ref.think_paged import paged_vq_topk
+
+    return paged_vq_topk(x["lut"], x["code_cache"], x["block_table"], x["seq_lens"], topk=x["topk"],
+                         sink=x["sink"], local=x["local"])[1].float()
+
+
+register(Bench(
+    name="vq_topk",
+    description="A2ATS exact top-K selection alone (histogram threshold + 3 chunked passes), output = counts",
+    make=_make_vq_topk, run=run_vq_topk_only, ref=_ref_vq_topk_count,
+    output=lambda x, count: count.float(),
+    nbytes=lambda p: p.batch * p.hkv * 4 * 2 * p.context + p.batch * p.hq * p.get("n_codes") * 4 * 2,
+    defaults=dict(block_size=16, n_codes=4096, topk=0.03, sink=8, local=64),
+    smoke=Problem(2, 45, 4, 2, 16, torch.float32, "cpu", dict(block_size=8, n_codes=24, topk=5, sink=2, local=4)),
+))
