@@ -146,10 +146,14 @@ def _smollm2_folder() -> str:
     return target
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def _load_folder(path: str, device, dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    has_tok = any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES)
+    tok = AutoTokenizer.from_pretrained(path) if has_tok else None
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     return model, tok
 
@@ -195,7 +199,7 @@ def model_folder(name_or_path: str) -> str:
 def load_model(name_or_path: str, *, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32):
     """Load ``(model, tokenizer)`` by registry name or local HF folder path.
 
-    The model is in eval mode, uses ``attn_implementation="sdpa"``, has ``dtype`` weights and sits on
+    ``tokenizer`` is None for a folder without tokenizer files. The model is in eval mode, uses ``attn_implementation="sdpa"``, has ``dtype`` weights and sits on
     ``device`` (default: CPU).
     """
     if not isinstance(name_or_path, str) or not name_or_path.strip():
