@@ -11,11 +11,16 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+
+#: the tiny test model (2 layers, 2 KV heads, head_dim 64) and the ThinK setting of the tests
+MAX_TOKENS = 8
+L, HKV, D, KEEP = 2, 2, 64, 48
 RUNNER = HERE / "_run_engine.py"
 ENV_PY = "KVCOMP_VLLM_PYTHON"
 
@@ -132,7 +137,9 @@ def start_engine(py: str, workdir: Path, name: str, model_dir: Path, prompts_fil
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     fh = open(log, "w")
-    proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(HERE))
+    # own process group: on timeout the runner and the engine processes it spawned die together
+    proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(HERE),
+                            start_new_session=True)
     proc._kvcomp_log_fh = fh  # closed in finish_engine
     return proc, out, log
 
@@ -141,6 +148,10 @@ def finish_engine(proc: subprocess.Popen, out: Path, log: Path, timeout: float =
     """Wait for an engine run; return its result JSON plus ``log_kv_tokens`` parsed from vLLM's log."""
     try:
         rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        rc = f"killed after {timeout} s"
     finally:
         proc._kvcomp_log_fh.close()
     text = log.read_text(errors="replace")
