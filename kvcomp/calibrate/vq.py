@@ -272,15 +272,16 @@ def load_codebooks(path: str | os.PathLike, *, device: str | torch.device = "cpu
         raise
     except Exception as e:  # safetensors raises its own error types on a corrupt header
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
-    if meta.get("format") != VQ_FORMAT:
-        raise ValueError(f"{path}: format {meta.get('format')!r}, expected {VQ_FORMAT!r}")
+    fmt = meta.get("format")
+    if fmt is not None and fmt != VQ_FORMAT:  # no format key: written by VQRetrieval.save (same tensors)
+        raise ValueError(f"{path}: format {fmt!r}, expected {VQ_FORMAT!r}")
     for name, t in (("codebook", codebook), ("whiten", whiten)):
         if t.dtype != torch.float32:
             raise ValueError(f"{path}: {name} has dtype {t.dtype}, expected torch.float32")
     _check_tensors(codebook, whiten, where=path)
     try:
-        n_codes = int(meta["n_codes"])
-        rel_pos = int(meta["rel_pos"])
+        n_codes = int(meta.get("n_codes", codebook.shape[2]))
+        rel_pos = int(meta.get("rel_pos", "2048"))
         tokens = int(meta.get("tokens", "0"))
         extra = json.loads(meta.get("extra", "{}"))
     except (KeyError, ValueError) as e:

@@ -107,6 +107,9 @@ def test_save_load_errors(tmp_path):
     save_file({"codebook": cb, "whiten": wh}, p, metadata={"format": "other"})
     with pytest.raises(ValueError, match="format"):
         load_codebooks(p)
+    save_file({"codebook": cb, "whiten": wh}, p, metadata={"rel_pos": "7"})  # as VQRetrieval.save writes it
+    got = load_codebooks(p)
+    assert got["n_codes"] == 8 and got["rel_pos"] == 7
 
 
 def test_calibrate_bad_inputs(model, tok):
