@@ -204,10 +204,16 @@ class KVCompLayer(CacheLayerMixin):
         sink, recent = self.cfg.duo.sink, self.cfg.duo.recent
         is_sink = kpos < sink
         last = int(kpos.max())
-        is_recent = (~is_sink) & (kpos > last - recent)
+        # the next query (position last+1) sees keys with last+1 - k < recent: keep recent-1 of them
+        is_recent = (~is_sink) & (kpos > last + 1 - recent)
         keep = (is_sink | is_recent).nonzero().flatten().to(k.device)
-        self.state[name] = {"k": k.index_select(2, keep), "v": v.index_select(2, keep),
-                            "pos": kpos[keep.cpu()]}
+        self.state[name] = {"k": k.index_select(2, keep), "v": v.index_select(2, keep)}
+
+    def _streaming_positions(self, name) -> torch.Tensor:
+        """Positions of the stored streaming tokens: the sinks, then the most recent ones."""
+        n_sink = min(self.seen, self.cfg.duo.sink)
+        n_recent = self.state[name]["k"].shape[2] - n_sink
+        return torch.cat([torch.arange(n_sink), torch.arange(self.seen - n_recent, self.seen)])
 
     def _prefill_streaming(self, name, q, k, v, pos):
         self._keep_streaming(name, k, v, pos)
@@ -216,7 +222,7 @@ class KVCompLayer(CacheLayerMixin):
         st = self.state[name]
         kk = torch.cat([st["k"], k], dim=2)
         vv = torch.cat([st["v"], v], dim=2)
-        kpos = torch.cat([st["pos"], pos])
+        kpos = torch.cat([self._streaming_positions(name), pos])
         o = ref.streaming_attention(q, kk, vv, sink=self.cfg.duo.sink, window=self.cfg.duo.recent, scale=scale,
                                     q_pos=pos.to(q.device), k_pos=kpos.to(q.device))
         self._keep_streaming(name, kk, vv, kpos)
@@ -230,14 +236,14 @@ class KVCompLayer(CacheLayerMixin):
             return ch.unsqueeze(0).expand(k.shape[0], -1, -1).contiguous()
         w = min(t.window, q.shape[2])
         scores = ref.think_channel_scores(q[:, :, -w:], k)
-        return ref.think_keep_channels(scores, t.prune_ratio)
+        return ref.think_keep_channels(scores, t.prune_ratio).clone()  # own storage, not a view of the sort
 
     def _prefill_think(self, name, q, k, v, pos):
         w = self.cfg.think.window
         chan = self._channels(name, q, k)
         tp = max(k.shape[2] - w, 0)
         self.state[name] = {"k_pruned": ref.pack_pruned_keys(k[:, :, :tp], chan).contiguous(),
-                            "chan": chan, "k_recent": k[:, :, tp:].contiguous(), "v": v.contiguous()}
+                            "chan": chan, "k_recent": k[:, :, tp:].clone(), "v": v.contiguous()}
 
     def _step_think(self, name, q, k, v, pos, scale):
         st, w = self.state[name], self.cfg.think.window
@@ -247,7 +253,7 @@ class KVCompLayer(CacheLayerMixin):
         spill = recent.shape[2] - w
         if spill > 0:
             st["k_pruned"] = torch.cat([st["k_pruned"], ref.pack_pruned_keys(recent[:, :, :spill], st["chan"])], dim=2)
-            recent = recent[:, :, spill:].contiguous()
+            recent = recent[:, :, spill:].clone()  # own storage: a view would keep the spilled keys alive
         st["k_recent"] = recent
         return o
 
@@ -283,13 +289,16 @@ class KVCompLayer(CacheLayerMixin):
     def _host_append(self, name, k, v):
         st = self.state[name]
         st["host_v"].append(v.cpu())
-        if name == "vq_think":
-            st["host_k_recent"].append(k.cpu())
-            spill = st["host_k_recent"].length - self.cfg.think.window
-            if spill > 0:
-                st["host_k_pruned"].append(ref.pack_pruned_keys(st["host_k_recent"].drop_front(spill), st["host_chan"]))
-        else:
-            st["host_k"].append(k.cpu())
+        st["host_k_recent" if name == "vq_think" else "host_k"].append(k.cpu())
+
+    def _host_spill(self, name):
+        """vq_think: keys older than the ThinK window move to narrow storage (after attending, as ThinK)."""
+        if name != "vq_think":
+            return
+        st = self.state[name]
+        spill = st["host_k_recent"].length - self.cfg.think.window
+        if spill > 0:
+            st["host_k_pruned"].append(ref.pack_pruned_keys(st["host_k_recent"].drop_front(spill), st["host_chan"]))
 
     def _host_keys_full_width(self, name, idx: torch.Tensor) -> torch.Tensor:
         """Gather keys ``idx [B,n,K]`` (host) of a VQ group as ``[B,n,K,D]``.
@@ -318,9 +327,15 @@ class KVCompLayer(CacheLayerMixin):
         return torch.where(in_p[..., None], out, rsel)
 
     def _step_vq(self, name, q, k, v, pos, scale):
-        st, vq = self.state[name], self.cfg.vq
-        st["codes"] = torch.cat([st["codes"], self._encode(name, k, pos)], dim=2)
+        self.state[name]["codes"] = torch.cat([self.state[name]["codes"], self._encode(name, k, pos)], dim=2)
         self._host_append(name, k, v)
+        out = self._attend_vq(name, q, k, scale)
+        self._host_spill(name)
+        return out
+
+    def _attend_vq(self, name, q, k, scale):
+        st, vq = self.state[name], self.cfg.vq
+        pos = torch.arange(self.seen, self.seen + q.shape[2])
         b, nq, tq, d = q.shape
         n = k.shape[1]
         total = self.seen + tq
