@@ -77,3 +77,17 @@ def test_pack_pruned_keys_rejects_bad_inputs(bad):
         chan = torch.zeros(1, 2, 40, dtype=torch.int64, device=d_)
     with pytest.raises(ValueError):
         triton_pack_pruned_keys_paged(k_new, chan, kp, kr, bt, sl, qsl)
+
+
+def test_pack_pruned_keys_op_schema_and_fake():
+    """torch.library.opcheck: the declared mutations (kp_cache, k_recent) and the fake implementation."""
+    from kvcomp.ops import think  # noqa: F401  (registers the ops)
+
+    d_ = dev()
+    chan = torch.tensor([[[1, 4, 6, 30]]], device=d_)
+    args = (torch.randn(3, 1, 32, device=d_), chan, torch.zeros(4, 8, 1, 4, device=d_),
+            torch.zeros(2, 1, 4, 32, device=d_), torch.tensor([[0, 1], [2, 3]], dtype=torch.int32, device=d_),
+            torch.tensor([2, 9], dtype=torch.int32, device=d_), torch.tensor([0, 2, 3], dtype=torch.int32, device=d_))
+    res = torch.library.opcheck(torch.ops.kvcomp.pack_pruned_keys.default, args,
+                                test_utils=("test_schema", "test_faketensor"))
+    assert set(res.values()) == {"SUCCESS"}

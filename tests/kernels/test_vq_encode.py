@@ -104,3 +104,17 @@ def test_vq_encode_gpu_4096_codes():
     out = triton_vq_encode(k.cuda(), cb.cuda(), lw.cuda())
     for b in range(2):
         check_codes(k[b], cb, lw, ref[b], out[b])
+
+
+def test_vq_encode_paged_op_schema_and_fake():
+    """torch.library.opcheck: the declared mutation (code_cache) and the fake implementation."""
+    from kvcomp.ops import vq  # noqa: F401  (registers the ops)
+
+    d_ = dev()
+    cb, lw = codebook(2, 9, 32)
+    args = (torch.randn(3, 2, 32, device=d_), cb.to(d_), lw.to(d_), torch.zeros(4, 8, 2, dtype=torch.int16, device=d_),
+            torch.tensor([[0, 1], [2, 3]], dtype=torch.int32, device=d_),
+            torch.tensor([2, 9], dtype=torch.int32, device=d_), torch.tensor([0, 2, 3], dtype=torch.int32, device=d_))
+    res = torch.library.opcheck(torch.ops.kvcomp.vq_encode_paged.default, args,
+                                test_utils=("test_schema", "test_faketensor"))
+    assert set(res.values()) == {"SUCCESS"}

@@ -1,0 +1,110 @@
+"""The ThinK / A²ATS kernels compile for sm_90 (H100) without a GPU, with the launchers' GPU tile sizes.
+
+The interpreter cannot catch GPU-only compile errors (dot shapes, layouts, constexpr branches), so this
+test compiles every kernel ahead of time with the triton wheel's ``ptxas`` in a subprocess (without
+``TRITON_INTERPRET``) and checks that the decode kernels do not spill registers at D = 128.
+Run as a script it prints each kernel's register / stack usage.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _compile_all() -> list[tuple[str, str]]:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kernels import think_decode as TD
+    from kernels import think_splitk as SK
+    from kernels import think_write as TW
+    from kernels import vq_encode as VE
+    from kernels import vq_lut as VL
+    from kernels import vq_sparse_decode as VS
+    from kernels import vq_topk as VT
+
+    target = GPUTarget("cuda", 90, 32)
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    rows = []
+
+    def comp(name, fn, sig, consts, warps):
+        full = {a: ("constexpr" if a in consts else sig.get(a, "i32")) for a in fn.arg_names}
+        cx = {(fn.arg_names.index(a),): v for a, v in consts.items()}
+        k = triton.compile(ASTSource(fn=fn, signature=full, constexprs=cx), target=target,
+                           options=dict(num_warps=warps))
+        usage = "?"
+        if os.path.exists(cuobjdump):
+            path = Path(os.environ.get("TMPDIR", "/tmp")) / f"kvcomp_{os.getpid()}.cubin"
+            path.write_bytes(k.asm["cubin"])
+            out = subprocess.run([cuobjdump, "-res-usage", str(path)], capture_output=True, text=True).stdout
+            path.unlink()
+            usage = next((ln.strip() for ln in out.splitlines() if "REG:" in ln), "?")
+        rows.append((name, usage))
+
+    def p(names, t):
+        return {n: t for n in names}
+
+    for dt in ("bf16", "fp16", "fp32"):
+        f32, bn = dt == "fp32", (32 if dt == "fp32" else 64)
+        sig = {**p(["q_ptr", "kp_ptr", "kr_ptr", "v_ptr"], "*" + dt), **p(["chan_ptr", "bt_ptr", "sl_ptr"], "*i32"),
+               **p(["m_ptr", "l_ptr", "acc_ptr"], "*fp32"), "qk_scale": "fp32"}
+        comp(f"think_decode/{dt}", TD._think_decode_kernel, sig,
+             dict(BLOCK_H=16, BLOCK_N=bn, BLOCK_DK=128, BLOCK_D=128, BLOCK_DV=128, F32=f32), 8)
+        sig = {**p(["q_ptr", "k_ptr", "v_ptr"], "*" + dt), **p(["bt_ptr", "idx_ptr", "cnt_ptr"], "*i32"),
+               **p(["m_ptr", "l_ptr", "acc_ptr"], "*fp32"), "qk_scale": "fp32"}
+        comp(f"sparse_decode/{dt}", VS._sparse_decode_kernel, sig,
+             dict(BLOCK_H=16, BLOCK_N=bn, BLOCK_D=128, BLOCK_DV=128, F32=f32), 8)
+        comp(f"combine/{dt}", SK._combine_kernel, {**p(["m_ptr", "l_ptr", "acc_ptr"], "*fp32"), "o_ptr": "*" + dt},
+             dict(BLOCK_S=64, CHUNK_S=16, BLOCK_DV=128), 4)
+        comp(f"vq_lut/{dt}", VL._vq_lut_kernel, {"q_ptr": "*" + dt, "cb_ptr": "*fp32", "lut_ptr": "*fp32",
+                                                  "scale": "fp32"},
+             dict(BLOCK_H=16, BLOCK_C=64, BLOCK_D=128, F32=True), 8)
+        comp(f"think_write/{dt}", TW._think_write_kernel,
+             {**p(["k_ptr", "kp_ptr", "kr_ptr"], "*" + dt), **p(["chan_ptr", "bt_ptr", "sl_ptr", "qsl_ptr"], "*i32")},
+             dict(BLOCK_B=64, BLOCK_H=8, BLOCK_DK=128, BLOCK_D=128), 4)
+        for paged in (True, False):
+            comp(f"vq_encode/{dt}/{'paged' if paged else 'dense'}", VE._vq_encode_kernel,
+                 {"k_ptr": "*" + dt, **p(["l_ptr", "cw_ptr", "c2_ptr"], "*fp32"), "out_ptr": "*i16",
+                  **p(["bt_ptr", "sl_ptr", "qsl_ptr"], "*i32" if paged else "*i16")},
+                 dict(PAGED=paged, BLOCK_T=32, BLOCK_C=32, BLOCK_D=128, BLOCK_K=32, BLOCK_B=64 if paged else 1), 8)
+    comp("vq_hist", VT._hist_kernel, {"code_ptr": "*i16", **p(["bt_ptr", "sl_ptr", "hist_ptr"], "*i32")},
+         dict(BLOCK_T=256, BLOCK_C=4096), 4)
+    thr = {"lut_ptr": "*fp32", **p(["hist_ptr", "sl_ptr", "topk_ptr", "need_ptr"], "*i32"), "tau_ptr": "*i64"}
+    comp("vq_threshold", VT._threshold_kernel, thr, dict(BLOCK_R=1, BLOCK_C=4096, ONE_CHUNK=True), 8)
+    comp("vq_threshold/chunked", VT._threshold_kernel, thr, dict(BLOCK_R=1, BLOCK_C=1024, ONE_CHUNK=False), 8)
+    sel = {"lut_ptr": "*fp32", "code_ptr": "*i16", "tau_ptr": "*i64",
+           **p(["bt_ptr", "sl_ptr", "need_ptr", "eq_ptr", "cnt_ptr", "idx_ptr", "count_ptr"], "*i32")}
+    for mode in (0, 1, 2):
+        comp(f"vq_select/mode{mode}", VT._select_kernel, sel, dict(MODE=mode, BLOCK_H=8, BLOCK_T=256, BLOCK_CH=64), 4)
+    comp("vq_pad", VT._pad_kernel, p(["idx_ptr", "count_ptr"], "*i32"), dict(BLOCK_K=1024), 4)
+    return rows
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90_without_spills():
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        pytest.skip("the triton wheel has no ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, __file__], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    lines = [ln for ln in res.stdout.splitlines() if "\t" in ln]
+    assert len(lines) == 28, res.stdout
+    for ln in lines:
+        name, usage = ln.split("\t")
+        if name.startswith(("think_decode", "sparse_decode", "vq_lut", "vq_encode")):
+            assert "STACK:0 " in usage, f"{name} spills registers on sm_90: {usage}"
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    for name, usage in _compile_all():
+        print(f"{name}\t{usage}")
