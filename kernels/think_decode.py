@@ -147,7 +147,7 @@ def _check(q, kp_cache, chan_idx, k_recent, v_cache, block_table, seq_lens):
 def triton_think_decode(q: torch.Tensor, kp_cache: torch.Tensor, chan_idx: torch.Tensor, k_recent: torch.Tensor,
                         v_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, *,
                         scale: float | None = None, tokens_per_split: int | None = None,
-                        block_n: int | None = None) -> torch.Tensor:
+                        max_seq_len: int | None = None, block_n: int | None = None) -> torch.Tensor:
     """Decode attention over a ThinK cache (layout in the module doc).
 
     Args:
@@ -159,6 +159,8 @@ def triton_think_decode(q: torch.Tensor, kp_cache: torch.Tensor, chan_idx: torch
         block_table: ``[B, max_blocks]`` int32/int64; seq_lens: ``[B]`` (>= 1) tokens incl. the new one.
         scale: default ``1/sqrt(D)``.
         tokens_per_split: pruned tokens per split-K part (default: sized to fill the GPU).
+        max_seq_len: optional host-known bound on ``seq_lens`` (e.g. vLLM's ``max_seq_len``); the split
+            count is sized from it instead of the block-table capacity. Must be ``>= max(seq_lens)``.
         block_n: key tile (default 64, 32 for fp32; 16 under the interpreter).
     Returns:
         ``[B, Hq, Dv]`` in ``q.dtype``.
@@ -174,6 +176,10 @@ def triton_think_decode(q: torch.Tensor, kp_cache: torch.Tensor, chan_idx: torch
     # sm_90, D=128: 64-key tiles x 8 warps (fp32: 32) compile without register spills
     bn = block_n or (16 if interp else (32 if q.dtype == torch.float32 else 64))
     cap = block_table.shape[1] * bs
+    if max_seq_len is not None:
+        if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
+            raise ValueError(f"max_seq_len must be a positive int or None, got {max_seq_len!r}")
+        cap = min(cap, max_seq_len)
     if tokens_per_split is None:
         nsplit, per = pick_splits(b * hkv, cap, q.device, bn)
     else:

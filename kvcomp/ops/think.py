@@ -24,7 +24,7 @@ def _use_triton(t: torch.Tensor) -> bool:
 @torch.library.custom_op("kvcomp::think_decode", mutates_args=())
 def _think_decode_op(q: torch.Tensor, kp_cache: torch.Tensor, chan_idx: torch.Tensor, k_recent: torch.Tensor,
                      v_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                     tokens_per_split: int) -> torch.Tensor:
+                     tokens_per_split: int, max_seq_len: int) -> torch.Tensor:
     if not _use_triton(q):
         from kvcomp.ref.think_paged import paged_pruned_key_attention
 
@@ -33,11 +33,13 @@ def _think_decode_op(q: torch.Tensor, kp_cache: torch.Tensor, chan_idx: torch.Te
     from kernels.think_decode import triton_think_decode
 
     return triton_think_decode(q, kp_cache, chan_idx, k_recent, v_cache, block_table, seq_lens, scale=scale,
-                               tokens_per_split=None if tokens_per_split <= 0 else tokens_per_split)
+                               tokens_per_split=None if tokens_per_split <= 0 else tokens_per_split,
+                               max_seq_len=None if max_seq_len <= 0 else max_seq_len)
 
 
 @_think_decode_op.register_fake
-def _think_decode_fake(q, kp_cache, chan_idx, k_recent, v_cache, block_table, seq_lens, scale, tokens_per_split):
+def _think_decode_fake(q, kp_cache, chan_idx, k_recent, v_cache, block_table, seq_lens, scale, tokens_per_split,
+                       max_seq_len):
     return q.new_empty(q.shape[0], q.shape[1], v_cache.shape[3])
 
 
@@ -61,7 +63,8 @@ def _pack_pruned_keys_fake(k_new, chan_idx, kp_cache, k_recent, block_table, seq
 
 def think_decode(q: torch.Tensor, kp_cache: torch.Tensor, chan_idx: torch.Tensor, k_recent: torch.Tensor,
                  v_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, *,
-                 scale: float | None = None, tokens_per_split: int | None = None) -> torch.Tensor:
+                 scale: float | None = None, tokens_per_split: int | None = None,
+                 max_seq_len: int | None = None) -> torch.Tensor:
     """ThinK decode step over the paged layout (module doc), through ``kvcomp::think_decode``.
 
     Same arguments and result as :func:`kvcomp.ref.think_paged.paged_pruned_key_attention`:
@@ -69,16 +72,20 @@ def think_decode(q: torch.Tensor, kp_cache: torch.Tensor, chan_idx: torch.Tensor
     k_recent ``[B, Hkv, W, D]``, v_cache ``[num_blocks, block_size, Hkv, Dv]``, block_table
     ``[B, max_blocks]``, seq_lens ``[B]`` (incl. the new token). Returns ``[B, Hq, Dv]`` in q's dtype.
     ``scale`` defaults to ``1/sqrt(D)`` of the full head dim; ``tokens_per_split=None`` sizes the
-    split-K parts to fill the GPU.
+    split-K parts to fill the GPU, from ``max_seq_len`` (a host-known bound on ``seq_lens``, e.g.
+    vLLM's) when given, else from the block-table capacity (no host sync either way).
     """
     if not isinstance(q, torch.Tensor) or q.dim() != 3:
         raise ValueError("q must be a [B, Hq, D] tensor")
     if tokens_per_split is not None and (isinstance(tokens_per_split, bool) or not isinstance(tokens_per_split, int)
                                          or tokens_per_split < 1):
         raise ValueError(f"tokens_per_split must be a positive int or None, got {tokens_per_split!r}")
+    if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int)
+                                    or max_seq_len < 1):
+        raise ValueError(f"max_seq_len must be a positive int or None, got {max_seq_len!r}")
     sc = 1.0 / q.shape[-1] ** 0.5 if scale is None else float(scale)
     return torch.ops.kvcomp.think_decode(q, kp_cache, chan_idx, k_recent, v_cache, block_table, seq_lens, sc,
-                                         tokens_per_split or 0)
+                                         tokens_per_split or 0, max_seq_len or 0)
 
 
 def pack_pruned_keys_paged(k_new: torch.Tensor, chan_idx: torch.Tensor, kp_cache: torch.Tensor,

@@ -104,7 +104,7 @@ def test_think_ops_write_then_decode_matches_dense(nan_empty):
     k_step = torch.stack([kf[:, n] for kf, n in zip(kfull, lens0)])
     pack_pruned_keys_paged(k_step, chan, kp, kr, bt, lens1, torch.arange(b + 1, dtype=torch.int32))
     q = torch.randn(b, hkv * g, d, generator=gen)
-    out = think_decode(q, kp, chan, kr, vc, bt, lens1)
+    out = think_decode(q, kp, chan, kr, vc, bt, lens1, max_seq_len=int(lens1.max()))
     for i, n in enumerate(lens1.tolist()):
         tp = max(n - w, 0)
         kfb, vfb = kfull[i].unsqueeze(0), vfull[i].unsqueeze(0)
@@ -125,7 +125,7 @@ def test_think_decode_fake_shapes():
                                             torch.empty(3, 2, 32, 64, dtype=torch.float16),
                                             torch.empty(10, 16, 2, 128, dtype=torch.float16),
                                             torch.empty(3, 5, dtype=torch.int32), torch.empty(3, dtype=torch.int32),
-                                            0.125, 0)
+                                            0.125, 0, 0)
         assert tuple(out.shape) == (3, 8, 128) and out.dtype == torch.float16
 
 
