@@ -172,3 +172,45 @@ def test_vq_ops_cpu_fallback_pads_like_the_kernel(monkeypatch):
     assert_equal("count", rc, count)
     assert_equal("idx", ri, idx[..., :k])
     assert_equal("pad", ri[..., -1:].expand(-1, -1, idx.shape[2] - k), idx[..., k:])
+
+
+def test_vq_ops_encode_select_attend_end_to_end(nan_empty):
+    """Codes written by the paged encode op, then LUT -> top-K -> sparse decode ops, against the dense
+    reference chain vq_encode -> vq_scores -> vq_select -> mask_to_indices -> sparse_attention."""
+    from kvcomp.ops.vq import sparse_decode, vq_encode_paged, vq_lut as op_lut, vq_topk
+    from kvcomp.ref import mask_to_indices, sparse_attention, vq_encode, vq_scores, vq_select
+
+    gen = torch.Generator().manual_seed(21)
+    b, hkv, g, d, nc, bs, lens = 2, 2, 2, 32, 16, 8, [13, 30]
+    cb = torch.randn(hkv, nc, d, generator=gen)
+    a = torch.randn(hkv, d, d, generator=gen) / d ** 0.5
+    lw = torch.linalg.cholesky(a @ a.transpose(1, 2) + 0.5 * torch.eye(d))
+    t = max(lens)
+    k_pre = torch.randn(b, hkv, t, d, generator=gen)
+    k = torch.randn(b, hkv, t, d, generator=gen)
+    v = torch.randn(b, hkv, t, d, generator=gen)
+    max_blocks = -(-t // bs)
+    nb = b * max_blocks
+    bt = torch.randperm(nb, generator=gen).view(b, max_blocks).to(torch.int32)
+    kc, vc = torch.zeros(nb, bs, hkv, d), torch.zeros(nb, bs, hkv, d)
+    for i, n in enumerate(lens):
+        for p in range(n):
+            kc[bt[i, p // bs], p % bs] = k[i, :, p]
+            vc[bt[i, p // bs], p % bs] = v[i, :, p]
+    sl = torch.tensor(lens, dtype=torch.int32)
+    k_new = torch.cat([k_pre[i, :, :n].transpose(0, 1) for i, n in enumerate(lens)])
+    qsl = torch.tensor([0, lens[0], sum(lens)], dtype=torch.int32)
+    cc = vq_encode_paged(k_new, cb, lw, torch.zeros(nb, bs, hkv, dtype=torch.int16), bt, sl, qsl)
+    q = torch.randn(b, hkv * g, d, generator=gen)
+    qw = torch.randn(b, hkv * g, d, generator=gen)
+    idx, count = vq_topk(op_lut(qw, cb), cc, bt, sl, topk=4, sink=1, local=3)
+    out = sparse_decode(q, kc, vc, bt, idx, count)
+    codes = vq_encode(k_pre, cb, lw)
+    for i, n in enumerate(lens):
+        codes_i = cc[bt[i].long()].reshape(-1, hkv)[:n].T.unsqueeze(0)
+        assert (codes_i == codes[i:i + 1, :, :n]).float().mean() >= 0.95  # near-ties may differ
+        mask = vq_select(vq_scores(vq_lut(qw[i:i + 1], cb), codes_i), topk=4, sink=1, local=3, num_kv_heads=hkv)
+        ri, rc = mask_to_indices(mask)
+        assert_equal(f"count[{i}]", rc, count[i:i + 1])
+        ref = sparse_attention(q[i:i + 1, :, None], k[i:i + 1, :, :n], v[i:i + 1, :, :n], ri, rc)[:, :, 0]
+        assert_close(f"out[{i}]", ref, out[i:i + 1], 1e-5)
