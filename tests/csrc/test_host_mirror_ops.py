@@ -267,3 +267,41 @@ def test_scatter_errors(impl):
 def test_impl_argument():
     with pytest.raises(ValueError, match="impl must be"):
         hm.gather_tokens(torch.zeros(1, 2, 3), torch.zeros(1, 1, dtype=torch.long), impl="cuda")
+
+
+# ----------------------------------------------------------------------------- GPU zero-copy gather
+
+
+def _has_uva() -> bool:
+    if not (has_ext() and torch.cuda.is_available()):
+        return False
+    from kvcomp._ext import load_ext
+
+    return bool(load_ext().with_cuda())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_uva(), reason="needs CUDA and kvcomp._C built with KVCOMP_CUDA=1")
+@pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
+@pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 128), (torch.float32, 17), (torch.float16, 3)], ids=str)
+def test_gather_uva(paged, dtype, d):
+    """Pinned host mirror -> GPU buffer, zero-copy; rows that are 16-byte aligned and ones that are not."""
+    hkv, t, k, bs = 4, 300, 37, 16
+    dense = torch.randn(1, hkv, t, d, generator=_gen(70)).to(dtype)
+    pos = torch.randint(0, t, (hkv, k), generator=_gen(71))
+    ref = torch.stack([dense[0, h, pos[h]] for h in range(hkv)])
+    if paged:
+        cache, table = _paged(dense, bs, seed=72)
+        src, kw = cache.pin_memory(), {"block_table": table[0].cuda()}
+    else:
+        src, kw = dense[0].pin_memory(), {}
+    out = hm.gather_tokens(src, pos.to(torch.int32).cuda(), impl="native", **kw)
+    torch.cuda.synchronize()
+    assert out.is_cuda
+    assert_equal("uva gather", ref, out.cpu())
+    bad = pos.clone().cuda()
+    bad[1, 3] = 10_000
+    with pytest.raises(ValueError, match="out-of-range"):
+        hm.gather_tokens(src, bad, impl="native", **kw)
+    with pytest.raises(ValueError, match="pinned"):
+        hm.gather_tokens(src.clone(), pos.cuda(), impl="native", **kw)
