@@ -11,6 +11,8 @@ Tasks (all deterministic given ``seed``; every draw goes through one ``random.Ra
 | ``niah_multiquery`` | ``num_queries`` (4) needles, 4 keys | all 4 keys | 4 values | 48 |
 | ``vt`` | "VAR ABCDE = 12345." then hops "VAR X = VAR Y." | the value | all 5 names | 30 |
 
+``vt`` prepends, like RULER, one solved example (``icl=True``; own names and value, 10 noise sentences).
+
 Keys are adjective-noun pairs ("fretful-place") from built-in word lists; values are 7-digit
 numbers. Needle depths (percent of the haystack sentences before the needle) are drawn from the
 40 evenly spaced RULER depths ``round(linspace(0, 100, 40))``. Values that occur in the haystack
@@ -35,7 +37,7 @@ import string
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .haystack import HAYSTACKS, build_context, corpus_text, haystack_sentences, take_sentences
+from .haystack import FILLER, HAYSTACKS, build_context, corpus_text, haystack_sentences, take_sentences
 
 __all__ = [
     "ADJECTIVES",
@@ -198,6 +200,7 @@ _FIXED_TEXT = " ".join([
     "Memorize and track the chain(s) of variable assignment hidden in the following text. Question: Find all "
     "variables that are assigned the value in the text above. Answer: According to the chain(s) of variable "
     "assignment in the text above, variables are assigned the value, they are: VAR One of",
+    FILLER,
 ]).lower()
 
 
@@ -265,7 +268,28 @@ def _plan_multiquery(d: _Draw, num_queries: int = 4, **kw: Any) -> _Plan:
     return _niah_plan(d, keys, [[d.number(7)] for _ in keys], num_queries)
 
 
-def _plan_vt(d: _Draw, num_chains: int = 1, num_hops: int = 4, **kw: Any) -> _Plan:
+_VT_INTRO = "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"
+
+
+def _vt_chain(d: _Draw, num_hops: int) -> tuple[list[str], str, list[str]]:
+    """(names, value, statements) of one chain: ``VAR A = value.`` then ``VAR B = VAR A.`` ..."""
+    names = [d.var() for _ in range(num_hops + 1)]
+    value = d.number(5)
+    stmts = [f"VAR {names[0]} = {value}."] + [
+        f"VAR {names[j + 1]} = VAR {names[j]}." for j in range(num_hops)]
+    return names, value, stmts
+
+
+def _vt_question(query: str, num_v: int) -> tuple[str, str]:
+    question = f"Question: Find all variables that are assigned the value {query} in the text above."
+    prefix = (f"Answer: According to the chain(s) of variable assignment in the text above, "
+              f"{num_v} variables are assigned the value {query}, they are:")
+    return question, prefix
+
+
+def _plan_vt(d: _Draw, num_chains: int = 1, num_hops: int = 4, icl: bool = True, **kw: Any) -> _Plan:
+    """Variable tracking. With ``icl`` (RULER's default) a short solved example on a fixed
+    10-sentence noise haystack, with its own fresh names and value, precedes the question."""
     _no_kwargs("vt", kw)
     _positive("num_chains", num_chains)
     _positive("num_hops", num_hops)
@@ -276,24 +300,24 @@ def _plan_vt(d: _Draw, num_chains: int = 1, num_hops: int = 4, **kw: Any) -> _Pl
     values: list[str] = []
     first_depth = 0.0
     for c in range(num_chains):
-        names = [d.var() for _ in range(num_hops + 1)]
-        value = d.number(5)
+        names, value, stmts = _vt_chain(d, num_hops)
         depths = sorted(d.depths(num_hops + 1))
-        stmts = [f"VAR {names[0]} = {value}."] + [
-            f"VAR {names[j + 1]} = VAR {names[j]}." for j in range(num_hops)]
         needles.extend(zip(depths, stmts))
         chains.append(names)
         values.append(value)
         if c == 0:
             first_depth = depths[0]
     query = values[0]
-    template = ("Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"
-                "{context}\n"
-                f"Question: Find all variables that are assigned the value {query} in the text above.")
-    prefix = (f"Answer: According to the chain(s) of variable assignment in the text above, "
-              f"{num_hops + 1} variables are assigned the value {query}, they are:")
+    question, prefix = _vt_question(query, num_hops + 1)
+    demo = ""
+    if icl:
+        names, value, stmts = _vt_chain(d, num_hops)
+        ctx = build_context(take_sentences("noise", 10), list(zip(sorted(d.depths(num_hops + 1)), stmts)))
+        q, p = _vt_question(value, num_hops + 1)
+        demo = _VT_INTRO + ctx + "\n" + q + " " + p + " " + " ".join(names) + ".\n\n"
+    template = demo + _VT_INTRO + "{context}\n" + question
     return _Plan(needles, list(chains[0]), template, prefix, depth=first_depth, query=query,
-                 meta={"chains": chains, "values": values})
+                 meta={"chains": chains, "values": values, "icl": bool(icl)})
 
 
 _PLANS: dict[str, Callable[..., _Plan]] = {
@@ -341,7 +365,7 @@ def make_sample(task: str, tokenizer: Any, context_len: int, *, haystack: str = 
             without extra special tokens).
         max_new_tokens: output budget; defaults to ``TASKS[task]``.
         **options: task options (``num_distractors``, ``num_values``, ``num_queries``,
-            ``num_chains``, ``num_hops``).
+            ``num_chains``, ``num_hops``, ``icl`` for ``vt``).
 
     Returns the ``Sample`` with the largest haystack (in sentences) that fits.
     Raises ValueError for an unknown task/haystack, a non-positive budget, or a ``context_len``

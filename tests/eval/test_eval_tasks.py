@@ -132,7 +132,15 @@ def test_vt_chain(ws_tok, haystack, seed):
     assert list(s.depths) == sorted(s.depths) and s.depth == s.depths[0]
     assert f"5 variables are assigned the value {value}, they are:" in s.answer_prefix
     assert all(s.prompt.count(f"VAR {n} =") == 1 for n in s.answers)
-    two = make_sample("vt", ws_tok, 800, haystack=haystack, seed=seed, num_chains=2, num_hops=2)
+    # RULER's one-shot example comes first: a solved chain with other names and another value
+    demo_names = [n for n in env if n not in s.answers]
+    assert len(demo_names) == 5 and len({env[n] for n in demo_names}) == 1 and env[demo_names[0]] != value
+    demo, rest = s.prompt.split("they are: ", 1)[0], s.prompt.split("they are: ", 1)[1]
+    assert all(n in rest.split("\n")[0] for n in demo_names) and s.answers[0] not in demo
+    assert s.prompt.count("Memorize and track") == 2
+    plain = make_sample("vt", ws_tok, 800, haystack=haystack, seed=seed, icl=False)
+    assert plain.prompt.count("Memorize and track") == 1 and len(_resolve_vt(plain.prompt)) == 5
+    two = make_sample("vt", ws_tok, 800, haystack=haystack, seed=seed, num_chains=2, num_hops=2, icl=False)
     env = _resolve_vt(two.prompt)
     assert len(env) == 6 and len(set(env.values())) == 2
     assert sorted(k for k, v in env.items() if v == two.query) == sorted(two.answers)
@@ -140,7 +148,7 @@ def test_vt_chain(ws_tok, haystack, seed):
 
 
 @pytest.mark.parametrize("task", ["passkey", "niah_multivalue", "vt"])
-@pytest.mark.parametrize("ctx", [200, 513, 2048])
+@pytest.mark.parametrize("ctx", [300, 513, 2048])
 def test_length_control_stub(ws_tok, task, ctx):
     for haystack, tol in (("noise", 5), ("prose", max(len(x.split()) for x in haystack_sentences("prose")) + 8)):
         s = make_sample(task, ws_tok, ctx, haystack=haystack, seed=1)
