@@ -334,7 +334,7 @@ def add_duo_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=100, help="optimiser steps (duo-attention: 2000 on GPUs)")
     parser.add_argument("--num-samples", type=int, default=8, help="distinct passkey samples (cycled)")
     parser.add_argument("--min-len", type=int, default=1024, help="shortest sample, tokens")
-    parser.add_argument("--max-len", type=int, default=2048, help="longest sample, tokens")
+    parser.add_argument("--max-len", type=int, default=1024, help="longest sample, tokens (lengths evenly spaced from --min-len)")
     parser.add_argument("--num-passkeys", type=int, default=None, help="default: by length (4 at 1K, 8 at 2K, 10 from 2.5K)")
     parser.add_argument("--passkey-words", type=int, default=None, help="default: 8 up to 2K, 16 up to 8K, 32 beyond")
     parser.add_argument("--sink", type=int, default=64,
