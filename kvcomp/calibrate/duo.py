@@ -372,7 +372,7 @@ def run_duo(args: argparse.Namespace) -> DuoResult:
         f"lr={args.lr}-reg={args.reg}-ctx={args.min_len}_{args.max_len}-multi_passkey{n_keys}")
     cfg = dict(res.config)
     cfg.update({"model": args.model, "seed": args.seed, "min_len": args.min_len, "max_len": args.max_len,
-                "num_passkeys": args.num_passkeys, "passkey_words": args.passkey_words,
+                "num_passkeys": n_keys, "passkey_words": len(samples[0].passkeys[0]),
                 "device": str(device), "seconds": round(res.seconds, 1),
                 "final_loss": res.losses[-1], "final_distill": res.distill[-1],
                 "first_distill": res.distill[0],

@@ -121,3 +121,14 @@ def test_train_gates_bad_inputs(model, tok):
 def test_cli_args_defaults():
     a = add_duo_args(argparse.ArgumentParser()).parse_args([])
     assert (a.sink, a.recent, a.lr, a.reg, a.model) == (64, 256, 0.02, 0.05, "smollm2-135m")
+
+
+def test_shipped_smollm2_pattern():
+    import kvcomp
+
+    d = os.path.join(os.path.dirname(kvcomp.__file__), "patterns_data", "smollm2-135m")
+    a = read_pattern_tsv(os.path.join(d, "full_attention_heads.tsv"))
+    assert a.shape == (30, 3) and float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+    assert float(a.std()) > 0.1  # trained, not constant
+    cfg = json.loads(open(os.path.join(d, "config.json")).read())
+    assert cfg["model"] == "smollm2-135m" and cfg["steps"] >= 1 and cfg["reg"] == 0.05
