@@ -84,7 +84,7 @@ template <typename scalar_t, typename index_t>
 void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const index_t* idx, const int64_t* cnt,
          const int32_t* table, int64_t table_len, bool paged, const Dims& n, float scale, at::Tensor& out) {
   using detail::TokenAddr;
-  TokenAddr ka = detail::make_addr(k, paged, 1), va = detail::make_addr(v, paged, 1);
+  const TokenAddr k_addr = detail::make_addr(k, paged, 1), v_addr = detail::make_addr(v, paged, 1);
   const int64_t k_sb = paged ? 0 : k.stride(0), v_sb = paged ? 0 : v.stride(0);
   const scalar_t* kbase = k.data_ptr<scalar_t>();
   const scalar_t* vbase = v.data_ptr<scalar_t>();
@@ -114,6 +114,7 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const in
         const scalar_t* qr = qbase + bi * q_sb + (h * n.g + i) * q_sh;
         for (int64_t cc = 0; cc < n.d; ++cc) qf[i * n.d + cc] = static_cast<float>(qr[cc]) * scale;
       }
+      TokenAddr ka = k_addr, va = v_addr;  // per item: the block-table row depends on the batch
       ka.table = va.table = table ? table + bi * table_len : nullptr;
       const index_t* ids = idx + bh * n.kmax;
       const int64_t len = j1 - j0;

@@ -183,6 +183,25 @@ def test_sparse_attention_paged(impl):
     assert_close("paged sparse attention", ref, out, DTYPE_RATIO[torch.bfloat16])
 
 
+@native
+def test_sparse_attention_paged_many_sequences_threads():
+    """Many (sequence, head) items over several threads, each sequence with its own block table."""
+    b, hkv, g, t, d, k, bs = 9, 2, 2, 48, 16, 7, 8
+    q, kk, vv, idx, count = _attn_inputs(b, hkv, g, t, d, d, k, torch.float32, seed=35)
+    kc, table = _paged(kk, bs, seed=36)
+    vc, _ = _paged(vv, bs, seed=36)
+    ref = _naive_attention(q, kk, vv, idx, count, 1 / math.sqrt(d))
+    threads = torch.get_num_threads()
+    try:
+        for n in (2, 4):
+            torch.set_num_threads(n)
+            for _ in range(20):
+                out = hm.sparse_attention_host(q, kc, vc, idx, count, block_table=table, impl="native")
+                assert_close(f"paged attention, {n} threads", ref, out, 1e-5)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_sparse_attention_strided_mirror(impl):
     """k/v as views of a larger [B, T, Hkv, D] buffer (token-major), padding entries ignored."""
