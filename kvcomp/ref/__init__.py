@@ -6,6 +6,17 @@ Layouts and names follow docs/architecture.md, section "References (kvcomp/ref/)
 from .attention import attention as attention
 from .attention import gather_paged as gather_paged
 from .attention import paged_attention as paged_attention
+from .cache_write import streaming_slot as streaming_slot
+from .cache_write import write_paged_kv as write_paged_kv
+from .cache_write import write_streaming_kv as write_streaming_kv
+from .compressed_write import pack_pruned_keys_paged as pack_pruned_keys_paged
+from .compressed_write import vq_encode_paged as vq_encode_paged
+from .duo import duo_decode_attention as duo_decode_attention
+from .duo import duo_head_map as duo_head_map
+from .duo import ring_positions as ring_positions
+from .think_paged import gather_codes as gather_codes
+from .think_paged import paged_pruned_key_attention as paged_pruned_key_attention
+from .think_paged import paged_vq_topk as paged_vq_topk
 from .rope import apply_rope as apply_rope
 from .rope import rope_cos_sin as rope_cos_sin
 from .rope import unapply_rope as unapply_rope
@@ -55,4 +66,15 @@ __all__ = [
     "mask_to_indices",
     "sparse_attention",
     "paged_sparse_attention",
+    "duo_decode_attention",
+    "duo_head_map",
+    "ring_positions",
+    "streaming_slot",
+    "write_paged_kv",
+    "write_streaming_kv",
+    "paged_pruned_key_attention",
+    "gather_codes",
+    "paged_vq_topk",
+    "pack_pruned_keys_paged",
+    "vq_encode_paged",
 ]

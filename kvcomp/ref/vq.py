@@ -370,7 +370,10 @@ def _sparse_core(q: torch.Tensor, k_sel: torch.Tensor, v_sel: torch.Tensor, live
     hkv = k_sel.shape[1]
     g = hq // hkv
     qf = q.float().reshape(b, hkv, g, tq, d)
-    logits = torch.matmul(qf, k_sel.float().unsqueeze(2).transpose(-1, -2)) * sc
+    # padded entries gathered an arbitrary (maybe never-written, NaN) row: zero them so 0 * NaN cannot leak
+    k_sel = k_sel.float().masked_fill(~live[..., None], 0.0)
+    v_sel = v_sel.float().masked_fill(~live[..., None], 0.0)
+    logits = torch.matmul(qf, k_sel.unsqueeze(2).transpose(-1, -2)) * sc
     o = softmax_av(logits, live[:, :, None, None, :], v_sel.float())
     return o.reshape(b, hq, tq, v_sel.shape[-1])
 

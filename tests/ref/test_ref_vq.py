@@ -333,3 +333,23 @@ def test_kmeans_64k_by_4096_memory():
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert float(res.stdout.strip().splitlines()[-1]) < 400  # MiB over the input
+
+
+def test_paged_sparse_attention_ignores_nan_in_unselected_slots():
+    import kvcomp.ref as R
+
+    g = torch.Generator().manual_seed(5)
+    k_cache = torch.full((4, 4, 2, 8), float("nan"))
+    v_cache = torch.full((4, 4, 2, 8), float("nan"))
+    k_cache[2, :3] = torch.randn(3, 2, 8, generator=g)
+    v_cache[2, :3] = torch.randn(3, 2, 8, generator=g)
+    bt = torch.tensor([[2, 0]], dtype=torch.int32)
+    idx = torch.tensor([[[0, 2, 2], [1, 1, 1]]], dtype=torch.int32)
+    count = torch.tensor([[2, 1]], dtype=torch.int32)
+    q = torch.randn(1, 4, 8, generator=g)
+    out = R.paged_sparse_attention(q, k_cache, v_cache, bt, idx, count)
+    assert not torch.isnan(out).any()
+    dense_k = k_cache[2, :3].permute(1, 0, 2)[None]
+    dense_v = v_cache[2, :3].permute(1, 0, 2)[None]
+    want = R.sparse_attention(q[:, :, None], dense_k, dense_v, idx, count)[:, :, 0]
+    torch.testing.assert_close(out, want)
