@@ -85,13 +85,6 @@ def replace_spec(spec: AttentionSpec, **changes) -> AttentionSpec:
     return dataclasses.replace(spec, **changes)
 
 
-def spec_content_elems(spec: AttentionSpec, elem_bytes: int) -> int:
-    """Content elements per (head slot, token) cell of a spec's page (the C of ``[B, H, N, C]``)."""
-    if HAS_PACKED_SPEC and getattr(spec, "state_content_bytes", None) is not None:
-        return spec.state_content_bytes // elem_bytes
-    return spec.head_size + getattr(spec, "head_size_v", spec.head_size)
-
-
 def tp_rank_and_size() -> tuple[int, int]:
     """``(rank, world_size)`` of tensor parallelism, ``(0, 1)`` before vLLM set it up."""
     try:
