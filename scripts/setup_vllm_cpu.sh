@@ -12,7 +12,8 @@
 #      beside CPU torch with "operator torchvision::nms does not exist")
 #   5. kvcomp editable without deps (its pyproject registers the vllm.general_plugins entry point)
 #      plus safetensors and tqdm, with torch held at 2.13.0 by a constraints file
-#   6. check: `import vllm` and the kvcomp entry point are visible
+#   6. pytest, so `<venv>/bin/python -m pytest tests/vllm` runs every vLLM test in-venv
+#   7. check: `import vllm` and the kvcomp entry point are visible
 set -euo pipefail
 
 VENV="${1:-${KVCOMP_VLLM_VENV:-/work/venv-vllm}}"
@@ -71,6 +72,11 @@ if ! kvcomp_ok; then
     step "installing kvcomp (editable, no deps) + safetensors, tqdm"
     "${PIP[@]}" install -q -c "$CONSTRAINTS" safetensors tqdm
     "${PIP[@]}" install -q --no-deps -e "$REPO"
+fi
+
+if ! "$VENV/bin/python" -c "import pytest" 2>/dev/null; then
+    step "installing pytest (to run tests/vllm inside this venv)"
+    "${PIP[@]}" install -q -c "$CONSTRAINTS" pytest
 fi
 
 step "checking imports"

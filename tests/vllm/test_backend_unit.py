@@ -1,0 +1,138 @@
+"""kvcomp's vLLM Impl outside an engine: page writes by slot mapping and paged attention.
+
+Runs only in an interpreter that imports vLLM (e.g. ``<vllm venv>/bin/pytest tests/vllm``); the
+engine tests cover the same code end to end from any interpreter.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+_spec = importlib.util.find_spec("vllm")
+pytestmark = pytest.mark.skipif(
+    _spec is None or _spec.origin is None, reason="vllm is not importable in this interpreter")
+
+HQ, HKV, D, BS, NB = 4, 2, 64, 16, 12
+
+
+def _impl(plan=None):
+    from kvcomp.vllm_plugin.backend import KVCompAttentionImpl
+
+    impl = KVCompAttentionImpl(HQ, D, D ** -0.5, HKV)
+    if plan is not None:
+        impl.plan = plan
+    return impl
+
+
+def _batch(seed=0):
+    """Two sequences: b0 continues a prefill (ctx 20, 7 new), b1 decodes (ctx 33, 1 new)."""
+    g = torch.Generator().manual_seed(seed)
+    ctx, new = [20, 33], [7, 1]
+    block_table = torch.tensor([[5, 2, 9, 0], [1, 7, 3, 11]], dtype=torch.int32)
+    seq_lens = torch.tensor([c + n for c, n in zip(ctx, new)], dtype=torch.int32)
+    qsl = torch.tensor([0, 7, 8], dtype=torch.int32)
+    slots = []
+    for b in range(2):
+        for p in range(ctx[b], ctx[b] + new[b]):
+            slots.append(int(block_table[b, p // BS]) * BS + p % BS)
+    T = sum(new) + 3  # 3 padding rows past num_actual_tokens
+    q = torch.randn(T, HQ, D, generator=g)
+    k = torch.randn(T, HKV, D, generator=g)
+    v = torch.randn(T, HKV, D, generator=g)
+    return SimpleNamespace(ctx=ctx, new=new, block_table=block_table, seq_lens=seq_lens, qsl=qsl,
+                           slots=torch.tensor(slots + [-1], dtype=torch.int64), q=q, k=k, v=v, g=g)
+
+
+def _meta(bt):
+    from kvcomp.vllm_plugin.backend import KVCompAttentionMetadata
+
+    n = int(bt.qsl[-1])
+    return KVCompAttentionMetadata(num_reqs=2, num_actual_tokens=n, max_query_len=7, max_seq_len=int(bt.seq_lens.max()),
+                                   query_start_loc=bt.qsl, seq_lens=bt.seq_lens, block_table=bt.block_table,
+                                   slot_mapping=bt.slots[:n])
+
+
+def _prefill_context(kv_cache, bt, dk):
+    """Random keys/values for the context tokens, written straight into the pages."""
+    for b in range(2):
+        for p in range(bt.ctx[b]):
+            blk, off = int(bt.block_table[b, p // BS]), p % BS
+            kv_cache[blk, :, off] = torch.randn(HKV, dk + D, generator=bt.g)
+
+
+def test_write_then_attend_matches_reference():
+    from kvcomp.ref import paged_attention
+
+    bt = _batch()
+    impl = _impl()
+    kv_cache = torch.zeros(NB, HKV, BS, 2 * D)
+    _prefill_context(kv_cache, bt, D)
+    untouched = kv_cache.clone()
+    layer = SimpleNamespace(layer_name="model.layers.0.self_attn.attn")
+    impl.do_kv_cache_update(layer, bt.k, bt.v, kv_cache, bt.slots)  # includes a -1 slot: skipped
+    n = int(bt.qsl[-1])
+    written = torch.zeros(NB * BS, dtype=torch.bool)
+    written[bt.slots[:n]] = True
+    written = written.view(NB, BS)
+    for s, t in zip(bt.slots[:n].tolist(), range(n)):
+        assert torch.equal(kv_cache[s // BS, :, s % BS, :D], bt.k[t])
+        assert torch.equal(kv_cache[s // BS, :, s % BS, D:], bt.v[t])
+    assert torch.equal(kv_cache.permute(0, 2, 1, 3)[~written], untouched.permute(0, 2, 1, 3)[~written])
+
+    out = torch.full((bt.q.shape[0], HQ, D), 7.0)
+    impl.forward(layer, bt.q, bt.k, bt.v, kv_cache, _meta(bt), out)
+    kc = kv_cache[..., :D].permute(0, 2, 1, 3)
+    vc = kv_cache[..., D:].permute(0, 2, 1, 3)
+    ref = paged_attention(bt.q[:n], kc, vc, bt.block_table, bt.seq_lens, bt.qsl, scale=D ** -0.5)
+    from kvcomp.testing import assert_close
+
+    assert_close("kvcomp vllm forward", ref, out[:n], 1e-6)
+    assert bool((out[n:] == 7.0).all()), "padding rows must stay untouched"
+    assert impl.forward(layer, bt.q, bt.k, bt.v, kv_cache, None, out) is out  # profiling run
+
+
+def test_think_pages_and_attention():
+    from kvcomp.ref import paged_attention
+    from kvcomp.testing import assert_close
+    from kvcomp.vllm_plugin.plan import Plan
+
+    keep = 40
+    g = torch.Generator().manual_seed(3)
+    ch = torch.stack([torch.stack([torch.randperm(D, generator=g)[:keep].sort().values for _ in range(HKV)])
+                      for _ in range(2)])
+    plan = Plan(num_layers=2, num_kv_heads=HKV, head_dim=D, think_channels=ch, source="test")
+    bt = _batch(seed=1)
+    impl = _impl(plan)
+    layer = SimpleNamespace(layer_name="model.layers.1.self_attn.attn")
+    kv_cache = torch.zeros(NB, HKV, BS, keep + D)
+    _prefill_context(kv_cache, bt, keep)
+    impl.do_kv_cache_update(layer, bt.k, bt.v, kv_cache, bt.slots)
+    n = int(bt.qsl[-1])
+    for t, s in enumerate(bt.slots[:n].tolist()):
+        for h in range(HKV):
+            assert torch.equal(kv_cache[s // BS, h, s % BS, :keep], bt.k[t, h, ch[1, h]])
+    out = torch.empty(bt.q.shape[0], HQ, D)
+    impl.forward(layer, bt.q, bt.k, bt.v, kv_cache, _meta(bt), out)
+    # reference: full-width pages with pruned channels zero, query zeroed alike, full-D scale
+    mask = torch.zeros(HKV, D)
+    mask.scatter_(1, ch[1], 1.0)
+    kfull = torch.zeros(NB, BS, HKV, D)
+    kfull.scatter_(3, ch[1].view(1, 1, HKV, keep).expand(NB, BS, HKV, keep),
+                   kv_cache[..., :keep].permute(0, 2, 1, 3))
+    qm = bt.q[:n] * mask.repeat_interleave(HQ // HKV, 0)
+    ref = paged_attention(qm, kfull, kv_cache[..., keep:].permute(0, 2, 1, 3), bt.block_table, bt.seq_lens,
+                          bt.qsl, scale=D ** -0.5)
+    assert_close("kvcomp vllm ThinK forward", ref, out[:n], 1e-6)
+
+
+def test_unsupported_features_refused():
+    from kvcomp.vllm_plugin.backend import KVCompAttentionImpl
+
+    with pytest.raises(ValueError, match="sliding window 128"):
+        KVCompAttentionImpl(HQ, D, 0.1, HKV, sliding_window=128)
+    with pytest.raises(ValueError, match="kv_cache_dtype fp8"):
+        KVCompAttentionImpl(HQ, D, 0.1, HKV, kv_cache_dtype="fp8")
