@@ -167,6 +167,9 @@ class KVCompAttentionImpl(C.AttentionImpl):
         self._layer_ready = True
         if self.plan.key_dim is None:
             return
+        if self.kv_sharing_target_layer_name is not None:
+            raise ValueError(f"{layer.layer_name} reads the KV cache of {self.kv_sharing_target_layer_name}: "
+                             "ThinK pages of shared-KV layers are not supported")
         rank, size = C.tp_rank_and_size()
         total = self.plan.num_kv_heads
         if total is None:
