@@ -8,6 +8,7 @@ which reloads in < 1 s).
 import importlib.util
 import os
 import re
+import tempfile
 
 import pytest
 
@@ -46,7 +47,11 @@ def smol_tok(request):
     gguf_file = "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not os.path.exists(os.path.join(gguf_dir, gguf_file)):
         pytest.skip("SmolLM2 GGUF file missing")
-    cache = str(request.config.cache.mkdir("kvcomp_smollm2_tokenizer"))
+    store = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
+    if store is not None:
+        cache = str(store.mkdir("kvcomp_smollm2_tokenizer"))
+    else:
+        cache = os.path.join(tempfile.gettempdir(), f"kvcomp_smollm2_tokenizer_{os.getuid()}")
     if os.path.exists(os.path.join(cache, "tokenizer.json")):
         return transformers.AutoTokenizer.from_pretrained(cache)
     tok = transformers.AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
