@@ -18,7 +18,7 @@ Environment:
     MAX_JOBS               parallel compile jobs (default: CPU count).
     KVCOMP_CMAKE_ARGS      extra arguments for the CMake configure step.
 
-Packages: ``kvcomp*`` and the top-level Triton package ``kernels*`` (see pyproject.toml).
+Packages: ``kvcomp*``; the top-level Triton folder ``kernels/`` installs as ``kvcomp.kernels``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -118,6 +118,8 @@ class CMakeBuild(build_ext):
 
 
 setup(
+    packages=find_packages(include=["kvcomp", "kvcomp.*"]) + ["kvcomp.kernels"],
+    package_dir={"kvcomp.kernels": "kernels"},
     ext_modules=[CMakeExtension("kvcomp._C")] if build_ext_requested() else [],
     cmdclass={"build_ext": CMakeBuild},
 )

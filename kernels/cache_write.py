@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import check_device, check_float, check_head_dim, check_int, check_shape, next_pow2
+from kvcomp.kernels._common import check_device, check_float, check_head_dim, check_int, check_shape, next_pow2
 
 
 @triton.jit

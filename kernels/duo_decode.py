@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import (check_device, check_float, check_head_dim, check_int, dot, dot_f32,
+from kvcomp.kernels._common import (check_device, check_float, check_head_dim, check_int, dot, dot_f32,
                              interpreting, next_pow2, num_sms)
 
 _LOG2E = 1.4426950408889634

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import check_device, check_float, check_head_dim, dot, dot_f32, interpreting
+from kvcomp.kernels._common import check_device, check_float, check_head_dim, dot, dot_f32, interpreting
 
 _LOG2E = 1.4426950408889634
 _BIG = 1 << 30

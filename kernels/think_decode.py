@@ -5,7 +5,7 @@ Cache layout (one layer; ``W`` = full-width recent window, ``Dk`` = kept channel
 - ``kp_cache [num_blocks, block_size, Hkv, Dk]``: channel-pruned keys. Token ``p`` of sequence ``b``
   sits in slot ``p % block_size`` of block ``block_table[b, p // block_size]`` (the same pages and
   block table as the values). Every appended token is written here (see
-  :mod:`kernels.think_write`), but decode reads it only for the pruned region ``p < T_p``.
+  :mod:`kvcomp.kernels.think_write`), but decode reads it only for the pruned region ``p < T_p``.
 - ``chan_idx [B or 1, Hkv, Dk]``: kept channel ids per KV head (per request, or one static set per
   layer broadcast over the batch when the first dim is 1).
 - ``k_recent [B, Hkv, W, D]``: full-width ring; token ``p`` sits in slot ``p % W``. It holds the
@@ -16,7 +16,7 @@ Cache layout (one layer; ``W`` = full-width recent window, ``Dk`` = kept channel
 Decode of one query per sequence: logits of pruned tokens are ``q[chan_idx] . k_pruned``, of recent
 tokens ``q . k``, all scaled by ``scale`` (default ``1/sqrt(D)`` with the full ``D``). The pruned
 range is split into ``S`` parts (grid axis 1) plus one extra part for the ring; parts are merged by
-:func:`kernels.think_splitk.splitk_combine`. Each program handles one (sequence, KV head) and all
+:func:`kvcomp.kernels.think_splitk.splitk_combine`. Each program handles one (sequence, KV head) and all
 ``G`` query heads of its group (padded to 16 rows for ``tl.dot``), so a key tile is read once per
 group. Reference: :func:`kvcomp.ref.think_paged.paged_pruned_key_attention`.
 """

@@ -1,6 +1,6 @@
 """ThinK cache write: pack the kept channels of new keys into the narrow pages, full width into the ring.
 
-Layout: :mod:`kernels.think_decode`. One program per new token (all KV heads at once): it finds its
+Layout: :mod:`kvcomp.kernels.think_decode`. One program per new token (all KV heads at once): it finds its
 sequence by counting ``query_start_loc[1:] <= i``, its position
 ``p = seq_lens[b] - q_len_b + (i - query_start_loc[b])``, gathers ``k[i, h, chan_idx[b|0, h]]`` into
 slot ``p % block_size`` of block ``block_table[b, p // block_size]`` and, when ``p >= seq_lens[b] - W``,

@@ -3,7 +3,7 @@
 Program (sequence ``b``, KV head ``h``, part ``s``) reads the positions ``idx[b, h, j]`` for ``j`` in its
 slice of ``[0, count[b, h])``, gathers their keys and values from the pages (token ``p`` in slot
 ``p % block_size`` of block ``block_table[b, p // block_size]``) and runs an online softmax for all
-``G`` query heads of the group; the parts are merged by :func:`kernels.think_splitk.splitk_combine`.
+``G`` query heads of the group; the parts are merged by :func:`kvcomp.kernels.think_splitk.splitk_combine`.
 Reference: :func:`kvcomp.ref.paged_sparse_attention`.
 """
 

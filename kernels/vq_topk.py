@@ -191,7 +191,7 @@ def triton_vq_topk(lut: torch.Tensor, code_cache: torch.Tensor, block_table: tor
     """Exact A²ATS selection (contract of :func:`kvcomp.ref.think_paged.paged_vq_topk`).
 
     Args:
-        lut: ``[B, Hq, C]`` fp32 from :func:`kernels.vq_lut.triton_vq_lut` (contiguous).
+        lut: ``[B, Hq, C]`` fp32 from :func:`kvcomp.kernels.vq_lut.triton_vq_lut` (contiguous).
         code_cache: ``[num_blocks, block_size, Hkv]`` int16 codes in ``[0, C)`` (not checked on device).
         block_table: ``[B, max_blocks]`` int32/int64; seq_lens: ``[B]`` int32/int64 valid tokens.
         topk: int >= 0 or ``[B]`` int tensor; sink, local: ints >= 0.

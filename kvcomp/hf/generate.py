@@ -79,14 +79,8 @@ def generate(model, tokenizer, input_ids: torch.Tensor, config: CompressionConfi
 
 
 def sample_input_ids(tokenizer, sample) -> torch.Tensor:
-    """Token ids of a harness sample (chat template when the sample asks for it)."""
-    if getattr(sample, "chat", False):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": sample.user}], tokenize=False,
-                                             add_generation_prompt=True) + sample.answer_prefix
-        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
-    else:
-        ids = tokenizer(sample.prompt, add_special_tokens=sample.add_special_tokens, return_tensors="pt").input_ids
-    return ids
+    """Token ids of a harness sample, tokenized exactly as the harness measured its length."""
+    return tokenizer(sample.prompt, add_special_tokens=sample.add_special_tokens, return_tensors="pt").input_ids
 
 
 def make_generate(model, tokenizer, config: CompressionConfig | None):

@@ -12,7 +12,7 @@ import torch
 @torch.library.custom_op("kvcomp::write_paged_kv", mutates_args=("k_cache", "v_cache"))
 def _write_paged_kv_op(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                        slot_mapping: torch.Tensor) -> None:
-    from kernels.cache_write import write_paged_kv
+    from kvcomp.kernels.cache_write import write_paged_kv
 
     write_paged_kv(key, value, k_cache, v_cache, slot_mapping)
 
@@ -25,7 +25,7 @@ def _write_paged_kv_fake(key, value, k_cache, v_cache, slot_mapping):
 @torch.library.custom_op("kvcomp::write_streaming_kv", mutates_args=("k_buf", "v_buf"))
 def _write_streaming_kv_op(key: torch.Tensor, value: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
                            query_start_loc: torch.Tensor, seq_lens: torch.Tensor, sink: int) -> None:
-    from kernels.cache_write import write_streaming_kv
+    from kvcomp.kernels.cache_write import write_streaming_kv
 
     write_streaming_kv(key, value, k_buf, v_buf, query_start_loc, seq_lens, sink=sink)
 

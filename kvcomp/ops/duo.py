@@ -16,7 +16,7 @@ from kvcomp.ref.duo import check_duo_inputs
 def _duo_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                    seq_lens: torch.Tensor, k_stream: torch.Tensor, v_stream: torch.Tensor, head_map: torch.Tensor,
                    sink: int, window: int, scale: float, num_splits: int) -> torch.Tensor:
-    from kernels.duo_decode import duo_decode_attention
+    from kvcomp.kernels.duo_decode import duo_decode_attention
 
     return duo_decode_attention(q, k_cache, v_cache, block_table, seq_lens, k_stream, v_stream, head_map,
                                 sink=sink, window=window, scale=scale,

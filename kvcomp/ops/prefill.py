@@ -14,7 +14,7 @@ import torch
 @torch.library.custom_op("kvcomp::streaming_prefill", mutates_args=())
 def _streaming_prefill_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: int, window: int, scale: float,
                           q_pos: Optional[torch.Tensor], k_pos: Optional[torch.Tensor]) -> torch.Tensor:
-    from kernels.streaming_prefill import streaming_prefill
+    from kvcomp.kernels.streaming_prefill import streaming_prefill
 
     return streaming_prefill(q, k, v, sink=sink, window=window, scale=scale, q_pos=q_pos, k_pos=k_pos)
 

@@ -30,7 +30,7 @@ def _think_decode_op(q: torch.Tensor, kp_cache: torch.Tensor, chan_idx: torch.Te
 
         return paged_pruned_key_attention(q, kp_cache, chan_idx, k_recent, v_cache, block_table, seq_lens,
                                           scale=scale)
-    from kernels.think_decode import triton_think_decode
+    from kvcomp.kernels.think_decode import triton_think_decode
 
     return triton_think_decode(q, kp_cache, chan_idx, k_recent, v_cache, block_table, seq_lens, scale=scale,
                                tokens_per_split=None if tokens_per_split <= 0 else tokens_per_split,
@@ -51,7 +51,7 @@ def _pack_pruned_keys_op(k_new: torch.Tensor, chan_idx: torch.Tensor, kp_cache: 
 
         ref(k_new, chan_idx, kp_cache, k_recent, block_table, seq_lens, query_start_loc)
         return
-    from kernels.think_write import triton_pack_pruned_keys_paged
+    from kvcomp.kernels.think_write import triton_pack_pruned_keys_paged
 
     triton_pack_pruned_keys_paged(k_new, chan_idx, kp_cache, k_recent, block_table, seq_lens, query_start_loc)
 

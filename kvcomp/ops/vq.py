@@ -34,7 +34,7 @@ def _vq_lut_op(q_wrope: torch.Tensor, codebook: torch.Tensor, scale: float) -> t
         from kvcomp.ref import vq_lut as ref
 
         return ref(q_wrope, codebook, scale=scale)
-    from kernels.vq_lut import triton_vq_lut
+    from kvcomp.kernels.vq_lut import triton_vq_lut
 
     return triton_vq_lut(q_wrope, codebook, scale=scale)
 
@@ -57,7 +57,7 @@ def _vq_topk_op(lut: torch.Tensor, code_cache: torch.Tensor, block_table: torch.
         last = idx[..., -1:] if idx.shape[2] else out[..., :1]
         out[..., k:] = last
         return out, count
-    from kernels.vq_topk import triton_vq_topk
+    from kvcomp.kernels.vq_topk import triton_vq_topk
 
     return triton_vq_topk(lut, code_cache, block_table, seq_lens, topk=topk, sink=sink, local=local, kmax=kmax)
 
@@ -75,7 +75,7 @@ def _sparse_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         from kvcomp.ref import paged_sparse_attention
 
         return paged_sparse_attention(q, k_cache, v_cache, block_table, idx, count, scale=scale)
-    from kernels.vq_sparse_decode import triton_paged_sparse_attention
+    from kvcomp.kernels.vq_sparse_decode import triton_paged_sparse_attention
 
     return triton_paged_sparse_attention(q, k_cache, v_cache, block_table, idx, count, scale=scale)
 
@@ -91,7 +91,7 @@ def _vq_encode_op(k_pre: torch.Tensor, codebook: torch.Tensor, whiten: torch.Ten
         from kvcomp.ref import vq_encode as ref
 
         return ref(k_pre, codebook, whiten)
-    from kernels.vq_encode import triton_vq_encode
+    from kvcomp.kernels.vq_encode import triton_vq_encode
 
     return triton_vq_encode(k_pre, codebook, whiten)
 
@@ -109,7 +109,7 @@ def _vq_encode_paged_op(k_new: torch.Tensor, codebook: torch.Tensor, whiten: tor
 
         ref(k_new, codebook, whiten, code_cache, block_table, seq_lens, query_start_loc)
         return
-    from kernels.vq_encode import triton_vq_encode_paged
+    from kvcomp.kernels.vq_encode import triton_vq_encode_paged
 
     triton_vq_encode_paged(k_new, codebook, whiten, code_cache, block_table, seq_lens, query_start_loc)
 

@@ -1,9 +1,9 @@
 """Paged decode composites over compressed caches, built from the ``kvcomp.ref`` primitives.
 
 - :func:`paged_pruned_key_attention`: ThinK decode over pruned key pages + a full-width recent ring
-  (layout below); ground truth of ``kernels.think_decode``.
+  (layout below); ground truth of ``kvcomp.kernels.think_decode``.
 - :func:`gather_codes` / :func:`paged_vq_topk`: A²ATS retrieval over a paged int16 code cache
-  ``[num_blocks, block_size, Hkv]``; ground truth of ``kernels.vq_topk``.
+  ``[num_blocks, block_size, Hkv]``; ground truth of ``kvcomp.kernels.vq_topk``.
 
 ThinK cache layout (``W`` = recent window, ``Dk`` kept channels):
 ``kp_cache [num_blocks, block_size, Hkv, Dk]`` (token ``p`` of sequence ``b`` in slot

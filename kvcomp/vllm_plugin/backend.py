@@ -23,8 +23,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from torch import nn
 
 from ..ref.attention import paged_attention
+from ..ref.streaming import streaming_attention
 from . import ENV_TRACE
 from . import compat as C
 from .plan import Plan, kv_head_range, layer_index, plan_from_env
@@ -75,11 +77,84 @@ class KVCompAttentionBackend(C.AttentionBackend):
     def customize_spec(cls, spec):
         """Shrink the page content to ``D_keep + Dv`` elements per token when ThinK is on."""
         plan = plan_from_env()
+        if plan.streaming is not None:  # pages hold the retrieval heads only
+            plan.check_model(spec.head_size, spec.num_kv_heads)
+            return C.replace_spec(spec, num_head_slots=spec.num_kv_heads - plan.num_streaming)
         if plan.key_dim is None:
             return spec
         plan.check_model(spec.head_size)
         elem = torch.empty((), dtype=spec.dtype).element_size()
         return C.replace_spec(spec, state_content_bytes=(plan.key_dim + spec.head_size_v) * elem)
+
+
+@dataclass
+class RingMetadata:
+    """Per-batch metadata of a DuoAttention ring group: ``ring_block [num_reqs]`` block ids."""
+
+    ring_block: torch.Tensor
+
+
+class KVCompRingBuilder(C.AttentionMetadataBuilder[RingMetadata]):
+    """The ring group's block table holds one block per request: its ring."""
+
+    _cudagraph_support: ClassVar = C.AttentionCGSupport.NEVER
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+
+    def build(self, common_prefix_len: int, common_attn_metadata, fast_build: bool = False) -> RingMetadata:
+        m = common_attn_metadata
+        return RingMetadata(ring_block=m.block_table_tensor[: int(m.num_reqs), 0])
+
+
+class KVCompRingBackend(C.AttentionBackend):
+    """Backend of the ring companion layers (metadata only; the main layer's Impl does the work)."""
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"
+
+    @staticmethod
+    def get_impl_cls():
+        raise NotImplementedError("ring layers have no attention implementation of their own")
+
+    @staticmethod
+    def get_builder_cls() -> type[KVCompRingBuilder]:
+        return KVCompRingBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list:
+        return [C.MultipleOf(1)]
+
+
+class KVCompRingLayer(nn.Module, C.AttentionLayerBase):
+    """DuoAttention streaming heads of one attention layer: a ring of ``sink + recent`` tokens
+    per request, allocated by vLLM's scheduler (``CircularBufferSpec``, one block per request).
+
+    View bound by vLLM: ``kv_cache [num_blocks, n_streaming, capacity, D + Dv]`` (capacity may be
+    enlarged by vLLM's page-size unification; only the first ``sink + recent`` slots are used).
+    """
+
+    def __init__(self, name: str, num_heads: int, head_size: int, capacity: int, dtype: torch.dtype):
+        super().__init__()
+        if C.CircularBufferSpec is None:
+            raise RuntimeError(f"DuoAttention in vLLM needs CircularBufferSpec (vLLM >= 0.32), running {C.VLLM_VERSION}")
+        self.layer_name = name
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.capacity = capacity
+        self.dtype = dtype
+        self.kv_cache = torch.tensor([])
+
+    def get_kv_cache_spec(self, vllm_config):
+        return C.CircularBufferSpec(block_size=self.capacity, num_kv_heads=self.num_heads,
+                                    head_size=self.head_size, dtype=self.dtype)
+
+    def get_attn_backend(self):
+        return KVCompRingBackend
+
+    def forward(self):
+        raise RuntimeError("ring layers are read and written by their attention layer's Impl")
 
 
 @dataclass

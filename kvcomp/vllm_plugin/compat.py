@@ -93,3 +93,28 @@ def tp_rank_and_size() -> tuple[int, int]:
         return int(get_tensor_model_parallel_rank()), int(get_tensor_model_parallel_world_size())
     except (AssertionError, RuntimeError, ImportError):
         return 0, 1
+
+
+# DuoAttention's streaming heads live in a per-layer companion ring: a module registered in the
+# forward context whose KV spec is CircularBufferSpec (one block per request, 0.32+; absent in 0.26).
+from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase  # noqa: E402,F401
+
+try:
+    from vllm.v1.kv_cache_interface import CircularBufferSpec  # noqa: E402
+except ImportError:  # vLLM 0.26
+    CircularBufferSpec = None
+
+
+def current_vllm_config():
+    """The vLLM config of the model being built/loaded in this process."""
+    from vllm.config import get_current_vllm_config
+
+    return get_current_vllm_config()
+
+
+def forward_context():
+    """``(attn_metadata by layer name, layers by name)`` of the running forward pass."""
+    from vllm.forward_context import get_forward_context
+
+    fc = get_forward_context()
+    return fc.attn_metadata, fc.no_compile_layers

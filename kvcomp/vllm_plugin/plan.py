@@ -64,6 +64,10 @@ class Plan:
     Attributes:
         num_layers, num_kv_heads, head_dim: model shape the config was made for (None without one).
         think_channels: ``[L, Hkv, D_keep]`` int64 kept key channels (ascending per head), or None.
+        streaming: ``[L, Hkv]`` bool DuoAttention pattern (True = streaming head), or None; the
+            same number of streaming heads in every layer.
+        sink, recent: DuoAttention's kept tokens per streaming head (first ``sink`` + a window of
+            ``recent`` tokens counting the query itself).
         source: where the plan came from (config path or ``"none"``), for messages.
     """
 
@@ -71,7 +75,28 @@ class Plan:
     num_kv_heads: int | None = None
     head_dim: int | None = None
     think_channels: torch.Tensor | None = None
+    streaming: torch.Tensor | None = None
+    sink: int = 0
+    recent: int = 0
     source: str = "none"
+
+    @property
+    def num_streaming(self) -> int:
+        """Streaming KV heads per layer (0 without DuoAttention)."""
+        return 0 if self.streaming is None else int(self.streaming[0].sum())
+
+    def layer_heads(self, layer: int) -> tuple[list[int], list[int]]:
+        """``(retrieval KV heads, streaming KV heads)`` of one layer (all retrieval without Duo).
+
+        Raises:
+            ValueError: ``layer`` outside the config's grid.
+        """
+        if self.streaming is None:
+            return list(range(self.num_kv_heads or 0)), []
+        if not 0 <= layer < self.streaming.shape[0]:
+            raise ValueError(f"layer: {layer} outside the config's {self.streaming.shape[0]} layers ({self.source})")
+        row = self.streaming[layer].tolist()
+        return [h for h, s in enumerate(row) if not s], [h for h, s in enumerate(row) if s]
 
     @property
     def key_dim(self) -> int | None:
@@ -80,6 +105,8 @@ class Plan:
 
     @property
     def method(self) -> str:
+        if self.streaming is not None:
+            return "duo"
         return "think" if self.think_channels is not None else "off"
 
     def check_model(self, head_size: int, num_kv_heads_total: int | None = None) -> None:
@@ -117,11 +144,22 @@ def plan_from_config(cfg, source: str = "config") -> Plan:
 
     Raises:
         ValueError: the config uses a method or layout this plugin version cannot serve
-            (DuoAttention, A²ATS, query-driven ThinK, or ThinK on only some heads).
+            (A²ATS, query-driven ThinK, ThinK on only some heads, DuoAttention with unequal
+            streaming-head counts per layer or combined with another method).
     """
+    streaming = None
     if cfg.duo is not None:
-        raise ValueError(f"{ENV_CONFIG} ({source}): DuoAttention is not served by this kvcomp vLLM "
-                         "plugin version (ThinK with static channels is); use the HF path")
+        if cfg.think is not None or cfg.vq is not None:
+            raise ValueError(f"{ENV_CONFIG} ({source}): DuoAttention combined with ThinK or A2ATS is "
+                             "not served by this kvcomp vLLM plugin version")
+        streaming = cfg.duo.pattern.bool().cpu()
+        counts = streaming.sum(dim=1).tolist()
+        if len(set(counts)) != 1 or not 0 < counts[0] < cfg.num_kv_heads:
+            raise ValueError(f"{ENV_CONFIG} ({source}): vLLM pages are uniform per KV-cache group, so "
+                             "DuoAttention needs the same number (>0, <Hkv) of streaming heads in every "
+                             f"layer; got {counts} (threshold the gates per layer)")
+        return Plan(num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                    streaming=streaming, sink=int(cfg.duo.sink), recent=int(cfg.duo.recent), source=source)
     if cfg.vq is not None:
         raise ValueError(f"{ENV_CONFIG} ({source}): A2ATS (vq) is not served by this kvcomp vLLM "
                          "plugin version (ThinK with static channels is); use the HF path")

@@ -84,7 +84,7 @@ def test_native_ops_trace_with_fake_tensors():
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git to list the tracked sources")
-def test_cpu_only_wheel_ships_kvcomp_and_kernels(tmp_path):
+def test_cpu_only_wheel_ships_kvcomp_and_its_kernels(tmp_path):
     """A wheel built without KVCOMP_BUILD_EXT is pure Python and contains both packages."""
     src = tmp_path / "src"
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard",
@@ -105,5 +105,6 @@ def test_cpu_only_wheel_ships_kvcomp_and_kernels(tmp_path):
     assert wheel.name.endswith("-py3-none-any.whl"), wheel.name
     names = zipfile.ZipFile(wheel).namelist()
     assert "kvcomp/_ext.py" in names and "kvcomp/ops/host_mirror.py" in names
-    assert "kernels/__init__.py" in names
+    assert "kvcomp/kernels/__init__.py" in names and "kvcomp/kernels/duo_decode.py" in names
+    assert not [n for n in names if n.startswith("kernels/")]  # no top-level package clashing with HF kernels
     assert not [n for n in names if n.endswith((".so", ".pyd"))]

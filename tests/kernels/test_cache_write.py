@@ -69,7 +69,7 @@ def test_write_streaming_kv(dtype, sink, window, nan_empty):
 
 def test_write_streaming_kv_keeps_last_window():
     """A chunk longer than the window leaves exactly the sinks and the last `window` tokens."""
-    from kernels.cache_write import write_streaming_kv
+    from kvcomp.kernels.cache_write import write_streaming_kv
 
     sink, window, d, n = 2, 3, 16, 11
     key = torch.arange(n, dtype=torch.float32).view(n, 1, 1).expand(n, 1, d).contiguous().to(dev())
@@ -82,7 +82,7 @@ def test_write_streaming_kv_keeps_last_window():
 
 
 def test_write_paged_kv_rejects():
-    from kernels.cache_write import write_paged_kv
+    from kvcomp.kernels.cache_write import write_paged_kv
 
     kc = torch.zeros(2, 4, 1, 16)
     key = torch.zeros(3, 1, 16)
@@ -97,7 +97,7 @@ def test_write_paged_kv_rejects():
 
 
 def test_write_streaming_kv_rejects():
-    from kernels.cache_write import write_streaming_kv
+    from kvcomp.kernels.cache_write import write_streaming_kv
 
     kb = torch.zeros(2, 1, 5, 16)
     key = torch.zeros(3, 1, 16)

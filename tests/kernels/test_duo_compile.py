@@ -15,9 +15,9 @@ SCRIPT = textwrap.dedent("""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    import kernels.cache_write as cw
-    import kernels.duo_decode as dd
-    import kernels.streaming_prefill as sp
+    import kvcomp.kernels.cache_write as cw
+    import kvcomp.kernels.duo_decode as dd
+    import kvcomp.kernels.streaming_prefill as sp
 
     def comp(fn, sig, consts):
         names = fn.arg_names

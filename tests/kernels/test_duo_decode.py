@@ -69,7 +69,7 @@ def test_duo_decode_fp32(case, splits, nan_empty):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("case", [CASES[1], CASES[2]], ids=[CASES[1][0], CASES[2][0]])
 def test_duo_decode_half(case, dtype, nan_empty):
-    from kernels.duo_decode import duo_decode_attention
+    from kvcomp.kernels.duo_decode import duo_decode_attention
 
     _, pattern, g, d, bs, sink, window, lens = case
     args = build(pattern, g, d, bs, sink, window, lens, dtype, seed=1)
@@ -139,7 +139,7 @@ def _args(d=16, dtype=torch.float32):
     (lambda a: a.__setitem__(5, a[5][:, :, :-1]), "k_stream"),
 ], ids=["q-f64", "cache-f16", "noncontig", "head_map-shape", "head_map-dup", "block-oob", "len0", "ring-size"])
 def test_duo_decode_rejects_bad_input(mutate, match):
-    from kernels.duo_decode import duo_decode_attention
+    from kvcomp.kernels.duo_decode import duo_decode_attention
 
     a = list(_args())
     mutate(a)
@@ -149,7 +149,7 @@ def test_duo_decode_rejects_bad_input(mutate, match):
 
 @pytest.mark.parametrize("d", [48, 8, 512])
 def test_duo_decode_rejects_head_dim(d):
-    from kernels.duo_decode import duo_decode_attention
+    from kvcomp.kernels.duo_decode import duo_decode_attention
 
     a = build([True, False], 1, d, 8, 2, 4, [3], torch.float32)
     with pytest.raises(ValueError, match="head dim"):
@@ -160,7 +160,7 @@ def test_duo_decode_rejects_head_dim(d):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_duo_decode_gpu_llama_shape(dtype):
     """Llama-3.1-8B attention shape (32 q / 8 kv heads, d=128), half streaming, long ragged contexts."""
-    from kernels.duo_decode import duo_decode_attention
+    from kvcomp.kernels.duo_decode import duo_decode_attention
 
     args = build([True, False] * 4, 4, 128, 16, 64, 256, [4097, 1, 300, 8191], dtype)
     out = duo_decode_attention(*args, sink=64, window=256)

@@ -43,7 +43,7 @@ def test_streaming_prefill_fp32(case, nan_empty):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_streaming_prefill_half(dtype, nan_empty):
-    from kernels.streaming_prefill import streaming_prefill
+    from kvcomp.kernels.streaming_prefill import streaming_prefill
 
     q, k, v = qkv(2, 3, 1, 21, 40, 16, dtype, seed=1)
     ref = streaming_attention(q, k, v, sink=3, window=7, scale=0.2)
@@ -54,7 +54,7 @@ def test_streaming_prefill_half(dtype, nan_empty):
 
 def test_streaming_prefill_explicit_positions(nan_empty):
     """Keys in shuffled order with explicit per-batch k_pos, and non-contiguous (strided) q."""
-    from kernels.streaming_prefill import streaming_prefill
+    from kvcomp.kernels.streaming_prefill import streaming_prefill
 
     b, tk, d = 2, 45, 16
     q, k, v = qkv(b, 4, 2, 11, tk, d, torch.float32, seed=2)
@@ -70,8 +70,8 @@ def test_streaming_prefill_explicit_positions(nan_empty):
 def test_streaming_chunked_prefill_over_ring(prev, nan_empty):
     """Chunked prefill of a streaming head: keys = cat(ring after `prev` tokens, new chunk) with
     ring_positions; must equal streaming attention over the dense history."""
-    from kernels.cache_write import write_streaming_kv
-    from kernels.streaming_prefill import streaming_prefill
+    from kvcomp.kernels.cache_write import write_streaming_kv
+    from kvcomp.kernels.streaming_prefill import streaming_prefill
 
     sink, window, d, hkv, g, chunk = 2, 7, 16, 1, 2, 12
     b = len(prev)
@@ -103,7 +103,7 @@ def test_streaming_chunked_prefill_over_ring(prev, nan_empty):
     (dict(sink=2, window=3, k_pos=torch.arange(5)), "k_pos"),
 ])
 def test_streaming_prefill_rejects(kw, match):
-    from kernels.streaming_prefill import streaming_prefill
+    from kvcomp.kernels.streaming_prefill import streaming_prefill
 
     q, k, v = qkv(1, 2, 1, 4, 8, 16, torch.float32)
     with pytest.raises(ValueError, match=match):
@@ -111,7 +111,7 @@ def test_streaming_prefill_rejects(kw, match):
 
 
 def test_streaming_prefill_rejects_shapes():
-    from kernels.streaming_prefill import streaming_prefill
+    from kvcomp.kernels.streaming_prefill import streaming_prefill
 
     q, k, v = qkv(1, 3, 2, 4, 8, 16, torch.float32)
     with pytest.raises(ValueError, match="multiple"):
@@ -154,7 +154,7 @@ def test_varlen_dense_prefill_matches_reference():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_streaming_prefill_gpu_llama_shape(dtype):
-    from kernels.streaming_prefill import streaming_prefill
+    from kvcomp.kernels.streaming_prefill import streaming_prefill
 
     q, k, v = qkv(2, 32, 8, 1000, 3000, 128, dtype, seed=7)
     ref = streaming_attention(q, k, v, sink=64, window=256)

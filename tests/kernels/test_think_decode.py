@@ -55,7 +55,7 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_think_decode_fp32(case, nan_empty):
-    from kernels.think_decode import triton_think_decode
+    from kvcomp.kernels.think_decode import triton_think_decode
 
     _, b, hkv, g, d, dk, w, bs, lens, shared, per = case
     args = build(b, hkv, g, d, dk, w, bs, lens, torch.float32, shared_chan=shared)
@@ -66,7 +66,7 @@ def test_think_decode_fp32(case, nan_empty):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_think_decode_half(dtype, nan_empty):
-    from kernels.think_decode import triton_think_decode
+    from kvcomp.kernels.think_decode import triton_think_decode
 
     args = build(3, 2, 2, 32, 19, 5, 16, [2, 18, 35], dtype, seed=1)
     ref = paged_pruned_key_attention(*args, scale=0.2)
@@ -131,7 +131,7 @@ def test_think_decode_fake_shapes():
 
 @pytest.mark.parametrize("bad", ["chan_batch", "dtype", "head_dim", "gqa", "recent_shape", "dk_gt_d"])
 def test_think_decode_rejects_bad_inputs(bad):
-    from kernels.think_decode import triton_think_decode
+    from kvcomp.kernels.think_decode import triton_think_decode
 
     q, kp, chan, kr, vc, bt, sl = build(2, 2, 2, 32, 8, 4, 8, [3, 9], torch.float32)
     if bad == "chan_batch":
@@ -153,7 +153,7 @@ def test_think_decode_rejects_bad_inputs(bad):
 
 @pytest.mark.gpu
 def test_think_decode_gpu_long_bf16():
-    from kernels.think_decode import triton_think_decode
+    from kvcomp.kernels.think_decode import triton_think_decode
 
     args = build(2, 8, 4, 128, 77, 32, 16, [3000, 5017], torch.bfloat16, seed=5)
     ref = paged_pruned_key_attention(*args)

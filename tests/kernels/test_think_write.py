@@ -27,7 +27,7 @@ CASES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_pack_pruned_keys_paged(case, dtype, nan_empty):
-    from kernels.think_write import triton_pack_pruned_keys_paged
+    from kvcomp.kernels.think_write import triton_pack_pruned_keys_paged
 
     _, lens, new, hkv, d, dk, w, bs, shared = case
     gen = torch.Generator().manual_seed(len(lens))
@@ -56,7 +56,7 @@ def test_pack_pruned_keys_paged(case, dtype, nan_empty):
 
 @pytest.mark.parametrize("bad", ["chan_shape", "qsl_len", "recent_batch", "dk_gt_d"])
 def test_pack_pruned_keys_rejects_bad_inputs(bad):
-    from kernels.think_write import triton_pack_pruned_keys_paged
+    from kvcomp.kernels.think_write import triton_pack_pruned_keys_paged
 
     d_ = dev()
     k_new = torch.randn(3, 2, 32, device=d_)

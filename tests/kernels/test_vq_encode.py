@@ -39,7 +39,7 @@ def check_codes(k, cb, lw, ref, out):
 @pytest.mark.parametrize("nc", [7, 300], ids=["c7", "c300"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_vq_encode_dense(nc, dtype, nan_empty):
-    from kernels.vq_encode import triton_vq_encode
+    from kvcomp.kernels.vq_encode import triton_vq_encode
 
     cb, lw = codebook(2, nc, 32, seed=nc)
     k = torch.randn(3, 2, 13, 32, generator=torch.Generator().manual_seed(1)).to(dtype)
@@ -74,7 +74,7 @@ def test_vq_encode_paged_write(nan_empty):
 
 @pytest.mark.parametrize("bad", ["codebook_heads", "whiten_shape", "codes_dtype", "head_dim"])
 def test_vq_encode_rejects_bad_inputs(bad):
-    from kernels.vq_encode import triton_vq_encode, triton_vq_encode_paged
+    from kvcomp.kernels.vq_encode import triton_vq_encode, triton_vq_encode_paged
 
     cb, lw = codebook(2, 9, 32)
     k = torch.randn(1, 2, 5, 32).to(dev())
@@ -96,7 +96,7 @@ def test_vq_encode_rejects_bad_inputs(bad):
 
 @pytest.mark.gpu
 def test_vq_encode_gpu_4096_codes():
-    from kernels.vq_encode import triton_vq_encode
+    from kvcomp.kernels.vq_encode import triton_vq_encode
 
     cb, lw = codebook(4, 4096, 128, seed=4)
     k = torch.randn(2, 4, 500, 128, generator=torch.Generator().manual_seed(5))

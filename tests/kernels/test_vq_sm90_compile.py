@@ -21,13 +21,13 @@ def _compile_all() -> list[tuple[str, str]]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels import think_decode as TD
-    from kernels import think_splitk as SK
-    from kernels import think_write as TW
-    from kernels import vq_encode as VE
-    from kernels import vq_lut as VL
-    from kernels import vq_sparse_decode as VS
-    from kernels import vq_topk as VT
+    from kvcomp.kernels import think_decode as TD
+    from kvcomp.kernels import think_splitk as SK
+    from kvcomp.kernels import think_write as TW
+    from kvcomp.kernels import vq_encode as VE
+    from kvcomp.kernels import vq_lut as VL
+    from kvcomp.kernels import vq_sparse_decode as VS
+    from kvcomp.kernels import vq_topk as VT
 
     target = GPUTarget("cuda", 90, 32)
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")

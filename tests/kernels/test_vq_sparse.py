@@ -55,7 +55,7 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_sparse_decode_fp32(case, nan_empty):
-    from kernels.vq_sparse_decode import triton_paged_sparse_attention
+    from kvcomp.kernels.vq_sparse_decode import triton_paged_sparse_attention
 
     _, lens, hkv, g, d, bs, per, empty = case
     args = build(lens, hkv, g, d, bs, torch.float32, empty_row=empty)
@@ -68,7 +68,7 @@ def test_sparse_decode_fp32(case, nan_empty):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_sparse_decode_half(dtype, nan_empty):
-    from kernels.vq_sparse_decode import triton_paged_sparse_attention
+    from kvcomp.kernels.vq_sparse_decode import triton_paged_sparse_attention
 
     args = build([25, 40], 2, 2, 32, 16, dtype, seed=2)
     ref = ref_sparse(*args, scale=0.25)
@@ -79,7 +79,7 @@ def test_sparse_decode_half(dtype, nan_empty):
 
 @pytest.mark.parametrize("bad", ["idx_dtype", "count_shape", "v_dtype", "head_dim"])
 def test_sparse_decode_rejects_bad_inputs(bad):
-    from kernels.vq_sparse_decode import triton_paged_sparse_attention
+    from kvcomp.kernels.vq_sparse_decode import triton_paged_sparse_attention
 
     q, kc, vc, bt, idx, count = build([5, 9], 1, 2, 32, 8, torch.float32)
     if bad == "idx_dtype":
@@ -96,7 +96,7 @@ def test_sparse_decode_rejects_bad_inputs(bad):
 
 @pytest.mark.gpu
 def test_sparse_decode_gpu_long_bf16():
-    from kernels.vq_sparse_decode import triton_paged_sparse_attention
+    from kvcomp.kernels.vq_sparse_decode import triton_paged_sparse_attention
 
     args = build([3000, 1777], 4, 4, 128, 16, torch.bfloat16, density=0.1, seed=3)
     ref = ref_sparse(*args)

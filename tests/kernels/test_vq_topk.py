@@ -27,7 +27,7 @@ def paged_codes(lens, hkv, nc, bs, seed=0):
 
 
 def check_topk(lut, cc, bt, sl, *, chunk=None, kmax=None, **kw):
-    from kernels.vq_topk import triton_vq_topk
+    from kvcomp.kernels.vq_topk import triton_vq_topk
 
     ri, rc = paged_vq_topk(lut.cpu(), cc.cpu(), bt.cpu(), sl.cpu(), **{k: (v.cpu() if torch.is_tensor(v) else v)
                                                                        for k, v in kw.items()})
@@ -43,7 +43,7 @@ def check_topk(lut, cc, bt, sl, *, chunk=None, kmax=None, **kw):
 @pytest.mark.parametrize("g", [1, 3, 4], ids=["g1", "g3", "g4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_vq_lut(g, dtype, nan_empty):
-    from kernels.vq_lut import triton_vq_lut
+    from kvcomp.kernels.vq_lut import triton_vq_lut
 
     gen = torch.Generator().manual_seed(g)
     q = torch.randn(3, 2 * g, 32, generator=gen).to(dev(), dtype)
@@ -123,7 +123,7 @@ def test_vq_ops_pipeline_and_fake(nan_empty):
 
 @pytest.mark.parametrize("bad", ["lut_dtype", "codes_dtype", "gqa", "kmax_small", "topk_neg", "sink"])
 def test_vq_topk_rejects_bad_inputs(bad):
-    from kernels.vq_topk import triton_vq_topk
+    from kvcomp.kernels.vq_topk import triton_vq_topk
 
     cc, bt, sl = paged_codes([5, 9], 2, 8, 8)
     lut = torch.randn(2, 4, 8).to(dev())
