@@ -127,3 +127,18 @@ def test_calibrate_bad_inputs(model, tok):
 def test_cli_args_defaults():
     a = add_vq_args(argparse.ArgumentParser()).parse_args([])
     assert a.rel_pos == 2048 and a.model == "smollm2-135m" and a.tokens >= a.n_codes
+
+
+def test_shipped_smollm2_codebooks():
+    import os
+
+    import kvcomp
+
+    p = os.path.join(os.path.dirname(kvcomp.__file__), "patterns_data", "smollm2-135m", "vq_codebooks.safetensors")
+    if not os.path.exists(p):
+        pytest.skip("no shipped SmolLM2 codebooks")
+    d = load_codebooks(p)
+    c = d["n_codes"]
+    assert d["codebook"].shape == (30, 3, c, 64) and d["whiten"].shape == (30, 3, 64, 64)
+    assert d["rel_pos"] == 2048 and d["model"] == "smollm2-135m" and d["tokens"] >= c
+    assert d["extra"]["stats"]["heldout"]["mean_rel_err_centered"] < 0.5
