@@ -235,11 +235,48 @@ class KVCompAttentionImpl(C.AttentionImpl):
         self._q_index: torch.Tensor | None = None  # [Hq, D_keep] channels per query head
         self._layer_ready = False
         self._traced = False
+        # DuoAttention: KV heads in the pages / in the ring, query heads reading each, ring layer
+        self._kv_ret: torch.Tensor | None = None
+        self._kv_str: torch.Tensor | None = None
+        self._q_ret: torch.Tensor | None = None
+        self._q_str: torch.Tensor | None = None
+        self.ring_name: str | None = None
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's streaming K, V
+
+    def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
+        """DuoAttention: register this layer's ring companion before vLLM collects KV specs."""
+        if self.plan.streaming is None:
+            return
+        cfg = C.current_vllm_config()
+        if cfg.cache_config.enable_prefix_caching:
+            raise ValueError("kvcomp DuoAttention rings are per request and not prefix-cacheable: "
+                             "serve with --no-enable-prefix-caching")
+        ctx = cfg.compilation_config.static_forward_context
+        name = next((n for n, m in ctx.items() if getattr(m, "impl", None) is self), None)
+        if name is None:
+            raise RuntimeError("kvcomp: attention layer of this Impl not found in the forward context")
+        self.ring_name = name + "_kvcomp_ring"
+        if self.ring_name not in ctx:
+            dtype = getattr(ctx[name], "kv_cache_torch_dtype", act_dtype)
+            ctx[self.ring_name] = KVCompRingLayer(self.ring_name, self.plan.num_streaming, self.head_size,
+                                                  self.plan.sink + self.plan.recent, dtype)
 
     # ------------------------------------------------------------------ per-layer setup
     def _setup_layer(self, layer, kv_cache: torch.Tensor) -> None:
         """Resolve this layer's kept channels once (layer index known only from the module)."""
         self._layer_ready = True
+        if self.plan.streaming is not None:
+            rank, size = C.tp_rank_and_size()
+            if size != 1:
+                raise ValueError("kvcomp DuoAttention in vLLM supports tensor parallel size 1 only")
+            ret, stream = self.plan.layer_heads(layer_index(layer.layer_name))
+            g = self.num_heads // self.num_kv_heads
+            dev = kv_cache.device
+            self._kv_ret = torch.tensor(ret, device=dev)
+            self._kv_str = torch.tensor(stream, device=dev)
+            self._q_ret = torch.tensor([h * g + i for h in ret for i in range(g)], device=dev)
+            self._q_str = torch.tensor([h * g + i for h in stream for i in range(g)], device=dev)
+            return
         if self.plan.key_dim is None:
             return
         if self.kv_sharing_target_layer_name is not None:
@@ -260,8 +297,9 @@ class KVCompAttentionImpl(C.AttentionImpl):
         """Views ``k [num_blocks, block_size, Hkv, Dk]``, ``v [..., Dv]`` of the layer's pages."""
         dk = self.head_size if self._channels is None else self._channels.shape[1]
         dv = kv_cache.shape[-1] - dk
-        if dv <= 0 or kv_cache.shape[1] != self.num_kv_heads:
-            raise ValueError(f"kv_cache: expected [blocks, {self.num_kv_heads}, block_size, {dk}+Dv], "
+        heads = self.num_kv_heads if self._kv_ret is None else len(self._kv_ret)
+        if dv <= 0 or kv_cache.shape[1] != heads:
+            raise ValueError(f"kv_cache: expected [blocks, {heads}, block_size, {dk}+Dv], "
                              f"got {tuple(kv_cache.shape)}")
         kv = kv_cache.permute(0, 2, 1, 3)
         return kv[..., :dk], kv[..., dk:]
@@ -296,6 +334,9 @@ class KVCompAttentionImpl(C.AttentionImpl):
         slots = slot_mapping.to(torch.long)
         keep = slots >= 0
         k, v = key[:n], value[:n]
+        if self._kv_ret is not None:  # DuoAttention: the ring is written by forward, after attending
+            self._pending = (k.index_select(1, self._kv_str), v.index_select(1, self._kv_str))
+            k, v = k.index_select(1, self._kv_ret), v.index_select(1, self._kv_ret)
         if not bool(keep.all()):
             slots, k, v = slots[keep], k[keep], v[keep]
         if slots.numel() == 0:
@@ -330,6 +371,9 @@ class KVCompAttentionImpl(C.AttentionImpl):
             self._trace(layer, kv_cache)
         n = attn_metadata.num_actual_tokens
         q = query[:n]
+        if self._kv_ret is not None:
+            self._forward_duo(q, kv_cache, attn_metadata, output)
+            return output
         if self._q_index is not None:
             q = q.gather(2, self._q_index.unsqueeze(0).expand(n, -1, -1))
         k_cache, v_cache = self._split_cache(kv_cache)
@@ -337,3 +381,52 @@ class KVCompAttentionImpl(C.AttentionImpl):
                             attn_metadata.query_start_loc, scale=self.scale)
         output[:n] = o.to(output.dtype)
         return output
+
+    # ------------------------------------------------------------------ DuoAttention
+    def _forward_duo(self, q: torch.Tensor, kv_cache: torch.Tensor, md: KVCompAttentionMetadata,
+                     output: torch.Tensor) -> None:
+        """Retrieval heads: paged attention. Streaming heads: sink + recent window over the ring
+        (tokens before this step) and this step's own keys; then this step's keys enter the ring."""
+        n = q.shape[0]
+        k_cache, v_cache = self._split_cache(kv_cache)
+        o = paged_attention(q.index_select(1, self._q_ret), k_cache, v_cache, md.block_table, md.seq_lens,
+                            md.query_start_loc, scale=self.scale)
+        output[:n].index_copy_(1, self._q_ret, o.to(output.dtype))
+        if self._pending is None or self._pending[0].shape[0] != n:
+            raise RuntimeError("kvcomp DuoAttention: forward without this step's do_kv_cache_update")
+        k_new, v_new = self._pending
+        self._pending = None
+        metas, layers = C.forward_context()
+        ring_md = metas[self.ring_name]
+        ring = layers[self.ring_name].kv_cache  # [blocks, n_str, capacity, D + Dv]
+        d = self.head_size
+        sink, recent = self.plan.sink, self.plan.recent
+        qsl = md.query_start_loc.tolist()
+        lens = md.seq_lens.tolist()
+        blocks = ring_md.ring_block.tolist()
+        q_str = q.index_select(1, self._q_str)
+        for b, seq_len in enumerate(lens):
+            s0, e0 = qsl[b], qsl[b + 1]
+            if e0 == s0:
+                continue
+            ctx = seq_len - (e0 - s0)
+            r = ring[blocks[b]]  # [n_str, capacity, D + Dv]
+            old_pos = list(range(min(sink, ctx))) + list(range(max(sink, ctx - recent), ctx))
+            old_slot = [p if p < sink else sink + (p - sink) % recent for p in old_pos]
+            new_pos = list(range(ctx, seq_len))
+            idx = torch.tensor(old_slot, dtype=torch.long, device=r.device)
+            k = torch.cat([r[:, idx, :d], k_new[s0:e0].transpose(0, 1).to(r.dtype)], dim=1)
+            v = torch.cat([r[:, idx, d:], v_new[s0:e0].transpose(0, 1).to(r.dtype)], dim=1)
+            k_pos = torch.tensor(old_pos + new_pos, device=r.device)
+            qb = q_str[s0:e0].transpose(0, 1).unsqueeze(0)
+            ob = streaming_attention(qb, k.unsqueeze(0), v.unsqueeze(0), sink=sink, window=recent, scale=self.scale,
+                                     q_pos=torch.tensor(new_pos, device=r.device), k_pos=k_pos)
+            output[s0:e0].index_copy_(1, self._q_str, ob[0].transpose(0, 1).to(output.dtype))
+            # this step's tokens that the ring keeps: the sink ones and the last `recent` ones
+            keep = [i for i, p in enumerate(new_pos) if p < sink or p >= max(sink, seq_len - recent)]
+            if keep:
+                ki = torch.tensor(keep, dtype=torch.long, device=r.device)
+                slot = torch.tensor([new_pos[i] if new_pos[i] < sink else sink + (new_pos[i] - sink) % recent
+                                     for i in keep], dtype=torch.long, device=r.device)
+                r[:, slot, :d] = k_new[s0:e0].index_select(0, ki).transpose(0, 1).to(r.dtype)
+                r[:, slot, d:] = v_new[s0:e0].index_select(0, ki).transpose(0, 1).to(r.dtype)

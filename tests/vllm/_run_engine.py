@@ -31,6 +31,7 @@ def main() -> int:
     ap.add_argument("--max-model-len", type=int, default=512)
     ap.add_argument("--max-num-batched-tokens", type=int, default=64)
     ap.add_argument("--kv-space-gib", default="1")
+    ap.add_argument("--no-prefix-caching", action="store_true", help="(DuoAttention rings need it)")
     ap.add_argument("--inproc", action="store_true",
                     help="engine core and worker in this process (one vLLM import instead of three)")
     a = ap.parse_args()
@@ -58,7 +59,7 @@ def main() -> int:
     t0 = time.time()
     llm = LLM(model=a.model, dtype="float32", enforce_eager=True, skip_tokenizer_init=True,
               max_model_len=a.max_model_len, max_num_batched_tokens=a.max_num_batched_tokens,
-              max_num_seqs=8, seed=0, **({"distributed_executor_backend": "uni"} if a.inproc else {}))
+              max_num_seqs=8, seed=0, enable_prefix_caching=not a.no_prefix_caching, **({"distributed_executor_backend": "uni"} if a.inproc else {}))
     t_start = time.time() - t0
     sp = SamplingParams(temperature=0.0, max_tokens=a.max_tokens, ignore_eos=True, detokenize=False)
     t1 = time.time()

@@ -21,6 +21,9 @@ HERE = Path(__file__).resolve().parent
 #: the tiny test model (2 layers, 2 KV heads, head_dim 64) and the ThinK setting of the tests
 MAX_TOKENS = 8
 L, HKV, D, KEEP = 2, 2, 64, 48
+#: DuoAttention setting of the tests: one streaming KV head per layer, ring of 16 + 48 tokens
+DUO_PATTERN = ((False, True), (True, False))
+SINK, RECENT = 16, 48
 RUNNER = HERE / "_run_engine.py"
 ENV_PY = "KVCOMP_VLLM_PYTHON"
 
@@ -97,6 +100,32 @@ def use_pruned_key_attention(model, channels) -> None:
     model.set_attn_implementation("kvcomp_pruned_key_ref")
 
 
+def use_duo_attention(model, streaming, sink: int, recent: int) -> None:
+    """Switch an HF Llama to DuoAttention: KV heads with ``streaming[layer, h]`` (``[L, Hkv]`` bool)
+    see only the first ``sink`` tokens and a ``recent``-token window (counting the query itself);
+    the others attend causally to everything. Exact reference for kvcomp's vLLM rings."""
+    import torch
+    from transformers import AttentionInterface
+
+    from kvcomp.ref import attention, streaming_mask
+
+    def duo(module, query, key, value, attention_mask, scaling=None, **kw):
+        t = query.shape[2]
+        pos = torch.arange(t)
+        causal = pos[None, :] <= pos[:, None]
+        stream = streaming_mask(pos, pos, sink, recent)
+        if stream.dim() > 2:
+            stream = stream.reshape(t, t)
+        g = query.shape[1] // key.shape[1]
+        heads = streaming[module.layer_idx].repeat_interleave(g)  # [Hq]
+        mask = torch.where(heads[:, None, None], stream[None], causal[None])[None]  # [1, Hq, T, T]
+        o = attention(query, key, value, scale=scaling, causal=True, mask=mask)
+        return o.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register("kvcomp_duo_ref", duo)
+    model.set_attn_implementation("kvcomp_duo_ref")
+
+
 def think_channels(num_layers: int, num_kv_heads: int, head_dim: int, keep: int, seed: int = 2):
     """Random static ThinK channels ``[L, Hkv, keep]`` (ascending per head), int64."""
     import torch
@@ -122,7 +151,8 @@ def hf_greedy(model, prompts: list[list[int]], max_tokens: int) -> list[list[int
 
 
 def start_engine(py: str, workdir: Path, name: str, model_dir: Path, prompts_file: Path, max_tokens: int,
-                 mode: str, *, config: str = "", trace: str = "", inproc: bool = False) -> tuple[subprocess.Popen, Path, Path]:
+                 mode: str, *, config: str = "", trace: str = "", inproc: bool = False,
+                 prefix_caching: bool = True) -> tuple[subprocess.Popen, Path, Path]:
     """Start ``_run_engine.py`` in the background; returns ``(process, result_json, log_file)``."""
     out = workdir / f"{name}.json"
     log = workdir / f"{name}.log"
@@ -134,6 +164,8 @@ def start_engine(py: str, workdir: Path, name: str, model_dir: Path, prompts_fil
         cmd += ["--trace", trace]
     if inproc:
         cmd.append("--inproc")
+    if not prefix_caching:
+        cmd.append("--no-prefix-caching")
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     fh = open(log, "w")
@@ -158,7 +190,8 @@ def finish_engine(proc: subprocess.Popen, out: Path, log: Path, timeout: float =
     if rc != 0 or not out.exists():
         raise AssertionError(f"engine run failed (rc={rc}); log tail:\n{text[-4000:]}")
     res = json.loads(out.read_text())
-    m = re.search(r"KV cache size: ([\d,]+) tokens", text)
+    m = re.search(r"KV cache size: ([\d,]+) tokens, Maximum concurrency for [\d,]+ tokens per request: ([\d.]+)x", text)
     res["log_kv_tokens"] = int(m.group(1).replace(",", "")) if m else None
+    res["log_max_concurrency"] = float(m.group(2)) if m else None
     res["log"] = text
     return res

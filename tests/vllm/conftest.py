@@ -5,8 +5,10 @@ and worker are spawned), so the three runs overlap with each other and with the 
 
 * ``stock``: stock vLLM (CPU_ATTN), in-process engine;
 * ``off``: kvcomp's backend without a config, in-process engine;
-* ``think``: kvcomp's backend with a saved ThinK config, default process topology (spawned
-  engine core + worker), so the entry point and ``KVCOMP_CONFIG`` must reach the worker.
+* ``think``: kvcomp's backend with a saved ThinK config, in-process engine;
+* ``duo``: kvcomp's backend with a saved DuoAttention config (rings registered from the worker),
+  default process topology (spawned engine core + worker), so the entry point and
+  ``KVCOMP_CONFIG`` must reach the worker.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import json
 
 import pytest
 
-from _vllm_common import (D, HKV, KEEP, MAX_TOKENS, L, build_tiny_llama, finish_engine, hf_greedy, make_prompts,
-                          start_engine, think_channels, use_pruned_key_attention, vllm_python)
+from _vllm_common import (DUO_PATTERN, RECENT, SINK, D, HKV, KEEP, MAX_TOKENS, L, build_tiny_llama, finish_engine,
+                          hf_greedy, make_prompts, start_engine, think_channels, use_duo_attention,
+                          use_pruned_key_attention, vllm_python)
 
 
 @pytest.fixture(scope="session")
@@ -24,7 +27,9 @@ def engines(tmp_path_factory):
     py, why = vllm_python()
     if py is None:
         pytest.skip(why)
-    from kvcomp.config import CompressionConfig, ThinK
+    import torch
+
+    from kvcomp.config import CompressionConfig, DuoAttention, ThinK
 
     work = tmp_path_factory.mktemp("vllm_engines")
     model_dir = work / "model"
@@ -35,10 +40,15 @@ def engines(tmp_path_factory):
     ch = think_channels(L, HKV, D, KEEP)
     CompressionConfig(num_layers=L, num_kv_heads=HKV, head_dim=D, num_q_heads=4,
                       think=ThinK(prune_ratio=0.25, channels=ch)).save(work / "think_config")
-    traces = {name: work / f"{name}.trace.jsonl" for name in ("off", "think")}
+    pattern = torch.tensor(DUO_PATTERN)
+    CompressionConfig(num_layers=L, num_kv_heads=HKV, head_dim=D, num_q_heads=4,
+                      duo=DuoAttention(pattern=pattern, sink=SINK, recent=RECENT)).save(work / "duo_config")
+    traces = {name: work / f"{name}.trace.jsonl" for name in ("off", "think", "duo")}
     procs = {
+        "duo": start_engine(py, work, "duo", model_dir, prompts_file, MAX_TOKENS, "kvcomp",
+                            config=str(work / "duo_config"), trace=str(traces["duo"]), prefix_caching=False),
         "think": start_engine(py, work, "think", model_dir, prompts_file, MAX_TOKENS, "kvcomp",
-                              config=str(work / "think_config"), trace=str(traces["think"])),
+                              config=str(work / "think_config"), trace=str(traces["think"]), inproc=True),
         "stock": start_engine(py, work, "stock", model_dir, prompts_file, MAX_TOKENS, "stock", inproc=True),
         "off": start_engine(py, work, "off", model_dir, prompts_file, MAX_TOKENS, "kvcomp",
                             trace=str(traces["off"]), inproc=True),
@@ -46,6 +56,8 @@ def engines(tmp_path_factory):
     hf_full = hf_greedy(model, prompts, MAX_TOKENS)
     use_pruned_key_attention(model, ch)
     hf_pruned = hf_greedy(model, prompts, MAX_TOKENS)
+    use_duo_attention(model, pattern, SINK, RECENT)
+    hf_duo = hf_greedy(model, prompts, MAX_TOKENS)
     errors, res = [], {}
     for name, p in procs.items():  # wait for all before failing, so no engine outlives the session
         try:
@@ -56,5 +68,5 @@ def engines(tmp_path_factory):
         raise AssertionError("\n".join(errors))
     for name, path in traces.items():
         res[name]["trace"] = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
-    res["hf_full"], res["hf_pruned"] = hf_full, hf_pruned
+    res["hf_full"], res["hf_pruned"], res["hf_duo"] = hf_full, hf_pruned, hf_duo
     return res

@@ -56,12 +56,30 @@ def test_think_errors():
         p.check_model(64, 4)
 
 
+def test_duo_plan_and_refusals(tmp_path):
+    _cfg(duo=DuoAttention(pattern=torch.tensor([[False, True], [True, False]]), sink=4, recent=8)).save(tmp_path / "d")
+    p = load_plan(tmp_path / "d")
+    assert p.method == "duo" and p.num_streaming == 1 and (p.sink, p.recent) == (4, 8)
+    assert p.layer_heads(0) == ([0], [1]) and p.layer_heads(1) == ([1], [0])
+    with pytest.raises(ValueError, match="layer"):
+        p.layer_heads(2)
+    uneven = DuoAttention(pattern=torch.tensor([[True, False], [False, False]]))
+    with pytest.raises(ValueError, match="same number"):
+        plan_from_config(_cfg(duo=uneven))
+    all_streaming = DuoAttention(pattern=torch.ones(2, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="same number"):
+        plan_from_config(_cfg(duo=all_streaming))
+    both = _cfg(duo=DuoAttention(pattern=torch.tensor([[False, True], [True, False]])),
+                think=ThinK(prune_ratio=0.25, heads=torch.tensor([[True, False], [False, True]]),
+                            channels=_channels()))
+    with pytest.raises(ValueError, match="combined"):
+        plan_from_config(both)
+
+
 def test_unserved_methods_refused(tmp_path):
-    duo = DuoAttention(pattern=torch.tensor([[True, False], [False, False]]))
-    with pytest.raises(ValueError, match="DuoAttention is not served"):
-        plan_from_config(_cfg(duo=duo))
     with pytest.raises(ValueError, match="not a directory"):
         load_plan(tmp_path / "missing")
+    assert Plan().layer_heads(0) == ([], []) and Plan(num_kv_heads=2).layer_heads(5) == ([0, 1], [])
 
 
 def test_layer_index_and_tp_head_ranges():

@@ -2,7 +2,7 @@
 
 The ``think`` engine of the session fixture (conftest.py) runs with ``KVCOMP_CONFIG`` naming a
 saved ``CompressionConfig`` with static ThinK channels (25% of the 64 key channels pruned on every
-layer / KV head), in vLLM's default process topology (spawned engine core + worker). Checks: the
+layer / KV head), in an in-process engine. Checks: the
 cache view has ``48 + 64`` content elements per token, vLLM's own block count grows by 128/112
 (read from the engine and its log), and greedy tokens equal HF transformers running attention
 with the same channels zeroed in q and k (and differ from the unpruned model, so the comparison
@@ -30,7 +30,7 @@ def test_pages_hold_pruned_keys(engines):
     for t in r["trace"]:
         assert t["method"] == "think"
         assert t["kv_cache_shape"][1:] == [HKV, r["block_size"], KEEP + D], t
-        assert t["pid"] != os.getpid()
+        assert t["pid"] != os.getpid()  # the engine subprocess
 
 
 def test_kv_capacity_grows(engines):
@@ -39,7 +39,7 @@ def test_kv_capacity_grows(engines):
     print(f"ThinK 25% key channels: vLLM KV capacity {off['kv_tokens']:,} -> {r['kv_tokens']:,} tokens "
           f"(x{r['kv_tokens'] / off['kv_tokens']:.3f}); {off['num_blocks']} -> {r['num_blocks']} blocks x {bs}; "
           f"max concurrency {off['max_concurrency']:.1f} -> {r['max_concurrency']:.1f} at "
-          f"{r['max_model_len']} tokens; vLLM log {r['log_kv_tokens']:,}; engine start {r['engine_start_s']} s (spawned)")
+          f"{r['max_model_len']} tokens; vLLM log {r['log_kv_tokens']:,}; engine start {r['engine_start_s']} s")
     assert off["kv_tokens"] == expected_kv_tokens(2 * D, bs)
     assert r["kv_tokens"] == r["log_kv_tokens"] == expected_kv_tokens(KEEP + D, bs)
     assert r["kv_tokens"] > off["kv_tokens"]
