@@ -12,6 +12,15 @@ padding, skipped), keys packed to the kept channels. :meth:`KVCompAttentionImpl.
 causal varlen paged attention (prefill, chunked prefill and decode in one batch) through the
 pure-PyTorch reference ``kvcomp.ref.paged_attention``; ThinK gathers each query head to its KV
 head's kept channels first and keeps the scale of the full head dim.
+
+DuoAttention: the pages hold only the retrieval KV heads (``num_head_slots``); each attention layer
+registers a companion :class:`KVCompRingLayer` (from ``process_weights_after_loading``, before vLLM
+collects KV specs) whose ``CircularBufferSpec`` gives every request one ring block of
+``sink + recent`` tokens for the layer's streaming heads, allocated and freed by vLLM's scheduler
+and addressed through the ring group's block table. Position ``p`` lives in ring slot ``p`` if
+``p < sink`` else ``sink + (p - sink) % recent``. Streaming heads attend over the ring (tokens
+before this step) plus this step's own keys; the ring is written after attending, so a prefill
+chunk never overwrites keys its own earlier queries still need.
 """
 
 from __future__ import annotations

@@ -11,8 +11,11 @@ What this plugin version serves:
   ``D_keep`` key channels + the full value; decode and prefill read keys with the query gathered
   to the same channels. Unlike the HF path there is no full-width recent window: every token's
   key is stored pruned (pages are uniform per KV-cache group).
+* DuoAttention with the same number of streaming KV heads in every layer: pages hold the retrieval
+  heads (``num_head_slots``), each layer's streaming heads keep ``sink + recent`` tokens in a
+  per-request ring (a companion layer with vLLM's ``CircularBufferSpec``).
 
-DuoAttention and A²ATS configs are refused with a clear error (not served by this version).
+A²ATS configs, and DuoAttention combined with another method, are refused with a clear error.
 """
 
 from __future__ import annotations
