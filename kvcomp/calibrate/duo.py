@@ -282,7 +282,7 @@ def train_gates(
                 gates.clamp_(0.0, 1.0)
             losses.append(float(loss.detach()))
             distill.append(float(d_loss.detach()))
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", distill=f"{distill[-1]:.4f}", mean_a=f"{float(gates.mean()):.3f}")
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", distill=f"{distill[-1]:.4f}", mean_a=f"{float(gates.detach().mean()):.3f}")
     finally:
         for p, f in zip(model.parameters(), flags):
             p.requires_grad_(f)
