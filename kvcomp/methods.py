@@ -5,8 +5,9 @@ A method name is ``full`` or any ``+``-joined subset of ``duo``, ``think``, ``vq
 
 * DuoAttention pattern: ``--duo-pattern`` (a duo-attention ``full_attention_heads.tsv`` or its
   folder) or the pattern shipped in ``kvcomp/patterns_data/<model>/``;
-* VQ codebooks: ``--codebooks`` or ``$KVCOMP_CACHE/vq_codebooks/<model>-c<C>.safetensors``,
-  calibrated on first use (minutes on CPU for SmolLM2) when missing.
+* VQ codebooks: ``--codebooks``, ``$KVCOMP_CACHE/vq_codebooks/<model>-c<C>.safetensors``, or the
+  codebooks shipped in ``kvcomp/patterns_data/<model>/`` when their size is C; otherwise they are
+  calibrated on first use (minutes on CPU for SmolLM2) and cached.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class MethodOptions:
     topk: float = 0.02             # VQ: per-query-head top-K (fraction or count)
     vq_sink: int = 8
     vq_local: int = 64
-    n_codes: int = 1024
+    n_codes: int = 256            # the shipped SmolLM2 codebooks; other sizes are calibrated on first use
     duo_pattern: str | None = None
     codebooks: str | None = None
 
@@ -77,6 +78,18 @@ def duo_pattern_path(model_name: str, opts: MethodOptions) -> str:
     return p
 
 
+def shipped_codebooks(model_name: str, n_codes: int) -> str | None:
+    """Codebooks calibrated by the kvcomp developers and shipped in the package, if their size matches."""
+    p = os.path.join(_HERE, "patterns_data", model_key(model_name), "vq_codebooks.safetensors")
+    if not os.path.exists(p):
+        return None
+    from safetensors import safe_open
+
+    with safe_open(p, framework="pt") as f:
+        c = f.get_slice("codebook").get_shape()[-2]
+    return p if c == n_codes else None
+
+
 def codebook_path(model_name: str, n_codes: int) -> str:
     from .models import cache_root
 
@@ -92,6 +105,9 @@ def ensure_codebooks(model, tokenizer, model_name: str, opts: MethodOptions, *, 
     path = codebook_path(model_name, opts.n_codes)
     if os.path.exists(path):
         return path
+    shipped = shipped_codebooks(model_name, opts.n_codes)
+    if shipped is not None:
+        return shipped
     from .calibrate.data import make_text_samples
     from .calibrate.vq import calibrate_codebooks, save_codebooks
 

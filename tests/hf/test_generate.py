@@ -87,7 +87,7 @@ def smollm2():
 
 @pytest.mark.model
 @pytest.mark.parametrize("method", METHODS)
-def test_smollm2_generate_per_method(smollm2, method, tmp_path_factory):
+def test_smollm2_generate_per_method(smollm2, method):
     """One short real generate per method: answer a passkey, bytes shrink as the policy says."""
     from kvcomp.eval.score import string_match_all
     from kvcomp.eval.tasks import make_sample
@@ -95,19 +95,9 @@ def test_smollm2_generate_per_method(smollm2, method, tmp_path_factory):
     from kvcomp.methods import MethodOptions, build_method
 
     model, tok = smollm2
-    opts = MethodOptions(sink=16, recent=64, n_codes=64)
+    opts = MethodOptions(sink=16, recent=64)
     if method in ("vq", "all"):
-        # tiny codebooks calibrated on the spot keep CI fast; real runs use `kvcomp calibrate vq`
-        from kvcomp.calibrate.data import make_text_samples
-        from kvcomp.calibrate.vq import calibrate_codebooks, save_codebooks
-
-        path = tmp_path_factory.getbasetemp() / "cb64.safetensors"
-        if not path.exists():
-            res = calibrate_codebooks(model, make_text_samples(tok, 512, sample_len=256, seed=0), n_codes=64, iters=3,
-                                      progress=False)
-            save_codebooks(path, res["codebook"], res["whiten"])
-        opts.codebooks = str(path)
-        opts.topk = 16
+        opts.topk = 16  # with the codebooks shipped for SmolLM2
     cfg = build_method(method, model, tok, "smollm2", opts, progress=False)
     s = make_sample("passkey", tok, 400, haystack="noise", seed=3, chat=True)
     r = generate(model, tok, sample_input_ids(tok, s), cfg, max_new_tokens=s.max_new_tokens)
