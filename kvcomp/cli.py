@@ -84,12 +84,16 @@ def cmd_eval(a) -> int:
     from .eval.runner import build_samples, evaluate_samples, summarize
     from .hf.generate import make_generate
 
+    from .utils.machine import git_commit, machine_info
+
+    commit, machine = git_commit(), machine_info()  # of the code that runs, read before the long run
     model, tok, configs = _setup(a)
     tasks = [t for t in a.tasks.split(",") if t]
     lens = [int(x) for x in a.context_lens.split(",") if x]
     samples = build_samples(tok, tasks=tasks, context_lens=lens, n_trials=a.trials,
                             haystacks=[h for h in a.haystacks.split(",") if h], seed=a.seed, chat=True)
     print(f"[kvcomp] {len(samples)} samples x {len(configs)} methods")
+    t_start = time.perf_counter()
     records = []
     for name, cfg in configs.items():
         records += evaluate_samples(make_generate(model, tok, cfg), samples, method_name=name)
@@ -108,9 +112,9 @@ def cmd_eval(a) -> int:
     meta = {"model": a.model, "tasks": tasks, "haystacks": a.haystacks, "trials": a.trials, "seed": a.seed,
             "command": " ".join(sys.argv)}
     from .eval.runner import _jsonable
-    from .utils.machine import git_commit, machine_info
 
-    obj = {"machine": machine_info(), "commit": git_commit(), "meta": meta, "records": summary}
+    meta["seconds"] = round(time.perf_counter() - t_start, 1)
+    obj = {"machine": machine, "commit": commit, "meta": meta, "records": summary}
     if a.keep_samples:
         obj["samples"] = records
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
