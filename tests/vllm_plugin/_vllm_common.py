@@ -31,7 +31,7 @@ ENV_PY = "KVCOMP_VLLM_PYTHON"
 def vllm_python() -> tuple[str | None, str]:
     """``(interpreter, reason)``: a Python that imports vLLM, or None and why not."""
     spec = importlib.util.find_spec("vllm")
-    # a directory named vllm on sys.path (this tests/vllm folder!) is found as a namespace package
+    # a directory named vllm on sys.path would be found as a namespace package
     # (origin None) when the real package is absent: only a regular package counts
     if spec is not None and spec.origin is not None and spec.origin.endswith("__init__.py"):
         return sys.executable, ""

@@ -1,6 +1,6 @@
 """kvcomp's vLLM Impl outside an engine: page writes by slot mapping and paged attention.
 
-Runs only in an interpreter that imports vLLM (e.g. ``<vllm venv>/bin/pytest tests/vllm``); the
+Runs only in an interpreter that imports vLLM (e.g. ``<vllm venv>/bin/pytest tests/vllm_plugin``); the
 engine tests cover the same code end to end from any interpreter.
 """
 
