@@ -120,7 +120,8 @@ def test_train_gates_bad_inputs(model, tok):
 
 def test_cli_args_defaults():
     a = add_duo_args(argparse.ArgumentParser()).parse_args([])
-    assert (a.sink, a.recent, a.lr, a.reg, a.model) == (64, 256, 0.02, 0.05, "smollm2-135m")
+    assert (a.sink, a.recent, a.reg, a.model, a.min_len, a.max_len) == (64, 256, 0.05, "smollm2-135m", 1024, 1024)
+    assert a.steps * a.lr >= 1.5  # gates must be able to move from 1 to 0
 
 
 def test_shipped_smollm2_pattern():
