@@ -120,6 +120,8 @@ class CMakeBuild(build_ext):
 setup(
     packages=find_packages(include=["kvcomp", "kvcomp.*"]) + ["kvcomp.kernels"],
     package_dir={"kvcomp.kernels": "kernels"},
+    # calibrated artifacts shipped for the bundled model (DuoAttention pattern, VQ codebooks)
+    package_data={"kvcomp": ["patterns_data/*/*"]},
     ext_modules=[CMakeExtension("kvcomp._C")] if build_ext_requested() else [],
     cmdclass={"build_ext": CMakeBuild},
 )

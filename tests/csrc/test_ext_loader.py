@@ -107,4 +107,5 @@ def test_cpu_only_wheel_ships_kvcomp_and_its_kernels(tmp_path):
     assert "kvcomp/_ext.py" in names and "kvcomp/ops/host_mirror.py" in names
     assert "kvcomp/kernels/__init__.py" in names and "kvcomp/kernels/duo_decode.py" in names
     assert not [n for n in names if n.startswith("kernels/")]  # no top-level package clashing with HF kernels
+    assert "kvcomp/patterns_data/smollm2-135m/full_attention_heads.tsv" in names
     assert not [n for n in names if n.endswith((".so", ".pyd"))]
