@@ -22,6 +22,7 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prune-ratio", type=float, default=0.4, help="ThinK: fraction of key channels pruned")
     p.add_argument("--topk", type=float, default=0.02, help="VQ: top-K per query head (fraction < 1, or count)")
     p.add_argument("--n-codes", type=int, default=256, help="VQ codebook size (256: shipped for SmolLM2)")
+    p.add_argument("--vq-dense-layers", type=int, default=2, help="VQ: first layers keep exact attention")
     p.add_argument("--duo-pattern", default=None, help="duo-attention full_attention_heads.tsv (or its folder)")
     p.add_argument("--codebooks", default=None, help="VQ codebooks .safetensors (default: calibrate on first use)")
 
@@ -30,7 +31,7 @@ def _options(a):
     from .methods import MethodOptions
 
     return MethodOptions(sparsity=a.sparsity, sink=a.sink, recent=a.recent, prune_ratio=a.prune_ratio,
-                         topk=a.topk, n_codes=a.n_codes, duo_pattern=a.duo_pattern, codebooks=a.codebooks)
+                         topk=a.topk, n_codes=a.n_codes, vq_dense_layers=a.vq_dense_layers, duo_pattern=a.duo_pattern, codebooks=a.codebooks)
 
 
 def _setup(a):
@@ -96,9 +97,9 @@ def cmd_eval(a) -> int:
     t_start = time.perf_counter()
     records = []
     for name, cfg in configs.items():
-        records += evaluate_samples(make_generate(model, tok, cfg), samples, method_name=name)
+        records += evaluate_samples(make_generate(model, tok, cfg), samples, method_name=name + a.tag)
     summary = summarize(records)
-    full = {r["context_len"]: r for r in summary if r["method"] == "full"}
+    full = {r["context_len"]: r for r in summary if r["method"] == "full" + a.tag}
     for r in summary:
         f = full.get(r["context_len"])
         if f is not None:
@@ -106,7 +107,8 @@ def cmd_eval(a) -> int:
             r["full_kv_bytes_per_token"] = f["kv_bytes_per_token"]
             r["accuracy_retained"] = r["accuracy"] / f["accuracy"] if f["accuracy"] else None
             r["bytes_fraction"] = r["kv_bytes_per_token"] / f["kv_bytes_per_token"]
-        r["config"] = configs[r["method"]].to_dict() if configs.get(r["method"]) is not None else {"policy": "stock"}
+        cfg = configs.get(r["method"][: len(r["method"]) - len(a.tag)] if a.tag else r["method"])
+        r["config"] = cfg.to_dict() if cfg is not None else {"policy": "stock"}
         print(json.dumps({k: r.get(k) for k in ("method", "context_len", "accuracy", "full_accuracy",
                                                  "kv_bytes_per_token", "bytes_fraction", "n_trials")}))
     meta = {"model": a.model, "tasks": tasks, "haystacks": a.haystacks, "trials": a.trials, "seed": a.seed,
@@ -180,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default="quality.json")
     e.add_argument("--plot", default=None, help="PNG of accuracy vs KV bytes/token")
     e.add_argument("--keep-samples", action="store_true", help="store every sample's prediction in the JSON")
+    e.add_argument("--tag", default="", help="suffix for method names in the results (e.g. a budget sweep: vq@topk0.05)")
     e.set_defaults(fn=cmd_eval)
 
     c = sub.add_parser("calibrate", help="calibrate DuoAttention gates or VQ codebooks")

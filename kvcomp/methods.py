@@ -34,6 +34,7 @@ class MethodOptions:
     vq_sink: int = 8
     vq_local: int = 64
     n_codes: int = 256            # the shipped SmolLM2 codebooks; other sizes are calibrated on first use
+    vq_dense_layers: int = 2       # VQ: the first layers keep exact attention (their attention is not sparse)
     duo_pattern: str | None = None
     codebooks: str | None = None
 
@@ -135,6 +136,14 @@ def build_method(name: str, model, tokenizer, model_name: str, opts: MethodOptio
     if "think" in parts:
         kw["think"] = ThinK(prune_ratio=opts.prune_ratio, window=opts.think_window)
     if "vq" in parts:
+        import torch
+
+        c = model.config
+        hkv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        heads = torch.ones(c.num_hidden_layers, hkv, dtype=torch.bool)
+        heads[: opts.vq_dense_layers] = False
+        if "duo" in kw:
+            heads &= ~kw["duo"].pattern
         kw["vq"] = VQRetrieval.from_file(ensure_codebooks(model, tokenizer, model_name, opts, progress=progress),
-                                         topk=opts.topk, sink=opts.vq_sink, local=opts.vq_local)
+                                         topk=opts.topk, sink=opts.vq_sink, local=opts.vq_local, heads=heads)
     return CompressionConfig.for_model(model, **kw)
