@@ -33,7 +33,9 @@ def merge(paths: list[str], allow_mixed: bool = False) -> dict:
     records, samples = [], []
     for run in runs:
         for rec in run["records"]:
-            records.append(dict(rec, commit=run["commit"], machine_line=run["machine"].get("line")))
+            sel = rec.get("stats", {}).get("selected_fraction")
+            extra = {} if sel is None else {"selected_fraction": sel}  # VQ: tokens attended per KV head
+            records.append(dict(rec, commit=run["commit"], machine_line=run["machine"].get("line"), **extra))
         samples += run.get("samples", [])
     full = {r["context_len"]: r for r in records if r["method"] == "full"}
     for r in records:
