@@ -125,6 +125,7 @@ class KVCompRingBackend(C.AttentionBackend):
 
     @staticmethod
     def get_impl_cls():
+        # vLLM's protocol: supports_pcp/supports_dcp catch NotImplementedError to mean "no Impl"
         raise NotImplementedError("ring layers have no attention implementation of their own")
 
     @staticmethod
