@@ -22,11 +22,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .. import ref
 from ..config import CompressionConfig
+from ..ops.prefill import dense_prefill
 
 
 @dataclass
@@ -83,20 +83,6 @@ class HostBuffer:
 
 def _qheads(kv_idx: torch.Tensor, g: int) -> torch.Tensor:
     return (kv_idx[:, None] * g + torch.arange(g)).flatten()
-
-
-def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal (bottom-right) GQA attention with torch SDPA; ``q [B,Hq,Tq,D]``, ``k,v [B,Hkv,Tk,D]``."""
-    tq, tk = q.shape[2], k.shape[2]
-    g = q.shape[1] // k.shape[1]
-    if g > 1:
-        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
-    if tq == 1:
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    if tq == tk:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 class KVCompLayer(CacheLayerMixin):
@@ -174,7 +160,7 @@ class KVCompLayer(CacheLayerMixin):
         g = hq // hkv
         pos = torch.arange(self.seen, self.seen + tq)
         if self.seen == 0:
-            out = dense_attention(q, k, v, scale)
+            out = dense_prefill(q, k, v, scale=scale)
             for name, idx in self.groups.items():
                 qi = _qheads(idx, g).to(q.device)
                 getattr(self, f"_prefill_{name.replace('vq_think', 'vq')}")(
@@ -197,7 +183,7 @@ class KVCompLayer(CacheLayerMixin):
         st = self.state[name]
         st["k"] = torch.cat([st["k"], k], dim=2)
         st["v"] = torch.cat([st["v"], v], dim=2)
-        return dense_attention(q, st["k"], st["v"], scale)
+        return dense_prefill(q, st["k"], st["v"], scale=scale)
 
     # streaming ---------------------------------------------------------
     def _keep_streaming(self, name, k, v, kpos):
@@ -342,7 +328,7 @@ class KVCompLayer(CacheLayerMixin):
         if tq > 1:  # chunked prefill: exact attention over everything (selection is a decode-time method)
             allidx = torch.arange(total).expand(b, n, total).contiguous()
             kk = self._host_keys_full_width(name, allidx).to(q.device)
-            return dense_attention(q, kk.to(q.dtype), st["host_v"].view().to(q.device).to(q.dtype), scale)
+            return dense_prefill(q, kk.to(q.dtype), st["host_v"].view().to(q.device).to(q.dtype), scale=scale)
         cos, sin = self.rope.cos_sin(pos, q.device)
         q_pre = ref.unapply_rope(q.float(), cos, sin)
         qw = ref.windowed_rope_query(q_pre[:, :, 0], self.rope.inv_freq.to(q.device), vq.rel_pos,

@@ -10,7 +10,8 @@ import torch
 
 from kvcomp import ref
 from kvcomp.config import CompressionConfig, DuoAttention, ThinK, VQRetrieval
-from kvcomp.hf.cache import KVCompLayer, RopeInfo, dense_attention
+from kvcomp.hf.cache import KVCompLayer, RopeInfo
+from kvcomp.ops.prefill import dense_prefill
 from kvcomp.testing import assert_close
 
 D = 16
@@ -54,7 +55,7 @@ def _simulate(cfg, rope, qs, ks, vs, scale):
         tq = q.shape[2]
         k, v = kall[:, :, : seen + tq], vall[:, :, : seen + tq]
         if seen == 0:
-            outs.append(dense_attention(q, k, v, scale))
+            outs.append(dense_prefill(q, k, v, scale=scale))
             seen += tq
             continue
         o = torch.empty_like(q)
