@@ -20,7 +20,8 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sink", type=int, default=64, help="DuoAttention sink tokens")
     p.add_argument("--recent", type=int, default=256, help="DuoAttention recent window")
     p.add_argument("--prune-ratio", type=float, default=0.4, help="ThinK: fraction of key channels pruned")
-    p.add_argument("--topk", type=float, default=0.03, help="VQ: top-K per query head (fraction < 1, or count)")
+    p.add_argument("--topk", type=float, default=0.1,
+                   help="VQ: top-K per query head (fraction < 1, or count); A²ATS uses 0.03 on 8B models")
     p.add_argument("--n-codes", type=int, default=256, help="VQ codebook size (256: shipped for SmolLM2)")
     p.add_argument("--vq-dense-layers", type=int, default=2, help="VQ: first layers keep exact attention")
     p.add_argument("--duo-pattern", default=None, help="duo-attention full_attention_heads.tsv (or its folder)")

@@ -30,7 +30,8 @@ class MethodOptions:
     recent: int = 256              # DuoAttention streaming recent window
     prune_ratio: float = 0.4       # ThinK: fraction of key channels pruned
     think_window: int = 32         # ThinK: observation window / full-width recent keys
-    topk: float = 0.03             # VQ: per-query-head top-K (fraction or count; A²ATS: 0.03)
+    topk: float = 0.1              # VQ: per-query-head top-K (fraction or count). A²ATS uses 0.03 on
+                                   # Llama-3.1-8B; SmolLM2-135M's diffuse attention needs ~0.1 (README)
     vq_sink: int = 8
     vq_local: int = 64
     n_codes: int = 256            # the shipped SmolLM2 codebooks; other sizes are calibrated on first use
