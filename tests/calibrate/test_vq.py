@@ -135,8 +135,7 @@ def test_shipped_smollm2_codebooks():
     import kvcomp
 
     p = os.path.join(os.path.dirname(kvcomp.__file__), "patterns_data", "smollm2-135m", "vq_codebooks.safetensors")
-    if not os.path.exists(p):
-        pytest.skip("no shipped SmolLM2 codebooks")
+    assert os.path.exists(p), "the SmolLM2 codebooks must ship: kvcomp.methods uses them by default"
     d = load_codebooks(p)
     c = d["n_codes"]
     assert d["codebook"].shape == (30, 3, c, 64) and d["whiten"].shape == (30, 3, 64, 64)

