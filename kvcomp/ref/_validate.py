@@ -73,6 +73,20 @@ def positions(name: str, pos, b: int, t: int, device: torch.device) -> torch.Ten
     return pos if pos.dim() == 2 else pos.unsqueeze(0)
 
 
+def query_positions(q_pos, b: int, tq: int, tk: int, device: torch.device, what: str = "Tk") -> torch.Tensor:
+    """``q_pos`` checked, or the bottom-right default ``tk - tq + arange(tq)``, as ``[b or 1, tq]``."""
+    if q_pos is not None:
+        return positions("q_pos", q_pos, b, tq, device)
+    if tq > tk:
+        raise ValueError(f"q: Tq={tq} > {what}={tk} needs explicit q_pos")
+    return (tk - tq + torch.arange(tq, device=device)).unsqueeze(0)
+
+
+def key_positions(k_pos, b: int, tk: int, device: torch.device) -> torch.Tensor:
+    """``k_pos`` checked, or the default ``arange(tk)``, as ``[b or 1, tk]``."""
+    return torch.arange(tk, device=device).unsqueeze(0) if k_pos is None else positions("k_pos", k_pos, b, tk, device)
+
+
 def paged(q, k_cache, v_cache, block_table, seq_lens, query_start_loc):
     """Validate a varlen-over-pages call; return (G, seq_lens list, query_start_loc list)."""
     tensor("q", q, ndim=3, kind="float")

@@ -82,13 +82,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     sc = V.scale_or_default(scale, d)
     vis = None
     if causal:
-        if q_pos is None:
-            if tq > tk:
-                raise ValueError(f"q: Tq={tq} > Tk={tk} needs explicit q_pos for causal attention")
-            qp = (tk - tq + torch.arange(tq, device=q.device)).unsqueeze(0)
-        else:
-            qp = V.positions("q_pos", q_pos, b, tq, q.device)
-        kp = torch.arange(tk, device=q.device).unsqueeze(0) if k_pos is None else V.positions("k_pos", k_pos, b, tk, q.device)
+        qp = V.query_positions(q_pos, b, tq, tk, q.device)
+        kp = V.key_positions(k_pos, b, tk, q.device)
         vis = (kp[:, None, :] <= qp[:, :, None])[:, None, None]  # [B|1, 1, 1, Tq, Tk]
     else:
         if q_pos is not None:

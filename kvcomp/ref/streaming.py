@@ -69,13 +69,8 @@ def streaming_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, si
     V.tensor("k", k, ndim=4, kind="float")
     b, _, tq, _ = q.shape
     tk = k.shape[2]
-    if q_pos is None:
-        if tq > tk:
-            raise ValueError(f"q: Tq={tq} > Tk={tk} needs explicit q_pos")
-        qp = (tk - tq + torch.arange(tq, device=q.device)).unsqueeze(0)
-    else:
-        qp = V.positions("q_pos", q_pos, b, tq, q.device)
-    kp = torch.arange(tk, device=q.device).unsqueeze(0) if k_pos is None else V.positions("k_pos", k_pos, b, tk, q.device)
+    qp = V.query_positions(q_pos, b, tq, tk, q.device)
+    kp = V.key_positions(k_pos, b, tk, q.device)
     m = streaming_mask(qp, kp, sink, window).unsqueeze(1)  # [B|1, 1, Tq, Tk]
     return attention(q, k, v, scale=scale, causal=False, mask=m)
 

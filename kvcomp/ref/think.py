@@ -125,12 +125,7 @@ def pruned_key_attention(q: torch.Tensor, k_pruned: torch.Tensor, chan_idx: torc
     if tuple(v.shape[:3]) != (b, hkv, t):
         raise ValueError(f"v must be [B={b}, Hkv={hkv}, T_p+T_f={t}, Dv], got {tuple(v.shape)}")
     sc = V.scale_or_default(scale, d)
-    if q_pos is None:
-        if tq > t:
-            raise ValueError(f"q: Tq={tq} > T_p+T_f={t} needs explicit q_pos")
-        qp = (t - tq + torch.arange(tq, device=q.device)).unsqueeze(0)
-    else:
-        qp = V.positions("q_pos", q_pos, b, tq, q.device)
+    qp = V.query_positions(q_pos, b, tq, t, q.device, what="T_p+T_f")
     vis = (torch.arange(t, device=q.device)[None, None, :] <= qp[:, :, None])[:, None, None]  # [B|1,1,1,Tq,T]
     qf = q.float().reshape(b, hkv, g, tq, d)
     ix = chan_idx.long()[:, :, None, None, :].expand(b, hkv, g, tq, dk)
