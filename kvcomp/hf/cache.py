@@ -26,7 +26,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .. import ref
 from ..config import CompressionConfig
-from ..ops.prefill import dense_prefill
+from ..ops.prefill import dense_prefill, streaming_prefill
 
 
 @dataclass
@@ -160,7 +160,7 @@ class KVCompLayer(CacheLayerMixin):
         g = hq // hkv
         pos = torch.arange(self.seen, self.seen + tq)
         if self.seen == 0:
-            out = dense_prefill(q, k, v, scale=scale)
+            out = self._prefill_attention(q, k, v, scale, g)
             for name, idx in self.groups.items():
                 qi = _qheads(idx, g).to(q.device)
                 getattr(self, f"_prefill_{name.replace('vq_think', 'vq')}")(
@@ -173,6 +173,23 @@ class KVCompLayer(CacheLayerMixin):
                     name, q[:, qi], k[:, idx.to(k.device)], v[:, idx.to(v.device)], pos, scale)
                 out[:, qi] = o.to(out.dtype)
         self.seen += tq
+        return out
+
+    def _prefill_attention(self, q, k, v, scale, g):
+        """Prompt attention: exact for every head except DuoAttention's streaming heads, which see
+        only the sink and recent tokens in prefill too (as DuoAttention and the vLLM backend)."""
+        st = self.groups.get("streaming")
+        if st is None:
+            return dense_prefill(q, k, v, scale=scale)
+        out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
+        others = torch.tensor([h for h in range(k.shape[1]) if h not in set(st.tolist())], dtype=torch.long)
+        if others.numel():
+            kv = others.to(k.device)
+            out[:, _qheads(others, g).to(q.device)] = dense_prefill(
+                q[:, _qheads(others, g).to(q.device)], k[:, kv], v[:, kv], scale=scale).to(q.dtype)
+        qs, ks = _qheads(st, g).to(q.device), st.to(k.device)
+        out[:, qs] = streaming_prefill(q[:, qs], k[:, ks], v[:, ks], sink=self.cfg.duo.sink, window=self.cfg.duo.recent,
+                                       scale=scale).to(q.dtype)
         return out
 
     # full -------------------------------------------------------------

@@ -85,6 +85,30 @@ def dense_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: f
     return _sdpa(q, k, v, scale)
 
 
+def streaming_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sink: int, window: int,
+                      scale: float | None = None) -> torch.Tensor:
+    """Prefill of DuoAttention's streaming heads: each query sees the first ``sink`` keys and a
+    ``window`` of recent keys (bottom-right causal positions, ``Tq <= Tk``).
+
+    CUDA: the Triton ``kvcomp::streaming_prefill`` kernel; elsewhere torch SDPA with the boolean
+    mask of ``kvcomp.ref.streaming_mask`` (the reference is ``kvcomp.ref.streaming_attention``).
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-dim tensor [B, H, T, D]")
+    if q.shape[2] > k.shape[2]:
+        raise ValueError(f"q: Tq={q.shape[2]} > Tk={k.shape[2]}")
+    scale = 1.0 / q.shape[-1] ** 0.5 if scale is None else float(scale)
+    if q.is_cuda:
+        return triton_streaming_attention(q, k, v, sink=sink, window=window, scale=scale)
+    from ..ref.streaming import streaming_mask
+
+    tq, tk = q.shape[2], k.shape[2]
+    mask = streaming_mask(torch.arange(tk - tq, tk, device=q.device), torch.arange(tk, device=q.device), sink, window)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask.reshape(tq, tk), scale=scale,
+                                                            enable_gqa=q.shape[1] != k.shape[1])
+
+
 def varlen_dense_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                          cu_seqlens_k: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
     """Packed varlen causal attention (bottom-right per sequence) for retrieval heads.

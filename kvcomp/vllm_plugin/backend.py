@@ -32,13 +32,16 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from torch import nn
 
-from ..ref.attention import paged_attention
+from ..ref.attention import gather_paged, paged_attention
 from ..ref.streaming import streaming_attention
+from ..ref.think import pruned_key_attention
 from . import ENV_TRACE
 from . import compat as C
+from .mirror import mirror_bytes, mirror_for
 from .plan import Plan, kv_head_range, layer_index, plan_from_env
+from .ring import register_ring, ring_kept, ring_of, ring_slot
+from .vq import VQLayer, rope_from_hf_config
 
 # a child of "vllm" so that vLLM's log handler (and its level setting) prints it
 logger = logging.getLogger("vllm.kvcomp")
@@ -77,94 +80,27 @@ class KVCompAttentionBackend(C.AttentionBackend):
                            cache_dtype_str: str = "auto") -> tuple[int, ...]:
         """vLLM 0.26 hook (later versions derive the view from the spec)."""
         plan = plan_from_env()
-        if plan.key_dim is not None:
-            raise RuntimeError("ThinK pages need vLLM >= 0.32 (customize_spec / state_content_bytes); "
-                               f"running {C.VLLM_VERSION}")
+        if plan.method != "off":
+            raise RuntimeError(f"kvcomp {plan.method} pages need vLLM >= 0.32 (customize_spec / "
+                               f"state_content_bytes / CircularBufferSpec); running {C.VLLM_VERSION}")
         return C.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_size)
 
     @classmethod
     def customize_spec(cls, spec):
-        """Shrink the page content to ``D_keep + Dv`` elements per token when ThinK is on."""
+        """The page of each method: retrieval heads only (Duo), ``D_keep + Dv`` elements (ThinK),
+        one code cell per KV head (A²ATS)."""
         plan = plan_from_env()
+        elem = torch.empty((), dtype=spec.dtype).element_size()
         if plan.streaming is not None:  # pages hold the retrieval heads only
             plan.check_model(spec.head_size, spec.num_kv_heads)
             return C.replace_spec(spec, num_head_slots=spec.num_kv_heads - plan.num_streaming)
+        if plan.vq is not None:  # int16 code cells; K/V in the host mirror
+            plan.check_model(spec.head_size)
+            return C.replace_spec(spec, state_content_bytes=max(2, elem))
         if plan.key_dim is None:
             return spec
         plan.check_model(spec.head_size)
-        elem = torch.empty((), dtype=spec.dtype).element_size()
         return C.replace_spec(spec, state_content_bytes=(plan.key_dim + spec.head_size_v) * elem)
-
-
-@dataclass
-class RingMetadata:
-    """Per-batch metadata of a DuoAttention ring group: ``ring_block [num_reqs]`` block ids."""
-
-    ring_block: torch.Tensor
-
-
-class KVCompRingBuilder(C.AttentionMetadataBuilder[RingMetadata]):
-    """The ring group's block table holds one block per request: its ring."""
-
-    _cudagraph_support: ClassVar = C.AttentionCGSupport.NEVER
-
-    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
-        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-
-    def build(self, common_prefix_len: int, common_attn_metadata, fast_build: bool = False) -> RingMetadata:
-        m = common_attn_metadata
-        return RingMetadata(ring_block=m.block_table_tensor[: int(m.num_reqs), 0])
-
-
-class KVCompRingBackend(C.AttentionBackend):
-    """Backend of the ring companion layers (metadata only; the main layer's Impl does the work)."""
-
-    @staticmethod
-    def get_name() -> str:
-        return "CUSTOM"
-
-    @staticmethod
-    def get_impl_cls():
-        # vLLM's protocol: supports_pcp/supports_dcp catch NotImplementedError to mean "no Impl"
-        raise NotImplementedError("ring layers have no attention implementation of their own")
-
-    @staticmethod
-    def get_builder_cls() -> type[KVCompRingBuilder]:
-        return KVCompRingBuilder
-
-    @staticmethod
-    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list:
-        return [C.MultipleOf(1)]
-
-
-class KVCompRingLayer(nn.Module, C.AttentionLayerBase):
-    """DuoAttention streaming heads of one attention layer: a ring of ``sink + recent`` tokens
-    per request, allocated by vLLM's scheduler (``CircularBufferSpec``, one block per request).
-
-    View bound by vLLM: ``kv_cache [num_blocks, n_streaming, capacity, D + Dv]`` (capacity may be
-    enlarged by vLLM's page-size unification; only the first ``sink + recent`` slots are used).
-    """
-
-    def __init__(self, name: str, num_heads: int, head_size: int, capacity: int, dtype: torch.dtype):
-        super().__init__()
-        if C.CircularBufferSpec is None:
-            raise RuntimeError(f"DuoAttention in vLLM needs CircularBufferSpec (vLLM >= 0.32), running {C.VLLM_VERSION}")
-        self.layer_name = name
-        self.num_heads = num_heads
-        self.head_size = head_size
-        self.capacity = capacity
-        self.dtype = dtype
-        self.kv_cache = torch.tensor([])
-
-    def get_kv_cache_spec(self, vllm_config):
-        return C.CircularBufferSpec(block_size=self.capacity, num_kv_heads=self.num_heads,
-                                    head_size=self.head_size, dtype=self.dtype)
-
-    def get_attn_backend(self):
-        return KVCompRingBackend
-
-    def forward(self):
-        raise RuntimeError("ring layers are read and written by their attention layer's Impl")
 
 
 @dataclass
@@ -209,7 +145,7 @@ class KVCompMetadataBuilder(C.AttentionMetadataBuilder[KVCompAttentionMetadata])
 
 
 class KVCompAttentionImpl(C.AttentionImpl):
-    """Paged attention over kvcomp pages (pure PyTorch; exact without compression)."""
+    """Attention over kvcomp pages (pure PyTorch; exact without compression)."""
 
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int | None = None,
                  alibi_slopes=None, sliding_window: int | None = None, kv_cache_dtype: str = "auto",
@@ -241,66 +177,67 @@ class KVCompAttentionImpl(C.AttentionImpl):
         self.sliding_window = None
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.plan: Plan = plan_from_env()
+        if self.plan.method != "off" and kv_sharing_target_layer_name is not None:
+            raise ValueError(f"kvcomp {self.plan.method}: layers reading another layer's KV cache "
+                             f"({kv_sharing_target_layer_name}) are not supported")
         self._channels: torch.Tensor | None = None  # [Hkv_local, D_keep] kept key channels
         self._q_index: torch.Tensor | None = None  # [Hq, D_keep] channels per query head
         self._layer_ready = False
         self._traced = False
-        # DuoAttention: KV heads in the pages / in the ring, query heads reading each, ring layer
+        # DuoAttention: KV heads in the pages / in the ring, query heads reading each
         self._kv_ret: torch.Tensor | None = None
         self._kv_str: torch.Tensor | None = None
         self._q_ret: torch.Tensor | None = None
         self._q_str: torch.Tensor | None = None
-        self.ring_name: str | None = None
-        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's streaming K, V
+        self.ring_name: str | None = None  # Duo streaming heads or ThinK's full-width window
+        self._rope: tuple[torch.Tensor, float] | None = None  # A²ATS: (inv_freq, attention_scaling)
+        self._vq: VQLayer | None = None
 
     def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
-        """DuoAttention: register this layer's ring companion before vLLM collects KV specs."""
-        if self.plan.streaming is None:
-            return
-        cfg = C.current_vllm_config()
-        if cfg.cache_config.enable_prefix_caching:
-            raise ValueError("kvcomp DuoAttention rings are per request and not prefix-cacheable: "
-                             "serve with --no-enable-prefix-caching")
-        ctx = cfg.compilation_config.static_forward_context
-        name = next((n for n, m in ctx.items() if getattr(m, "impl", None) is self), None)
-        if name is None:
-            raise RuntimeError("kvcomp: attention layer of this Impl not found in the forward context")
-        self.ring_name = name + "_kvcomp_ring"
-        if self.ring_name not in ctx:
-            dtype = getattr(ctx[name], "kv_cache_torch_dtype", act_dtype)
-            ctx[self.ring_name] = KVCompRingLayer(self.ring_name, self.plan.num_streaming, self.head_size,
-                                                  self.plan.sink + self.plan.recent, dtype)
+        """Register this layer's ring companion before vLLM collects KV specs; read A²ATS's RoPE."""
+        p = self.plan
+        if p.streaming is not None:
+            self.ring_name = register_ring(self, act_dtype, num_heads=p.num_streaming, capacity=p.sink + p.recent,
+                                           content=2 * self.head_size)
+        elif p.key_dim is not None and p.think_window > 0:
+            self.ring_name = register_ring(self, act_dtype, num_heads=self.num_kv_heads, capacity=p.think_window,
+                                           content=self.head_size)
+        elif p.vq is not None:
+            self._rope = rope_from_hf_config(C.current_vllm_config().model_config.hf_config, self.head_size)
 
     # ------------------------------------------------------------------ per-layer setup
     def _setup_layer(self, layer, kv_cache: torch.Tensor) -> None:
-        """Resolve this layer's kept channels once (layer index known only from the module)."""
+        """Resolve this layer's heads, channels, codebooks (the layer index is known only here)."""
         self._layer_ready = True
-        if self.plan.streaming is not None:
-            rank, size = C.tp_rank_and_size()
+        p = self.plan
+        if p.method == "off":
+            return
+        rank, size = C.tp_rank_and_size()
+        g = self.num_heads // self.num_kv_heads
+        dev = kv_cache.device
+        li = layer_index(layer.layer_name)
+        if p.streaming is not None:
             if size != 1:
                 raise ValueError("kvcomp DuoAttention in vLLM supports tensor parallel size 1 only")
-            ret, stream = self.plan.layer_heads(layer_index(layer.layer_name))
-            g = self.num_heads // self.num_kv_heads
-            dev = kv_cache.device
+            ret, stream = p.layer_heads(li)
             self._kv_ret = torch.tensor(ret, device=dev)
             self._kv_str = torch.tensor(stream, device=dev)
             self._q_ret = torch.tensor([h * g + i for h in ret for i in range(g)], device=dev)
             self._q_str = torch.tensor([h * g + i for h in stream for i in range(g)], device=dev)
             return
-        if self.plan.key_dim is None:
+        if p.num_kv_heads is None:
+            raise ValueError(f"kvcomp plan ({p.source}) has no num_kv_heads")
+        p.check_model(self.head_size)
+        heads = kv_head_range(self.num_kv_heads, p.num_kv_heads, rank, size)
+        if p.vq is not None:
+            if self._rope is None:
+                raise RuntimeError("kvcomp A2ATS: process_weights_after_loading did not run for this layer")
+            mirror = mirror_for(layer.layer_name, num_blocks=kv_cache.shape[0], block_size=kv_cache.shape[2],
+                                num_heads=self.num_kv_heads, head_size=self.head_size, head_size_v=self.head_size,
+                                dtype=kv_cache.dtype, layers_in_process=p.num_layers)
+            self._vq = VQLayer(p.vq, li, heads, self._rope[0], self._rope[1], dev, mirror)
             return
-        if self.kv_sharing_target_layer_name is not None:
-            raise ValueError(f"{layer.layer_name} reads the KV cache of {self.kv_sharing_target_layer_name}: "
-                             "ThinK pages of shared-KV layers are not supported")
-        rank, size = C.tp_rank_and_size()
-        total = self.plan.num_kv_heads
-        if total is None:
-            raise ValueError("kvcomp plan has ThinK channels but no num_kv_heads")
-        self.plan.check_model(self.head_size)
-        start, end = kv_head_range(self.num_kv_heads, total, rank, size)
-        ch = self.plan.layer_channels(layer_index(layer.layer_name), start, end)
-        self._channels = ch.to(kv_cache.device)
-        g = self.num_heads // self.num_kv_heads
+        self._channels = p.layer_channels(li, *heads).to(dev)
         self._q_index = self._channels.repeat_interleave(g, dim=0)
 
     def _split_cache(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -319,7 +256,8 @@ class KVCompAttentionImpl(C.AttentionImpl):
         path = os.environ.get(ENV_TRACE, "").strip()
         rec = {"pid": os.getpid(), "layer": getattr(layer, "layer_name", "?"),
                "kv_cache_shape": list(kv_cache.shape), "dtype": str(kv_cache.dtype),
-               "method": self.plan.method, "vllm": ".".join(map(str, C.VLLM_VERSION))}
+               "method": self.plan.method, "vllm": ".".join(map(str, C.VLLM_VERSION)),
+               "ring": self.ring_name, "host_mirror_bytes": mirror_bytes()}
         logger.info("kvcomp attention backend active: %s", rec)
         if path:
             with open(path, "a") as f:
@@ -328,12 +266,13 @@ class KVCompAttentionImpl(C.AttentionImpl):
     # ------------------------------------------------------------------ vLLM entry points
     def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                            slot_mapping: torch.Tensor) -> None:
-        """Write new tokens into their pages.
+        """Write new tokens into their pages (A²ATS: full K/V into the host mirror; codes are
+        written by :meth:`forward`, which knows the tokens' positions).
 
         Args:
             key: ``[num_tokens, Hkv, D]`` (rows past ``len(slot_mapping)`` are padding).
             value: ``[num_tokens, Hkv, Dv]``.
-            kv_cache: ``[num_blocks, Hkv, block_size, Dk + Dv]``.
+            kv_cache: ``[num_blocks, Hkv, block_size, Dk + Dv]`` (A²ATS: code cells).
             slot_mapping: ``[n]`` int, ``block * block_size + offset``; negative = skip.
         """
         if kv_cache.numel() == 0:
@@ -344,12 +283,14 @@ class KVCompAttentionImpl(C.AttentionImpl):
         slots = slot_mapping.to(torch.long)
         keep = slots >= 0
         k, v = key[:n], value[:n]
-        if self._kv_ret is not None:  # DuoAttention: the ring is written by forward, after attending
-            self._pending = (k.index_select(1, self._kv_str), v.index_select(1, self._kv_str))
+        if self._kv_ret is not None:  # DuoAttention: streaming heads go to the ring in forward
             k, v = k.index_select(1, self._kv_ret), v.index_select(1, self._kv_ret)
         if not bool(keep.all()):
             slots, k, v = slots[keep], k[keep], v[keep]
         if slots.numel() == 0:
+            return
+        if self._vq is not None:
+            self._vq.mirror.write(slots, k, v)
             return
         if self._channels is not None:
             k = k.gather(2, self._channels.unsqueeze(0).expand(k.shape[0], -1, -1))
@@ -363,11 +304,13 @@ class KVCompAttentionImpl(C.AttentionImpl):
                 attn_metadata: KVCompAttentionMetadata | None, output: torch.Tensor,
                 output_scale: torch.Tensor | None = None, output_block_scale: torch.Tensor | None = None,
                 **kwargs) -> torch.Tensor:
-        """Causal varlen paged attention of the batch's queries over the pages.
+        """Causal varlen attention of the batch's queries over the layer's compressed cache.
 
         Args:
             query: ``[num_tokens, Hq, D]``; rows past ``num_actual_tokens`` are padding.
-            kv_cache: ``[num_blocks, Hkv, block_size, Dk + Dv]``.
+            key, value: this step's ``[num_tokens, Hkv, D]`` (already in the pages, except what
+                rings and code pages take here).
+            kv_cache: the layer's page view.
             attn_metadata: None during vLLM's profiling run (nothing to do).
             output: ``[num_tokens, Hq, Dv]``, written in place and returned.
         """
@@ -379,22 +322,57 @@ class KVCompAttentionImpl(C.AttentionImpl):
             self._setup_layer(layer, kv_cache)
         if not self._traced:
             self._trace(layer, kv_cache)
-        n = attn_metadata.num_actual_tokens
+        md = attn_metadata
+        n = md.num_actual_tokens
         q = query[:n]
         if self._kv_ret is not None:
-            self._forward_duo(q, kv_cache, attn_metadata, output)
-            return output
-        if self._q_index is not None:
-            q = q.gather(2, self._q_index.unsqueeze(0).expand(n, -1, -1))
-        k_cache, v_cache = self._split_cache(kv_cache)
-        o = paged_attention(q, k_cache, v_cache, attn_metadata.block_table, attn_metadata.seq_lens,
-                            attn_metadata.query_start_loc, scale=self.scale)
-        output[:n] = o.to(output.dtype)
+            self._forward_duo(q, key[:n], value[:n], kv_cache, md, output)
+        elif self._vq is not None:
+            self._vq.write_codes(key[:n], kv_cache, md)
+            self._vq.attend(q, kv_cache, md, self.scale, output)
+        elif self._channels is not None:
+            self._forward_think(q, key[:n], kv_cache, md, output)
+        else:
+            k_cache, v_cache = self._split_cache(kv_cache)
+            o = paged_attention(q, k_cache, v_cache, md.block_table, md.seq_lens, md.query_start_loc, scale=self.scale)
+            output[:n] = o.to(output.dtype)
         return output
 
+    # ------------------------------------------------------------------ ThinK
+    def _forward_think(self, q: torch.Tensor, k_new: torch.Tensor, kv_cache: torch.Tensor,
+                       md: KVCompAttentionMetadata, output: torch.Tensor) -> None:
+        """Keys before the last ``window`` ones come pruned from the pages; the window (ring) and
+        this step's own keys attend at full width, as kvcomp's HF ThinK path."""
+        k_cache, v_cache = self._split_cache(kv_cache)
+        w = self.plan.think_window
+        ring, blocks = ring_of(self.ring_name) if w else (None, [])
+        qsl, lens = md.query_start_loc.tolist(), md.seq_lens.tolist()
+        chan = self._channels.unsqueeze(0)
+        for b, seq_len in enumerate(lens):
+            s0, e0 = qsl[b], qsl[b + 1]
+            if e0 == s0:
+                continue
+            ctx = seq_len - (e0 - s0)
+            tail = min(w, ctx)
+            kp = gather_paged(k_cache, md.block_table, ctx - tail, b).unsqueeze(0)  # [1, Hkv, Tp, Dk]
+            vb = gather_paged(v_cache, md.block_table, seq_len, b).unsqueeze(0)
+            kf = k_new[s0:e0].transpose(0, 1)
+            if tail:
+                slots = torch.tensor([p % w for p in range(ctx - tail, ctx)], device=kf.device)
+                kf = torch.cat([ring[blocks[b]][:, slots].to(kf.dtype), kf], dim=1)
+            o = pruned_key_attention(q[s0:e0].transpose(0, 1).unsqueeze(0), kp, chan, kf.unsqueeze(0), vb,
+                                     scale=self.scale)
+            output[s0:e0] = o[0].transpose(0, 1).to(output.dtype)
+            if w:  # after attending: this step's keys that stay in the full-width window
+                keep = [p for p in range(ctx, seq_len) if p >= seq_len - w]
+                if keep:
+                    rows = torch.tensor([p - ctx for p in keep], device=kf.device) + s0
+                    slot = torch.tensor([p % w for p in keep], device=kf.device)
+                    ring[blocks[b]][:, slot] = k_new.index_select(0, rows).transpose(0, 1).to(ring.dtype)
+
     # ------------------------------------------------------------------ DuoAttention
-    def _forward_duo(self, q: torch.Tensor, kv_cache: torch.Tensor, md: KVCompAttentionMetadata,
-                     output: torch.Tensor) -> None:
+    def _forward_duo(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, kv_cache: torch.Tensor,
+                     md: KVCompAttentionMetadata, output: torch.Tensor) -> None:
         """Retrieval heads: paged attention. Streaming heads: sink + recent window over the ring
         (tokens before this step) and this step's own keys; then this step's keys enter the ring."""
         n = q.shape[0]
@@ -402,18 +380,11 @@ class KVCompAttentionImpl(C.AttentionImpl):
         o = paged_attention(q.index_select(1, self._q_ret), k_cache, v_cache, md.block_table, md.seq_lens,
                             md.query_start_loc, scale=self.scale)
         output[:n].index_copy_(1, self._q_ret, o.to(output.dtype))
-        if self._pending is None or self._pending[0].shape[0] != n:
-            raise RuntimeError("kvcomp DuoAttention: forward without this step's do_kv_cache_update")
-        k_new, v_new = self._pending
-        self._pending = None
-        metas, layers = C.forward_context()
-        ring_md = metas[self.ring_name]
-        ring = layers[self.ring_name].kv_cache  # [blocks, n_str, capacity, D + Dv]
+        k_new, v_new = k_new.index_select(1, self._kv_str), v_new.index_select(1, self._kv_str)
+        ring, blocks = ring_of(self.ring_name)  # [blocks, n_str, capacity, D + Dv]
         d = self.head_size
         sink, recent = self.plan.sink, self.plan.recent
-        qsl = md.query_start_loc.tolist()
-        lens = md.seq_lens.tolist()
-        blocks = ring_md.ring_block.tolist()
+        qsl, lens = md.query_start_loc.tolist(), md.seq_lens.tolist()
         q_str = q.index_select(1, self._q_str)
         for b, seq_len in enumerate(lens):
             s0, e0 = qsl[b], qsl[b + 1]
@@ -421,10 +392,9 @@ class KVCompAttentionImpl(C.AttentionImpl):
                 continue
             ctx = seq_len - (e0 - s0)
             r = ring[blocks[b]]  # [n_str, capacity, D + Dv]
-            old_pos = list(range(min(sink, ctx))) + list(range(max(sink, ctx - recent), ctx))
-            old_slot = [p if p < sink else sink + (p - sink) % recent for p in old_pos]
+            old_pos = ring_kept(0, ctx, sink, recent)
+            idx = torch.tensor([ring_slot(p, sink, recent) for p in old_pos], dtype=torch.long, device=r.device)
             new_pos = list(range(ctx, seq_len))
-            idx = torch.tensor(old_slot, dtype=torch.long, device=r.device)
             k = torch.cat([r[:, idx, :d], k_new[s0:e0].transpose(0, 1).to(r.dtype)], dim=1)
             v = torch.cat([r[:, idx, d:], v_new[s0:e0].transpose(0, 1).to(r.dtype)], dim=1)
             k_pos = torch.tensor(old_pos + new_pos, device=r.device)
@@ -432,11 +402,9 @@ class KVCompAttentionImpl(C.AttentionImpl):
             ob = streaming_attention(qb, k.unsqueeze(0), v.unsqueeze(0), sink=sink, window=recent, scale=self.scale,
                                      q_pos=torch.tensor(new_pos, device=r.device), k_pos=k_pos)
             output[s0:e0].index_copy_(1, self._q_str, ob[0].transpose(0, 1).to(output.dtype))
-            # this step's tokens that the ring keeps: the sink ones and the last `recent` ones
-            keep = [i for i, p in enumerate(new_pos) if p < sink or p >= max(sink, seq_len - recent)]
+            keep = ring_kept(ctx, seq_len, sink, recent)  # this step's tokens the ring keeps
             if keep:
-                ki = torch.tensor(keep, dtype=torch.long, device=r.device)
-                slot = torch.tensor([new_pos[i] if new_pos[i] < sink else sink + (new_pos[i] - sink) % recent
-                                     for i in keep], dtype=torch.long, device=r.device)
+                ki = torch.tensor([p - ctx for p in keep], dtype=torch.long, device=r.device)
+                slot = torch.tensor([ring_slot(p, sink, recent) for p in keep], dtype=torch.long, device=r.device)
                 r[:, slot, :d] = k_new[s0:e0].index_select(0, ki).transpose(0, 1).to(r.dtype)
                 r[:, slot, d:] = v_new[s0:e0].index_select(0, ki).transpose(0, 1).to(r.dtype)

@@ -11,11 +11,15 @@ What this plugin version serves:
   ``D_keep`` key channels + the full value; decode and prefill read keys with the query gathered
   to the same channels. Unlike the HF path there is no full-width recent window: every token's
   key is stored pruned (pages are uniform per KV-cache group).
+  The last ``think.window`` tokens keep full-width keys in a per-request ring (as the HF path).
 * DuoAttention with the same number of streaming KV heads in every layer: pages hold the retrieval
   heads (``num_head_slots``), each layer's streaming heads keep ``sink + recent`` tokens in a
   per-request ring (a companion layer with vLLM's ``CircularBufferSpec``).
+* A²ATS on every (layer, KV head): pages hold one VQ code per token and KV head; the full K/V
+  lives in a backend-owned host mirror, a page-for-page shadow of vLLM's code pages.
 
-A²ATS configs, and DuoAttention combined with another method, are refused with a clear error.
+Combinations of methods, and layouts that are not uniform over layers and heads, are refused with
+a clear error (vLLM pages are uniform per KV-cache group).
 """
 
 from __future__ import annotations
@@ -71,6 +75,10 @@ class Plan:
             same number of streaming heads in every layer.
         sink, recent: DuoAttention's kept tokens per streaming head (first ``sink`` + a window of
             ``recent`` tokens counting the query itself).
+        think_window: ThinK's full-width tail (tokens before the current step whose keys stay
+            unpruned).
+        vq: the ``kvcomp.config.VQRetrieval`` (codebook ``[L, Hkv, C, D]``, whiten, topk, sink,
+            local, rel_pos), or None.
         source: where the plan came from (config path or ``"none"``), for messages.
     """
 
@@ -81,6 +89,8 @@ class Plan:
     streaming: torch.Tensor | None = None
     sink: int = 0
     recent: int = 0
+    think_window: int = 0
+    vq: object | None = None
     source: str = "none"
 
     @property
@@ -110,6 +120,8 @@ class Plan:
     def method(self) -> str:
         if self.streaming is not None:
             return "duo"
+        if self.vq is not None:
+            return "vq"
         return "think" if self.think_channels is not None else "off"
 
     def check_model(self, head_size: int, num_kv_heads_total: int | None = None) -> None:
@@ -147,14 +159,15 @@ def plan_from_config(cfg, source: str = "config") -> Plan:
 
     Raises:
         ValueError: the config uses a method or layout this plugin version cannot serve
-            (A²ATS, query-driven ThinK, ThinK on only some heads, DuoAttention with unequal
-            streaming-head counts per layer or combined with another method).
+            (combined methods, query-driven ThinK, ThinK or A²ATS on only some heads, DuoAttention
+            with unequal streaming-head counts per layer).
     """
     streaming = None
+    used = [m for m in ("duo", "think", "vq") if getattr(cfg, m) is not None]
+    if len(used) > 1:
+        raise ValueError(f"{ENV_CONFIG} ({source}): {' + '.join(used)} combined is not served by this "
+                         "kvcomp vLLM plugin version (one method per model; the HF path composes them)")
     if cfg.duo is not None:
-        if cfg.think is not None or cfg.vq is not None:
-            raise ValueError(f"{ENV_CONFIG} ({source}): DuoAttention combined with ThinK or A2ATS is "
-                             "not served by this kvcomp vLLM plugin version")
         streaming = cfg.duo.pattern.bool().cpu()
         counts = streaming.sum(dim=1).tolist()
         if len(set(counts)) != 1 or not 0 < counts[0] < cfg.num_kv_heads:
@@ -164,8 +177,15 @@ def plan_from_config(cfg, source: str = "config") -> Plan:
         return Plan(num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                     streaming=streaming, sink=int(cfg.duo.sink), recent=int(cfg.duo.recent), source=source)
     if cfg.vq is not None:
-        raise ValueError(f"{ENV_CONFIG} ({source}): A2ATS (vq) is not served by this kvcomp vLLM "
-                         "plugin version (ThinK with static channels is); use the HF path")
+        v = cfg.vq
+        if v.heads is not None and not bool(torch.as_tensor(v.heads).bool().all()):
+            raise ValueError(f"{ENV_CONFIG} ({source}): vLLM pages are uniform per KV-cache group, so A2ATS "
+                             f"must cover every (layer, KV head); vq.heads covers {int(torch.as_tensor(v.heads).sum())}/"
+                             f"{cfg.num_layers * cfg.num_kv_heads} (build it with vq_dense_layers=0)")
+        if v.n_codes > 32767:
+            raise ValueError(f"{ENV_CONFIG} ({source}): {v.n_codes} VQ codes do not fit the int16 code pages")
+        return Plan(num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                    vq=v, source=source)
     channels = None
     if cfg.think is not None:
         t = cfg.think
@@ -179,7 +199,7 @@ def plan_from_config(cfg, source: str = "config") -> Plan:
                              f"{int(cfg.prune.sum())}/{cfg.prune.numel()}")
         channels = torch.sort(t.channels.long(), dim=-1).values.contiguous()
     return Plan(num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-                think_channels=channels, source=source)
+                think_channels=channels, think_window=int(cfg.think.window) if cfg.think else 0, source=source)
 
 
 def load_plan(path: str | os.PathLike | None) -> Plan:

@@ -54,8 +54,14 @@ def _simulate(cfg, rope, qs, ks, vs, scale):
     for q in qs:
         tq = q.shape[2]
         k, v = kall[:, :, : seen + tq], vall[:, :, : seen + tq]
-        if seen == 0:
-            outs.append(dense_prefill(q, k, v, scale=scale))
+        if seen == 0:  # prompt: exact, except streaming heads (sink + recent in prefill too)
+            o = dense_prefill(q, k, v, scale=scale).clone()
+            for h in range(hkv):
+                if cfg.policy(0, h).kind == "streaming":
+                    o[:, h * g:(h + 1) * g] = ref.streaming_attention(q[:, h * g:(h + 1) * g], k[:, h:h + 1],
+                                                                      v[:, h:h + 1], sink=SINK, window=RECENT,
+                                                                      scale=scale)
+            outs.append(o)
             seen += tq
             continue
         o = torch.empty_like(q)

@@ -31,12 +31,17 @@ def main() -> int:
     ap.add_argument("--max-model-len", type=int, default=512)
     ap.add_argument("--max-num-batched-tokens", type=int, default=64)
     ap.add_argument("--kv-space-gib", default="1")
+    ap.add_argument("--kv-cache-bytes", type=int, default=0,
+                    help="device KV budget in bytes (overrides --kv-space-gib; A2ATS runs size the host mirror by it)")
     ap.add_argument("--no-prefix-caching", action="store_true", help="(DuoAttention rings need it)")
     ap.add_argument("--inproc", action="store_true",
                     help="engine core and worker in this process (one vLLM import instead of three)")
     a = ap.parse_args()
 
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = a.kv_space_gib
+    if a.kv_cache_bytes:  # vLLM's CPU platform lets the legacy GiB variable override the byte budget
+        os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    else:
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = a.kv_space_gib
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO")
     if a.inproc:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -59,7 +64,9 @@ def main() -> int:
     t0 = time.time()
     llm = LLM(model=a.model, dtype="float32", enforce_eager=True, skip_tokenizer_init=True,
               max_model_len=a.max_model_len, max_num_batched_tokens=a.max_num_batched_tokens,
-              max_num_seqs=8, seed=0, enable_prefix_caching=not a.no_prefix_caching, **({"distributed_executor_backend": "uni"} if a.inproc else {}))
+              max_num_seqs=8, seed=0, enable_prefix_caching=not a.no_prefix_caching,
+              **({"distributed_executor_backend": "uni"} if a.inproc else {}),
+              **({"kv_cache_memory_bytes": a.kv_cache_bytes} if a.kv_cache_bytes else {}))
     t_start = time.time() - t0
     sp = SamplingParams(temperature=0.0, max_tokens=a.max_tokens, ignore_eos=True, detokenize=False)
     t1 = time.time()
@@ -79,6 +86,7 @@ def main() -> int:
         "max_concurrency": num_blocks * block_size / max_model_len,
         "engine_start_s": round(t_start, 2),
         "generate_s": round(t_gen, 2),
+        "generated_tokens": sum(len(o.outputs[0].token_ids) for o in outs),
     }
     with open(a.out, "w") as f:
         json.dump(res, f)

@@ -24,6 +24,8 @@ L, HKV, D, KEEP = 2, 2, 64, 48
 #: DuoAttention setting of the tests: one streaming KV head per layer, ring of 16 + 48 tokens
 DUO_PATTERN = ((False, True), (True, False))
 SINK, RECENT = 16, 48
+#: A²ATS setting of the tests: 32 codes per KV head, top 10% + 4 sink + 8 local tokens, 8 MiB device pages
+VQ_CODES, VQ_SINK, VQ_LOCAL, VQ_TOPK, VQ_KV_BYTES = 32, 4, 8, 0.1, 8 << 20
 RUNNER = HERE / "_run_engine.py"
 ENV_PY = "KVCOMP_VLLM_PYTHON"
 
@@ -57,7 +59,7 @@ def build_tiny_llama(directory: Path, seed: int = 0):
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                      max_position_embeddings=1024, initializer_range=0.1, rope_theta=10000.0,
+                      max_position_embeddings=4096, initializer_range=0.1, rope_theta=10000.0,
                       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     model = LlamaForCausalLM(cfg).float().eval()
     model.save_pretrained(str(directory))
@@ -73,31 +75,18 @@ def make_prompts(lengths=(5, 37, 150, 1), vocab: int = 512, seed: int = 1) -> li
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
-def use_pruned_key_attention(model, channels) -> None:
-    """Switch an HF Llama to attention whose logits use only the kept key channels.
-
-    ``channels [L, Hkv, D_keep]``: query head ``h`` and its KV head ``h // G`` keep the channels
-    ``channels[layer, h // G]`` (post-RoPE), the rest are zeroed in both, so ``q·k`` equals the
-    packed-channel product; values and the ``1/sqrt(D)`` scale are untouched. This is ThinK with
-    static channels on every token, the semantics of kvcomp's vLLM pages.
-    """
+def tiny_vq(model):
+    """A²ATS codebooks fitted on the tiny model's own keys (4 random 128-token samples)."""
     import torch
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    L, H, D = channels.shape[0], channels.shape[1], model.config.head_dim
-    keep = torch.zeros(L, H, D, dtype=torch.bool)
-    keep.scatter_(2, channels.long(), True)
+    from kvcomp.calibrate.vq import calibrate_codebooks
+    from kvcomp.config import VQRetrieval
 
-    def pruned(module, query, key, value, attention_mask, **kw):
-        m = keep[module.layer_idx].to(query.dtype)  # [Hkv, D]
-        g = query.shape[1] // key.shape[1]
-        query = query * m.repeat_interleave(g, 0)[None, :, None, :]
-        key = key * m[None, :, None, :]
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
-
-    AttentionInterface.register("kvcomp_pruned_key_ref", pruned)
-    model.set_attn_implementation("kvcomp_pruned_key_ref")
+    g = torch.Generator().manual_seed(7)
+    samples = [torch.randint(3, 512, (1, 128), generator=g) for _ in range(4)]
+    fit = calibrate_codebooks(model, samples, n_codes=VQ_CODES, iters=10, rel_pos=128, progress=False)
+    return VQRetrieval(codebook=fit["codebook"], whiten=fit["whiten"], topk=VQ_TOPK, sink=VQ_SINK,
+                       local=VQ_LOCAL, rel_pos=128)
 
 
 def use_duo_attention(model, streaming, sink: int, recent: int) -> None:
@@ -150,9 +139,32 @@ def hf_greedy(model, prompts: list[list[int]], max_tokens: int) -> list[list[int
     return out
 
 
+def kvcomp_hf_greedy(model, prompts: list[list[int]], max_tokens: int, config) -> list[list[int]]:
+    """Greedy continuation through kvcomp's own HF path (``kvcomp.hf.compress`` + ``KVCompCache``):
+    the whole prompt in one forward (exact prefill), then one token per step."""
+    import torch
+
+    from kvcomp.hf import compress, restore
+
+    out = []
+    try:
+        with torch.no_grad():
+            for p in prompts:
+                cache = compress(model, config)
+                logits = model(torch.tensor([p]), past_key_values=cache, use_cache=True).logits[0, -1]
+                ids = []
+                for _ in range(max_tokens):
+                    ids.append(int(logits.argmax()))
+                    logits = model(torch.tensor([[ids[-1]]]), past_key_values=cache, use_cache=True).logits[0, -1]
+                out.append(ids)
+    finally:
+        restore(model)
+    return out
+
+
 def start_engine(py: str, workdir: Path, name: str, model_dir: Path, prompts_file: Path, max_tokens: int,
                  mode: str, *, config: str = "", trace: str = "", inproc: bool = False,
-                 prefix_caching: bool = True) -> tuple[subprocess.Popen, Path, Path]:
+                 prefix_caching: bool = True, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, Path, Path]:
     """Start ``_run_engine.py`` in the background; returns ``(process, result_json, log_file)``."""
     out = workdir / f"{name}.json"
     log = workdir / f"{name}.log"
@@ -166,6 +178,7 @@ def start_engine(py: str, workdir: Path, name: str, model_dir: Path, prompts_fil
         cmd.append("--inproc")
     if not prefix_caching:
         cmd.append("--no-prefix-caching")
+    cmd += list(extra)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     fh = open(log, "w")

@@ -5,10 +5,15 @@ and worker are spawned), so the three runs overlap with each other and with the 
 
 * ``stock``: stock vLLM (CPU_ATTN), in-process engine;
 * ``off``: kvcomp's backend without a config, in-process engine;
-* ``think``: kvcomp's backend with a saved ThinK config, in-process engine;
+* ``think``: kvcomp's backend with a saved ThinK config (static channels, 32-token full-width
+  window in a ring), in-process engine, prompts prefilled whole (256-token step budget);
 * ``duo``: kvcomp's backend with a saved DuoAttention config (rings registered from the worker),
   default process topology (spawned engine core + worker), so the entry point and
-  ``KVCOMP_CONFIG`` must reach the worker.
+  ``KVCOMP_CONFIG`` must reach the worker;
+* ``vq``: kvcomp's backend with A²ATS codebooks calibrated on the tiny model, an 8 MiB device KV
+  budget (the host mirror shadows every code page), in-process engine.
+
+The references are kvcomp's own HF path (``kvcomp.hf.compress``) with the same saved configs.
 """
 
 from __future__ import annotations
@@ -17,9 +22,9 @@ import json
 
 import pytest
 
-from _vllm_common import (DUO_PATTERN, RECENT, SINK, D, HKV, KEEP, MAX_TOKENS, L, build_tiny_llama, finish_engine,
-                          hf_greedy, make_prompts, start_engine, think_channels, use_duo_attention,
-                          use_pruned_key_attention, vllm_python)
+from _vllm_common import (DUO_PATTERN, RECENT, SINK, VQ_KV_BYTES, D, HKV, KEEP, MAX_TOKENS, L, build_tiny_llama,
+                          finish_engine, hf_greedy, kvcomp_hf_greedy, make_prompts, start_engine, think_channels,
+                          tiny_vq, use_duo_attention, vllm_python)
 
 
 @pytest.fixture(scope="session")
@@ -38,26 +43,32 @@ def engines(tmp_path_factory):
     prompts_file = work / "prompts.json"
     prompts_file.write_text(json.dumps(prompts))
     ch = think_channels(L, HKV, D, KEEP)
-    CompressionConfig(num_layers=L, num_kv_heads=HKV, head_dim=D, num_q_heads=4,
-                      think=ThinK(prune_ratio=0.25, channels=ch)).save(work / "think_config")
-    pattern = torch.tensor(DUO_PATTERN)
-    CompressionConfig(num_layers=L, num_kv_heads=HKV, head_dim=D, num_q_heads=4,
-                      duo=DuoAttention(pattern=pattern, sink=SINK, recent=RECENT)).save(work / "duo_config")
-    traces = {name: work / f"{name}.trace.jsonl" for name in ("off", "think", "duo")}
+    geo = dict(num_layers=L, num_kv_heads=HKV, head_dim=D, num_q_heads=4)
+    cfgs = {"think": CompressionConfig(**geo, think=ThinK(prune_ratio=0.25, channels=ch)),
+            "duo": CompressionConfig(**geo, duo=DuoAttention(pattern=torch.tensor(DUO_PATTERN), sink=SINK,
+                                                             recent=RECENT)),
+            "vq": CompressionConfig(**geo, vq=tiny_vq(model))}
+    for name, c in cfgs.items():
+        c.save(work / f"{name}_config")
+    traces = {name: work / f"{name}.trace.jsonl" for name in ("off", "think", "duo", "vq")}
+    whole = ("--max-num-batched-tokens", "256")  # prompts prefilled in one chunk: exact like the HF prefill
     procs = {
         "duo": start_engine(py, work, "duo", model_dir, prompts_file, MAX_TOKENS, "kvcomp",
                             config=str(work / "duo_config"), trace=str(traces["duo"]), prefix_caching=False),
         "think": start_engine(py, work, "think", model_dir, prompts_file, MAX_TOKENS, "kvcomp",
-                              config=str(work / "think_config"), trace=str(traces["think"]), inproc=True),
+                              config=str(work / "think_config"), trace=str(traces["think"]), inproc=True,
+                              prefix_caching=False, extra=whole + ("--max-model-len", "4096")),
+        "vq": start_engine(py, work, "vq", model_dir, prompts_file, MAX_TOKENS, "kvcomp",
+                           config=str(work / "vq_config"), trace=str(traces["vq"]), inproc=True,
+                           extra=whole + ("--kv-cache-bytes", str(VQ_KV_BYTES))),
         "stock": start_engine(py, work, "stock", model_dir, prompts_file, MAX_TOKENS, "stock", inproc=True),
         "off": start_engine(py, work, "off", model_dir, prompts_file, MAX_TOKENS, "kvcomp",
                             trace=str(traces["off"]), inproc=True),
     }
     hf_full = hf_greedy(model, prompts, MAX_TOKENS)
-    use_pruned_key_attention(model, ch)
-    hf_pruned = hf_greedy(model, prompts, MAX_TOKENS)
-    use_duo_attention(model, pattern, SINK, RECENT)
-    hf_duo = hf_greedy(model, prompts, MAX_TOKENS)
+    hf_kvcomp = {name: kvcomp_hf_greedy(model, prompts, MAX_TOKENS, c) for name, c in cfgs.items()}
+    use_duo_attention(model, torch.tensor(DUO_PATTERN), SINK, RECENT)
+    hf_duo_mask = hf_greedy(model, prompts, MAX_TOKENS)
     errors, res = [], {}
     for name, p in procs.items():  # wait for all before failing, so no engine outlives the session
         try:
@@ -68,5 +79,6 @@ def engines(tmp_path_factory):
         raise AssertionError("\n".join(errors))
     for name, path in traces.items():
         res[name]["trace"] = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
-    res["hf_full"], res["hf_pruned"], res["hf_duo"] = hf_full, hf_pruned, hf_duo
+    res["hf_full"], res["hf_duo_mask"] = hf_full, hf_duo_mask
+    res["hf_kvcomp"] = hf_kvcomp
     return res

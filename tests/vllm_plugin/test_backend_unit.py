@@ -96,7 +96,6 @@ def test_write_then_attend_matches_reference():
 
 
 def test_think_pages_and_attention():
-    from kvcomp.ref import paged_attention
     from kvcomp.testing import assert_close
     from kvcomp.vllm_plugin.plan import Plan
 
@@ -117,16 +116,31 @@ def test_think_pages_and_attention():
             assert torch.equal(kv_cache[s // BS, h, s % BS, :keep], bt.k[t, h, ch[1, h]])
     out = torch.empty(bt.q.shape[0], HQ, D)
     impl.forward(layer, bt.q, bt.k, bt.v, kv_cache, _meta(bt), out)
-    # reference: full-width pages with pruned channels zero, query zeroed alike, full-D scale
-    mask = torch.zeros(HKV, D)
+    # reference (fp64 loops): keys already in the pages (earlier steps) score with the kept channels
+    # only; this step's own keys score at full width (kvcomp's HF ThinK path with window 0)
+    mask = torch.zeros(HKV, D, dtype=torch.float64)
     mask.scatter_(1, ch[1], 1.0)
-    kfull = torch.zeros(NB, BS, HKV, D)
-    kfull.scatter_(3, ch[1].view(1, 1, HKV, keep).expand(NB, BS, HKV, keep),
-                   kv_cache[..., :keep].permute(0, 2, 1, 3))
-    qm = bt.q[:n] * mask.repeat_interleave(HQ // HKV, 0)
-    ref = paged_attention(qm, kfull, kv_cache[..., keep:].permute(0, 2, 1, 3), bt.block_table, bt.seq_lens,
-                          bt.qsl, scale=D ** -0.5)
-    assert_close("kvcomp vllm ThinK forward", ref, out[:n], 1e-6)
+    qsl, lens, gq = bt.qsl.tolist(), bt.seq_lens.tolist(), HQ // HKV
+    kpages = torch.zeros(NB, BS, HKV, D, dtype=torch.float64)
+    kpages.scatter_(3, ch[1].view(1, 1, HKV, keep).expand(NB, BS, HKV, keep),
+                    kv_cache[..., :keep].permute(0, 2, 1, 3).double())
+    vpages = kv_cache[..., keep:].permute(0, 2, 1, 3).double()
+    ref = torch.zeros(n, HQ, D, dtype=torch.float64)
+    for b, seq_len in enumerate(lens):
+        s0, e0 = qsl[b], qsl[b + 1]
+        ctx = seq_len - (e0 - s0)
+        blocks = [int(x) for x in bt.block_table[b]]
+        kk = torch.stack([kpages[blocks[p // BS], p % BS] for p in range(seq_len)])  # [T, Hkv, D]
+        vv = torch.stack([vpages[blocks[p // BS], p % BS] for p in range(seq_len)])
+        kk[ctx:] = bt.k[s0:e0].double()
+        for i in range(e0 - s0):
+            p = ctx + i
+            for h in range(HQ):
+                qh = bt.q[s0 + i, h].double()
+                logits = torch.stack([((qh * mask[h // gq]) if j < ctx else qh) @ kk[j, h // gq]
+                                      for j in range(p + 1)]) * D ** -0.5
+                ref[s0 + i, h] = torch.softmax(logits, 0) @ vv[: p + 1, h // gq]
+    assert_close("kvcomp vllm ThinK forward", ref.float(), out[:n], 1e-5)
 
 
 def test_unsupported_features_refused():

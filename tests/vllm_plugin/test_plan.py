@@ -99,3 +99,22 @@ def test_register_rejects_bad_override(monkeypatch):
     monkeypatch.setenv(ENV_OVERRIDE_CPU, "yes")
     with pytest.raises(ValueError, match=ENV_OVERRIDE_CPU):
         register()
+
+
+def _vq(**kw):
+    from kvcomp.config import VQRetrieval
+
+    g = torch.Generator().manual_seed(0)
+    return VQRetrieval(codebook=torch.randn(2, 2, 16, 64, generator=g), whiten=torch.eye(64).expand(2, 2, 64, 64),
+                       **kw)
+
+
+def test_vq_plan(tmp_path):
+    _cfg(vq=_vq(topk=0.1, sink=4, local=8)).save(tmp_path / "v")
+    p = load_plan(tmp_path / "v")
+    assert p.method == "vq" and p.vq.n_codes == 16 and p.vq.sink == 4 and p.key_dim is None
+    partial = _cfg(vq=_vq(heads=torch.tensor([[False, False], [True, True]])))
+    with pytest.raises(ValueError, match="vq_dense_layers=0"):
+        plan_from_config(partial)
+    with pytest.raises(ValueError, match="think \\+ vq combined"):
+        plan_from_config(_cfg(think=ThinK(prune_ratio=0.25, channels=_channels()), vq=_vq()))

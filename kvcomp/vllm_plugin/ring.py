@@ -1,0 +1,129 @@
+"""Per-request rings owned by vLLM's scheduler: DuoAttention's streaming heads, ThinK's full-width tail.
+
+An attention layer registers a companion :class:`KVCompRingLayer` in the forward context (from
+``process_weights_after_loading``, before vLLM collects KV specs). Its ``CircularBufferSpec``
+makes vLLM give every request one ring block for its whole lifetime, allocated and freed with the
+request and counted in vLLM's capacity; the ring group's block table (``[num_reqs, 1]``) is the
+stable per-request address. Position ``p`` lives in slot ``p`` if ``p < sink`` else
+``sink + (p - sink) % recent`` (:func:`ring_slot`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..ref.cache_write import streaming_slot as ring_slot  # noqa: F401  (re-exported)
+from . import compat as C
+
+
+def ring_kept(start: int, end: int, sink: int, recent: int) -> list[int]:
+    """Positions of ``[0, end)`` a ring holds after writing the tokens before ``end``, restricted
+    to ``[start, end)``: the sink ones and the last ``recent``."""
+    return [p for p in range(start, end) if p < sink or p >= max(sink, end - recent)]
+
+
+@dataclass
+class RingMetadata:
+    """Per-batch metadata of a ring group: ``ring_block [num_reqs]`` block ids."""
+
+    ring_block: torch.Tensor
+
+
+class KVCompRingBuilder(C.AttentionMetadataBuilder[RingMetadata]):
+    """The ring group's block table holds one block per request: its ring."""
+
+    _cudagraph_support: ClassVar = C.AttentionCGSupport.NEVER
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+
+    def build(self, common_prefix_len: int, common_attn_metadata, fast_build: bool = False) -> RingMetadata:
+        m = common_attn_metadata
+        return RingMetadata(ring_block=m.block_table_tensor[: int(m.num_reqs), 0])
+
+
+class KVCompRingBackend(C.AttentionBackend):
+    """Backend of the ring companion layers (metadata only; the main layer's Impl does the work)."""
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"
+
+    @staticmethod
+    def get_impl_cls():
+        # vLLM's protocol: supports_pcp/supports_dcp catch NotImplementedError to mean "no Impl"
+        raise NotImplementedError("ring layers have no attention implementation of their own")
+
+    @staticmethod
+    def get_builder_cls() -> type[KVCompRingBuilder]:
+        return KVCompRingBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list:
+        return [C.MultipleOf(1)]
+
+
+class KVCompRingLayer(nn.Module, C.AttentionLayerBase):
+    """A ring of ``capacity`` tokens x ``num_heads`` heads x ``content`` elements per request.
+
+    View bound by vLLM: ``kv_cache [num_blocks, num_heads, capacity', content]`` (``capacity'``
+    may be enlarged by vLLM's page-size unification; only the first ``capacity`` slots are used).
+    """
+
+    def __init__(self, name: str, num_heads: int, head_size: int, capacity: int, dtype: torch.dtype,
+                 content: int):
+        super().__init__()
+        if C.CircularBufferSpec is None:
+            raise RuntimeError(f"kvcomp rings need CircularBufferSpec (vLLM >= 0.32), running {C.VLLM_VERSION}")
+        self.layer_name = name
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.capacity = capacity
+        self.dtype = dtype
+        self.content = content
+        self.kv_cache = torch.tensor([])
+
+    def get_kv_cache_spec(self, vllm_config):
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return C.CircularBufferSpec(block_size=self.capacity, num_kv_heads=self.num_heads, head_size=self.head_size,
+                                    dtype=self.dtype, state_content_bytes=self.content * elem)
+
+    def get_attn_backend(self):
+        return KVCompRingBackend
+
+    def forward(self):
+        raise RuntimeError("ring layers are read and written by their attention layer's Impl")
+
+
+def register_ring(impl, act_dtype: torch.dtype, *, num_heads: int, capacity: int, content: int) -> str:
+    """Register the ring companion of ``impl``'s attention layer; returns the ring's layer name.
+
+    Called from ``process_weights_after_loading`` (the vLLM config is current then).
+
+    Raises:
+        ValueError: prefix caching is on (a cache hit would start a request with an empty ring).
+        RuntimeError: the Impl's layer is not in the forward context.
+    """
+    cfg = C.current_vllm_config()
+    if cfg.cache_config.enable_prefix_caching:
+        raise ValueError("kvcomp rings (DuoAttention streaming heads, ThinK's full-width window) are per "
+                         "request and not prefix-cacheable: serve with --no-enable-prefix-caching")
+    ctx = cfg.compilation_config.static_forward_context
+    name = next((n for n, m in ctx.items() if getattr(m, "impl", None) is impl), None)
+    if name is None:
+        raise RuntimeError("kvcomp: attention layer of this Impl not found in the forward context")
+    ring_name = name + "_kvcomp_ring"
+    if ring_name not in ctx:
+        dtype = getattr(ctx[name], "kv_cache_torch_dtype", act_dtype)
+        ctx[ring_name] = KVCompRingLayer(ring_name, num_heads, impl.head_size, capacity, dtype, content)
+    return ring_name
+
+
+def ring_of(ring_name: str) -> tuple[torch.Tensor, list[int]]:
+    """``(ring view [blocks, heads, capacity', content], ring block id per request)`` of this step."""
+    metas, layers = C.forward_context()
+    return layers[ring_name].kv_cache, metas[ring_name].ring_block.tolist()
