@@ -27,6 +27,11 @@ SINK, RECENT = 16, 48
 #: A²ATS setting of the tests: 32 codes per KV head, top 10% + 4 sink + 8 local tokens, 8 MiB device pages
 VQ_CODES, VQ_SINK, VQ_LOCAL, VQ_TOPK, VQ_KV_BYTES = 32, 4, 8, 0.1, 8 << 20
 RUNNER = HERE / "_run_engine.py"
+STRESS_RUNNER = HERE / "_run_stress.py"
+#: stress runs: prompts (many lengths, chunked at 32 tokens), greedy tokens each, KV blocks of 16 per method
+STRESS_LENGTHS = (3, 17, 40, 64, 90, 120, 33, 1, 75, 150)
+STRESS_TOKENS = 16
+STRESS_BLOCKS = {"off": 13, "think": 13, "duo": 12, "vq": 12}
 ENV_PY = "KVCOMP_VLLM_PYTHON"
 
 
@@ -186,6 +191,23 @@ def start_engine(py: str, workdir: Path, name: str, model_dir: Path, prompts_fil
     proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(HERE),
                             start_new_session=True)
     proc._kvcomp_log_fh = fh  # closed in finish_engine
+    return proc, out, log
+
+
+def start_stress(py: str, workdir: Path, name: str, model_dir: Path, prompts_file: Path,
+                 config: str = "") -> tuple[subprocess.Popen, Path, Path]:
+    """Start ``_run_stress.py`` for one method in the background (see :func:`start_engine`)."""
+    out = workdir / f"stress-{name}.json"
+    log = workdir / f"stress-{name}.log"
+    cmd = [py, str(STRESS_RUNNER), "--model", str(model_dir), "--prompts", str(prompts_file), "--out", str(out),
+           "--blocks", str(STRESS_BLOCKS[name]), "--max-tokens", str(STRESS_TOKENS)]
+    if config:
+        cmd += ["--config", config]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    fh = open(log, "w")
+    proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(HERE), start_new_session=True)
+    proc._kvcomp_log_fh = fh
     return proc, out, log
 
 

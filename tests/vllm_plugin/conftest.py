@@ -14,6 +14,9 @@ and worker are spawned), so the three runs overlap with each other and with the 
   budget (the host mirror shadows every code page), in-process engine.
 
 The references are kvcomp's own HF path (``kvcomp.hf.compress``) with the same saved configs.
+Alongside, ``stress-<method>`` runs (``_run_stress.py``, one per method) push 12 requests of mixed
+lengths through a pool of 12-13 blocks of 16 tokens with 32-token chunked prefill, forcing
+preemption, and abort two of them.
 """
 
 from __future__ import annotations
@@ -22,9 +25,9 @@ import json
 
 import pytest
 
-from _vllm_common import (DUO_PATTERN, RECENT, SINK, VQ_KV_BYTES, D, HKV, KEEP, MAX_TOKENS, L, build_tiny_llama,
-                          finish_engine, hf_greedy, kvcomp_hf_greedy, make_prompts, start_engine, think_channels,
-                          tiny_vq, use_duo_attention, vllm_python)
+from _vllm_common import (DUO_PATTERN, RECENT, SINK, STRESS_LENGTHS, STRESS_TOKENS, VQ_KV_BYTES, D, HKV, KEEP,
+                          MAX_TOKENS, L, build_tiny_llama, finish_engine, hf_greedy, kvcomp_hf_greedy, make_prompts,
+                          start_engine, start_stress, think_channels, tiny_vq, use_duo_attention, vllm_python)
 
 
 @pytest.fixture(scope="session")
@@ -65,7 +68,15 @@ def engines(tmp_path_factory):
         "off": start_engine(py, work, "off", model_dir, prompts_file, MAX_TOKENS, "kvcomp",
                             trace=str(traces["off"]), inproc=True),
     }
+    stress_prompts = make_prompts(STRESS_LENGTHS, seed=5)
+    stress_file = work / "stress_prompts.json"
+    stress_file.write_text(json.dumps(stress_prompts))
+    for name in ("off", "think", "duo", "vq"):
+        procs[f"stress-{name}"] = start_stress(py, work, name, model_dir, stress_file,
+                                               "" if name == "off" else str(work / f"{name}_config"))
     hf_full = hf_greedy(model, prompts, MAX_TOKENS)
+    stress_ref = {"off": hf_greedy(model, stress_prompts, STRESS_TOKENS),
+                  "duo": kvcomp_hf_greedy(model, stress_prompts, STRESS_TOKENS, cfgs["duo"])}
     hf_kvcomp = {name: kvcomp_hf_greedy(model, prompts, MAX_TOKENS, c) for name, c in cfgs.items()}
     use_duo_attention(model, torch.tensor(DUO_PATTERN), SINK, RECENT)
     hf_duo_mask = hf_greedy(model, prompts, MAX_TOKENS)
@@ -81,4 +92,5 @@ def engines(tmp_path_factory):
         res[name]["trace"] = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
     res["hf_full"], res["hf_duo_mask"] = hf_full, hf_duo_mask
     res["hf_kvcomp"] = hf_kvcomp
+    res["stress_ref"] = stress_ref
     return res
