@@ -1,4 +1,4 @@
-"""``kvcomp`` command line: demo, eval, calibrate, info."""
+"""``kvcomp`` command line: demo, eval, calibrate, vllm-config, info."""
 
 from __future__ import annotations
 
@@ -161,6 +161,27 @@ def cmd_info(a) -> int:
     return 0
 
 
+def cmd_vllm_config(a) -> int:
+    from .methods import build_vllm_method, parse_method
+    from .models import load_model, model_folder
+
+    parse_method(a.method)
+    model, tok = load_model(a.model, device="cpu")
+    cfg = build_vllm_method(a.method, model, tok, a.model, _options(a))
+    if cfg is None:
+        print("[kvcomp] method 'full': no config needed (serve without KVCOMP_CONFIG)")
+        return 0
+    cfg.save(a.out)
+    folder = model_folder(a.model)
+    print(f"[kvcomp] wrote {a.method} config for {a.model} to {a.out}\n"
+          f"serve on GPU:  KVCOMP_CONFIG={a.out} vllm serve {folder} --attention-backend CUSTOM"
+          f"{' --no-enable-prefix-caching' if a.method in ('duo', 'think') else ''}\n"
+          f"serve on CPU:  KVCOMP_VLLM_OVERRIDE_CPU=1 KVCOMP_CONFIG={a.out} python -m "
+          f"vllm.entrypoints.openai.api_server --model {folder} --dtype float32"
+          f"{' --no-enable-prefix-caching' if a.method in ('duo', 'think') else ''}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvcomp", description="KV-cache compression with real memory savings")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -194,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_duo_args(csub.add_parser("duo", help="optimise one gate per KV head on multi-passkey data"))
     add_vq_args(csub.add_parser("vq", help="fit windowed-RoPE query-aware VQ codebooks"))
     c.set_defaults(fn=cmd_calibrate)
+
+    v = sub.add_parser("vllm-config", help="write a config for kvcomp's vLLM backend (KVCOMP_CONFIG)")
+    _add_method_args(v)
+    v.add_argument("--method", required=True, help="duo, think or vq (one method per model in vLLM)")
+    v.add_argument("--out", required=True, help="directory to write (CompressionConfig.save)")
+    v.set_defaults(fn=cmd_vllm_config)
 
     i = sub.add_parser("info", help="versions and build features")
     i.set_defaults(fn=cmd_info)

@@ -148,3 +148,63 @@ def build_method(name: str, model, tokenizer, model_name: str, opts: MethodOptio
         kw["vq"] = VQRetrieval.from_file(ensure_codebooks(model, tokenizer, model_name, opts, progress=progress),
                                          topk=opts.topk, sink=opts.vq_sink, local=opts.vq_local, heads=heads)
     return CompressionConfig.for_model(model, **kw)
+
+
+def static_think_channels(model, tokenizer, model_name: str, opts: MethodOptions):
+    """Static ThinK channels ``[L, Hkv, D_keep]`` for ``model``, calibrated and cached on first use."""
+    from safetensors.torch import load_file
+
+    from .models import cache_root
+
+    path = os.path.join(cache_root(), "think_channels",
+                        f"{model_key(model_name)}-p{opts.prune_ratio:g}-w{opts.think_window}.safetensors")
+    if os.path.exists(path):
+        return load_file(path)["channels"].long()
+    from .calibrate.data import make_text_samples
+    from .calibrate.think import calibrate_think_channels
+
+    samples = make_text_samples(tokenizer, 4096, sample_len=1024, uuid_fraction=0.2, seed=1)
+    ch = calibrate_think_channels(model, samples, opts.prune_ratio, window=opts.think_window)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    ThinK(prune_ratio=opts.prune_ratio, window=opts.think_window, channels=ch).save_channels(path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return ch
+
+
+def build_vllm_method(name: str, model, tokenizer, model_name: str, opts: MethodOptions | None = None
+                      ) -> CompressionConfig | None:
+    """The :class:`CompressionConfig` of a named method laid out for kvcomp's vLLM backend.
+
+    vLLM pages are uniform per KV-cache group, so: DuoAttention streams the same number of heads
+    in every layer (the shipped gates thresholded per layer), ThinK uses static channels
+    (calibrated on text, cached), A²ATS covers every layer (``vq_dense_layers`` is ignored), and
+    one method runs per model. None for ``full``.
+
+    Raises:
+        ValueError: a combination of methods.
+    """
+    import torch
+
+    from .patterns import read_pattern_tsv, threshold_pattern_per_layer
+
+    opts = opts or MethodOptions()
+    parts = parse_method(name)
+    if not parts:
+        return None
+    if len(parts) > 1:
+        raise ValueError(f"method {name!r}: kvcomp's vLLM backend serves one method per model (duo, think or vq)")
+    kw = {}
+    if parts[0] == "duo":
+        gates = read_pattern_tsv(duo_pattern_path(model_name, opts))
+        kw["duo"] = DuoAttention(pattern=threshold_pattern_per_layer(gates, opts.sparsity), sink=opts.sink,
+                                 recent=opts.recent)
+    elif parts[0] == "think":
+        kw["think"] = ThinK(prune_ratio=opts.prune_ratio, window=opts.think_window,
+                            channels=static_think_channels(model, tokenizer, model_name, opts))
+    else:
+        c = model.config
+        hkv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        kw["vq"] = VQRetrieval.from_file(ensure_codebooks(model, tokenizer, model_name, opts), topk=opts.topk,
+                                         sink=opts.vq_sink, local=opts.vq_local,
+                                         heads=torch.ones(c.num_hidden_layers, hkv, dtype=torch.bool))
+    return CompressionConfig.for_model(model, **kw)

@@ -59,3 +59,21 @@ def threshold_pattern(alphas: torch.Tensor, sparsity: float, *, seed: int = 0) -
     if n_stream > 0:
         mask[torch.argsort(a)[:n_stream]] = True
     return mask.view_as(alphas)
+
+
+def threshold_pattern_per_layer(alphas: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Streaming mask ``[L, Hkv]`` with the same number of streaming heads in every layer.
+
+    Each layer streams its ``clamp(round(sparsity * Hkv), 1, Hkv - 1)`` lowest-gate heads (equal
+    gates: the lower head index streams first). vLLM pages are uniform per KV-cache group, so
+    kvcomp's vLLM backend needs this layout; the HF path takes any pattern.
+    """
+    if not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+    a = alphas.detach().float()
+    if a.dim() != 2 or a.shape[1] < 2:
+        raise ValueError(f"alphas must be [L, Hkv] with Hkv >= 2, got {tuple(a.shape)}")
+    h = a.shape[1]
+    n = min(max(int(round(sparsity * h)), 1), h - 1)
+    order = torch.sort(a, dim=1, stable=True).indices[:, :n]
+    return torch.zeros(a.shape, dtype=torch.bool).scatter_(1, order, True)

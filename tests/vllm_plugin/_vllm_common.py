@@ -26,7 +26,7 @@ DUO_PATTERN = ((False, True), (True, False))
 SINK, RECENT = 16, 48
 #: A²ATS setting of the tests: 32 codes per KV head, top 10% + 4 sink + 8 local tokens, 8 MiB device pages
 VQ_CODES, VQ_SINK, VQ_LOCAL, VQ_TOPK, VQ_KV_BYTES = 32, 4, 8, 0.1, 8 << 20
-RUNNER = HERE / "_run_engine.py"
+RUNNER = "kvcomp.vllm_plugin.run_engine"
 STRESS_RUNNER = HERE / "_run_stress.py"
 #: stress runs: prompts (many lengths, chunked at 32 tokens), greedy tokens each, KV blocks of 16 per method
 STRESS_LENGTHS = (3, 17, 40, 64, 90, 120, 33, 1, 75, 150)
@@ -170,10 +170,11 @@ def kvcomp_hf_greedy(model, prompts: list[list[int]], max_tokens: int, config) -
 def start_engine(py: str, workdir: Path, name: str, model_dir: Path, prompts_file: Path, max_tokens: int,
                  mode: str, *, config: str = "", trace: str = "", inproc: bool = False,
                  prefix_caching: bool = True, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, Path, Path]:
-    """Start ``_run_engine.py`` in the background; returns ``(process, result_json, log_file)``."""
+    """Start ``python -m kvcomp.vllm_plugin.run_engine`` in the background; returns
+    ``(process, result_json, log_file)``."""
     out = workdir / f"{name}.json"
     log = workdir / f"{name}.log"
-    cmd = [py, str(RUNNER), "--model", str(model_dir), "--prompts", str(prompts_file),
+    cmd = [py, "-m", RUNNER, "--model", str(model_dir), "--prompts", str(prompts_file),
            "--max-tokens", str(max_tokens), "--mode", mode, "--out", str(out)]
     if config:
         cmd += ["--config", config]

@@ -22,6 +22,7 @@ preemption, and abort two of them.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -68,6 +69,20 @@ def engines(tmp_path_factory):
         "off": start_engine(py, work, "off", model_dir, prompts_file, MAX_TOKENS, "kvcomp",
                             trace=str(traces["off"]), inproc=True),
     }
+    # the bundled SmolLM2 (converted HF folder): compression off through kvcomp = stock vLLM = HF
+    from kvcomp.calibrate.data import haystack_token_ids
+    from kvcomp.models import load_model, model_folder
+
+    smol_dir = model_folder("smollm2-135m")
+    smol, smol_tok = load_model("smollm2-135m", device="cpu")
+    text = haystack_token_ids(smol_tok)
+    smol_prompts = [text[o:o + n].tolist() for o, n in ((0, 7), (500, 61), (2000, 300))]
+    smol_file = work / "smol_prompts.json"
+    smol_file.write_text(json.dumps(smol_prompts))
+    for mode in ("stock", "kvcomp"):
+        name = f"smol-{'off' if mode == 'kvcomp' else 'stock'}"
+        procs[name] = start_engine(py, work, name, Path(smol_dir), smol_file, MAX_TOKENS, mode, inproc=True,
+                                   extra=("--kv-cache-bytes", str(64 << 20)))
     stress_prompts = make_prompts(STRESS_LENGTHS, seed=5)
     stress_file = work / "stress_prompts.json"
     stress_file.write_text(json.dumps(stress_prompts))
@@ -75,6 +90,8 @@ def engines(tmp_path_factory):
         procs[f"stress-{name}"] = start_stress(py, work, name, model_dir, stress_file,
                                                "" if name == "off" else str(work / f"{name}_config"))
     hf_full = hf_greedy(model, prompts, MAX_TOKENS)
+    hf_smol = hf_greedy(smol, smol_prompts, MAX_TOKENS)
+    del smol
     stress_ref = {"off": hf_greedy(model, stress_prompts, STRESS_TOKENS),
                   "duo": kvcomp_hf_greedy(model, stress_prompts, STRESS_TOKENS, cfgs["duo"])}
     hf_kvcomp = {name: kvcomp_hf_greedy(model, prompts, MAX_TOKENS, c) for name, c in cfgs.items()}
@@ -93,4 +110,5 @@ def engines(tmp_path_factory):
     res["hf_full"], res["hf_duo_mask"] = hf_full, hf_duo_mask
     res["hf_kvcomp"] = hf_kvcomp
     res["stress_ref"] = stress_ref
+    res["hf_smol"] = hf_smol
     return res

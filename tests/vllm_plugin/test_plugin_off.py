@@ -41,3 +41,11 @@ def test_kv_capacity_reported(engines):
         assert r["num_blocks"] > 0 and r["kv_tokens"] == r["log_kv_tokens"]
     # compression off: same page bytes, so the same capacity as stock vLLM
     assert engines["off"]["kv_tokens"] == engines["stock"]["kv_tokens"]
+
+
+def test_smollm2_off_equals_stock_and_hf(engines):
+    """The bundled SmolLM2 (prose prompts of 7, 61 and 300 tokens, two pages, chunked at 64)."""
+    off, stock = engines["smol-off"], engines["smol-stock"]
+    assert "kvcomp attention backend active" in off["log"] and "kvcomp attention backend active" not in stock["log"]
+    assert off["tokens"] == stock["tokens"] == engines["hf_smol"]
+    assert off["log_kv_tokens"] == stock["log_kv_tokens"]

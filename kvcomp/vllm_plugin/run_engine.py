@@ -1,8 +1,8 @@
 """Run one vLLM engine (CPU) in its own process and write greedy tokens + KV capacity as JSON.
 
-Used by tests/vllm_plugin/*.py (one engine start is ~30 s, so each test starts as few as possible)::
+Used by the plugin tests (tests/vllm_plugin) and the CPU benchmark (bench/vllm_cpu.py)::
 
-    python tests/vllm_plugin/_run_engine.py --model DIR --prompts prompts.json --max-tokens 8 \
+    python -m kvcomp.vllm_plugin.run_engine --model DIR --prompts prompts.json --max-tokens 8 \
         --mode kvcomp|stock --out result.json [--config KVCOMP_CONFIG_DIR] [--trace trace.jsonl]
 
 ``--mode kvcomp`` sets ``KVCOMP_VLLM_OVERRIDE_CPU=1`` so vLLM's CPU platform (which always picks

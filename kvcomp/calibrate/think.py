@@ -1,0 +1,45 @@
+"""Static ThinK channels: one kept-channel set per (layer, KV head), calibrated on text.
+
+ThinK picks key channels per request from the last ``window`` prompt queries. Servers that store
+keys narrower in fixed-size pages (kvcomp's vLLM backend) need the choice before the request, so
+this module averages ThinK's channel score (:func:`kvcomp.ref.think_channel_scores`, post-RoPE
+queries and keys) over calibration samples, each normalised to sum 1, and keeps the top channels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..ref import apply_rope, rope_cos_sin, think_channel_scores, think_keep_channels
+
+
+def calibrate_think_channels(model, samples: list[torch.Tensor], prune_ratio: float, *, window: int = 32,
+                             progress: bool = False) -> torch.Tensor:
+    """Kept channels ``[L, Hkv, D_keep]`` int64 (ascending) for ``model`` on ``samples``.
+
+    Args:
+        samples: ``[1, t]`` token tensors (each ``t > window``).
+        prune_ratio: fraction of key channels removed, as :class:`kvcomp.config.ThinK`.
+        window: observation queries per sample (ThinK's 32).
+    Raises:
+        ValueError: no samples, or a sample not longer than ``window``.
+    """
+    from ..models import model_geometry
+    from .vq import capture_qk
+
+    if not samples:
+        raise ValueError("samples: need at least one calibration sample")
+    geo = model_geometry(model)
+    total = None
+    for s in samples:
+        t = int(s.shape[1])
+        if t <= window:
+            raise ValueError(f"samples: a sample of {t} tokens is not longer than window={window}")
+        keys, queries = capture_qk(model, [s], progress=progress)  # [L, t, H, D] pre-RoPE
+        cos, sin = rope_cos_sin(torch.arange(t), geo["inv_freq"], geo["attention_scaling"])
+        k = apply_rope(keys.permute(0, 2, 1, 3), cos, sin)  # [L, Hkv, t, D]
+        q = apply_rope(queries[:, -window:].permute(0, 2, 1, 3), cos[-window:], sin[-window:])
+        sc = think_channel_scores(q, k)  # layers as the batch: [L, Hkv, D]
+        sc = sc / sc.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+        total = sc if total is None else total + sc
+    return think_keep_channels(total, prune_ratio)
