@@ -64,8 +64,9 @@ def threshold_pattern(alphas: torch.Tensor, sparsity: float, *, seed: int = 0) -
 def threshold_pattern_per_layer(alphas: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Streaming mask ``[L, Hkv]`` with the same number of streaming heads in every layer.
 
-    Each layer streams its ``clamp(round(sparsity * Hkv), 1, Hkv - 1)`` lowest-gate heads (equal
-    gates: the lower head index streams first). vLLM pages are uniform per KV-cache group, so
+    Each layer streams its ``clamp(floor(sparsity * Hkv), 1, Hkv - 1)`` lowest-gate heads (equal
+    gates: the lower head index streams first): never more than asked, except the one head
+    DuoAttention needs to save anything. vLLM pages are uniform per KV-cache group, so
     kvcomp's vLLM backend needs this layout; the HF path takes any pattern.
     """
     if not 0.0 <= sparsity <= 1.0:
@@ -74,6 +75,6 @@ def threshold_pattern_per_layer(alphas: torch.Tensor, sparsity: float) -> torch.
     if a.dim() != 2 or a.shape[1] < 2:
         raise ValueError(f"alphas must be [L, Hkv] with Hkv >= 2, got {tuple(a.shape)}")
     h = a.shape[1]
-    n = min(max(int(round(sparsity * h)), 1), h - 1)
+    n = min(max(int(sparsity * h + 1e-9), 1), h - 1)
     order = torch.sort(a, dim=1, stable=True).indices[:, :n]
     return torch.zeros(a.shape, dtype=torch.bool).scatter_(1, order, True)

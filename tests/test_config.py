@@ -90,3 +90,16 @@ def test_save_load_roundtrip(tmp_path):
     assert back.vq.topk == 5 and back.kinds == cfg.kinds and torch.equal(back.prune, cfg.prune)
     with pytest.raises(ConfigError):
         CompressionConfig.load(tmp_path / "missing")
+
+
+def test_threshold_pattern_per_layer():
+    from kvcomp.patterns import threshold_pattern_per_layer
+
+    a = torch.tensor([[0.9, 0.1, 0.5], [0.2, 0.2, 0.8], [0.0, 1.0, 1.0]])
+    m = threshold_pattern_per_layer(a, 0.5)  # floor(1.5) = 1 streaming head per layer
+    assert m.tolist() == [[False, True, False], [True, False, False], [True, False, False]]
+    assert threshold_pattern_per_layer(a, 0.7).sum(dim=1).tolist() == [2, 2, 2]
+    assert threshold_pattern_per_layer(a, 0.0).sum(dim=1).tolist() == [1, 1, 1]  # at least one
+    assert threshold_pattern_per_layer(a, 1.0).sum(dim=1).tolist() == [2, 2, 2]  # never all
+    with pytest.raises(ValueError):
+        threshold_pattern_per_layer(a[:, :1], 0.5)

@@ -30,6 +30,7 @@ def main() -> int:
     ap.add_argument("--trace", default="", help="KVCOMP_VLLM_TRACE file (kvcomp mode)")
     ap.add_argument("--max-model-len", type=int, default=512)
     ap.add_argument("--max-num-batched-tokens", type=int, default=64)
+    ap.add_argument("--max-num-seqs", type=int, default=8)
     ap.add_argument("--kv-space-gib", default="1")
     ap.add_argument("--kv-cache-bytes", type=int, default=0,
                     help="device KV budget in bytes (overrides --kv-space-gib; A2ATS runs size the host mirror by it)")
@@ -64,7 +65,7 @@ def main() -> int:
     t0 = time.time()
     llm = LLM(model=a.model, dtype="float32", enforce_eager=True, skip_tokenizer_init=True,
               max_model_len=a.max_model_len, max_num_batched_tokens=a.max_num_batched_tokens,
-              max_num_seqs=8, seed=0, enable_prefix_caching=not a.no_prefix_caching,
+              max_num_seqs=a.max_num_seqs, seed=0, enable_prefix_caching=not a.no_prefix_caching,
               **({"distributed_executor_backend": "uni"} if a.inproc else {}),
               **({"kv_cache_memory_bytes": a.kv_cache_bytes} if a.kv_cache_bytes else {}))
     t_start = time.time() - t0

