@@ -92,8 +92,9 @@ class KVCompAttentionBackend(C.AttentionBackend):
         plan = plan_from_env()
         elem = torch.empty((), dtype=spec.dtype).element_size()
         if plan.streaming is not None:  # pages hold the retrieval heads only
-            plan.check_model(spec.head_size, spec.num_kv_heads)
-            return C.replace_spec(spec, num_head_slots=spec.num_kv_heads - plan.num_streaming)
+            plan.check_model(spec.head_size)
+            n_str = plan.rank_num_streaming(spec.num_kv_heads, *C.tp_rank_and_size())
+            return C.replace_spec(spec, num_head_slots=spec.num_kv_heads - n_str)
         if plan.vq is not None:  # int16 code cells; K/V in the host mirror
             plan.check_model(spec.head_size)
             return C.replace_spec(spec, state_content_bytes=max(2, elem))
@@ -197,7 +198,8 @@ class KVCompAttentionImpl(C.AttentionImpl):
         """Register this layer's ring companion before vLLM collects KV specs; read A²ATS's RoPE."""
         p = self.plan
         if p.streaming is not None:
-            self.ring_name = register_ring(self, act_dtype, num_heads=p.num_streaming, capacity=p.sink + p.recent,
+            n_str = p.rank_num_streaming(self.num_kv_heads, *C.tp_rank_and_size())
+            self.ring_name = register_ring(self, act_dtype, num_heads=n_str, capacity=p.sink + p.recent,
                                            content=2 * self.head_size)
         elif p.key_dim is not None and p.think_window > 0:
             self.ring_name = register_ring(self, act_dtype, num_heads=self.num_kv_heads, capacity=p.think_window,
@@ -216,19 +218,17 @@ class KVCompAttentionImpl(C.AttentionImpl):
         g = self.num_heads // self.num_kv_heads
         dev = kv_cache.device
         li = layer_index(layer.layer_name)
+        if p.num_kv_heads is None:
+            raise ValueError(f"kvcomp plan ({p.source}) has no num_kv_heads")
+        p.check_model(self.head_size)
+        heads = kv_head_range(self.num_kv_heads, p.num_kv_heads, rank, size)
         if p.streaming is not None:
-            if size != 1:
-                raise ValueError("kvcomp DuoAttention in vLLM supports tensor parallel size 1 only")
-            ret, stream = p.layer_heads(li)
+            ret, stream = p.rank_heads(li, *heads)
             self._kv_ret = torch.tensor(ret, device=dev)
             self._kv_str = torch.tensor(stream, device=dev)
             self._q_ret = torch.tensor([h * g + i for h in ret for i in range(g)], device=dev)
             self._q_str = torch.tensor([h * g + i for h in stream for i in range(g)], device=dev)
             return
-        if p.num_kv_heads is None:
-            raise ValueError(f"kvcomp plan ({p.source}) has no num_kv_heads")
-        p.check_model(self.head_size)
-        heads = kv_head_range(self.num_kv_heads, p.num_kv_heads, rank, size)
         if p.vq is not None:
             if self._rope is None:
                 raise RuntimeError("kvcomp A2ATS: process_weights_after_loading did not run for this layer")

@@ -111,6 +111,32 @@ class Plan:
         row = self.streaming[layer].tolist()
         return [h for h, s in enumerate(row) if not s], [h for h, s in enumerate(row) if s]
 
+    def rank_heads(self, layer: int, start: int, end: int) -> tuple[list[int], list[int]]:
+        """``(retrieval, streaming)`` KV heads of one layer among global heads ``[start, end)``, as
+        indices local to that range (a tensor-parallel rank's slice)."""
+        ret, stream = self.layer_heads(layer)
+        return [h - start for h in ret if start <= h < end], [h - start for h in stream if start <= h < end]
+
+    def rank_num_streaming(self, num_kv_heads_local: int, rank: int, size: int) -> int:
+        """Streaming KV heads per layer on tensor-parallel rank ``rank`` (DuoAttention).
+
+        Raises:
+            ValueError: the count differs between layers or ranks, or leaves a rank with no
+                retrieval or no streaming head (vLLM pages are uniform per KV-cache group and the
+                scheduler needs one layout on every rank).
+        """
+        if self.streaming is None:
+            return 0
+        counts = set()
+        for r in range(size):
+            start, end = kv_head_range(num_kv_heads_local, self.num_kv_heads, r, size)
+            counts |= {int(self.streaming[l, start:end].sum()) for l in range(self.streaming.shape[0])}
+        if len(counts) != 1 or not 0 < next(iter(counts)) < num_kv_heads_local:
+            raise ValueError(f"{ENV_CONFIG} ({self.source}): with tensor parallel size {size} each rank holds "
+                             f"{num_kv_heads_local} KV heads; DuoAttention needs the same number (>0, <"
+                             f"{num_kv_heads_local}) of streaming heads in every layer of every rank, got {sorted(counts)}")
+        return next(iter(counts))
+
     @property
     def key_dim(self) -> int | None:
         """Stored key channels per token (``D_keep`` with ThinK, else None = full head dim)."""

@@ -31,6 +31,7 @@ def main() -> int:
     ap.add_argument("--max-model-len", type=int, default=512)
     ap.add_argument("--max-num-batched-tokens", type=int, default=64)
     ap.add_argument("--max-num-seqs", type=int, default=8)
+    ap.add_argument("--tp", type=int, default=1, help="tensor parallel size (CPU: one rank per core group)")
     ap.add_argument("--kv-space-gib", default="1")
     ap.add_argument("--kv-cache-bytes", type=int, default=0,
                     help="device KV budget in bytes (overrides --kv-space-gib; A2ATS runs size the host mirror by it)")
@@ -46,6 +47,14 @@ def main() -> int:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO")
     if a.inproc:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if a.tp > 1 and not os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+        # vLLM's CPU workers bind to NUMA nodes by default and refuse more ranks than nodes
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < a.tp:
+            raise SystemExit(f"--tp {a.tp} needs at least {a.tp} CPUs, have {len(cpus)}")
+        per = len(cpus) // a.tp
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
+            ",".join(map(str, cpus[r * per:(r + 1) * per])) for r in range(a.tp))
     os.environ.pop("KVCOMP_CONFIG", None)
     os.environ.pop("KVCOMP_VLLM_TRACE", None)
     if a.mode == "kvcomp":
@@ -65,7 +74,7 @@ def main() -> int:
     t0 = time.time()
     llm = LLM(model=a.model, dtype="float32", enforce_eager=True, skip_tokenizer_init=True,
               max_model_len=a.max_model_len, max_num_batched_tokens=a.max_num_batched_tokens,
-              max_num_seqs=a.max_num_seqs, seed=0, enable_prefix_caching=not a.no_prefix_caching,
+              max_num_seqs=a.max_num_seqs, seed=0, tensor_parallel_size=a.tp, enable_prefix_caching=not a.no_prefix_caching,
               **({"distributed_executor_backend": "uni"} if a.inproc else {}),
               **({"kv_cache_memory_bytes": a.kv_cache_bytes} if a.kv_cache_bytes else {}))
     t_start = time.time() - t0

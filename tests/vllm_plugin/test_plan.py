@@ -118,3 +118,20 @@ def test_vq_plan(tmp_path):
         plan_from_config(partial)
     with pytest.raises(ValueError, match="think \\+ vq combined"):
         plan_from_config(_cfg(think=ThinK(prune_ratio=0.25, channels=_channels()), vq=_vq()))
+
+
+def test_duo_tensor_parallel_slices():
+    pat = torch.tensor([[True, False, False, True], [False, True, True, False]])
+    p = plan_from_config(CompressionConfig(num_layers=2, num_kv_heads=4, head_dim=64, num_q_heads=8,
+                                           duo=DuoAttention(pattern=pat, sink=4, recent=8)))
+    assert p.rank_num_streaming(4, 0, 1) == 2
+    assert p.rank_num_streaming(2, 0, 2) == p.rank_num_streaming(2, 1, 2) == 1  # one per rank and layer
+    assert p.rank_heads(0, 0, 2) == ([1], [0]) and p.rank_heads(0, 2, 4) == ([0], [1])
+    assert p.rank_heads(1, 0, 2) == ([0], [1]) and p.rank_heads(1, 2, 4) == ([1], [0])
+    with pytest.raises(ValueError, match="every layer of every rank"):
+        p.rank_num_streaming(1, 0, 4)  # one head per rank: it would stream all or nothing
+    skew = torch.tensor([[True, True, False, False], [True, True, False, False]])
+    q = plan_from_config(CompressionConfig(num_layers=2, num_kv_heads=4, head_dim=64, num_q_heads=8,
+                                           duo=DuoAttention(pattern=skew)))
+    with pytest.raises(ValueError, match=r"got \[0, 2\]"):
+        q.rank_num_streaming(2, 0, 2)
