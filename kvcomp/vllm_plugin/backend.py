@@ -94,7 +94,8 @@ class KVCompAttentionBackend(C.AttentionBackend):
         if plan.streaming is not None:  # pages hold the retrieval heads only
             plan.check_model(spec.head_size)
             n_str = plan.rank_num_streaming(spec.num_kv_heads, *C.tp_rank_and_size())
-            return C.replace_spec(spec, num_head_slots=spec.num_kv_heads - n_str)
+            cell = {"state_content_bytes": max(2, elem)} if plan.vq is not None else {}  # Duo + A²ATS
+            return C.replace_spec(spec, num_head_slots=spec.num_kv_heads - n_str, **cell)
         if plan.vq is not None:  # int16 code cells; K/V in the host mirror
             plan.check_model(spec.head_size)
             return C.replace_spec(spec, state_content_bytes=max(2, elem))
@@ -197,14 +198,14 @@ class KVCompAttentionImpl(C.AttentionImpl):
     def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
         """Register this layer's ring companion before vLLM collects KV specs; read A²ATS's RoPE."""
         p = self.plan
-        if p.streaming is not None:
+        if p.streaming is not None and p.vq is None:
             n_str = p.rank_num_streaming(self.num_kv_heads, *C.tp_rank_and_size())
             self.ring_name = register_ring(self, act_dtype, num_heads=n_str, capacity=p.sink + p.recent,
                                            content=2 * self.head_size)
         elif p.key_dim is not None and p.think_window > 0:
             self.ring_name = register_ring(self, act_dtype, num_heads=self.num_kv_heads, capacity=p.think_window,
                                            content=self.head_size)
-        elif p.vq is not None:
+        if p.vq is not None:
             self._rope = rope_from_hf_config(C.current_vllm_config().model_config.hf_config, self.head_size)
 
     # ------------------------------------------------------------------ per-layer setup
@@ -222,20 +223,22 @@ class KVCompAttentionImpl(C.AttentionImpl):
             raise ValueError(f"kvcomp plan ({p.source}) has no num_kv_heads")
         p.check_model(self.head_size)
         heads = kv_head_range(self.num_kv_heads, p.num_kv_heads, rank, size)
+        paged = list(range(heads[1] - heads[0]))  # local KV heads held in the pages
         if p.streaming is not None:
-            ret, stream = p.rank_heads(li, *heads)
-            self._kv_ret = torch.tensor(ret, device=dev)
+            paged, stream = p.rank_heads(li, *heads)
+            self._kv_ret = torch.tensor(paged, device=dev)
             self._kv_str = torch.tensor(stream, device=dev)
-            self._q_ret = torch.tensor([h * g + i for h in ret for i in range(g)], device=dev)
+            self._q_ret = torch.tensor([h * g + i for h in paged for i in range(g)], device=dev)
             self._q_str = torch.tensor([h * g + i for h in stream for i in range(g)], device=dev)
-            return
         if p.vq is not None:
             if self._rope is None:
                 raise RuntimeError("kvcomp A2ATS: process_weights_after_loading did not run for this layer")
+            # Duo + A²ATS: streaming heads need no device storage; their K/V sits in the mirror too
             mirror = mirror_for(layer.layer_name, num_blocks=kv_cache.shape[0], block_size=kv_cache.shape[2],
-                                num_heads=self.num_kv_heads, head_size=self.head_size, head_size_v=self.head_size,
+                                num_heads=heads[1] - heads[0], head_size=self.head_size, head_size_v=self.head_size,
                                 dtype=kv_cache.dtype, layers_in_process=p.num_layers)
-            self._vq = VQLayer(p.vq, li, heads, self._rope[0], self._rope[1], dev, mirror)
+            self._vq = VQLayer(p.vq, li, [heads[0] + h for h in paged], self._rope[0], self._rope[1], dev, mirror)
+        if p.streaming is not None or p.vq is not None:
             return
         self._channels = p.layer_channels(li, *heads).to(dev)
         self._q_index = self._channels.repeat_interleave(g, dim=0)
@@ -283,8 +286,11 @@ class KVCompAttentionImpl(C.AttentionImpl):
         slots = slot_mapping.to(torch.long)
         keep = slots >= 0
         k, v = key[:n], value[:n]
-        if self._kv_ret is not None:  # DuoAttention: streaming heads go to the ring in forward
-            k, v = k.index_select(1, self._kv_ret), v.index_select(1, self._kv_ret)
+        if self._kv_ret is not None:
+            # DuoAttention: streaming heads go to the ring in forward; with A²ATS the mirror holds
+            # every head, retrieval heads first (their slice is the A²ATS mirror view)
+            order = self._kv_ret if self._vq is None else torch.cat([self._kv_ret, self._kv_str])
+            k, v = k.index_select(1, order), v.index_select(1, order)
         if not bool(keep.all()):
             slots, k, v = slots[keep], k[keep], v[keep]
         if slots.numel() == 0:
@@ -376,33 +382,52 @@ class KVCompAttentionImpl(C.AttentionImpl):
         """Retrieval heads: paged attention. Streaming heads: sink + recent window over the ring
         (tokens before this step) and this step's own keys; then this step's keys enter the ring."""
         n = q.shape[0]
-        k_cache, v_cache = self._split_cache(kv_cache)
-        o = paged_attention(q.index_select(1, self._q_ret), k_cache, v_cache, md.block_table, md.seq_lens,
-                            md.query_start_loc, scale=self.scale)
+        q_ret = q.index_select(1, self._q_ret)
+        if self._vq is not None:  # Duo + A²ATS: retrieval heads are A²ATS heads
+            self._vq.write_codes(k_new.index_select(1, self._kv_ret), kv_cache, md)
+            o = torch.empty(n, q_ret.shape[1], output.shape[-1], dtype=output.dtype, device=output.device)
+            self._vq.attend(q_ret, kv_cache, md, self.scale, o)
+        else:
+            k_cache, v_cache = self._split_cache(kv_cache)
+            o = paged_attention(q_ret, k_cache, v_cache, md.block_table, md.seq_lens, md.query_start_loc,
+                                scale=self.scale)
         output[:n].index_copy_(1, self._q_ret, o.to(output.dtype))
         k_new, v_new = k_new.index_select(1, self._kv_str), v_new.index_select(1, self._kv_str)
-        ring, blocks = ring_of(self.ring_name)  # [blocks, n_str, capacity, D + Dv]
         d = self.head_size
         sink, recent = self.plan.sink, self.plan.recent
         qsl, lens = md.query_start_loc.tolist(), md.seq_lens.tolist()
         q_str = q.index_select(1, self._q_str)
+        if self._vq is None:
+            ring, blocks = ring_of(self.ring_name)  # [blocks, n_str, capacity, D + Dv]
+        else:  # Duo + A²ATS: the streaming heads' slice of the host mirror, addressed by the block table
+            n_ret = len(self._kv_ret)
+            mk, mv = self._vq.mirror.k[:, :, n_ret:], self._vq.mirror.v[:, :, n_ret:]
+            bt = md.block_table.cpu()
+            bsz = mk.shape[1]
         for b, seq_len in enumerate(lens):
             s0, e0 = qsl[b], qsl[b + 1]
             if e0 == s0:
                 continue
             ctx = seq_len - (e0 - s0)
-            r = ring[blocks[b]]  # [n_str, capacity, D + Dv]
             old_pos = ring_kept(0, ctx, sink, recent)
-            idx = torch.tensor([ring_slot(p, sink, recent) for p in old_pos], dtype=torch.long, device=r.device)
             new_pos = list(range(ctx, seq_len))
-            k = torch.cat([r[:, idx, :d], k_new[s0:e0].transpose(0, 1).to(r.dtype)], dim=1)
-            v = torch.cat([r[:, idx, d:], v_new[s0:e0].transpose(0, 1).to(r.dtype)], dim=1)
-            k_pos = torch.tensor(old_pos + new_pos, device=r.device)
+            if self._vq is None:
+                r = ring[blocks[b]]  # [n_str, capacity, D + Dv]
+                idx = torch.tensor([ring_slot(p, sink, recent) for p in old_pos], dtype=torch.long, device=r.device)
+                k_old, v_old = r[:, idx, :d], r[:, idx, d:]
+            else:
+                pos = torch.tensor(old_pos, dtype=torch.long)
+                blk, off = bt[b, pos // bsz].long(), pos % bsz
+                k_old = mk[blk, off].transpose(0, 1).to(q.device)
+                v_old = mv[blk, off].transpose(0, 1).to(q.device)
+            k = torch.cat([k_old, k_new[s0:e0].transpose(0, 1).to(k_old.dtype)], dim=1)
+            v = torch.cat([v_old, v_new[s0:e0].transpose(0, 1).to(v_old.dtype)], dim=1)
+            k_pos = torch.tensor(old_pos + new_pos, device=q.device)
             qb = q_str[s0:e0].transpose(0, 1).unsqueeze(0)
             ob = streaming_attention(qb, k.unsqueeze(0), v.unsqueeze(0), sink=sink, window=recent, scale=self.scale,
-                                     q_pos=torch.tensor(new_pos, device=r.device), k_pos=k_pos)
+                                     q_pos=torch.tensor(new_pos, device=q.device), k_pos=k_pos)
             output[s0:e0].index_copy_(1, self._q_str, ob[0].transpose(0, 1).to(output.dtype))
-            keep = ring_kept(ctx, seq_len, sink, recent)  # this step's tokens the ring keeps
+            keep = ring_kept(ctx, seq_len, sink, recent) if self._vq is None else []  # ring write
             if keep:
                 ki = torch.tensor([p - ctx for p in keep], dtype=torch.long, device=r.device)
                 slot = torch.tensor([ring_slot(p, sink, recent) for p in keep], dtype=torch.long, device=r.device)

@@ -17,6 +17,9 @@ What this plugin version serves:
   per-request ring (a companion layer with vLLM's ``CircularBufferSpec``).
 * A²ATS on every (layer, KV head): pages hold one VQ code per token and KV head; the full K/V
   lives in a backend-owned host mirror, a page-for-page shadow of vLLM's code pages.
+* DuoAttention + A²ATS: every retrieval head an A²ATS head (code pages of ``num_head_slots``
+  heads); streaming heads hold nothing on the device: their K/V sits in the host mirror beside the
+  retrieval heads' and they attend to the sink and recent tokens read from it.
 
 Combinations of methods, and layouts that are not uniform over layers and heads, are refused with
 a clear error (vLLM pages are uniform per KV-cache group).
@@ -145,7 +148,7 @@ class Plan:
     @property
     def method(self) -> str:
         if self.streaming is not None:
-            return "duo"
+            return "duo+vq" if self.vq is not None else "duo"
         if self.vq is not None:
             return "vq"
         return "think" if self.think_channels is not None else "off"
@@ -190,9 +193,10 @@ def plan_from_config(cfg, source: str = "config") -> Plan:
     """
     streaming = None
     used = [m for m in ("duo", "think", "vq") if getattr(cfg, m) is not None]
-    if len(used) > 1:
+    if len(used) > 1 and used != ["duo", "vq"]:
         raise ValueError(f"{ENV_CONFIG} ({source}): {' + '.join(used)} combined is not served by this "
-                         "kvcomp vLLM plugin version (one method per model; the HF path composes them)")
+                         "kvcomp vLLM plugin version (one method per model, or duo + vq; the HF path "
+                         "composes them all)")
     if cfg.duo is not None:
         streaming = cfg.duo.pattern.bool().cpu()
         counts = streaming.sum(dim=1).tolist()
@@ -200,18 +204,21 @@ def plan_from_config(cfg, source: str = "config") -> Plan:
             raise ValueError(f"{ENV_CONFIG} ({source}): vLLM pages are uniform per KV-cache group, so "
                              "DuoAttention needs the same number (>0, <Hkv) of streaming heads in every "
                              f"layer; got {counts} (threshold the gates per layer)")
-        return Plan(num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-                    streaming=streaming, sink=int(cfg.duo.sink), recent=int(cfg.duo.recent), source=source)
+    vq = None
     if cfg.vq is not None:
-        v = cfg.vq
-        if v.heads is not None and not bool(torch.as_tensor(v.heads).bool().all()):
+        vq = cfg.vq
+        grid = torch.tensor([[k == "vq" for k in row] for row in cfg.kinds])
+        want = torch.ones_like(grid) if streaming is None else ~streaming
+        if not torch.equal(grid, want):
             raise ValueError(f"{ENV_CONFIG} ({source}): vLLM pages are uniform per KV-cache group, so A2ATS "
-                             f"must cover every (layer, KV head); vq.heads covers {int(torch.as_tensor(v.heads).sum())}/"
-                             f"{cfg.num_layers * cfg.num_kv_heads} (build it with vq_dense_layers=0)")
-        if v.n_codes > 32767:
-            raise ValueError(f"{ENV_CONFIG} ({source}): {v.n_codes} VQ codes do not fit the int16 code pages")
+                             f"must cover every {'retrieval ' if streaming is not None else ''}(layer, KV head); "
+                             f"vq.heads covers {int(grid.sum())}/{int(want.sum())} (build it with vq_dense_layers=0)")
+        if vq.n_codes > 32767:
+            raise ValueError(f"{ENV_CONFIG} ({source}): {vq.n_codes} VQ codes do not fit the int16 code pages")
+    if streaming is not None or vq is not None:
         return Plan(num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-                    vq=v, source=source)
+                    streaming=streaming, sink=int(cfg.duo.sink) if cfg.duo else 0,
+                    recent=int(cfg.duo.recent) if cfg.duo else 0, vq=vq, source=source)
     channels = None
     if cfg.think is not None:
         t = cfg.think

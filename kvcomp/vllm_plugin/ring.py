@@ -23,7 +23,8 @@ from . import compat as C
 def ring_kept(start: int, end: int, sink: int, recent: int) -> list[int]:
     """Positions of ``[0, end)`` a ring holds after writing the tokens before ``end``, restricted
     to ``[start, end)``: the sink ones and the last ``recent``."""
-    return [p for p in range(start, end) if p < sink or p >= max(sink, end - recent)]
+    tail = max(start, sink, end - recent)
+    return list(range(start, min(end, sink))) + list(range(tail, end))
 
 
 @dataclass

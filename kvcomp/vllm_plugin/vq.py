@@ -62,14 +62,17 @@ def token_positions(md) -> torch.Tensor:
 class VQLayer:
     """One layer's A²ATS state on a rank: codebooks of its KV heads, RoPE tables, the host mirror."""
 
-    def __init__(self, vq, layer: int, heads: tuple[int, int], inv_freq: torch.Tensor, scaling: float,
+    def __init__(self, vq, layer: int, heads: list[int], inv_freq: torch.Tensor, scaling: float,
                  device: torch.device, mirror):
+        """``heads``: global KV-head indices held in this rank's code pages, in page order."""
         self.vq = vq
-        self.codebook = vq.codebook[layer, heads[0]:heads[1]].float().to(device)
-        self.whiten = vq.whiten[layer, heads[0]:heads[1]].float().to(device)
+        idx = torch.tensor(heads, dtype=torch.long)
+        self.codebook = vq.codebook[layer, idx].float().to(device)
+        self.whiten = vq.whiten[layer, idx].float().to(device)
         self.inv_freq = inv_freq.to(device)
         self.scaling = scaling
         self.mirror = mirror
+        self.n_heads = len(heads)  # the mirror's first heads (Duo + A²ATS appends the streaming heads)
 
     def _cos_sin(self, pos: torch.Tensor):
         return ref.rope_cos_sin(pos, self.inv_freq, self.scaling)
@@ -88,10 +91,13 @@ class VQLayer:
         view[slots // bs, slots % bs] = codes.to(torch.int16)
 
     def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, md, scale: float, output: torch.Tensor) -> None:
-        """Exact attention for multi-token queries, top-K sparse attention for one-token queries."""
+        """Exact attention for multi-token queries, top-K sparse attention for one-token queries.
+
+        ``q [n, Hq', D]`` holds the query heads of the paged KV heads (GQA groups in page order);
+        rows ``[:n]`` of ``output [.., Hq', Dv]`` are written."""
         qsl = md.query_start_loc.tolist()
         qlens = [qsl[b + 1] - qsl[b] for b in range(md.num_reqs)]
-        host = self.mirror
+        hk, hv = self.mirror.k[:, :, : self.n_heads], self.mirror.v[:, :, : self.n_heads]
         dev = q.device
         multi = [b for b, n in enumerate(qlens) if n > 1]
         single = [b for b, n in enumerate(qlens) if n == 1]
@@ -100,7 +106,7 @@ class VQLayer:
             lens = md.seq_lens[multi].cpu()
             rows = torch.cat([torch.arange(qsl[b], qsl[b + 1]) for b in multi])
             sub_qsl = torch.tensor([0] + list(torch.tensor([qlens[b] for b in multi]).cumsum(0).tolist()))
-            o = ref.paged_attention(q[rows.to(dev)].cpu(), host.k, host.v, bt, lens, sub_qsl, scale=scale)
+            o = ref.paged_attention(q[rows.to(dev)].cpu(), hk, hv, bt, lens, sub_qsl, scale=scale)
             output[rows.to(dev)] = o.to(output.dtype).to(dev)
         if single:
             rows = torch.tensor([qsl[b] for b in single], device=dev)
@@ -115,5 +121,5 @@ class VQLayer:
             topk = torch.tensor([self.vq.topk_tokens(int(n)) for n in lens.tolist()], device=dev)
             idx, count = ref.paged_vq_topk(lut, code_view(kv_cache), bt, lens, topk=topk, sink=self.vq.sink,
                                            local=self.vq.local)
-            o = ref.paged_sparse_attention(qd.cpu(), host.k, host.v, bt.cpu(), idx.cpu(), count.cpu(), scale=scale)
+            o = ref.paged_sparse_attention(qd.cpu(), hk, hv, bt.cpu(), idx.cpu(), count.cpu(), scale=scale)
             output[rows] = o.to(output.dtype).to(dev)

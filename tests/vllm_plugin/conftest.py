@@ -52,9 +52,10 @@ def engines(tmp_path_factory):
             "duo": CompressionConfig(**geo, duo=DuoAttention(pattern=torch.tensor(DUO_PATTERN), sink=SINK,
                                                              recent=RECENT)),
             "vq": CompressionConfig(**geo, vq=tiny_vq(model))}
+    cfgs["duo+vq"] = CompressionConfig(**geo, duo=cfgs["duo"].duo, vq=cfgs["vq"].vq)  # VQ on the retrieval heads
     for name, c in cfgs.items():
         c.save(work / f"{name}_config")
-    traces = {name: work / f"{name}.trace.jsonl" for name in ("off", "think", "duo", "vq")}
+    traces = {name: work / f"{name}.trace.jsonl" for name in ("off", "think", "duo", "vq", "duo+vq")}
     whole = ("--max-num-batched-tokens", "256")  # prompts prefilled in one chunk: exact like the HF prefill
     procs = {
         "duo": start_engine(py, work, "duo", model_dir, prompts_file, MAX_TOKENS, "kvcomp",
@@ -65,6 +66,9 @@ def engines(tmp_path_factory):
         "vq": start_engine(py, work, "vq", model_dir, prompts_file, MAX_TOKENS, "kvcomp",
                            config=str(work / "vq_config"), trace=str(traces["vq"]), inproc=True,
                            extra=whole + ("--kv-cache-bytes", str(VQ_KV_BYTES))),
+        "duo+vq": start_engine(py, work, "duo+vq", model_dir, prompts_file, MAX_TOKENS, "kvcomp",
+                               config=str(work / "duo+vq_config"), trace=str(traces["duo+vq"]), inproc=True,
+                               extra=whole + ("--kv-cache-bytes", str(VQ_KV_BYTES))),
         "stock": start_engine(py, work, "stock", model_dir, prompts_file, MAX_TOKENS, "stock", inproc=True),
         "off": start_engine(py, work, "off", model_dir, prompts_file, MAX_TOKENS, "kvcomp",
                             trace=str(traces["off"]), inproc=True),
@@ -86,7 +90,7 @@ def engines(tmp_path_factory):
     stress_prompts = make_prompts(STRESS_LENGTHS, seed=5)
     stress_file = work / "stress_prompts.json"
     stress_file.write_text(json.dumps(stress_prompts))
-    for name in ("off", "think", "duo", "vq"):
+    for name in ("off", "think", "duo", "vq", "duo+vq"):
         procs[f"stress-{name}"] = start_stress(py, work, name, model_dir, stress_file,
                                                "" if name == "off" else str(work / f"{name}_config"))
     hf_full = hf_greedy(model, prompts, MAX_TOKENS)
