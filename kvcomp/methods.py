@@ -177,11 +177,12 @@ def build_vllm_method(name: str, model, tokenizer, model_name: str, opts: Method
 
     vLLM pages are uniform per KV-cache group, so: DuoAttention streams the same number of heads
     in every layer (the shipped gates thresholded per layer), ThinK uses static channels
-    (calibrated on text, cached), A²ATS covers every layer (``vq_dense_layers`` is ignored), and
-    one method runs per model. None for ``full``.
+    (calibrated on text, cached), A²ATS covers every layer (``vq_dense_layers`` is ignored; with
+    DuoAttention, every retrieval head), and one method runs per model, or ``duo+vq``. None for
+    ``full``.
 
     Raises:
-        ValueError: a combination of methods.
+        ValueError: another combination of methods.
     """
     import torch
 
@@ -191,20 +192,22 @@ def build_vllm_method(name: str, model, tokenizer, model_name: str, opts: Method
     parts = parse_method(name)
     if not parts:
         return None
-    if len(parts) > 1:
-        raise ValueError(f"method {name!r}: kvcomp's vLLM backend serves one method per model (duo, think or vq)")
+    if len(parts) > 1 and parts != ("duo", "vq"):
+        raise ValueError(f"method {name!r}: kvcomp's vLLM backend serves duo, think, vq or duo+vq")
     kw = {}
-    if parts[0] == "duo":
+    if "duo" in parts:
         gates = read_pattern_tsv(duo_pattern_path(model_name, opts))
         kw["duo"] = DuoAttention(pattern=threshold_pattern_per_layer(gates, opts.sparsity), sink=opts.sink,
                                  recent=opts.recent)
-    elif parts[0] == "think":
+    if "think" in parts:
         kw["think"] = ThinK(prune_ratio=opts.prune_ratio, window=opts.think_window,
                             channels=static_think_channels(model, tokenizer, model_name, opts))
-    else:
+    if "vq" in parts:
         c = model.config
         hkv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        heads = torch.ones(c.num_hidden_layers, hkv, dtype=torch.bool)
+        if "duo" in kw:
+            heads &= ~kw["duo"].pattern
         kw["vq"] = VQRetrieval.from_file(ensure_codebooks(model, tokenizer, model_name, opts), topk=opts.topk,
-                                         sink=opts.vq_sink, local=opts.vq_local,
-                                         heads=torch.ones(c.num_hidden_layers, hkv, dtype=torch.bool))
+                                         sink=opts.vq_sink, local=opts.vq_local, heads=heads)
     return CompressionConfig.for_model(model, **kw)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Serve the bundled SmolLM2-135M-Instruct with vLLM on CPU and kvcomp's attention backend.
 #
-#   bash scripts/serve_vllm_cpu.sh [off|think|duo|vq] [PORT]          (default: duo 8000)
+#   bash scripts/serve_vllm_cpu.sh [off|think|duo|vq|duo+vq] [PORT]          (default: duo 8000)
 #
 # 1. .venv (scripts/setup_env.sh): converts the bundled GGUF once to a local HF folder and writes
 #    the method's vLLM config with `kvcomp vllm-config` (per-layer DuoAttention pattern, static ThinK
@@ -13,12 +13,13 @@
 #
 # A GPU has the same shape:  KVCOMP_CONFIG=<dir> vllm serve <model> --attention-backend CUSTOM
 # KV budget: $KVCOMP_KV_BYTES (default 1 GiB; 64 MiB for vq, whose host mirror holds the full K/V
-# of every code page: ~128x the device budget for this fp32 model, in the same RAM on a CPU box).
+# of every code page: ~128x the device budget for this fp32 model, in the same RAM on a CPU box;
+# 16 MiB for duo+vq, whose mirror also holds the streaming heads).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 METHOD=${1:-duo}
 PORT=${2:-8000}
-case "$METHOD" in off|think|duo|vq) ;; *) echo "method must be off, think, duo or vq" >&2; exit 2;; esac
+case "$METHOD" in off|think|duo|vq|duo+vq) ;; *) echo "method must be off, think, duo, vq or duo+vq" >&2; exit 2;; esac
 VENV=$(bash scripts/setup_env.sh | tail -1)
 VLLM_VENV=${KVCOMP_VLLM_VENV:-.venv-vllm}
 bash scripts/setup_vllm_cpu.sh "$VLLM_VENV" >/dev/null
@@ -32,7 +33,7 @@ if [ "$METHOD" != off ]; then
   export KVCOMP_CONFIG="$PWD/$CFG"
 fi
 case "$METHOD" in think|duo) EXTRA+=(--no-enable-prefix-caching);; esac
-if [ "$METHOD" = vq ]; then KV=${KVCOMP_KV_BYTES:-67108864}; else KV=${KVCOMP_KV_BYTES:-1073741824}; fi
+if [ "$METHOD" = vq ]; then KV=${KVCOMP_KV_BYTES:-67108864}; elif [ "$METHOD" = duo+vq ]; then KV=${KVCOMP_KV_BYTES:-16777216}; else KV=${KVCOMP_KV_BYTES:-1073741824}; fi
 echo "[serve] SmolLM2 ($MODEL), kvcomp method $METHOD, KV budget $KV bytes, port $PORT"
 exec "$VLLM_VENV/bin/python" -m vllm.entrypoints.openai.api_server --model "$MODEL" --dtype float32 \
   --max-model-len 8192 --kv-cache-memory-bytes "$KV" --port "$PORT" "${EXTRA[@]}"

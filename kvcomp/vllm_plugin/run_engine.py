@@ -31,6 +31,7 @@ def main() -> int:
     ap.add_argument("--max-model-len", type=int, default=512)
     ap.add_argument("--max-num-batched-tokens", type=int, default=64)
     ap.add_argument("--max-num-seqs", type=int, default=8)
+    ap.add_argument("--num-blocks", type=int, default=0, help="num_gpu_blocks_override (0: from the budget)")
     ap.add_argument("--tp", type=int, default=1, help="tensor parallel size (CPU: one rank per core group)")
     ap.add_argument("--kv-space-gib", default="1")
     ap.add_argument("--kv-cache-bytes", type=int, default=0,
@@ -76,7 +77,8 @@ def main() -> int:
               max_model_len=a.max_model_len, max_num_batched_tokens=a.max_num_batched_tokens,
               max_num_seqs=a.max_num_seqs, seed=0, tensor_parallel_size=a.tp, enable_prefix_caching=not a.no_prefix_caching,
               **({"distributed_executor_backend": "uni"} if a.inproc else {}),
-              **({"kv_cache_memory_bytes": a.kv_cache_bytes} if a.kv_cache_bytes else {}))
+              **({"kv_cache_memory_bytes": a.kv_cache_bytes} if a.kv_cache_bytes else {}),
+              **({"num_gpu_blocks_override": a.num_blocks} if a.num_blocks else {}))
     t_start = time.time() - t0
     sp = SamplingParams(temperature=0.0, max_tokens=a.max_tokens, ignore_eos=True, detokenize=False)
     t1 = time.time()

@@ -150,3 +150,53 @@ def test_unsupported_features_refused():
         KVCompAttentionImpl(HQ, D, 0.1, HKV, sliding_window=128)
     with pytest.raises(ValueError, match="kv_cache_dtype fp8"):
         KVCompAttentionImpl(HQ, D, 0.1, HKV, kv_cache_dtype="fp8")
+
+
+def test_vq_code_pages_and_mirror_match_references():
+    """A²ATS pieces outside an engine: codes land in their permuted pages exactly as
+    ``kvcomp.ref.vq_encode_paged`` puts them, the mirror holds the raw K/V at vLLM's slots, and a
+    decode row attends over the reference top-K selection gathered from the mirror."""
+    from kvcomp.config import VQRetrieval
+    from kvcomp.ref import (paged_sparse_attention, paged_vq_topk, rope_cos_sin, unapply_rope, vq_encode_paged, vq_lut,
+                            windowed_rope_query)
+    from kvcomp.testing import assert_close
+    from kvcomp.vllm_plugin.mirror import HostMirror
+    from kvcomp.vllm_plugin.vq import VQLayer, code_view, token_positions
+
+    bt = _batch(seed=4)
+    g = torch.Generator().manual_seed(5)
+    vq = VQRetrieval(codebook=torch.randn(1, HKV, 16, D, generator=g),
+                     whiten=torch.linalg.cholesky(torch.eye(D) * 2).expand(1, HKV, D, D).contiguous(),
+                     topk=5, sink=2, local=3, rel_pos=64)
+    inv = 1.0 / (10000.0 ** (torch.arange(0, D, 2).float() / D))
+    mirror = HostMirror("l0", NB, BS, HKV, D, D, torch.float32, pin=False)
+    mirror.kv.normal_(generator=g)  # context tokens already mirrored
+    layer = VQLayer(vq, 0, list(range(HKV)), inv, 1.0, torch.device("cpu"), mirror)
+    kv_cache = torch.zeros(NB, HKV, BS, 1)
+    md = _meta(bt)
+    n = md.num_actual_tokens
+    mirror.write(bt.slots[:n], bt.k[:n], bt.v[:n])
+    for t, s in enumerate(bt.slots[:n].tolist()):
+        assert torch.equal(mirror.k[s // BS, s % BS], bt.k[t]) and torch.equal(mirror.v[s // BS, s % BS], bt.v[t])
+    pos = token_positions(md)
+    assert pos.tolist() == list(range(20, 27)) + [33]
+    layer.write_codes(bt.k[:n], kv_cache, md)
+    cos, sin = rope_cos_sin(pos, inv)
+    want = vq_encode_paged(unapply_rope(bt.k[:n], cos[:, None], sin[:, None]), vq.codebook[0], vq.whiten[0],
+                           torch.zeros(NB, BS, HKV, dtype=torch.int16), bt.block_table, bt.seq_lens, bt.qsl)
+    got = code_view(kv_cache)
+    written = torch.zeros(NB, BS, dtype=torch.bool)
+    written.view(-1)[bt.slots[:n]] = True
+    assert torch.equal(got[written], want[written]) and not bool(got[~written].any())
+    # context codes, then one decode row (sequence 1) against the reference selection
+    code_view(kv_cache)[~written] = torch.randint(0, 16, (int((~written).sum()), HKV), generator=g, dtype=torch.int16)
+    out = torch.zeros(bt.q.shape[0], HQ, D)
+    layer.attend(bt.q[:n], kv_cache, md, D ** -0.5, out)
+    q1 = bt.q[7:8]
+    c1, s1 = rope_cos_sin(torch.tensor([33]), inv)
+    qw = windowed_rope_query(unapply_rope(q1, c1[:, None], s1[:, None]), inv, 64)
+    idx, cnt = paged_vq_topk(vq_lut(qw, vq.codebook[0], scale=D ** -0.5), code_view(kv_cache), bt.block_table[1:],
+                             bt.seq_lens[1:], topk=5, sink=2, local=3)
+    assert int(cnt.max()) < 34  # a real selection, not every token
+    ref = paged_sparse_attention(q1, mirror.k, mirror.v, bt.block_table[1:], idx, cnt, scale=D ** -0.5)
+    assert_close("kvcomp vllm A2ATS decode", ref, out[7:8], 1e-6)
