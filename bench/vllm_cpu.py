@@ -44,10 +44,12 @@ def run_engine(py: str, work: Path, name: str, model_dir: str, prompts_file: Pat
            "--inproc", "--kv-cache-bytes", str(a.kv_bytes), "--max-model-len", str(a.max_model_len),
            "--max-num-batched-tokens", str(a.batched_tokens), "--max-num-seqs", str(a.max_num_seqs)]
     if config:
-        cmd += ["--config", config, "--trace", str(trace)]
+        cmd += ["--config", config]
+    if name.split("-")[-1] != "stock":
+        cmd += ["--trace", str(trace)]
     if num_blocks:
         cmd += ["--num-blocks", str(num_blocks)]
-    if name in ("think", "duo"):
+    if name.split("-")[-1] in ("think", "duo"):  # per-request rings
         cmd.append("--no-prefix-caching")
     t0 = time.time()
     with open(log, "w") as fh:
@@ -92,6 +94,11 @@ def main() -> int:
     ap.add_argument("--max-num-seqs", type=int, default=12)
     ap.add_argument("--host-gib", type=float, default=8.0,
                     help="A²ATS host-mirror budget: vq runs get the blocks whose mirror fits it")
+    ap.add_argument("--long-len", type=int, default=8192,
+                    help="also read each method's capacity at this max_model_len (one short prompt; 0 = skip)")
+    ap.add_argument("--long-kv-bytes", type=int, default=512 << 20)
+    ap.add_argument("--capacity-only", action="store_true",
+                    help="only the long-context capacity runs, merged into an existing --out file")
     ap.add_argument("--work", default="/tmp/kvcomp-vllm-bench")
     a = ap.parse_args()
     if not a.vllm_python:
@@ -125,11 +132,35 @@ def main() -> int:
     runs = {}
     os.environ["KVCOMP_HOST_MIRROR_GIB"] = str(a.host_gib)
     c = model.config
+    per_block = c.num_hidden_layers * 128 * c.num_key_value_heads * 2 * (c.hidden_size // c.num_attention_heads) * 4
+    host_blocks = int(a.host_gib * 2**30) // per_block  # A²ATS: the mirror shadows every code block (fp32)
+    long = []
+    if a.long_len:
+        short = work / "short_prompt.json"
+        short.write_text(json.dumps([ids[0][:16]]))
+        la = argparse.Namespace(**{**vars(a), "kv_bytes": a.long_kv_bytes, "max_model_len": a.long_len,
+                                   "max_tokens": 1, "batched_tokens": 2048})
+        for m in methods:
+            r = run_engine(a.vllm_python, work, f"long-{m}", model_dir, short, la,
+                           str(work / f"{m}_config") if m in configs else "",
+                           num_blocks=host_blocks if "vq" in m else 0)
+            long.append({"method": m, "max_model_len": a.long_len, "kv_cache_memory_bytes": a.long_kv_bytes,
+                         "kv_capacity_tokens": r["log_kv_tokens"], "max_concurrency": r["log_max_concurrency"],
+                         "num_blocks": r["num_blocks"], "device_kv_bytes": r["device_kv_bytes"],
+                         "host_mirror_bytes": r["host_mirror_bytes"]})
+            print(f"[bench] long-context capacity {json.dumps(long[-1])}", flush=True)
+        base = next((x for x in long if x["method"] == "stock"), None)
+        for x in long:
+            x["stock_kv_capacity_tokens"] = base["kv_capacity_tokens"] if base else None
+            x["capacity_ratio"] = round(x["kv_capacity_tokens"] / base["kv_capacity_tokens"], 3) if base else None
+    if a.capacity_only:
+        out = json.loads(Path(a.out).read_text())
+        out["long_context_capacity"] = long
+        Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
+        print(f"[bench] merged long-context capacity into {a.out}")
+        return 0
     for m in methods:
-        blocks = 0
-        if "vq" in m:  # the mirror shadows every code block, all KV heads, full K/V in fp32
-            per_block = c.num_hidden_layers * 128 * c.num_key_value_heads * 2 * (c.hidden_size // c.num_attention_heads) * 4
-            blocks = int(a.host_gib * 2**30) // per_block
+        blocks = host_blocks if "vq" in m else 0
         print(f"[bench] vLLM {m} ...", flush=True)
         runs[m] = run_engine(a.vllm_python, work, m, model_dir, prompts_file, a,
                              str(work / f"{m}_config") if m in configs else "", num_blocks=blocks)
@@ -169,7 +200,8 @@ def main() -> int:
                               "vq": f"{opts.n_codes} codes, topk {opts.topk}, sink {opts.vq_sink}, "
                                     f"local {opts.vq_local}, every layer",
                               "duo+vq": "duo's streaming heads, vq on every retrieval head"},
-           "machine": machine_info(), "commit": git_commit(), "records": records}
+           "machine": machine_info(), "commit": git_commit(), "records": records,
+           "long_context_capacity": long}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
     print(f"[bench] wrote {a.out}")

@@ -13,8 +13,9 @@ Each layer keeps its KV heads in separate storage groups (see :meth:`Compression
 
 ``update`` only stashes the new tokens; the ``kvcomp`` attention function (:mod:`.attention`)
 attends and then commits them, since ThinK needs the prompt's queries to choose channels.
-The first chunk (an empty cache) is attended densely on every head, as DuoAttention and ThinK do;
-every later chunk and every decode step runs compressed.
+The first chunk (an empty cache) is attended exactly on every head except DuoAttention's
+streaming heads, which see only the sink and recent tokens in prefill too (as DuoAttention and
+kvcomp's vLLM backend); every later chunk and every decode step runs compressed.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ from . import ENV_TRACE
 from . import compat as C
 from .mirror import mirror_bytes, mirror_for
 from .plan import Plan, kv_head_range, layer_index, plan_from_env
-from .ring import register_ring, ring_kept, ring_of, ring_slot
+from .ring import register_ring, ring_capacity, ring_kept, ring_of, ring_slot
 from .vq import VQLayer, rope_from_hf_config
 
 # a child of "vllm" so that vLLM's log handler (and its level setting) prints it
@@ -200,8 +200,9 @@ class KVCompAttentionImpl(C.AttentionImpl):
         p = self.plan
         if p.streaming is not None and p.vq is None:
             n_str = p.rank_num_streaming(self.num_kv_heads, *C.tp_rank_and_size())
-            self.ring_name = register_ring(self, act_dtype, num_heads=n_str, capacity=p.sink + p.recent,
-                                           content=2 * self.head_size)
+            self.ring_name = register_ring(self, act_dtype, num_heads=n_str, content=2 * self.head_size,
+                                           capacity=ring_capacity(p.sink + p.recent, n_str, self.num_kv_heads - n_str,
+                                                                  C.current_vllm_config().cache_config.block_size))
         elif p.key_dim is not None and p.think_window > 0:
             self.ring_name = register_ring(self, act_dtype, num_heads=self.num_kv_heads, capacity=p.think_window,
                                            content=self.head_size)

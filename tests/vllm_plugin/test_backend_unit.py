@@ -200,3 +200,16 @@ def test_vq_code_pages_and_mirror_match_references():
     assert int(cnt.max()) < 34  # a real selection, not every token
     ref = paged_sparse_attention(q1, mirror.k, mirror.v, bt.block_table[1:], idx, cnt, scale=D ** -0.5)
     assert_close("kvcomp vllm A2ATS decode", ref, out[7:8], 1e-6)
+
+
+def test_ring_capacity_is_a_whole_number_of_pages():
+    from kvcomp.vllm_plugin.ring import ring_capacity
+
+    # SmolLM2, 1 of 3 KV heads streaming, sink 64 + recent 256, CPU blocks of 128: a page holds
+    # 2 heads x 128 tokens, so the ring takes 512 slots (2 pages) instead of 320 (2.5 pages)
+    assert ring_capacity(320, 1, 2, 128) == 512
+    assert ring_capacity(64, 1, 1, 128) == 128
+    for tokens, rh, ph, bs in [(320, 2, 1, 16), (100, 3, 5, 16), (7, 4, 6, 32)]:
+        cap = ring_capacity(tokens, rh, ph, bs)
+        assert cap >= tokens and (cap * rh) % (ph * bs) == 0 and cap - tokens < ph * bs
+    assert ring_capacity(320, 1, 2, None) == 320
