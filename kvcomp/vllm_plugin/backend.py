@@ -1,26 +1,24 @@
 """kvcomp's vLLM attention backend (registered as ``CUSTOM``; over ``CPU_ATTN`` on request).
 
-Page layout. vLLM hands each layer a logical ``kv_cache [num_blocks, Hkv, block_size, C]`` view
-(any physical stride order; we only index it). Content per (block, KV head, token):
-``C = Dk + Dv`` elements, ``[:Dk]`` the key and ``[Dk:]`` the value, where ``Dk = D`` without
-compression and ``Dk = D_keep`` with ThinK (page bytes shrink through ``customize_spec`` /
-``state_content_bytes``; vLLM's block count, and so its KV capacity, grows accordingly).
+Page layout. vLLM hands each layer a logical ``kv_cache [num_blocks, H, block_size, C]`` view
+(any physical stride order; we only index it), shaped per method by :meth:`customize_spec`:
 
-Writes happen in :meth:`KVCompAttentionImpl.do_kv_cache_update` (``forward_includes_kv_cache_update
-= False``): new tokens go to ``slot_mapping`` slots (``block * block_size + offset``, ``-1`` =
-padding, skipped), keys packed to the kept channels. :meth:`KVCompAttentionImpl.forward` runs
-causal varlen paged attention (prefill, chunked prefill and decode in one batch) through the
-pure-PyTorch reference ``kvcomp.ref.paged_attention``; ThinK gathers each query head to its KV
-head's kept channels first and keeps the scale of the full head dim.
+* off: ``H = Hkv``, ``C = D + Dv`` (key then value), like stock vLLM;
+* ThinK: ``C = D_keep + Dv`` (the kept key channels, then the value); the last ``window`` keys
+  stay full width in a per-request ring (:mod:`.ring`);
+* DuoAttention: ``H`` = the retrieval heads (``num_head_slots``); the streaming heads keep their
+  sink + recent tokens in a per-request ring sized to whole pages;
+* A²ATS: ``C`` = one int16 code cell per KV head; the full K/V lives in the host mirror
+  (:mod:`.mirror`), attention in :mod:`.vq`;
+* DuoAttention + A²ATS: code cells of the retrieval heads; the streaming heads' K/V in the mirror.
 
-DuoAttention: the pages hold only the retrieval KV heads (``num_head_slots``); each attention layer
-registers a companion :class:`KVCompRingLayer` (from ``process_weights_after_loading``, before vLLM
-collects KV specs) whose ``CircularBufferSpec`` gives every request one ring block of
-``sink + recent`` tokens for the layer's streaming heads, allocated and freed by vLLM's scheduler
-and addressed through the ring group's block table. Position ``p`` lives in ring slot ``p`` if
-``p < sink`` else ``sink + (p - sink) % recent``. Streaming heads attend over the ring (tokens
-before this step) plus this step's own keys; the ring is written after attending, so a prefill
-chunk never overwrites keys its own earlier queries still need.
+vLLM's block count, and so its KV capacity, follows the page size. Writes happen in
+:meth:`KVCompAttentionImpl.do_kv_cache_update` (``forward_includes_kv_cache_update = False``): new
+tokens go to ``slot_mapping`` slots (``block * block_size + offset``, ``-1`` = padding, skipped).
+:meth:`KVCompAttentionImpl.forward` runs causal varlen attention (prefill, chunked prefill and
+decode in one batch) through the pure-PyTorch references of :mod:`kvcomp.ref`; rings and code
+cells, which need the tokens' positions, are written there, after (rings) or before (codes)
+attending. Every method computes what kvcomp's HF path computes (the tests compare tokens).
 """
 
 from __future__ import annotations
