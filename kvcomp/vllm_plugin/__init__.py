@@ -37,12 +37,21 @@ def register() -> None:
     """Register kvcomp's attention backend with vLLM (the ``vllm.general_plugins`` entry point).
 
     Always registers it as ``AttentionBackendEnum.CUSTOM``; with ``KVCOMP_VLLM_OVERRIDE_CPU=1``
-    also over ``CPU_ATTN``. Re-entrant: vLLM may call it several times per process, and each
-    call only (re)writes the same override entries.
+    also over ``CPU_ATTN``. With ``KVCOMP_CONFIG`` set, a decoder attention layer that vLLM gives
+    any other backend raises (``compat.guard_backend_selection``) instead of silently serving
+    uncompressed pages. Re-entrant: vLLM may call it several times per process, and each call
+    only (re)writes the same override entries.
 
     Raises:
         ValueError: ``KVCOMP_VLLM_OVERRIDE_CPU`` is set to something other than ``0``/``1``.
     """
+    if os.environ.get(ENV_CONFIG, "").strip():
+        # first, so that a registration failing below (vLLM only logs plugin errors) still ends
+        # in an error when the model is built, not in a stock backend serving uncompressed pages
+        from .compat import guard_backend_selection
+
+        guard_backend_selection(BACKEND_PATH, "serve with --attention-backend CUSTOM (GPU) or set "
+                                f"{ENV_OVERRIDE_CPU}=1 (vLLM's CPU platform ignores --attention-backend)")
     override = os.environ.get(ENV_OVERRIDE_CPU, "0").strip()
     if override not in ("", "0", "1"):
         raise ValueError(f"{ENV_OVERRIDE_CPU} must be 0 or 1, got {override!r}")

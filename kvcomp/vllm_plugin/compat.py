@@ -118,3 +118,36 @@ def forward_context():
 
     fc = get_forward_context()
     return fc.attn_metadata, fc.no_compile_layers
+
+
+def guard_backend_selection(backend_path: str, hint: str) -> None:
+    """Make vLLM's attention-backend selection fail loudly when it picks another backend.
+
+    Wraps ``vllm.v1.attention.selector.get_attn_backend`` (and the name ``Attention`` imported from
+    it, when that module is already loaded) so that a decoder attention layer getting any backend
+    but ``backend_path`` raises ``RuntimeError(hint)``: with ``KVCOMP_CONFIG`` set, a stock backend
+    would silently serve uncompressed pages. Idempotent.
+    """
+    import sys
+
+    from vllm.v1.attention import selector
+
+    if getattr(selector.get_attn_backend, "_kvcomp_guard", False):
+        return
+    original = selector.get_attn_backend
+
+    def guarded(*args, **kwargs):
+        backend = original(*args, **kwargs)
+        attn_type = kwargs.get("attn_type")
+        if attn_type in (None, AttentionType.DECODER):
+            path = f"{backend.__module__}.{backend.__qualname__}"
+            if path != backend_path:
+                raise RuntimeError(f"kvcomp: KVCOMP_CONFIG asks for compressed KV pages but vLLM selected "
+                                   f"{backend.get_name()} ({path}); {hint}")
+        return backend
+
+    guarded._kvcomp_guard = True
+    selector.get_attn_backend = guarded
+    mod = sys.modules.get("vllm.model_executor.layers.attention.attention")
+    if mod is not None and getattr(mod, "get_attn_backend", None) is original:
+        mod.get_attn_backend = guarded

@@ -31,6 +31,8 @@ def main() -> int:
     ap.add_argument("--max-model-len", type=int, default=512)
     ap.add_argument("--max-num-batched-tokens", type=int, default=64)
     ap.add_argument("--max-num-seqs", type=int, default=8)
+    ap.add_argument("--no-override", action="store_true",
+                    help="kvcomp mode without KVCOMP_VLLM_OVERRIDE_CPU (vLLM's CPU platform then picks CPU_ATTN)")
     ap.add_argument("--num-blocks", type=int, default=0, help="num_gpu_blocks_override (0: from the budget)")
     ap.add_argument("--tp", type=int, default=1, help="tensor parallel size (CPU: one rank per core group)")
     ap.add_argument("--kv-space-gib", default="1")
@@ -59,7 +61,7 @@ def main() -> int:
     os.environ.pop("KVCOMP_CONFIG", None)
     os.environ.pop("KVCOMP_VLLM_TRACE", None)
     if a.mode == "kvcomp":
-        os.environ["KVCOMP_VLLM_OVERRIDE_CPU"] = "1"
+        os.environ["KVCOMP_VLLM_OVERRIDE_CPU"] = "0" if a.no_override else "1"
         if a.config:
             os.environ["KVCOMP_CONFIG"] = a.config
         if a.trace:

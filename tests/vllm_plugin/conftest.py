@@ -87,6 +87,9 @@ def engines(tmp_path_factory):
         name = f"smol-{'off' if mode == 'kvcomp' else 'stock'}"
         procs[name] = start_engine(py, work, name, Path(smol_dir), smol_file, MAX_TOKENS, mode, inproc=True,
                                    extra=("--kv-cache-bytes", str(64 << 20)))
+    # KVCOMP_CONFIG set but kvcomp not selected (CPU without the override): must fail, not serve stock
+    unselected = start_engine(py, work, "unselected", model_dir, prompts_file, MAX_TOKENS, "kvcomp",
+                              config=str(work / "think_config"), inproc=True, extra=("--no-override",))
     stress_prompts = make_prompts(STRESS_LENGTHS, seed=5)
     stress_file = work / "stress_prompts.json"
     stress_file.write_text(json.dumps(stress_prompts))
@@ -102,6 +105,12 @@ def engines(tmp_path_factory):
     use_duo_attention(model, torch.tensor(DUO_PATTERN), SINK, RECENT)
     hf_duo_mask = hf_greedy(model, prompts, MAX_TOKENS)
     errors, res = [], {}
+    proc, _, log = unselected
+    try:
+        rc = proc.wait(timeout=400)
+    finally:
+        proc._kvcomp_log_fh.close()
+    res["unselected"] = {"rc": rc, "log": log.read_text(errors="replace")}
     for name, p in procs.items():  # wait for all before failing, so no engine outlives the session
         try:
             res[name] = finish_engine(*p)

@@ -49,3 +49,12 @@ def test_smollm2_off_equals_stock_and_hf(engines):
     assert "kvcomp attention backend active" in off["log"] and "kvcomp attention backend active" not in stock["log"]
     assert off["tokens"] == stock["tokens"] == engines["hf_smol"]
     assert off["log_kv_tokens"] == stock["log_kv_tokens"]
+
+
+def test_config_without_kvcomp_backend_is_an_error(engines):
+    """KVCOMP_CONFIG set, but vLLM's CPU platform picks CPU_ATTN (no KVCOMP_VLLM_OVERRIDE_CPU):
+    the engine must stop with kvcomp's message instead of serving uncompressed pages."""
+    r = engines["unselected"]
+    assert r["rc"] != 0
+    assert "KVCOMP_CONFIG asks for compressed KV pages but vLLM selected CPU_ATTN" in r["log"], r["log"][-3000:]
+    assert "KVCOMP_VLLM_OVERRIDE_CPU=1" in r["log"]
