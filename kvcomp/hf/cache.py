@@ -185,9 +185,8 @@ class KVCompLayer(CacheLayerMixin):
         out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
         others = torch.tensor([h for h in range(k.shape[1]) if h not in set(st.tolist())], dtype=torch.long)
         if others.numel():
-            kv = others.to(k.device)
-            out[:, _qheads(others, g).to(q.device)] = dense_prefill(
-                q[:, _qheads(others, g).to(q.device)], k[:, kv], v[:, kv], scale=scale).to(q.dtype)
+            qo, kv = _qheads(others, g).to(q.device), others.to(k.device)
+            out[:, qo] = dense_prefill(q[:, qo], k[:, kv], v[:, kv], scale=scale).to(q.dtype)
         qs, ks = _qheads(st, g).to(q.device), st.to(k.device)
         out[:, qs] = streaming_prefill(q[:, qs], k[:, ks], v[:, ks], sink=self.cfg.duo.sink, window=self.cfg.duo.recent,
                                        scale=scale).to(q.dtype)

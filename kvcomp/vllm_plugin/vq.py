@@ -13,6 +13,8 @@ Page content: one int16 code per (token, KV head) in a cell of ``max(2, dtype si
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from .. import ref
@@ -105,7 +107,7 @@ class VQLayer:
             bt = md.block_table[multi].cpu()
             lens = md.seq_lens[multi].cpu()
             rows = torch.cat([torch.arange(qsl[b], qsl[b + 1]) for b in multi])
-            sub_qsl = torch.tensor([0] + list(torch.tensor([qlens[b] for b in multi]).cumsum(0).tolist()))
+            sub_qsl = torch.tensor([0] + list(itertools.accumulate(qlens[b] for b in multi)))
             o = ref.paged_attention(q[rows.to(dev)].cpu(), hk, hv, bt, lens, sub_qsl, scale=scale)
             output[rows.to(dev)] = o.to(output.dtype).to(dev)
         if single:

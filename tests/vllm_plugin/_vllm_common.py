@@ -52,8 +52,9 @@ def vllm_python() -> tuple[str | None, str]:
     return py, ""
 
 
-def build_tiny_llama(directory: Path, seed: int = 0):
-    """Save a random 2-layer Llama (GQA 4 q / 2 kv heads, head_dim 64, fp32) and return the model.
+def build_tiny_llama(directory: Path, seed: int = 0, *, num_heads: int = 4, num_kv_heads: int = HKV,
+                     head_dim: int = D):
+    """Save a random 2-layer Llama (default GQA 4 q / 2 kv heads, head_dim 64, fp32) and return it.
 
     ``initializer_range=0.1`` makes logits well separated, so greedy decoding is not decided by
     rounding differences between attention implementations.
@@ -63,7 +64,7 @@ def build_tiny_llama(directory: Path, seed: int = 0):
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                      num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, head_dim=head_dim,
                       max_position_embeddings=4096, initializer_range=0.1, rope_theta=10000.0,
                       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     model = LlamaForCausalLM(cfg).float().eval()
@@ -185,14 +186,19 @@ def start_engine(py: str, workdir: Path, name: str, model_dir: Path, prompts_fil
     if not prefix_caching:
         cmd.append("--no-prefix-caching")
     cmd += list(extra)
+    return _spawn(cmd, log), out, log
+
+
+def _spawn(cmd: list[str], log: Path) -> subprocess.Popen:
+    """Run ``cmd`` in the background, output to ``log``, in its own process group (on timeout the
+    runner and the engine processes it spawned die together; see :func:`wait_engine`)."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     fh = open(log, "w")
-    # own process group: on timeout the runner and the engine processes it spawned die together
     proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(HERE),
                             start_new_session=True)
-    proc._kvcomp_log_fh = fh  # closed in finish_engine
-    return proc, out, log
+    proc._kvcomp_log_fh = fh  # closed in wait_engine
+    return proc
 
 
 def start_stress(py: str, workdir: Path, name: str, model_dir: Path, prompts_file: Path,
@@ -204,16 +210,11 @@ def start_stress(py: str, workdir: Path, name: str, model_dir: Path, prompts_fil
            "--blocks", str(STRESS_BLOCKS[name]), "--max-tokens", str(STRESS_TOKENS)]
     if config:
         cmd += ["--config", config]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    fh = open(log, "w")
-    proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(HERE), start_new_session=True)
-    proc._kvcomp_log_fh = fh
-    return proc, out, log
+    return _spawn(cmd, log), out, log
 
 
-def finish_engine(proc: subprocess.Popen, out: Path, log: Path, timeout: float = 400) -> dict:
-    """Wait for an engine run; return its result JSON plus ``log_kv_tokens`` parsed from vLLM's log."""
+def wait_engine(proc: subprocess.Popen, log: Path, timeout: float = 400) -> tuple[int | str, str]:
+    """Wait for a started run (killing its process group after ``timeout`` s); ``(rc, log text)``."""
     try:
         rc = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -222,7 +223,12 @@ def finish_engine(proc: subprocess.Popen, out: Path, log: Path, timeout: float =
         rc = f"killed after {timeout} s"
     finally:
         proc._kvcomp_log_fh.close()
-    text = log.read_text(errors="replace")
+    return rc, log.read_text(errors="replace")
+
+
+def finish_engine(proc: subprocess.Popen, out: Path, log: Path, timeout: float = 400) -> dict:
+    """Wait for an engine run; return its result JSON plus ``log_kv_tokens`` parsed from vLLM's log."""
+    rc, text = wait_engine(proc, log, timeout)
     if rc != 0 or not out.exists():
         raise AssertionError(f"engine run failed (rc={rc}); log tail:\n{text[-4000:]}")
     res = json.loads(out.read_text())

@@ -28,7 +28,8 @@ import pytest
 
 from _vllm_common import (DUO_PATTERN, RECENT, SINK, STRESS_LENGTHS, STRESS_TOKENS, VQ_KV_BYTES, D, HKV, KEEP,
                           MAX_TOKENS, L, build_tiny_llama, finish_engine, hf_greedy, kvcomp_hf_greedy, make_prompts,
-                          start_engine, start_stress, think_channels, tiny_vq, use_duo_attention, vllm_python)
+                          start_engine, start_stress, think_channels, tiny_vq, use_duo_attention, vllm_python,
+                          wait_engine)
 
 
 @pytest.fixture(scope="session")
@@ -105,12 +106,8 @@ def engines(tmp_path_factory):
     use_duo_attention(model, torch.tensor(DUO_PATTERN), SINK, RECENT)
     hf_duo_mask = hf_greedy(model, prompts, MAX_TOKENS)
     errors, res = [], {}
-    proc, _, log = unselected
-    try:
-        rc = proc.wait(timeout=400)
-    finally:
-        proc._kvcomp_log_fh.close()
-    res["unselected"] = {"rc": rc, "log": log.read_text(errors="replace")}
+    rc, text = wait_engine(unselected[0], unselected[2])
+    res["unselected"] = {"rc": rc, "log": text}
     for name, p in procs.items():  # wait for all before failing, so no engine outlives the session
         try:
             res[name] = finish_engine(*p)

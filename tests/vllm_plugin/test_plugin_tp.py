@@ -17,20 +17,6 @@ from _vllm_common import (D, HKV, KEEP, MAX_TOKENS, L, build_tiny_llama, finish_
                           make_prompts, start_engine, think_channels, tiny_vq, vllm_python)
 
 
-def _tiny_llama_4kv(directory):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=8, num_key_value_heads=4, head_dim=32, max_position_embeddings=4096,
-                      initializer_range=0.1, rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1,
-                      eos_token_id=2, pad_token_id=0)
-    model = LlamaForCausalLM(cfg).float().eval()
-    model.save_pretrained(str(directory))
-    return model
-
-
 @pytest.fixture(scope="module")
 def tp_runs(tmp_path_factory):
     py, why = vllm_python()
@@ -42,7 +28,7 @@ def tp_runs(tmp_path_factory):
 
     work = tmp_path_factory.mktemp("vllm_tp")
     model = build_tiny_llama(work / "model")
-    model4 = _tiny_llama_4kv(work / "model4")
+    model4 = build_tiny_llama(work / "model4", num_heads=8, num_kv_heads=4, head_dim=32)
     prompts = make_prompts((5, 37, 150, 1))
     (work / "prompts.json").write_text(json.dumps(prompts))
     geo = dict(num_layers=L, num_kv_heads=HKV, head_dim=D, num_q_heads=4)
