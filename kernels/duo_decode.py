@@ -64,10 +64,12 @@ def _duo_split_kernel(
     ret_v = vc_ptr + idx * svc_h
     str_k = ks_ptr + pid_b.to(tl.int64) * sks_b + idx * sks_h
     str_v = vs_ptr + pid_b.to(tl.int64) * svs_b + idx * svs_h
+    # the head kind as a [BLOCK_N] mask: Triton 3.9's interpreter refuses a scalar bool in a mask
+    ret_n = (tl.zeros([BLOCK_N], dtype=tl.int32) + kind) == 0
     for n0 in range(start, end, BLOCK_N):
         tok = n0 + tl.arange(0, BLOCK_N)
         valid = tok < end
-        blk = tl.load(bt_ptr + pid_b.to(tl.int64) * sbt_b + tok // page_size, mask=valid & is_ret, other=0)
+        blk = tl.load(bt_ptr + pid_b.to(tl.int64) * sbt_b + tok // page_size, mask=valid & ret_n, other=0)
         blk = blk.to(tl.int64)
         off = tok % page_size
         k_base = tl.where(is_ret, ret_k + blk * skc_n + off * skc_s, str_k + tok.to(tl.int64) * sks_s)

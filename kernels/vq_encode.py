@@ -135,7 +135,7 @@ def triton_vq_encode_paged(k_new: torch.Tensor, codebook: torch.Tensor, whiten: 
     Args:
         k_new: ``[N, Hkv, D]`` pre-RoPE keys (last dim contiguous).
         codebook: ``[Hkv, C, D]``; whiten: ``[Hkv, D, D]``.
-        code_cache: ``[num_blocks, block_size, Hkv]`` int16, contiguous in the head dim.
+        code_cache: ``[num_blocks, block_size, Hkv]`` int16, any strides.
         block_table: ``[B, max_blocks]``; seq_lens: ``[B]`` incl. the new tokens; query_start_loc: ``[B+1]``.
     Returns:
         ``code_cache``.
@@ -145,8 +145,6 @@ def triton_vq_encode_paged(k_new: torch.Tensor, codebook: torch.Tensor, whiten: 
         raise ValueError(f"k_new must be [N, Hkv, D], got {list(k_new.shape)}")
     if not isinstance(code_cache, torch.Tensor) or code_cache.dtype != torch.int16 or code_cache.dim() != 3:
         raise ValueError("code_cache must be an int16 tensor [num_blocks, block_size, Hkv]")
-    if code_cache.stride(2) != 1:
-        raise ValueError("code_cache must be contiguous in its last (head) dim")
     C.check_int("block_table", block_table, 2)
     C.check_int("seq_lens", seq_lens, 1)
     C.check_int("query_start_loc", query_start_loc, 1)
@@ -164,7 +162,7 @@ def triton_vq_encode_paged(k_new: torch.Tensor, codebook: torch.Tensor, whiten: 
     bt_, bc, bk, nw = _blocks(cw.shape[1], d)
     _vq_encode_kernel[(triton.cdiv(n, bt_), hkv)](
         k_new, lw, cw, c2, code_cache, block_table, seq_lens, query_start_loc, n, 1, bsz, cw.shape[1], d,
-        code_cache.shape[1], k_new.stride(0), 0, k_new.stride(1), code_cache.stride(0), code_cache.stride(1), 1,
+        code_cache.shape[1], k_new.stride(0), 0, k_new.stride(1), code_cache.stride(0), code_cache.stride(1), code_cache.stride(2),
         block_table.stride(0),
         PAGED=True, BLOCK_T=bt_, BLOCK_C=bc, BLOCK_D=C.next_pow2(d), BLOCK_K=bk, BLOCK_B=C.next_pow2(bsz),
         num_warps=nw)

@@ -33,7 +33,7 @@ from . import _common as C
 
 
 @triton.jit
-def _hist_kernel(code_ptr, bt_ptr, sl_ptr, hist_ptr, HKV, NC, BS, CHUNK, s_cn, s_cs, s_btb,
+def _hist_kernel(code_ptr, bt_ptr, sl_ptr, hist_ptr, HKV, NC, BS, CHUNK, s_cn, s_cs, s_ch, s_btb,
                  BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     pid = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -48,7 +48,7 @@ def _hist_kernel(code_ptr, bt_ptr, sl_ptr, hist_ptr, HKV, NC, BS, CHUNK, s_cn, s
             tok = t0 + tl.arange(0, BLOCK_T)
             tmask = tok < end
             blk = tl.load(bt_ptr + b * s_btb + tok // BS, mask=tmask, other=0).to(tl.int64)
-            code = tl.load(code_ptr + blk * s_cn + (tok % BS) * s_cs + h, mask=tmask, other=0).to(tl.int32)
+            code = tl.load(code_ptr + blk * s_cn + (tok % BS) * s_cs + h * s_ch, mask=tmask, other=0).to(tl.int32)
             hist += tl.histogram(code, BLOCK_C, mask=tmask)
         offs_c = tl.arange(0, BLOCK_C)
         tl.atomic_add(hist_ptr + pid.to(tl.int64) * NC + offs_c, hist, mask=(offs_c < NC) & (hist > 0))
@@ -107,7 +107,7 @@ def _threshold_kernel(lut_ptr, hist_ptr, sl_ptr, topk_ptr, tau_ptr, need_ptr, NR
 
 @triton.jit
 def _select_kernel(lut_ptr, code_ptr, bt_ptr, sl_ptr, tau_ptr, need_ptr, eq_ptr, cnt_ptr, idx_ptr, count_ptr,
-                   HKV, G, NC, BS, CHUNK, NCHUNK, SINK, LOCAL, KMAX, s_cn, s_cs, s_btb,
+                   HKV, G, NC, BS, CHUNK, NCHUNK, SINK, LOCAL, KMAX, s_cn, s_cs, s_ch, s_btb,
                    MODE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_CH: tl.constexpr):
     pid = tl.program_id(0)  # b * HKV + h
     chunk = tl.program_id(1)
@@ -136,7 +136,7 @@ def _select_kernel(lut_ptr, code_ptr, bt_ptr, sl_ptr, tau_ptr, need_ptr, eq_ptr,
         tok = t0 + tl.arange(0, BLOCK_T)
         tmask = tok < end
         blk = tl.load(bt_ptr + b * s_btb + tok // BS, mask=tmask, other=0).to(tl.int64)
-        code = tl.load(code_ptr + blk * s_cn + (tok % BS) * s_cs + h, mask=tmask, other=0).to(tl.int32)
+        code = tl.load(code_ptr + blk * s_cn + (tok % BS) * s_cs + h * s_ch, mask=tmask, other=0).to(tl.int32)
         m2 = hmask[:, None] & tmask[None, :]
         s = tl.load(lut_ptr + rows[:, None].to(tl.int64) * NC + code[None, :], mask=m2, other=0.0)
         bits = s.to(tl.int32, bitcast=True).to(tl.int64)
@@ -192,7 +192,8 @@ def triton_vq_topk(lut: torch.Tensor, code_cache: torch.Tensor, block_table: tor
 
     Args:
         lut: ``[B, Hq, C]`` fp32 from :func:`kvcomp.kernels.vq_lut.triton_vq_lut` (contiguous).
-        code_cache: ``[num_blocks, block_size, Hkv]`` int16 codes in ``[0, C)`` (not checked on device).
+        code_cache: ``[num_blocks, block_size, Hkv]`` int16 codes in ``[0, C)`` (not checked on device), any
+            strides (vLLM's head-major code pages are a permuted view).
         block_table: ``[B, max_blocks]`` int32/int64; seq_lens: ``[B]`` int32/int64 valid tokens.
         topk: int >= 0 or ``[B]`` int tensor; sink, local: ints >= 0.
         kmax: columns of ``idx``; default :func:`default_kmax` (never smaller than the true count). With a
@@ -206,8 +207,6 @@ def triton_vq_topk(lut: torch.Tensor, code_cache: torch.Tensor, block_table: tor
         raise ValueError("lut must be a contiguous fp32 tensor [B, Hq, C]")
     if not isinstance(code_cache, torch.Tensor) or code_cache.dtype != torch.int16 or code_cache.dim() != 3:
         raise ValueError("code_cache must be an int16 tensor [num_blocks, block_size, Hkv]")
-    if code_cache.stride(2) != 1:
-        raise ValueError("code_cache must be contiguous in its last (head) dim")
     C.check_int("block_table", block_table, 2)
     C.check_int("seq_lens", seq_lens, 1)
     b, hq, nc = lut.shape
@@ -247,7 +246,7 @@ def triton_vq_topk(lut: torch.Tensor, code_cache: torch.Tensor, block_table: tor
     block_c = max(16, C.next_pow2(nc))
     hist = torch.zeros(b * hkv, nc, dtype=torch.int32, device=dev)
     _hist_kernel[(b * hkv, nchunk)](code_cache, block_table, seq_lens, hist, hkv, nc, bs, ch,
-                                    code_cache.stride(0), code_cache.stride(1), block_table.stride(0),
+                                    code_cache.stride(0), code_cache.stride(1), code_cache.stride(2), block_table.stride(0),
                                     BLOCK_T=block_t, BLOCK_C=block_c, num_warps=4)
     tau = torch.empty(b * hq, dtype=torch.int64, device=dev)
     need = torch.empty(b * hq, dtype=torch.int32, device=dev)
@@ -267,7 +266,7 @@ def triton_vq_topk(lut: torch.Tensor, code_cache: torch.Tensor, block_table: tor
         _select_kernel[(b * hkv, nchunk)](
             lut, code_cache, block_table, seq_lens, tau, need, eq, cnt, idx, count,
             hkv, g, nc, bs, ch, nchunk, sink, local, kmax,
-            code_cache.stride(0), code_cache.stride(1), block_table.stride(0),
+            code_cache.stride(0), code_cache.stride(1), code_cache.stride(2), block_table.stride(0),
             MODE=mode, BLOCK_H=C.next_pow2(g), BLOCK_T=block_t, BLOCK_CH=C.next_pow2(nchunk), num_warps=4)
     block_k = min(1024, C.next_pow2(kmax))
     _pad_kernel[(b * hkv, triton.cdiv(kmax, block_k))](idx, count, kmax, BLOCK_K=block_k, num_warps=4)

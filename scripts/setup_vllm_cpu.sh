@@ -60,7 +60,7 @@ kvcomp_ok() { "$VENV/bin/python" - "$REPO" <<'PYEOF'
 import os, sys
 import importlib.metadata as m
 try:
-    import kvcomp, safetensors, tqdm  # noqa: F401
+    import kvcomp, kvcomp.kernels, safetensors, tqdm  # noqa: F401  (kernels: the Triton folder's mapping)
 except ImportError:
     sys.exit(1)
 here = os.path.realpath(os.path.dirname(kvcomp.__file__))

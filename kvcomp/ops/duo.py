@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from kvcomp.ops._dispatch import use_triton
 from kvcomp.ref.duo import check_duo_inputs
 
 
@@ -16,6 +17,11 @@ from kvcomp.ref.duo import check_duo_inputs
 def _duo_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                    seq_lens: torch.Tensor, k_stream: torch.Tensor, v_stream: torch.Tensor, head_map: torch.Tensor,
                    sink: int, window: int, scale: float, num_splits: int) -> torch.Tensor:
+    if not use_triton(q):
+        from kvcomp.ref.duo import duo_decode_attention as ref
+
+        return ref(q, k_cache, v_cache, block_table, seq_lens, k_stream, v_stream, head_map, sink=sink,
+                   window=window, scale=scale)
     from kvcomp.kernels.duo_decode import duo_decode_attention
 
     return duo_decode_attention(q, k_cache, v_cache, block_table, seq_lens, k_stream, v_stream, head_map,
@@ -33,7 +39,8 @@ def triton_duo_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
                                 block_table: torch.Tensor, seq_lens: torch.Tensor, k_stream: torch.Tensor,
                                 v_stream: torch.Tensor, head_map: torch.Tensor, *, sink: int, window: int,
                                 scale: float | None = None, num_splits: int | None = None) -> torch.Tensor:
-    """DuoAttention decode step through the ``kvcomp::duo_decode`` op (Triton split-K kernel).
+    """DuoAttention decode step through the ``kvcomp::duo_decode`` op: the Triton split-K kernel on
+    CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``), the reference on CPU otherwise.
 
     Same arguments and result as ``kvcomp.ref.duo.duo_decode_attention``:
     q ``[B, Hq, D]``; retrieval heads paged in ``k_cache, v_cache [num_blocks, block_size, n_ret, D]`` with

@@ -12,20 +12,16 @@ fake implementations let ``torch.compile`` trace them and CUDA graphs capture th
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-
-def _use_triton(t: torch.Tensor) -> bool:
-    return t.device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from kvcomp.ops._dispatch import use_triton
 
 
 @torch.library.custom_op("kvcomp::think_decode", mutates_args=())
 def _think_decode_op(q: torch.Tensor, kp_cache: torch.Tensor, chan_idx: torch.Tensor, k_recent: torch.Tensor,
                      v_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                      tokens_per_split: int, max_seq_len: int) -> torch.Tensor:
-    if not _use_triton(q):
+    if not use_triton(q):
         from kvcomp.ref.think_paged import paged_pruned_key_attention
 
         return paged_pruned_key_attention(q, kp_cache, chan_idx, k_recent, v_cache, block_table, seq_lens,
@@ -46,7 +42,7 @@ def _think_decode_fake(q, kp_cache, chan_idx, k_recent, v_cache, block_table, se
 @torch.library.custom_op("kvcomp::pack_pruned_keys", mutates_args=("kp_cache", "k_recent"))
 def _pack_pruned_keys_op(k_new: torch.Tensor, chan_idx: torch.Tensor, kp_cache: torch.Tensor, k_recent: torch.Tensor,
                          block_table: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor) -> None:
-    if not _use_triton(k_new):
+    if not use_triton(k_new):
         from kvcomp.ref.compressed_write import pack_pruned_keys_paged as ref
 
         ref(k_new, chan_idx, kp_cache, k_recent, block_table, seq_lens, query_start_loc)

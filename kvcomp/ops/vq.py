@@ -11,13 +11,9 @@ the KV pages). The ops run the Triton kernels on CUDA tensors (or CPU tensors un
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-
-def _use_triton(t: torch.Tensor) -> bool:
-    return t.device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from kvcomp.ops._dispatch import use_triton
 
 
 def topk_kmax(topk, group: int, sink: int, local: int, capacity: int) -> int:
@@ -30,7 +26,7 @@ def topk_kmax(topk, group: int, sink: int, local: int, capacity: int) -> int:
 
 @torch.library.custom_op("kvcomp::vq_lut", mutates_args=())
 def _vq_lut_op(q_wrope: torch.Tensor, codebook: torch.Tensor, scale: float) -> torch.Tensor:
-    if not _use_triton(q_wrope):
+    if not use_triton(q_wrope):
         from kvcomp.ref import vq_lut as ref
 
         return ref(q_wrope, codebook, scale=scale)
@@ -47,7 +43,7 @@ def _vq_lut_fake(q_wrope, codebook, scale):
 @torch.library.custom_op("kvcomp::vq_topk", mutates_args=())
 def _vq_topk_op(lut: torch.Tensor, code_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
                 topk: torch.Tensor, sink: int, local: int, kmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if not _use_triton(lut):
+    if not use_triton(lut):
         from kvcomp.ref.think_paged import paged_vq_topk
 
         idx, count = paged_vq_topk(lut, code_cache, block_table, seq_lens, topk=topk, sink=sink, local=local)
@@ -71,7 +67,7 @@ def _vq_topk_fake(lut, code_cache, block_table, seq_lens, topk, sink, local, kma
 @torch.library.custom_op("kvcomp::sparse_decode", mutates_args=())
 def _sparse_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                       idx: torch.Tensor, count: torch.Tensor, scale: float) -> torch.Tensor:
-    if not _use_triton(q):
+    if not use_triton(q):
         from kvcomp.ref import paged_sparse_attention
 
         return paged_sparse_attention(q, k_cache, v_cache, block_table, idx, count, scale=scale)
@@ -87,7 +83,7 @@ def _sparse_decode_fake(q, k_cache, v_cache, block_table, idx, count, scale):
 
 @torch.library.custom_op("kvcomp::vq_encode", mutates_args=())
 def _vq_encode_op(k_pre: torch.Tensor, codebook: torch.Tensor, whiten: torch.Tensor) -> torch.Tensor:
-    if not _use_triton(k_pre):
+    if not use_triton(k_pre):
         from kvcomp.ref import vq_encode as ref
 
         return ref(k_pre, codebook, whiten)
@@ -104,7 +100,7 @@ def _vq_encode_fake(k_pre, codebook, whiten):
 @torch.library.custom_op("kvcomp::vq_encode_paged", mutates_args=("code_cache",))
 def _vq_encode_paged_op(k_new: torch.Tensor, codebook: torch.Tensor, whiten: torch.Tensor, code_cache: torch.Tensor,
                         block_table: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor) -> None:
-    if not _use_triton(k_new):
+    if not use_triton(k_new):
         from kvcomp.ref.compressed_write import vq_encode_paged as ref
 
         ref(k_new, codebook, whiten, code_cache, block_table, seq_lens, query_start_loc)
@@ -135,7 +131,8 @@ def vq_lut(q_wrope: torch.Tensor, codebook: torch.Tensor, *, scale: float | None
 
 
 def vq_topk(lut: torch.Tensor, code_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, *,
-            topk, sink: int, local: int, kmax: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            topk, sink: int, local: int, kmax: int | None = None,
+            topk_max: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact A²ATS selection over a paged code cache, via ``kvcomp::vq_topk``.
 
     Contract of :func:`kvcomp.ref.think_paged.paged_vq_topk` (ties prefer the lower position), except
@@ -146,6 +143,10 @@ def vq_topk(lut: torch.Tensor, code_cache: torch.Tensor, block_table: torch.Tens
         lut: ``[B, Hq, C]`` fp32; code_cache: ``[num_blocks, block_size, Hkv]`` int16;
         block_table: ``[B, max_blocks]``; seq_lens: ``[B]``; topk: int or ``[B]`` int tensor;
         sink, local: always-kept leading / trailing tokens.
+        kmax: columns of ``idx`` (default and minimum: :func:`topk_kmax`).
+        topk_max: a host-known bound on a tensor ``topk`` (e.g. from vLLM's ``max_seq_len``): it
+            bounds the count, so ``kmax`` may be ``G*topk_max + sink + local`` instead of the
+            block-table capacity. Checked against ``topk`` when that lives on the CPU.
     Returns:
         ``(idx [B, Hkv, kmax] int32, count [B, Hkv] int32)``.
     """
@@ -165,7 +166,15 @@ def vq_topk(lut: torch.Tensor, code_cache: torch.Tensor, block_table: torch.Tens
         topk_t = torch.full((b,), min(topk, 2**31 - 1), dtype=torch.int32, device=lut.device)
     else:
         raise ValueError(f"topk must be a non-negative int or a [B] int tensor, got {topk!r}")
-    need = topk_kmax(topk, hq // hkv, sink, local, block_table.shape[1] * code_cache.shape[1])
+    bound = topk
+    if topk_max is not None:
+        if not isinstance(topk, torch.Tensor) or isinstance(topk_max, bool) or not isinstance(topk_max, int) \
+                or topk_max < 0:
+            raise ValueError(f"topk_max must be a non-negative int bounding a tensor topk, got {topk_max!r}")
+        if topk.device.type == "cpu" and topk.numel() and int(topk.max()) > topk_max:
+            raise ValueError(f"topk has {int(topk.max())}, more than topk_max={topk_max}")
+        bound = topk_max
+    need = topk_kmax(bound, hq // hkv, sink, local, block_table.shape[1] * code_cache.shape[1])
     if kmax is None:
         kmax = need
     elif isinstance(kmax, bool) or not isinstance(kmax, int) or kmax < need:

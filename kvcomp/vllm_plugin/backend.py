@@ -16,9 +16,11 @@ vLLM's block count, and so its KV capacity, follows the page size. Writes happen
 :meth:`KVCompAttentionImpl.do_kv_cache_update` (``forward_includes_kv_cache_update = False``): new
 tokens go to ``slot_mapping`` slots (``block * block_size + offset``, ``-1`` = padding, skipped).
 :meth:`KVCompAttentionImpl.forward` runs causal varlen attention (prefill, chunked prefill and
-decode in one batch) through the pure-PyTorch references of :mod:`kvcomp.ref`; rings and code
-cells, which need the tokens' positions, are written there, after (rings) or before (codes)
-attending. Every method computes what kvcomp's HF path computes (the tests compare tokens).
+decode in one batch): one-token requests (vLLM puts them first: ``reorder_batch_threshold = 1``)
+go through kvcomp's ops (:mod:`.decode`): the Triton decode kernels on the GPU, their references
+on the CPU; multi-token requests through the pure-PyTorch references of :mod:`kvcomp.ref`, per
+request. Rings and code cells, which need the tokens' positions, are written in ``forward``.
+Every method computes what kvcomp's HF path computes (the tests compare tokens).
 """
 
 from __future__ import annotations
@@ -31,11 +33,14 @@ from typing import ClassVar
 
 import torch
 
+from .. import ops
+from ..ops._dispatch import use_triton
 from ..ref.attention import gather_paged, paged_attention
 from ..ref.streaming import streaming_attention
 from ..ref.think import pruned_key_attention
 from . import ENV_TRACE
 from . import compat as C
+from . import decode as D
 from .mirror import mirror_bytes, mirror_for
 from .plan import Plan, kv_head_range, layer_index, plan_from_env
 from .ring import register_ring, ring_capacity, ring_kept, ring_of, ring_slot
@@ -119,12 +124,15 @@ class KVCompAttentionMetadata:
     seq_lens: torch.Tensor
     block_table: torch.Tensor
     slot_mapping: torch.Tensor
+    query_start_loc_host: list[int] | None = None  # host copy (vLLM keeps one), else read on demand
 
 
 class KVCompMetadataBuilder(C.AttentionMetadataBuilder[KVCompAttentionMetadata]):
     """Slices vLLM's common metadata to the real requests; no CUDA graphs (eager only)."""
 
     _cudagraph_support: ClassVar = C.AttentionCGSupport.NEVER
+    # one-token requests first: the decode rows go through kvcomp's ops (Triton on the GPU)
+    reorder_batch_threshold: ClassVar[int] = 1
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
@@ -141,6 +149,7 @@ class KVCompMetadataBuilder(C.AttentionMetadataBuilder[KVCompAttentionMetadata])
             seq_lens=m.seq_lens[:n],
             block_table=m.block_table_tensor[:n],
             slot_mapping=m.slot_mapping[: int(m.num_actual_tokens)],
+            query_start_loc_host=m.query_start_loc_cpu[: n + 1].tolist(),
         )
 
 
@@ -192,6 +201,7 @@ class KVCompAttentionImpl(C.AttentionImpl):
         self.ring_name: str | None = None  # Duo streaming heads or ThinK's full-width window
         self._rope: tuple[torch.Tensor, float] | None = None  # A²ATS: (inv_freq, attention_scaling)
         self._vq: VQLayer | None = None
+        self._hm: torch.Tensor | None = None  # [Hkv_local, 2] head map of the decode kernels
 
     def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
         """Register this layer's ring companion before vLLM collects KV specs; read A²ATS's RoPE."""
@@ -259,7 +269,8 @@ class KVCompAttentionImpl(C.AttentionImpl):
         rec = {"pid": os.getpid(), "layer": getattr(layer, "layer_name", "?"),
                "kv_cache_shape": list(kv_cache.shape), "dtype": str(kv_cache.dtype),
                "method": self.plan.method, "vllm": ".".join(map(str, C.VLLM_VERSION)),
-               "ring": self.ring_name, "host_mirror_bytes": mirror_bytes()}
+               "ring": self.ring_name, "host_mirror_bytes": mirror_bytes(),
+               "decode_ops": "triton" if use_triton(kv_cache) else "reference"}
         logger.info("kvcomp attention backend active: %s", rec)
         if path:
             with open(path, "a") as f:
@@ -330,33 +341,61 @@ class KVCompAttentionImpl(C.AttentionImpl):
         md = attn_metadata
         n = md.num_actual_tokens
         q = query[:n]
+        single, multi = D.split_rows(md, self._qsl(md))
         if self._kv_ret is not None:
-            self._forward_duo(q, key[:n], value[:n], kv_cache, md, output)
+            self._forward_duo(q, key[:n], value[:n], kv_cache, md, output, single, multi)
         elif self._vq is not None:
             self._vq.write_codes(key[:n], kv_cache, md)
-            self._vq.attend(q, kv_cache, md, self.scale, output)
+            self._vq.attend(q, kv_cache, md, self.scale, output, multi, single)
         elif self._channels is not None:
-            self._forward_think(q, key[:n], kv_cache, md, output)
+            self._forward_think(q, key[:n], kv_cache, md, output, single, multi)
         else:
             k_cache, v_cache = self._split_cache(kv_cache)
-            o = paged_attention(q, k_cache, v_cache, md.block_table, md.seq_lens, md.query_start_loc, scale=self.scale)
-            output[:n] = o.to(output.dtype)
+            if single is not None:
+                o = D.dense_decode(q[single.rows], k_cache, v_cache, self._head_map(kv_cache.device), single,
+                                   self.scale)
+                output[single.rows] = o.to(output.dtype)
+            if multi is not None:
+                o = paged_attention(q[multi.rows], k_cache, v_cache, multi.block_table, multi.seq_lens,
+                                    multi.query_start_loc, scale=self.scale)
+                output[multi.rows] = o.to(output.dtype)
         return output
+
+    @staticmethod
+    def _qsl(md: KVCompAttentionMetadata) -> list[int]:
+        """Host copy of ``query_start_loc`` (vLLM's CPU tensor when the builder had it: no sync)."""
+        return md.query_start_loc_host if md.query_start_loc_host is not None else md.query_start_loc.tolist()
+
+    def _head_map(self, device) -> torch.Tensor:
+        """``[Hkv_local, 2]`` (kind, index) of the local KV heads (see :func:`.decode.head_map`)."""
+        if self._hm is None:
+            if self._kv_ret is None:
+                self._hm = D.head_map(list(range(self.num_kv_heads)), [], device)
+            else:
+                self._hm = D.head_map(self._kv_ret.tolist(), self._kv_str.tolist(), device)
+        return self._hm
 
     # ------------------------------------------------------------------ ThinK
     def _forward_think(self, q: torch.Tensor, k_new: torch.Tensor, kv_cache: torch.Tensor,
-                       md: KVCompAttentionMetadata, output: torch.Tensor) -> None:
+                       md: KVCompAttentionMetadata, output: torch.Tensor, single, multi) -> None:
         """Keys before the last ``window`` ones come pruned from the pages; the window (ring) and
         this step's own keys attend at full width, as kvcomp's HF ThinK path."""
         k_cache, v_cache = self._split_cache(kv_cache)
         w = self.plan.think_window
-        ring, blocks = ring_of(self.ring_name) if w else (None, [])
-        qsl, lens = md.query_start_loc.tolist(), md.seq_lens.tolist()
+        ring, ring_block = ring_of(self.ring_name) if w else (None, None)
         chan = self._channels.unsqueeze(0)
-        for b, seq_len in enumerate(lens):
+        if single is not None:
+            rb = None if ring is None else ring_block.index_select(0, torch.tensor(single.reqs, device=ring.device))
+            o = D.think_decode(q[single.rows], k_new[single.rows], k_cache, v_cache, chan, ring, rb, window=w,
+                               r=single, scale=self.scale, max_seq_len=md.max_seq_len)
+            output[single.rows] = o.to(output.dtype)
+        if multi is None:
+            return
+        qsl, lens = self._qsl(md), md.seq_lens.tolist()
+        blocks = [] if ring is None else ring_block.tolist()
+        for b in multi.reqs:
             s0, e0 = qsl[b], qsl[b + 1]
-            if e0 == s0:
-                continue
+            seq_len = lens[b]
             ctx = seq_len - (e0 - s0)
             tail = min(w, ctx)
             kp = gather_paged(k_cache, md.block_table, ctx - tail, b).unsqueeze(0)  # [1, Hkv, Tp, Dk]
@@ -377,40 +416,65 @@ class KVCompAttentionImpl(C.AttentionImpl):
 
     # ------------------------------------------------------------------ DuoAttention
     def _forward_duo(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, kv_cache: torch.Tensor,
-                     md: KVCompAttentionMetadata, output: torch.Tensor) -> None:
-        """Retrieval heads: paged attention. Streaming heads: sink + recent window over the ring
-        (tokens before this step) and this step's own keys; then this step's keys enter the ring."""
+                     md: KVCompAttentionMetadata, output: torch.Tensor, single, multi) -> None:
+        """Retrieval heads: paged attention (A²ATS with codes). Streaming heads: sink + recent window
+        over the ring (the mirror with codes) and this step's own keys; this step's keys then stay
+        in the ring."""
         n = q.shape[0]
-        q_ret = q.index_select(1, self._q_ret)
-        if self._vq is not None:  # Duo + A²ATS: retrieval heads are A²ATS heads
+        sink, recent = self.plan.sink, self.plan.recent
+        k_str, v_str = k_new.index_select(1, self._kv_str), v_new.index_select(1, self._kv_str)
+        if self._vq is not None:  # Duo + A²ATS: retrieval heads are A²ATS heads, streaming heads read the mirror
+            q_ret = q.index_select(1, self._q_ret)
             self._vq.write_codes(k_new.index_select(1, self._kv_ret), kv_cache, md)
             o = torch.empty(n, q_ret.shape[1], output.shape[-1], dtype=output.dtype, device=output.device)
-            self._vq.attend(q_ret, kv_cache, md, self.scale, o)
+            self._vq.attend(q_ret, kv_cache, md, self.scale, o, multi, single)
+            output[:n].index_copy_(1, self._q_ret, o)
+            n_ret = len(self._kv_ret)
+            mk, mv = self._vq.mirror.k[:, :, n_ret:], self._vq.mirror.v[:, :, n_ret:]
+            if single is not None:
+                idx, count = D.streaming_selection(single.seq_lens, mk.shape[2], sink, recent)
+                o = ops.sparse_attention_host(q[single.rows].index_select(1, self._q_str), mk, mv, idx, count,
+                                              block_table=single.block_table, scale=self.scale)
+                output[single.rows[:, None], self._q_str[None, :]] = o.to(output.dtype)
+            ring = blocks = None
         else:
             k_cache, v_cache = self._split_cache(kv_cache)
-            o = paged_attention(q_ret, k_cache, v_cache, md.block_table, md.seq_lens, md.query_start_loc,
-                                scale=self.scale)
-        output[:n].index_copy_(1, self._q_ret, o.to(output.dtype))
-        k_new, v_new = k_new.index_select(1, self._kv_str), v_new.index_select(1, self._kv_str)
+            ring, ring_block = ring_of(self.ring_name)  # [blocks, n_str, capacity, D + Dv]
+            if single is not None:
+                rb = ring_block.index_select(0, torch.tensor(single.reqs, device=ring_block.device))
+                o = D.duo_decode(q[single.rows], k_str[single.rows], v_str[single.rows], k_cache, v_cache,
+                                 self._head_map(q.device), ring, rb, sink=sink, recent=recent, r=single,
+                                 scale=self.scale)
+                output[single.rows] = o.to(output.dtype)
+            if multi is not None:
+                o = paged_attention(q[multi.rows].index_select(1, self._q_ret), k_cache, v_cache, multi.block_table,
+                                    multi.seq_lens, multi.query_start_loc, scale=self.scale)
+                output[multi.rows[:, None], self._q_ret[None, :]] = o.to(output.dtype)
+            blocks = ring_block.tolist()
+        if multi is not None:
+            self._streaming_prefill(q, k_str, v_str, md, output, multi.reqs, ring, blocks)
+
+    def _streaming_prefill(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                           md: KVCompAttentionMetadata, output: torch.Tensor, reqs: list[int],
+                           ring: torch.Tensor | None, blocks: list[int] | None) -> None:
+        """Streaming heads of multi-token requests: attend over the kept earlier tokens (ring, or
+        the host mirror with A²ATS) and this step's own, then keep this step's tokens in the ring."""
         d = self.head_size
         sink, recent = self.plan.sink, self.plan.recent
-        qsl, lens = md.query_start_loc.tolist(), md.seq_lens.tolist()
+        qsl, lens = self._qsl(md), md.seq_lens.tolist()
         q_str = q.index_select(1, self._q_str)
-        if self._vq is None:
-            ring, blocks = ring_of(self.ring_name)  # [blocks, n_str, capacity, D + Dv]
-        else:  # Duo + A²ATS: the streaming heads' slice of the host mirror, addressed by the block table
+        if ring is None:  # Duo + A²ATS: the streaming heads' slice of the host mirror, addressed by the block table
             n_ret = len(self._kv_ret)
             mk, mv = self._vq.mirror.k[:, :, n_ret:], self._vq.mirror.v[:, :, n_ret:]
             bt = md.block_table.cpu()
             bsz = mk.shape[1]
-        for b, seq_len in enumerate(lens):
+        for b in reqs:
             s0, e0 = qsl[b], qsl[b + 1]
-            if e0 == s0:
-                continue
+            seq_len = lens[b]
             ctx = seq_len - (e0 - s0)
             old_pos = ring_kept(0, ctx, sink, recent)
             new_pos = list(range(ctx, seq_len))
-            if self._vq is None:
+            if ring is not None:
                 r = ring[blocks[b]]  # [n_str, capacity, D + Dv]
                 idx = torch.tensor([ring_slot(p, sink, recent) for p in old_pos], dtype=torch.long, device=r.device)
                 k_old, v_old = r[:, idx, :d], r[:, idx, d:]
@@ -426,7 +490,7 @@ class KVCompAttentionImpl(C.AttentionImpl):
             ob = streaming_attention(qb, k.unsqueeze(0), v.unsqueeze(0), sink=sink, window=recent, scale=self.scale,
                                      q_pos=torch.tensor(new_pos, device=q.device), k_pos=k_pos)
             output[s0:e0].index_copy_(1, self._q_str, ob[0].transpose(0, 1).to(output.dtype))
-            keep = ring_kept(ctx, seq_len, sink, recent) if self._vq is None else []  # ring write
+            keep = ring_kept(ctx, seq_len, sink, recent) if ring is not None else []  # ring write
             if keep:
                 ki = torch.tensor([p - ctx for p in keep], dtype=torch.long, device=r.device)
                 slot = torch.tensor([ring_slot(p, sink, recent) for p in keep], dtype=torch.long, device=r.device)

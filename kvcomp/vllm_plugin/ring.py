@@ -141,7 +141,8 @@ def register_ring(impl, act_dtype: torch.dtype, *, num_heads: int, capacity: int
     return ring_name
 
 
-def ring_of(ring_name: str) -> tuple[torch.Tensor, list[int]]:
-    """``(ring view [blocks, heads, capacity', content], ring block id per request)`` of this step."""
+def ring_of(ring_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ring view [blocks, heads, capacity', content], ring block id per request [num_reqs])`` of
+    this step (the ids stay on the device)."""
     metas, layers = C.forward_context()
-    return layers[ring_name].kv_cache, metas[ring_name].ring_block.tolist()
+    return layers[ring_name].kv_cache, metas[ring_name].ring_block

@@ -13,11 +13,9 @@ Page content: one int16 code per (token, KV head) in a cell of ``max(2, dtype si
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 
-from .. import ref
+from .. import ops, ref
 
 
 def rope_from_hf_config(hf_config, head_size: int) -> tuple[torch.Tensor, float]:
@@ -80,48 +78,44 @@ class VQLayer:
         return ref.rope_cos_sin(pos, self.inv_freq, self.scaling)
 
     def write_codes(self, key: torch.Tensor, kv_cache: torch.Tensor, md) -> None:
-        """Encode this step's (post-RoPE) keys ``[n, Hkv, D]`` into their code slots."""
-        slots = md.slot_mapping.long()
-        keep = slots >= 0
+        """Encode this step's (post-RoPE) keys ``[n, Hkv, D]`` into their code slots (the slots of
+        ``md.block_table`` at the tokens' positions, i.e. vLLM's slot mapping)."""
         pos = token_positions(md)
         cos, sin = self._cos_sin(pos)
         k_pre = ref.unapply_rope(key.float(), cos[:, None, :], sin[:, None, :])
-        codes = ref.vq_encode(k_pre.permute(1, 0, 2).unsqueeze(0), self.codebook, self.whiten)[0].T  # [n, Hkv]
-        codes, slots = codes[keep], slots[keep]
-        view = code_view(kv_cache)
-        bs = view.shape[1]
-        view[slots // bs, slots % bs] = codes.to(torch.int16)
+        ops.vq_encode_paged(k_pre, self.codebook, self.whiten, code_view(kv_cache), md.block_table, md.seq_lens,
+                            md.query_start_loc)
 
-    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, md, scale: float, output: torch.Tensor) -> None:
+    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, md, scale: float, output: torch.Tensor,
+               multi, single) -> None:
         """Exact attention for multi-token queries, top-K sparse attention for one-token queries.
 
         ``q [n, Hq', D]`` holds the query heads of the paged KV heads (GQA groups in page order);
-        rows ``[:n]`` of ``output [.., Hq', Dv]`` are written."""
-        qsl = md.query_start_loc.tolist()
-        qlens = [qsl[b + 1] - qsl[b] for b in range(md.num_reqs)]
+        ``multi`` / ``single`` are :class:`~.decode.Rows` (or None) of the multi-token and
+        one-token requests; their rows of ``output [.., Hq', Dv]`` are written."""
         hk, hv = self.mirror.k[:, :, : self.n_heads], self.mirror.v[:, :, : self.n_heads]
-        dev = q.device
-        multi = [b for b, n in enumerate(qlens) if n > 1]
-        single = [b for b, n in enumerate(qlens) if n == 1]
-        if multi:
-            bt = md.block_table[multi].cpu()
-            lens = md.seq_lens[multi].cpu()
-            rows = torch.cat([torch.arange(qsl[b], qsl[b + 1]) for b in multi])
-            sub_qsl = torch.tensor([0] + list(itertools.accumulate(qlens[b] for b in multi)))
-            o = ref.paged_attention(q[rows.to(dev)].cpu(), hk, hv, bt, lens, sub_qsl, scale=scale)
-            output[rows.to(dev)] = o.to(output.dtype).to(dev)
-        if single:
-            rows = torch.tensor([qsl[b] for b in single], device=dev)
-            bsel = torch.tensor(single, device=dev)
-            lens = md.seq_lens[bsel].long()
-            bt = md.block_table[bsel]
-            qd = q[rows]  # [Bd, Hq, D]
-            cos, sin = self._cos_sin(lens - 1)
-            q_pre = ref.unapply_rope(qd.float(), cos[:, None, :], sin[:, None, :])
-            qw = ref.windowed_rope_query(q_pre, self.inv_freq, self.vq.rel_pos, self.scaling)
-            lut = ref.vq_lut(qw, self.codebook, scale=scale)
-            topk = torch.tensor([self.vq.topk_tokens(int(n)) for n in lens.tolist()], device=dev)
-            idx, count = ref.paged_vq_topk(lut, code_view(kv_cache), bt, lens, topk=topk, sink=self.vq.sink,
-                                           local=self.vq.local)
-            o = ref.paged_sparse_attention(qd.cpu(), hk, hv, bt.cpu(), idx.cpu(), count.cpu(), scale=scale)
-            output[rows] = o.to(output.dtype).to(dev)
+        if multi is not None:
+            o = ref.paged_attention(q[multi.rows].cpu(), hk, hv, multi.block_table.cpu(), multi.seq_lens.cpu(),
+                                    multi.query_start_loc.cpu(), scale=scale)
+            output[multi.rows] = o.to(output.dtype).to(output.device)
+        if single is not None:
+            output[single.rows] = self.decode(q[single.rows], kv_cache, single, scale, md.max_seq_len).to(output.dtype)
+
+    def decode(self, q: torch.Tensor, kv_cache: torch.Tensor, r, scale: float, max_seq_len: int) -> torch.Tensor:
+        """A²ATS decode of ``q [d, Hq', D]`` through kvcomp's ops: windowed-RoPE LUT, top-K over the
+        code pages (Triton on the GPU), exact attention over the selected mirror rows on the host."""
+        lens = r.seq_lens.long()
+        cos, sin = self._cos_sin(lens - 1)
+        q_pre = ref.unapply_rope(q.float(), cos[:, None, :], sin[:, None, :])
+        qw = ref.windowed_rope_query(q_pre, self.inv_freq, self.vq.rel_pos, self.scaling)
+        lut = ops.vq_lut(qw.contiguous(), self.codebook, scale=scale)
+        kw = {}
+        if self.vq.topk >= 1:
+            topk = int(self.vq.topk)
+        else:  # VQRetrieval.topk_tokens per request, on the device
+            topk = torch.clamp(torch.round(lens.double() * self.vq.topk), min=1).to(torch.int32)
+            kw["topk_max"] = self.vq.topk_tokens(max(int(max_seq_len), 1))
+        idx, count = ops.vq_topk(lut, code_view(kv_cache), r.block_table, r.seq_lens, topk=topk, sink=self.vq.sink,
+                                 local=self.vq.local, **kw)
+        hk, hv = self.mirror.k[:, :, : self.n_heads], self.mirror.v[:, :, : self.n_heads]
+        return ops.sparse_attention_host(q, hk, hv, idx, count, block_table=r.block_table, scale=scale)

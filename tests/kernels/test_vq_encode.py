@@ -72,6 +72,28 @@ def test_vq_encode_paged_write(nan_empty):
     assert (out[written] == ref[written]).float().mean() >= 0.98
 
 
+def test_vq_encode_paged_head_major_view(nan_empty):
+    """Codes written through a permuted ``[blocks, block_size, Hkv]`` view of head-major pages
+    (vLLM's code pages) land where the reference puts them in a contiguous cache."""
+    from kvcomp.ops.vq import vq_encode_paged as op_encode_paged
+
+    gen = torch.Generator().manual_seed(6)
+    hkv, d, bs, nc = 2, 32, 8, 20
+    cb, lw = codebook(hkv, nc, d, seed=5)
+    lens = torch.tensor([11, 3], dtype=torch.int32)
+    qsl = torch.tensor([0, 5, 6], dtype=torch.int32)
+    bt = torch.randperm(6, generator=gen).view(2, 3).to(torch.int32)
+    k_new = torch.randn(6, hkv, d, generator=gen)
+    ref = vq_encode_paged(k_new, cb, lw, torch.full((6, bs, hkv), -7, dtype=torch.int16), bt, lens, qsl)
+    pages = torch.full((6, hkv, bs), -7, dtype=torch.int16, device=dev())
+    op_encode_paged(k_new.to(dev()), cb.to(dev()), lw.to(dev()), pages.permute(0, 2, 1), bt.to(dev()),
+                    lens.to(dev()), qsl.to(dev()))
+    out = pages.permute(0, 2, 1).cpu()
+    assert torch.equal(out == -7, ref == -7)
+    written = ref != -7
+    assert (out[written] == ref[written]).float().mean() >= 0.98
+
+
 @pytest.mark.parametrize("bad", ["codebook_heads", "whiten_shape", "codes_dtype", "head_dim"])
 def test_vq_encode_rejects_bad_inputs(bad):
     from kvcomp.kernels.vq_encode import triton_vq_encode, triton_vq_encode_paged

@@ -72,6 +72,18 @@ def test_vq_topk(case, nan_empty):
     check_topk(lut, cc, bt, sl, topk=topk, sink=sink, local=local, chunk=chunk)
 
 
+def test_vq_topk_head_major_code_pages(nan_empty):
+    """vLLM's code pages are ``[blocks, Hkv, block_size, cell]``: the kernel reads them through a
+    permuted ``[blocks, block_size, Hkv]`` view (head stride = block_size * cell)."""
+    cc, bt, sl = paged_codes([37, 9, 22], 3, 24, 8, seed=9)
+    cells = torch.full((cc.shape[0], cc.shape[2], cc.shape[1], 2), -5, dtype=torch.int16, device=cc.device)
+    cells[..., 0] = cc.permute(0, 2, 1)  # fp32 models: 4-byte cells, the code in the first int16
+    view = cells[..., 0].permute(0, 2, 1)
+    assert view.stride(2) == 2 * cc.shape[1] and torch.equal(view, cc)
+    lut = torch.randn(3, 6, 24, generator=torch.Generator().manual_seed(4)).to(dev())
+    check_topk(lut, view, bt, sl, topk=5, sink=1, local=2, chunk=16)
+
+
 def test_vq_topk_equal_scores_across_codes_and_signed_zero(nan_empty):
     """Different codes with the same score (and -0.0 vs +0.0) tie; lower positions win, like the ref."""
     cc, bt, sl = paged_codes([37, 23], 2, 8, 8, seed=4)
@@ -90,6 +102,25 @@ def test_vq_topk_per_sequence_tensor_topk(nan_empty):
     lut = torch.randn(3, 3, 12, generator=torch.Generator().manual_seed(3)).to(dev())
     topk = torch.tensor([2, 5, 9], dtype=torch.int32, device=dev())
     check_topk(lut, cc, bt, sl, topk=topk, sink=1, local=2, kmax=18)
+
+
+def test_vq_ops_topk_max_bounds_kmax(nan_empty):
+    """ops.vq_topk with a tensor topk and a host bound: kmax = G*topk_max + sink + local columns,
+    results equal the reference; a bound below the tensor's values is refused."""
+    from kvcomp.ops.vq import vq_topk
+
+    cc, bt, sl = paged_codes([13, 30, 2], 1, 12, 8, seed=5)
+    lut = torch.randn(3, 3, 12, generator=torch.Generator().manual_seed(3)).to(dev())
+    topk = torch.tensor([2, 5, 3], dtype=torch.int32)
+    idx, count = vq_topk(lut, cc, bt, sl, topk=topk.to(dev()), sink=1, local=2, topk_max=5)
+    assert idx.shape[2] == 3 * 5 + 1 + 2
+    ri, rc = paged_vq_topk(lut.cpu(), cc.cpu(), bt.cpu(), sl.cpu(), topk=topk, sink=1, local=2)
+    assert_equal("count", rc, count.cpu())
+    assert_equal("idx", ri, idx[..., : ri.shape[2]].cpu())
+    with pytest.raises(ValueError, match="topk_max=4"):
+        vq_topk(lut.cpu(), cc.cpu(), bt.cpu(), sl.cpu(), topk=topk, sink=1, local=2, topk_max=4)
+    with pytest.raises(ValueError, match="topk_max must be"):
+        vq_topk(lut, cc, bt, sl, topk=5, sink=1, local=2, topk_max=5)
 
 
 def test_vq_ops_pipeline_and_fake(nan_empty):

@@ -170,7 +170,8 @@ def kvcomp_hf_greedy(model, prompts: list[list[int]], max_tokens: int, config) -
 
 def start_engine(py: str, workdir: Path, name: str, model_dir: Path, prompts_file: Path, max_tokens: int,
                  mode: str, *, config: str = "", trace: str = "", inproc: bool = False,
-                 prefix_caching: bool = True, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, Path, Path]:
+                 prefix_caching: bool = True, extra: tuple[str, ...] = (),
+                 interpret: bool = False) -> tuple[subprocess.Popen, Path, Path]:
     """Start ``python -m kvcomp.vllm_plugin.run_engine`` in the background; returns
     ``(process, result_json, log_file)``."""
     out = workdir / f"{name}.json"
@@ -186,14 +187,18 @@ def start_engine(py: str, workdir: Path, name: str, model_dir: Path, prompts_fil
     if not prefix_caching:
         cmd.append("--no-prefix-caching")
     cmd += list(extra)
-    return _spawn(cmd, log), out, log
+    return _spawn(cmd, log, interpret), out, log
 
 
-def _spawn(cmd: list[str], log: Path) -> subprocess.Popen:
+def _spawn(cmd: list[str], log: Path, interpret: bool = False) -> subprocess.Popen:
     """Run ``cmd`` in the background, output to ``log``, in its own process group (on timeout the
-    runner and the engine processes it spawned die together; see :func:`wait_engine`)."""
+    runner and the engine processes it spawned die together; see :func:`wait_engine`);
+    ``interpret``: under ``TRITON_INTERPRET=1``."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
+    env.pop("TRITON_INTERPRET", None)  # set for the in-process unit tests only (conftest)
+    if interpret:  # kvcomp's decode ops run their Triton kernels on CPU tensors
+        env["TRITON_INTERPRET"] = "1"
     fh = open(log, "w")
     proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(HERE),
                             start_new_session=True)

@@ -12,6 +12,8 @@ and worker are spawned), so the three runs overlap with each other and with the 
   ``KVCOMP_CONFIG`` must reach the worker;
 * ``vq``: kvcomp's backend with A²ATS codebooks calibrated on the tiny model, an 8 MiB device KV
   budget (the host mirror shadows every code page), in-process engine.
+* ``think-triton``, ``duo-triton``, ``vq-triton``: the same runs under ``TRITON_INTERPRET=1``, so
+  the decode rows take the Triton kernels, the GPU route (``test_plugin_triton.py``).
 
 The references are kvcomp's own HF path (``kvcomp.hf.compress``) with the same saved configs.
 Alongside, ``stress-<method>`` runs (``_run_stress.py``, one per method) push 12 requests of mixed
@@ -21,10 +23,22 @@ preemption, and abort two of them.
 
 from __future__ import annotations
 
-import json
+import os
+
+# Triton decides at import (vLLM imports it) whether its own jit helpers (tl.sum, ...) are
+# interpreted, so the interpreter must be on before anything imports vLLM: the unit tests run the
+# Triton decode kernels on CPU tensors with it (and the ops' references with TRITON_INTERPRET=0 at
+# call time). The engines spawned below run without it.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+try:  # import it now, whatever a test later sets TRITON_INTERPRET to
+    import triton.language  # noqa: F401,E402
+except ImportError:
+    pass
+
+import json  # noqa: E402
 from pathlib import Path
 
-import pytest
+import pytest  # noqa: E402
 
 from _vllm_common import (DUO_PATTERN, RECENT, SINK, STRESS_LENGTHS, STRESS_TOKENS, VQ_KV_BYTES, D, HKV, KEEP,
                           MAX_TOKENS, L, build_tiny_llama, finish_engine, hf_greedy, kvcomp_hf_greedy, make_prompts,
@@ -56,24 +70,27 @@ def engines(tmp_path_factory):
     cfgs["duo+vq"] = CompressionConfig(**geo, duo=cfgs["duo"].duo, vq=cfgs["vq"].vq)  # VQ on the retrieval heads
     for name, c in cfgs.items():
         c.save(work / f"{name}_config")
-    traces = {name: work / f"{name}.trace.jsonl" for name in ("off", "think", "duo", "vq", "duo+vq")}
+    triton = ("think", "duo", "vq")  # rerun with the decode ops on their Triton kernels (interpreter)
+    traces = {name: work / f"{name}.trace.jsonl"
+              for name in ("off", "think", "duo", "vq", "duo+vq") + tuple(f"{m}-triton" for m in triton)}
     whole = ("--max-num-batched-tokens", "256")  # prompts prefilled in one chunk: exact like the HF prefill
-    procs = {
-        "duo": start_engine(py, work, "duo", model_dir, prompts_file, MAX_TOKENS, "kvcomp",
-                            config=str(work / "duo_config"), trace=str(traces["duo"]), prefix_caching=False),
-        "think": start_engine(py, work, "think", model_dir, prompts_file, MAX_TOKENS, "kvcomp",
-                              config=str(work / "think_config"), trace=str(traces["think"]), inproc=True,
-                              prefix_caching=False, extra=whole + ("--max-model-len", "4096")),
-        "vq": start_engine(py, work, "vq", model_dir, prompts_file, MAX_TOKENS, "kvcomp",
-                           config=str(work / "vq_config"), trace=str(traces["vq"]), inproc=True,
-                           extra=whole + ("--kv-cache-bytes", str(VQ_KV_BYTES))),
-        "duo+vq": start_engine(py, work, "duo+vq", model_dir, prompts_file, MAX_TOKENS, "kvcomp",
-                               config=str(work / "duo+vq_config"), trace=str(traces["duo+vq"]), inproc=True,
-                               extra=whole + ("--kv-cache-bytes", str(VQ_KV_BYTES))),
+    specs = {
+        "duo": dict(prefix_caching=False),
+        "think": dict(inproc=True, prefix_caching=False, extra=whole + ("--max-model-len", "4096")),
+        "vq": dict(inproc=True, extra=whole + ("--kv-cache-bytes", str(VQ_KV_BYTES))),
+        "duo+vq": dict(inproc=True, extra=whole + ("--kv-cache-bytes", str(VQ_KV_BYTES))),
+    }
+    procs = {}
+    for name in list(specs) + [f"{m}-triton" for m in triton]:
+        method = name.removesuffix("-triton")
+        procs[name] = start_engine(py, work, name, model_dir, prompts_file, MAX_TOKENS, "kvcomp",
+                                   config=str(work / f"{method}_config"), trace=str(traces[name]),
+                                   interpret=name != method, **specs[method])
+    procs.update({
         "stock": start_engine(py, work, "stock", model_dir, prompts_file, MAX_TOKENS, "stock", inproc=True),
         "off": start_engine(py, work, "off", model_dir, prompts_file, MAX_TOKENS, "kvcomp",
                             trace=str(traces["off"]), inproc=True),
-    }
+    })
     # the bundled SmolLM2 (converted HF folder): compression off through kvcomp = stock vLLM = HF
     from kvcomp.calibrate.data import haystack_token_ids
     from kvcomp.models import load_model, model_folder

@@ -152,16 +152,21 @@ def test_unsupported_features_refused():
         KVCompAttentionImpl(HQ, D, 0.1, HKV, kv_cache_dtype="fp8")
 
 
-def test_vq_code_pages_and_mirror_match_references():
+@pytest.mark.parametrize("interpret", ["0", "1"], ids=["ops-ref", "triton-interp"])
+def test_vq_code_pages_and_mirror_match_references(interpret, monkeypatch):
     """A²ATS pieces outside an engine: codes land in their permuted pages exactly as
     ``kvcomp.ref.vq_encode_paged`` puts them, the mirror holds the raw K/V at vLLM's slots, and a
-    decode row attends over the reference top-K selection gathered from the mirror."""
+    decode row attends over the reference top-K selection gathered from the mirror; through the
+    ops' references and through the Triton kernels (interpreter)."""
     from kvcomp.config import VQRetrieval
     from kvcomp.ref import (paged_sparse_attention, paged_vq_topk, rope_cos_sin, unapply_rope, vq_encode_paged, vq_lut,
                             windowed_rope_query)
     from kvcomp.testing import assert_close
+    from kvcomp.vllm_plugin.decode import split_rows
     from kvcomp.vllm_plugin.mirror import HostMirror
     from kvcomp.vllm_plugin.vq import VQLayer, code_view, token_positions
+
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)  # the ops' Triton kernels on CPU tensors, or refs
 
     bt = _batch(seed=4)
     g = torch.Generator().manual_seed(5)
@@ -191,7 +196,9 @@ def test_vq_code_pages_and_mirror_match_references():
     # context codes, then one decode row (sequence 1) against the reference selection
     code_view(kv_cache)[~written] = torch.randint(0, 16, (int((~written).sum()), HKV), generator=g, dtype=torch.int16)
     out = torch.zeros(bt.q.shape[0], HQ, D)
-    layer.attend(bt.q[:n], kv_cache, md, D ** -0.5, out)
+    single, multi = split_rows(md, bt.qsl.tolist())
+    assert single.reqs == [1] and multi.reqs == [0]
+    layer.attend(bt.q[:n], kv_cache, md, D ** -0.5, out, multi, single)
     q1 = bt.q[7:8]
     c1, s1 = rope_cos_sin(torch.tensor([33]), inv)
     qw = windowed_rope_query(unapply_rope(q1, c1[:, None], s1[:, None]), inv, 64)

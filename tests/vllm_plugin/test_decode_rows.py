@@ -1,0 +1,175 @@
+"""Decode rows through kvcomp's ops (Triton kernels under the interpreter, or the ops' references)
+give what the per-request paths give, in a batch that mixes decodes and a chunked prefill.
+
+Each method's Impl runs one forward twice on copies of the same cache and rings: once as vLLM
+calls it (one-token requests through :mod:`kvcomp.vllm_plugin.decode`), once with every request on
+the per-request path (the path the engine tests compare with kvcomp's HF path). Outputs and the
+rings left behind must agree.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+_spec = importlib.util.find_spec("vllm")
+pytestmark = pytest.mark.skipif(
+    _spec is None or _spec.origin is None, reason="vllm is not importable in this interpreter")
+
+HQ, HKV, D, BS, NB = 6, 3, 32, 16, 24
+LAYER = SimpleNamespace(layer_name="model.layers.0.self_attn.attn")
+
+
+def _batch(seed: int):
+    """Four requests, decodes not all first: decode (ctx 40), chunk (ctx 20 + 7), decode (ctx 2),
+    decode (ctx 70)."""
+    from kvcomp.vllm_plugin.backend import KVCompAttentionMetadata
+
+    g = torch.Generator().manual_seed(seed)
+    ctx, new = [40, 20, 2, 70], [1, 7, 1, 1]
+    bt = torch.randperm(NB, generator=g)[:20].view(4, 5).to(torch.int32)
+    lens = torch.tensor([c + n for c, n in zip(ctx, new)], dtype=torch.int32)
+    qsl = torch.tensor([0, 1, 8, 9, 10], dtype=torch.int32)
+    slots = [int(bt[b, p // BS]) * BS + p % BS for b in range(4) for p in range(ctx[b], ctx[b] + new[b])]
+    n = int(qsl[-1])
+    md = KVCompAttentionMetadata(num_reqs=4, num_actual_tokens=n, max_query_len=7, max_seq_len=int(lens.max()),
+                                 query_start_loc=qsl, seq_lens=lens, block_table=bt,
+                                 slot_mapping=torch.tensor(slots, dtype=torch.int64))
+    q, k, v = (torch.randn(n, h, D, generator=g) for h in (HQ, HKV, HKV))
+    return md, q, k, v, g
+
+
+def _all_multi(md):
+    from kvcomp.vllm_plugin.decode import Rows
+
+    return Rows(list(range(md.num_reqs)), torch.arange(md.num_actual_tokens), md.block_table, md.seq_lens,
+                md.query_start_loc)
+
+
+def _impl(plan):
+    from kvcomp.vllm_plugin.backend import KVCompAttentionImpl
+
+    impl = KVCompAttentionImpl(HQ, D, D ** -0.5, HKV)
+    impl.plan = plan
+    return impl
+
+
+def _run_both(impl, method, md, q, k, v, kv_cache, ring, ring_block, monkeypatch):
+    """(outputs, caches, rings) of the split forward and of the all-per-request path."""
+    from kvcomp.vllm_plugin import backend
+
+    results = []
+    for route in ("split", "loop"):
+        kc = kv_cache.clone()
+        rg = None if ring is None else ring.clone()
+        monkeypatch.setattr(backend, "ring_of", lambda name, rg=rg: (rg, ring_block))
+        impl.do_kv_cache_update(LAYER, k, v, kc, md.slot_mapping)
+        out = torch.full((q.shape[0], HQ, D), float("nan"))
+        if route == "split":
+            impl.forward(LAYER, q, k, v, kc, md, out)
+        elif method == "think":
+            impl._forward_think(q, k, kc, md, out, None, _all_multi(md))
+        else:
+            impl._forward_duo(q, k, v, kc, md, out, None, _all_multi(md))
+        results.append((out, kc, rg))
+    return results
+
+
+@pytest.mark.parametrize("interpret", ["0", "1"], ids=["ops-ref", "triton-interp"])
+def test_dense_decode_rows(interpret, monkeypatch):
+    from kvcomp.ref import paged_attention
+    from kvcomp.testing import assert_close
+    from kvcomp.vllm_plugin.plan import Plan
+
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    md, q, k, v, g = _batch(0)
+    impl = _impl(Plan())
+    kv_cache = torch.randn(NB, HKV, BS, 2 * D, generator=g)
+    impl.do_kv_cache_update(LAYER, k, v, kv_cache, md.slot_mapping)
+    out = torch.full((q.shape[0], HQ, D), float("nan"))
+    impl.forward(LAYER, q, k, v, kv_cache, md, out)
+    kv = kv_cache.permute(0, 2, 1, 3)
+    ref = paged_attention(q, kv[..., :D], kv[..., D:], md.block_table, md.seq_lens, md.query_start_loc,
+                          scale=D ** -0.5)
+    assert_close("dense decode rows", ref, out, 1e-5)
+
+
+@pytest.mark.parametrize("window", [0, 5], ids=["w0", "w5"])
+@pytest.mark.parametrize("interpret", ["0", "1"], ids=["ops-ref", "triton-interp"])
+def test_think_decode_rows(window, interpret, monkeypatch):
+    from kvcomp.testing import assert_close
+    from kvcomp.vllm_plugin.plan import Plan
+
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    md, q, k, v, g = _batch(1)
+    keep = 20
+    ch = torch.stack([torch.randperm(D, generator=g)[:keep].sort().values for _ in range(HKV)])[None]
+    impl = _impl(Plan(num_layers=1, num_kv_heads=HKV, head_dim=D, think_channels=ch, think_window=window,
+                      source="test"))
+    impl.ring_name = "ring" if window else None
+    kv_cache = torch.randn(NB, HKV, BS, keep + D, generator=g)
+    # rings of 4 requests in a pool of 6, one slot more than the window (vLLM may enlarge them)
+    ring = torch.randn(6, HKV, window + 1, D, generator=g) if window else None
+    ring_block = torch.tensor([4, 0, 5, 2], dtype=torch.int32)
+    (o1, c1, r1), (o2, c2, r2) = _run_both(impl, "think", md, q, k, v, kv_cache, ring, ring_block, monkeypatch)
+    assert_close("ThinK decode rows vs per-request path", o2, o1, 1e-5)
+    assert torch.equal(c1, c2)
+    if window:
+        assert torch.equal(r1, r2), "the ring must hold the same keys after either path"
+
+
+@pytest.mark.parametrize("interpret", ["0", "1"], ids=["ops-ref", "triton-interp"])
+def test_duo_decode_rows(interpret, monkeypatch):
+    from kvcomp.testing import assert_close
+    from kvcomp.vllm_plugin.plan import Plan
+
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    md, q, k, v, g = _batch(2)
+    sink, recent = 4, 8
+    impl = _impl(Plan(num_layers=1, num_kv_heads=HKV, head_dim=D, streaming=torch.tensor([[False, True, False]]),
+                      sink=sink, recent=recent, source="test"))
+    impl.ring_name = "ring"
+    kv_cache = torch.randn(NB, 2, BS, 2 * D, generator=g)  # the two retrieval heads
+    ring = torch.randn(6, 1, sink + recent + 4, 2 * D, generator=g)  # capacity rounded up past sink + recent
+    ring_block = torch.tensor([1, 3, 0, 5], dtype=torch.int32)
+    (o1, c1, r1), (o2, c2, r2) = _run_both(impl, "duo", md, q, k, v, kv_cache, ring, ring_block, monkeypatch)
+    assert_close("DuoAttention decode rows vs per-request path", o2, o1, 1e-5)
+    assert torch.equal(c1, c2)
+    used = r1[:, :, : sink + recent]
+    assert torch.equal(used, r2[:, :, : sink + recent]), "the ring must hold the same tokens after either path"
+
+
+def test_streaming_selection_matches_streaming_positions():
+    from kvcomp.ref.duo import streaming_positions
+    from kvcomp.vllm_plugin.decode import streaming_selection
+
+    lens = torch.tensor([1, 3, 4, 5, 11, 12, 13, 40], dtype=torch.int32)
+    idx, count = streaming_selection(lens, 2, 4, 8)
+    assert idx.shape == (8, 2, 12) and count.shape == (8, 2)
+    for b, n in enumerate(lens.tolist()):
+        _, pos = streaming_positions(n, 4, 8)
+        assert count[b, 0] == count[b, 1] == len(pos)
+        assert idx[b, 1, : len(pos)].tolist() == sorted(pos)
+        assert set(idx[b, 0].tolist()) <= set(pos)
+
+
+def test_full_width_tail_layout():
+    """Slot s of the tail holds position p with p % (w + 1) == s among the last w + 1 tokens: the
+    ring's w keys (slot p % w) and this step's key."""
+    from kvcomp.vllm_plugin.decode import full_width_tail
+
+    w, hkv = 3, 2
+    ring = torch.zeros(4, hkv, w, 1)
+    lens = torch.tensor([9, 2], dtype=torch.int32)
+    for blk, n in zip([2, 0], lens.tolist()):
+        for p in range(max(0, n - 1 - w), n - 1):
+            ring[blk, :, p % w] = p
+    k_new = (lens.float() - 1)[:, None, None].expand(2, hkv, 1)
+    tail = full_width_tail(k_new, ring, torch.tensor([2, 0]), lens, w)
+    assert tail.shape == (2, hkv, w + 1, 1)
+    for b, n in enumerate(lens.tolist()):
+        for p in range(max(0, n - 1 - w), n):
+            assert float(tail[b, 0, p % (w + 1), 0]) == p
