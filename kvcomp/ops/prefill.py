@@ -86,9 +86,11 @@ def dense_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: f
 
 
 def streaming_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sink: int, window: int,
-                      scale: float | None = None) -> torch.Tensor:
+                      scale: float | None = None, q_pos: torch.Tensor | None = None,
+                      k_pos: torch.Tensor | None = None) -> torch.Tensor:
     """Prefill of DuoAttention's streaming heads: each query sees the first ``sink`` keys and a
-    ``window`` of recent keys (bottom-right causal positions, ``Tq <= Tk``).
+    ``window`` of recent keys (bottom-right causal positions, ``Tq <= Tk``, unless ``q_pos [Tq]``
+    and ``k_pos [Tk]`` give them: e.g. a ring's kept tokens followed by a chunk).
 
     CUDA: the Triton ``kvcomp::streaming_prefill`` kernel; elsewhere torch SDPA with the boolean
     mask of ``kvcomp.ref.streaming_mask`` (the reference is ``kvcomp.ref.streaming_attention``).
@@ -99,12 +101,18 @@ def streaming_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sink
     if q.shape[2] > k.shape[2]:
         raise ValueError(f"q: Tq={q.shape[2]} > Tk={k.shape[2]}")
     scale = 1.0 / q.shape[-1] ** 0.5 if scale is None else float(scale)
+    if (q_pos is None) != (k_pos is None):
+        raise ValueError("q_pos and k_pos go together")
     if q.is_cuda:
-        return triton_streaming_attention(q, k, v, sink=sink, window=window, scale=scale)
+        return triton_streaming_attention(q, k, v, sink=sink, window=window, scale=scale, q_pos=q_pos, k_pos=k_pos)
     from ..ref.streaming import streaming_mask
 
     tq, tk = q.shape[2], k.shape[2]
-    mask = streaming_mask(torch.arange(tk - tq, tk, device=q.device), torch.arange(tk, device=q.device), sink, window)
+    if q_pos is None:
+        q_pos, k_pos = torch.arange(tk - tq, tk, device=q.device), torch.arange(tk, device=q.device)
+    if q_pos.shape != (tq,) or k_pos.shape != (tk,):
+        raise ValueError(f"q_pos must be [{tq}] and k_pos [{tk}], got {list(q_pos.shape)}, {list(k_pos.shape)}")
+    mask = streaming_mask(q_pos, k_pos, sink, window)
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask.reshape(tq, tk), scale=scale,
                                                             enable_gqa=q.shape[1] != k.shape[1])
 

@@ -18,8 +18,8 @@ tokens go to ``slot_mapping`` slots (``block * block_size + offset``, ``-1`` = p
 :meth:`KVCompAttentionImpl.forward` runs causal varlen attention (prefill, chunked prefill and
 decode in one batch): one-token requests (vLLM puts them first: ``reorder_batch_threshold = 1``)
 go through kvcomp's ops (:mod:`.decode`): the Triton decode kernels on the GPU, their references
-on the CPU; multi-token requests through the pure-PyTorch references of :mod:`kvcomp.ref`, per
-request. Rings and code cells, which need the tokens' positions, are written in ``forward``.
+on the CPU; multi-token requests per request (:mod:`.prefill`): keys gathered from the pages, then
+flash_attn / SDPA, and the Triton streaming kernel for DuoAttention's streaming heads on the GPU. Rings and code cells, which need the tokens' positions, are written in ``forward``.
 Every method computes what kvcomp's HF path computes (the tests compare tokens).
 """
 
@@ -35,15 +35,13 @@ import torch
 
 from .. import ops
 from ..ops._dispatch import use_triton
-from ..ref.attention import gather_paged, paged_attention
-from ..ref.streaming import streaming_attention
-from ..ref.think import pruned_key_attention
 from . import ENV_TRACE
 from . import compat as C
 from . import decode as D
+from . import prefill as P
 from .mirror import mirror_bytes, mirror_for
 from .plan import Plan, kv_head_range, layer_index, plan_from_env
-from .ring import register_ring, ring_capacity, ring_kept, ring_of, ring_slot
+from .ring import register_ring, ring_capacity, ring_of
 from .vq import VQLayer, rope_from_hf_config
 
 # a child of "vllm" so that vLLM's log handler (and its level setting) prints it
@@ -356,9 +354,8 @@ class KVCompAttentionImpl(C.AttentionImpl):
                                    self.scale)
                 output[single.rows] = o.to(output.dtype)
             if multi is not None:
-                o = paged_attention(q[multi.rows], k_cache, v_cache, multi.block_table, multi.seq_lens,
-                                    multi.query_start_loc, scale=self.scale)
-                output[multi.rows] = o.to(output.dtype)
+                P.dense_rows(q, k_cache, v_cache, md, multi.reqs, self._qsl(md), md.seq_lens.tolist(), self.scale,
+                             output)
         return output
 
     @staticmethod
@@ -383,36 +380,15 @@ class KVCompAttentionImpl(C.AttentionImpl):
         k_cache, v_cache = self._split_cache(kv_cache)
         w = self.plan.think_window
         ring, ring_block = ring_of(self.ring_name) if w else (None, None)
-        chan = self._channels.unsqueeze(0)
         if single is not None:
             rb = None if ring is None else ring_block.index_select(0, torch.tensor(single.reqs, device=ring.device))
-            o = D.think_decode(q[single.rows], k_new[single.rows], k_cache, v_cache, chan, ring, rb, window=w,
+            o = D.think_decode(q[single.rows], k_new[single.rows], k_cache, v_cache, self._channels.unsqueeze(0), ring,
+                               rb, window=w,
                                r=single, scale=self.scale, max_seq_len=md.max_seq_len)
             output[single.rows] = o.to(output.dtype)
-        if multi is None:
-            return
-        qsl, lens = self._qsl(md), md.seq_lens.tolist()
-        blocks = [] if ring is None else ring_block.tolist()
-        for b in multi.reqs:
-            s0, e0 = qsl[b], qsl[b + 1]
-            seq_len = lens[b]
-            ctx = seq_len - (e0 - s0)
-            tail = min(w, ctx)
-            kp = gather_paged(k_cache, md.block_table, ctx - tail, b).unsqueeze(0)  # [1, Hkv, Tp, Dk]
-            vb = gather_paged(v_cache, md.block_table, seq_len, b).unsqueeze(0)
-            kf = k_new[s0:e0].transpose(0, 1)
-            if tail:
-                slots = torch.tensor([p % w for p in range(ctx - tail, ctx)], device=kf.device)
-                kf = torch.cat([ring[blocks[b]][:, slots].to(kf.dtype), kf], dim=1)
-            o = pruned_key_attention(q[s0:e0].transpose(0, 1).unsqueeze(0), kp, chan, kf.unsqueeze(0), vb,
-                                     scale=self.scale)
-            output[s0:e0] = o[0].transpose(0, 1).to(output.dtype)
-            if w:  # after attending: this step's keys that stay in the full-width window
-                keep = [p for p in range(ctx, seq_len) if p >= seq_len - w]
-                if keep:
-                    rows = torch.tensor([p - ctx for p in keep], device=kf.device) + s0
-                    slot = torch.tensor([p % w for p in keep], device=kf.device)
-                    ring[blocks[b]][:, slot] = k_new.index_select(0, rows).transpose(0, 1).to(ring.dtype)
+        if multi is not None:
+            P.think_rows(q, k_new, k_cache, v_cache, self._channels, ring, [] if ring is None else ring_block.tolist(),
+                         w, md, multi.reqs, self._qsl(md), md.seq_lens.tolist(), self.scale, output)
 
     # ------------------------------------------------------------------ DuoAttention
     def _forward_duo(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, kv_cache: torch.Tensor,
@@ -423,6 +399,7 @@ class KVCompAttentionImpl(C.AttentionImpl):
         n = q.shape[0]
         sink, recent = self.plan.sink, self.plan.recent
         k_str, v_str = k_new.index_select(1, self._kv_str), v_new.index_select(1, self._kv_str)
+        ring = ring_block = mirror_kv = None
         if self._vq is not None:  # Duo + A²ATS: retrieval heads are A²ATS heads, streaming heads read the mirror
             q_ret = q.index_select(1, self._q_ret)
             self._vq.write_codes(k_new.index_select(1, self._kv_ret), kv_cache, md)
@@ -430,13 +407,12 @@ class KVCompAttentionImpl(C.AttentionImpl):
             self._vq.attend(q_ret, kv_cache, md, self.scale, o, multi, single)
             output[:n].index_copy_(1, self._q_ret, o)
             n_ret = len(self._kv_ret)
-            mk, mv = self._vq.mirror.k[:, :, n_ret:], self._vq.mirror.v[:, :, n_ret:]
+            mirror_kv = (self._vq.mirror.k[:, :, n_ret:], self._vq.mirror.v[:, :, n_ret:])
             if single is not None:
-                idx, count = D.streaming_selection(single.seq_lens, mk.shape[2], sink, recent)
-                o = ops.sparse_attention_host(q[single.rows].index_select(1, self._q_str), mk, mv, idx, count,
+                idx, count = D.streaming_selection(single.seq_lens, mirror_kv[0].shape[2], sink, recent)
+                o = ops.sparse_attention_host(q[single.rows].index_select(1, self._q_str), *mirror_kv, idx, count,
                                               block_table=single.block_table, scale=self.scale)
                 output[single.rows[:, None], self._q_str[None, :]] = o.to(output.dtype)
-            ring = blocks = None
         else:
             k_cache, v_cache = self._split_cache(kv_cache)
             ring, ring_block = ring_of(self.ring_name)  # [blocks, n_str, capacity, D + Dv]
@@ -446,53 +422,12 @@ class KVCompAttentionImpl(C.AttentionImpl):
                                  self._head_map(q.device), ring, rb, sink=sink, recent=recent, r=single,
                                  scale=self.scale)
                 output[single.rows] = o.to(output.dtype)
-            if multi is not None:
-                o = paged_attention(q[multi.rows].index_select(1, self._q_ret), k_cache, v_cache, multi.block_table,
-                                    multi.seq_lens, multi.query_start_loc, scale=self.scale)
-                output[multi.rows[:, None], self._q_ret[None, :]] = o.to(output.dtype)
-            blocks = ring_block.tolist()
-        if multi is not None:
-            self._streaming_prefill(q, k_str, v_str, md, output, multi.reqs, ring, blocks)
-
-    def _streaming_prefill(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
-                           md: KVCompAttentionMetadata, output: torch.Tensor, reqs: list[int],
-                           ring: torch.Tensor | None, blocks: list[int] | None) -> None:
-        """Streaming heads of multi-token requests: attend over the kept earlier tokens (ring, or
-        the host mirror with A²ATS) and this step's own, then keep this step's tokens in the ring."""
-        d = self.head_size
-        sink, recent = self.plan.sink, self.plan.recent
+        if multi is None:
+            return
         qsl, lens = self._qsl(md), md.seq_lens.tolist()
-        q_str = q.index_select(1, self._q_str)
-        if ring is None:  # Duo + A²ATS: the streaming heads' slice of the host mirror, addressed by the block table
-            n_ret = len(self._kv_ret)
-            mk, mv = self._vq.mirror.k[:, :, n_ret:], self._vq.mirror.v[:, :, n_ret:]
-            bt = md.block_table.cpu()
-            bsz = mk.shape[1]
-        for b in reqs:
-            s0, e0 = qsl[b], qsl[b + 1]
-            seq_len = lens[b]
-            ctx = seq_len - (e0 - s0)
-            old_pos = ring_kept(0, ctx, sink, recent)
-            new_pos = list(range(ctx, seq_len))
-            if ring is not None:
-                r = ring[blocks[b]]  # [n_str, capacity, D + Dv]
-                idx = torch.tensor([ring_slot(p, sink, recent) for p in old_pos], dtype=torch.long, device=r.device)
-                k_old, v_old = r[:, idx, :d], r[:, idx, d:]
-            else:
-                pos = torch.tensor(old_pos, dtype=torch.long)
-                blk, off = bt[b, pos // bsz].long(), pos % bsz
-                k_old = mk[blk, off].transpose(0, 1).to(q.device)
-                v_old = mv[blk, off].transpose(0, 1).to(q.device)
-            k = torch.cat([k_old, k_new[s0:e0].transpose(0, 1).to(k_old.dtype)], dim=1)
-            v = torch.cat([v_old, v_new[s0:e0].transpose(0, 1).to(v_old.dtype)], dim=1)
-            k_pos = torch.tensor(old_pos + new_pos, device=q.device)
-            qb = q_str[s0:e0].transpose(0, 1).unsqueeze(0)
-            ob = streaming_attention(qb, k.unsqueeze(0), v.unsqueeze(0), sink=sink, window=recent, scale=self.scale,
-                                     q_pos=torch.tensor(new_pos, device=q.device), k_pos=k_pos)
-            output[s0:e0].index_copy_(1, self._q_str, ob[0].transpose(0, 1).to(output.dtype))
-            keep = ring_kept(ctx, seq_len, sink, recent) if ring is not None else []  # ring write
-            if keep:
-                ki = torch.tensor([p - ctx for p in keep], dtype=torch.long, device=r.device)
-                slot = torch.tensor([ring_slot(p, sink, recent) for p in keep], dtype=torch.long, device=r.device)
-                r[:, slot, :d] = k_new[s0:e0].index_select(0, ki).transpose(0, 1).to(r.dtype)
-                r[:, slot, d:] = v_new[s0:e0].index_select(0, ki).transpose(0, 1).to(r.dtype)
+        if self._vq is None:
+            P.dense_rows(q.index_select(1, self._q_ret), k_cache, v_cache, md, multi.reqs, qsl, lens, self.scale,
+                         output, heads=self._q_ret)
+        P.streaming_rows(q.index_select(1, self._q_str), k_str, v_str, sink=sink, recent=recent, ring=ring,
+                         blocks=None if ring is None else ring_block.tolist(), mirror_kv=mirror_kv, md=md,
+                         reqs=multi.reqs, qsl=qsl, lens=lens, scale=self.scale, output=output, heads=self._q_str)

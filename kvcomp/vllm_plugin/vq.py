@@ -94,10 +94,16 @@ class VQLayer:
         ``multi`` / ``single`` are :class:`~.decode.Rows` (or None) of the multi-token and
         one-token requests; their rows of ``output [.., Hq', Dv]`` are written."""
         hk, hv = self.mirror.k[:, :, : self.n_heads], self.mirror.v[:, :, : self.n_heads]
-        if multi is not None:
-            o = ref.paged_attention(q[multi.rows].cpu(), hk, hv, multi.block_table.cpu(), multi.seq_lens.cpu(),
-                                    multi.query_start_loc.cpu(), scale=scale)
-            output[multi.rows] = o.to(output.dtype).to(output.device)
+        if multi is not None:  # each request's K/V from the mirror to q's device, one dense call
+            from .prefill import attend
+
+            qsl, lens, bt = md.query_start_loc_host or md.query_start_loc.tolist(), md.seq_lens.tolist(), \
+                md.block_table.cpu()
+            for b in multi.reqs:
+                s0, e0 = qsl[b], qsl[b + 1]
+                k = ref.gather_paged(hk, bt, lens[b], b).to(q.device, non_blocking=True)
+                v = ref.gather_paged(hv, bt, lens[b], b).to(q.device, non_blocking=True)
+                output[s0:e0] = attend(q[s0:e0], k, v, scale).to(output.dtype)
         if single is not None:
             output[single.rows] = self.decode(q[single.rows], kv_cache, single, scale, md.max_seq_len).to(output.dtype)
 
