@@ -132,6 +132,24 @@ def test_dense_prefill_matches_reference(tq, tk):
     assert_close("dense_prefill", attention(q, k, v), dense_prefill(q, k, v), 1e-5)
 
 
+def test_ops_streaming_prefill_with_positions():
+    """ops.prefill.streaming_prefill (SDPA + mask on CPU, Triton on CUDA) with a ring's kept
+    positions followed by a chunk, as kvcomp's vLLM backend calls it."""
+    from kvcomp.ops.prefill import streaming_prefill as op
+
+    sink, window = 3, 5
+    kept = [0, 1, 2, 17, 18, 19, 20]  # sink + the last 4 tokens before the chunk
+    chunk = list(range(21, 27))
+    k_pos = torch.tensor(kept + chunk, device=dev())
+    q_pos = k_pos[len(kept):]
+    q, k, v = qkv(1, 4, 2, len(chunk), len(k_pos), 16, torch.float32, seed=8)
+    ref = streaming_attention(q, k, v, sink=sink, window=window, q_pos=q_pos, k_pos=k_pos)
+    assert_close("ops streaming_prefill positions", ref, op(q, k, v, sink=sink, window=window, q_pos=q_pos,
+                                                            k_pos=k_pos), 1e-5)
+    with pytest.raises(ValueError, match="go together"):
+        op(q, k, v, sink=sink, window=window, q_pos=q_pos)
+
+
 def test_varlen_dense_prefill_matches_reference():
     from kvcomp.ops.prefill import varlen_dense_prefill
 

@@ -31,6 +31,8 @@ STRESS_RUNNER = HERE / "_run_stress.py"
 #: stress runs: prompts (many lengths, chunked at 32 tokens), greedy tokens each, KV blocks of 16 per method
 STRESS_LENGTHS = (3, 17, 40, 64, 90, 120, 33, 1, 75, 150)
 STRESS_TOKENS = 16
+# quality harness on SmolLM2 (passkey, prose haystack): samples, context tokens, answer tokens
+HARNESS_SAMPLES, HARNESS_CONTEXT, HARNESS_TOKENS = 3, 1024, 12
 STRESS_BLOCKS = {"off": 13, "think": 13, "duo": 12, "vq": 12, "duo+vq": 12}
 ENV_PY = "KVCOMP_VLLM_PYTHON"
 
