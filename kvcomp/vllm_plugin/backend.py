@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -123,6 +123,27 @@ class KVCompAttentionMetadata:
     block_table: torch.Tensor
     slot_mapping: torch.Tensor
     query_start_loc_host: list[int] | None = None  # host copy (vLLM keeps one), else read on demand
+    # computed by the first layer that needs them, then shared by every layer of the group
+    _seq_lens_host: list[int] | None = field(default=None, repr=False)
+    _rows: tuple | None = field(default=None, repr=False)
+
+    def qsl_host(self) -> list[int]:
+        """Host copy of ``query_start_loc`` (vLLM's CPU tensor when the builder had it: no sync)."""
+        if self.query_start_loc_host is None:
+            self.query_start_loc_host = self.query_start_loc.tolist()
+        return self.query_start_loc_host
+
+    def seq_lens_host(self) -> list[int]:
+        """Host copy of ``seq_lens`` (one device sync per step, for the multi-token rows)."""
+        if self._seq_lens_host is None:
+            self._seq_lens_host = self.seq_lens.tolist()
+        return self._seq_lens_host
+
+    def rows(self):
+        """``(decode rows, multi-token rows)``: :func:`.decode.split_rows`, once per step."""
+        if self._rows is None:
+            self._rows = D.split_rows(self, self.qsl_host())
+        return self._rows
 
 
 class KVCompMetadataBuilder(C.AttentionMetadataBuilder[KVCompAttentionMetadata]):
@@ -339,7 +360,7 @@ class KVCompAttentionImpl(C.AttentionImpl):
         md = attn_metadata
         n = md.num_actual_tokens
         q = query[:n]
-        single, multi = D.split_rows(md, self._qsl(md))
+        single, multi = md.rows()
         if self._kv_ret is not None:
             self._forward_duo(q, key[:n], value[:n], kv_cache, md, output, single, multi)
         elif self._vq is not None:
@@ -354,14 +375,8 @@ class KVCompAttentionImpl(C.AttentionImpl):
                                    self.scale)
                 output[single.rows] = o.to(output.dtype)
             if multi is not None:
-                P.dense_rows(q, k_cache, v_cache, md, multi.reqs, self._qsl(md), md.seq_lens.tolist(), self.scale,
-                             output)
+                P.dense_rows(q, k_cache, v_cache, md, multi.reqs, md.qsl_host(), md.seq_lens_host(), self.scale, output)
         return output
-
-    @staticmethod
-    def _qsl(md: KVCompAttentionMetadata) -> list[int]:
-        """Host copy of ``query_start_loc`` (vLLM's CPU tensor when the builder had it: no sync)."""
-        return md.query_start_loc_host if md.query_start_loc_host is not None else md.query_start_loc.tolist()
 
     def _head_map(self, device) -> torch.Tensor:
         """``[Hkv_local, 2]`` (kind, index) of the local KV heads (see :func:`.decode.head_map`)."""
@@ -388,7 +403,7 @@ class KVCompAttentionImpl(C.AttentionImpl):
             output[single.rows] = o.to(output.dtype)
         if multi is not None:
             P.think_rows(q, k_new, k_cache, v_cache, self._channels, ring, [] if ring is None else ring_block.tolist(),
-                         w, md, multi.reqs, self._qsl(md), md.seq_lens.tolist(), self.scale, output)
+                         w, md, multi.reqs, md.qsl_host(), md.seq_lens_host(), self.scale, output)
 
     # ------------------------------------------------------------------ DuoAttention
     def _forward_duo(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, kv_cache: torch.Tensor,
@@ -424,7 +439,7 @@ class KVCompAttentionImpl(C.AttentionImpl):
                 output[single.rows] = o.to(output.dtype)
         if multi is None:
             return
-        qsl, lens = self._qsl(md), md.seq_lens.tolist()
+        qsl, lens = md.qsl_host(), md.seq_lens_host()
         if self._vq is None:
             P.dense_rows(q.index_select(1, self._q_ret), k_cache, v_cache, md, multi.reqs, qsl, lens, self.scale,
                          output, heads=self._q_ret)

@@ -97,8 +97,7 @@ class VQLayer:
         if multi is not None:  # each request's K/V from the mirror to q's device, one dense call
             from .prefill import attend
 
-            qsl, lens, bt = md.query_start_loc_host or md.query_start_loc.tolist(), md.seq_lens.tolist(), \
-                md.block_table.cpu()
+            qsl, lens, bt = md.qsl_host(), md.seq_lens_host(), md.block_table.cpu()
             for b in multi.reqs:
                 s0, e0 = qsl[b], qsl[b + 1]
                 k = ref.gather_paged(hk, bt, lens[b], b).to(q.device, non_blocking=True)
