@@ -33,6 +33,7 @@ STRESS_LENGTHS = (3, 17, 40, 64, 90, 120, 33, 1, 75, 150)
 STRESS_TOKENS = 16
 # quality harness on SmolLM2 (passkey, prose haystack): samples, context tokens, answer tokens
 HARNESS_SAMPLES, HARNESS_CONTEXT, HARNESS_TOKENS = 3, 1024, 12
+HARNESS_METHODS = ("duo", "think", "vq", "duo+vq")
 STRESS_BLOCKS = {"off": 13, "think": 13, "duo": 12, "vq": 12, "duo+vq": 12}
 ENV_PY = "KVCOMP_VLLM_PYTHON"
 

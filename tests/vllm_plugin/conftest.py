@@ -12,8 +12,9 @@ and worker are spawned), so the three runs overlap with each other and with the 
   ``KVCOMP_CONFIG`` must reach the worker;
 * ``vq``: kvcomp's backend with A²ATS codebooks calibrated on the tiny model, an 8 MiB device KV
   budget (the host mirror shadows every code page), in-process engine.
-* ``smol-duo``: the bundled SmolLM2 with the shipped DuoAttention pattern, answering the quality
-  harness's passkey samples (``test_plugin_harness.py``);
+* ``smol-duo``, ``smol-think``, ``smol-vq``, ``smol-duo+vq``: the bundled SmolLM2 with each
+  method's ``kvcomp vllm-config`` layout, answering the quality harness's passkey samples
+  (``test_plugin_harness.py``);
 * ``think-triton``, ``duo-triton``, ``vq-triton``: the same runs under ``TRITON_INTERPRET=1``, so
   the decode rows take the Triton kernels, the GPU route (``test_plugin_triton.py``).
 
@@ -42,7 +43,7 @@ from pathlib import Path
 
 import pytest  # noqa: E402
 
-from _vllm_common import (DUO_PATTERN, HARNESS_CONTEXT, HARNESS_SAMPLES, HARNESS_TOKENS, RECENT, SINK, STRESS_LENGTHS, STRESS_TOKENS, VQ_KV_BYTES, D, HKV, KEEP,
+from _vllm_common import (DUO_PATTERN, HARNESS_CONTEXT, HARNESS_METHODS, HARNESS_SAMPLES, HARNESS_TOKENS, RECENT, SINK, STRESS_LENGTHS, STRESS_TOKENS, VQ_KV_BYTES, D, HKV, KEEP,
                           MAX_TOKENS, L, build_tiny_llama, finish_engine, hf_greedy, kvcomp_hf_greedy, make_prompts,
                           start_engine, start_stress, think_channels, tiny_vq, use_duo_attention, vllm_python,
                           wait_engine)
@@ -107,23 +108,29 @@ def engines(tmp_path_factory):
         name = f"smol-{'off' if mode == 'kvcomp' else 'stock'}"
         procs[name] = start_engine(py, work, name, Path(smol_dir), smol_file, MAX_TOKENS, mode, inproc=True,
                                    extra=("--kv-cache-bytes", str(64 << 20)))
-    # the quality harness on SmolLM2: passkey samples answered by vLLM + kvcomp DuoAttention (the
-    # shipped pattern, one streaming head per layer) and by kvcomp's HF DuoAttention path
+    # the quality harness on SmolLM2: passkey samples answered through vLLM by every method, laid
+    # out as `kvcomp vllm-config` writes it, and by kvcomp's HF path with the same config
     from kvcomp.eval.tasks import make_sample
     from kvcomp.hf.generate import generate, sample_input_ids
     from kvcomp.methods import build_vllm_method
 
-    smol_duo = build_vllm_method("duo", smol, smol_tok, "smollm2-135m")
-    smol_duo.save(work / "smol_duo_config")
     samples = [make_sample("passkey", smol_tok, HARNESS_CONTEXT, haystack="prose", seed=s,
                            max_new_tokens=HARNESS_TOKENS) for s in range(HARNESS_SAMPLES)]
     harness_file = work / "harness_prompts.json"
     harness_file.write_text(json.dumps([sample_input_ids(smol_tok, x)[0].tolist() for x in samples]))
-    procs["smol-duo"] = start_engine(py, work, "smol-duo", Path(smol_dir), harness_file, HARNESS_TOKENS, "kvcomp",
-                                     config=str(work / "smol_duo_config"), trace=str(traces.setdefault(
-                                         "smol-duo", work / "smol-duo.trace.jsonl")), inproc=True, prefix_caching=False,
-                                     extra=("--kv-cache-bytes", str(192 << 20), "--max-model-len", str(HARNESS_CONTEXT),
-                                            "--max-num-batched-tokens", "512"))
+    smol_cfgs = {}
+    for m in HARNESS_METHODS:
+        smol_cfgs[m] = build_vllm_method(m, smol, smol_tok, "smollm2-135m")
+        smol_cfgs[m].save(work / f"smol_{m}_config")
+        name = f"smol-{m}"
+        rings = m in ("duo", "think")  # per-request rings: no prefix caching
+        budget = (8 if "vq" in m else 192) << 20  # A²ATS: the host mirror shadows x128 the code pages
+        procs[name] = start_engine(py, work, name, Path(smol_dir), harness_file, HARNESS_TOKENS, "kvcomp",
+                                   config=str(work / f"smol_{m}_config"),
+                                   trace=str(traces.setdefault(name, work / f"{name}.trace.jsonl")), inproc=True,
+                                   prefix_caching=not rings,
+                                   extra=("--kv-cache-bytes", str(budget), "--max-model-len", str(HARNESS_CONTEXT),
+                                          "--max-num-batched-tokens", "512"))
     # KVCOMP_CONFIG set but kvcomp not selected (CPU without the override): must fail, not serve stock
     unselected = start_engine(py, work, "unselected", model_dir, prompts_file, MAX_TOKENS, "kvcomp",
                               config=str(work / "think_config"), inproc=True, extra=("--no-override",))
@@ -136,10 +143,8 @@ def engines(tmp_path_factory):
     hf_full = hf_greedy(model, prompts, MAX_TOKENS)
     hf_smol = hf_greedy(smol, smol_prompts, MAX_TOKENS)
     harness = {"samples": samples, "tokenizer": smol_tok,
-               "hf_duo": [generate(smol, smol_tok, sample_input_ids(smol_tok, x), smol_duo,
-                                   max_new_tokens=HARNESS_TOKENS).text for x in samples],
-               "hf_full": [generate(smol, smol_tok, sample_input_ids(smol_tok, x), None,
-                                    max_new_tokens=HARNESS_TOKENS).text for x in samples]}
+               "hf": {m: [generate(smol, smol_tok, sample_input_ids(smol_tok, x), c, max_new_tokens=HARNESS_TOKENS).text
+                          for x in samples] for m, c in {**smol_cfgs, "full": None}.items()}}
     del smol
     stress_ref = {"off": hf_greedy(model, stress_prompts, STRESS_TOKENS),
                   "duo": kvcomp_hf_greedy(model, stress_prompts, STRESS_TOKENS, cfgs["duo"])}
