@@ -19,7 +19,8 @@ tokens go to ``slot_mapping`` slots (``block * block_size + offset``, ``-1`` = p
 decode in one batch): one-token requests (vLLM puts them first: ``reorder_batch_threshold = 1``)
 go through kvcomp's ops (:mod:`.decode`): the Triton decode kernels on the GPU, their references
 on the CPU; multi-token requests per request (:mod:`.prefill`): keys gathered from the pages, then
-flash_attn / SDPA, and the Triton streaming kernel for DuoAttention's streaming heads on the GPU. Rings and code cells, which need the tokens' positions, are written in ``forward``.
+flash_attn / SDPA, and the Triton streaming kernel for DuoAttention's streaming heads on the GPU.
+Rings and code cells, which need the tokens' positions, are written in ``forward``.
 Every method computes what kvcomp's HF path computes (the tests compare tokens).
 """
 
@@ -209,7 +210,6 @@ class KVCompAttentionImpl(C.AttentionImpl):
             raise ValueError(f"kvcomp {self.plan.method}: layers reading another layer's KV cache "
                              f"({kv_sharing_target_layer_name}) are not supported")
         self._channels: torch.Tensor | None = None  # [Hkv_local, D_keep] kept key channels
-        self._q_index: torch.Tensor | None = None  # [Hq, D_keep] channels per query head
         self._layer_ready = False
         self._traced = False
         # DuoAttention: KV heads in the pages / in the ring, query heads reading each
@@ -269,7 +269,6 @@ class KVCompAttentionImpl(C.AttentionImpl):
         if p.streaming is not None or p.vq is not None:
             return
         self._channels = p.layer_channels(li, *heads).to(dev)
-        self._q_index = self._channels.repeat_interleave(g, dim=0)
 
     def _split_cache(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Views ``k [num_blocks, block_size, Hkv, Dk]``, ``v [..., Dv]`` of the layer's pages."""
@@ -375,7 +374,7 @@ class KVCompAttentionImpl(C.AttentionImpl):
                                    self.scale)
                 output[single.rows] = o.to(output.dtype)
             if multi is not None:
-                P.dense_rows(q, k_cache, v_cache, md, multi.reqs, md.qsl_host(), md.seq_lens_host(), self.scale, output)
+                P.dense_rows(q, k_cache, v_cache, md, multi.reqs, self.scale, output)
         return output
 
     def _head_map(self, device) -> torch.Tensor:
@@ -396,14 +395,13 @@ class KVCompAttentionImpl(C.AttentionImpl):
         w = self.plan.think_window
         ring, ring_block = ring_of(self.ring_name) if w else (None, None)
         if single is not None:
-            rb = None if ring is None else ring_block.index_select(0, torch.tensor(single.reqs, device=ring.device))
+            rb = None if ring is None else ring_block.index_select(0, single.req_index)
             o = D.think_decode(q[single.rows], k_new[single.rows], k_cache, v_cache, self._channels.unsqueeze(0), ring,
-                               rb, window=w,
-                               r=single, scale=self.scale, max_seq_len=md.max_seq_len)
+                               rb, window=w, r=single, scale=self.scale, max_seq_len=md.max_seq_len)
             output[single.rows] = o.to(output.dtype)
         if multi is not None:
             P.think_rows(q, k_new, k_cache, v_cache, self._channels, ring, [] if ring is None else ring_block.tolist(),
-                         w, md, multi.reqs, md.qsl_host(), md.seq_lens_host(), self.scale, output)
+                         w, md, multi.reqs, self.scale, output)
 
     # ------------------------------------------------------------------ DuoAttention
     def _forward_duo(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, kv_cache: torch.Tensor,
@@ -432,17 +430,16 @@ class KVCompAttentionImpl(C.AttentionImpl):
             k_cache, v_cache = self._split_cache(kv_cache)
             ring, ring_block = ring_of(self.ring_name)  # [blocks, n_str, capacity, D + Dv]
             if single is not None:
-                rb = ring_block.index_select(0, torch.tensor(single.reqs, device=ring_block.device))
+                rb = ring_block.index_select(0, single.req_index)
                 o = D.duo_decode(q[single.rows], k_str[single.rows], v_str[single.rows], k_cache, v_cache,
                                  self._head_map(q.device), ring, rb, sink=sink, recent=recent, r=single,
                                  scale=self.scale)
                 output[single.rows] = o.to(output.dtype)
         if multi is None:
             return
-        qsl, lens = md.qsl_host(), md.seq_lens_host()
         if self._vq is None:
-            P.dense_rows(q.index_select(1, self._q_ret), k_cache, v_cache, md, multi.reqs, qsl, lens, self.scale,
-                         output, heads=self._q_ret)
+            P.dense_rows(q.index_select(1, self._q_ret), k_cache, v_cache, md, multi.reqs, self.scale, output,
+                         heads=self._q_ret)
         P.streaming_rows(q.index_select(1, self._q_str), k_str, v_str, sink=sink, recent=recent, ring=ring,
                          blocks=None if ring is None else ring_block.tolist(), mirror_kv=mirror_kv, md=md,
-                         reqs=multi.reqs, qsl=qsl, lens=lens, scale=self.scale, output=output, heads=self._q_str)
+                         reqs=multi.reqs, scale=self.scale, output=output, heads=self._q_str)

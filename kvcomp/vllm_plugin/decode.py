@@ -25,6 +25,7 @@ class Rows:
     """A sub-batch of requests: their packed query rows and per-request metadata."""
 
     reqs: list[int]  # request indices in the batch
+    req_index: torch.Tensor  # the same on the device (to select per-request rows, e.g. ring blocks)
     rows: torch.Tensor  # [n] query rows (long, on the device)
     block_table: torch.Tensor
     seq_lens: torch.Tensor
@@ -47,7 +48,7 @@ def split_rows(md, qsl: list[int]) -> tuple[Rows | None, Rows | None]:
         rows = torch.cat([torch.arange(qsl[b], qsl[b + 1]) for b in reqs]).to(dev)
         starts = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(dev)
         idx = torch.tensor(reqs, device=dev)
-        return Rows(reqs, rows, md.block_table.index_select(0, idx), md.seq_lens.index_select(0, idx), starts)
+        return Rows(reqs, idx, rows, md.block_table.index_select(0, idx), md.seq_lens.index_select(0, idx), starts)
 
     return part(single), part(multi)
 

@@ -8,8 +8,8 @@ DuoAttention's streaming heads attend over their kept tokens and the chunk throu
 :func:`kvcomp.ops.prefill.streaming_prefill` with the tokens' positions (Triton on CUDA, SDPA with
 the sink + window mask elsewhere).
 
-Common arguments: ``q [n, Hq, D]`` (the step's query rows), ``md`` the batch metadata, ``reqs``
-the multi-token requests, ``qsl`` / ``lens`` host copies of ``query_start_loc`` / ``seq_lens``.
+Common arguments: ``q [n, Hq, D]`` (the step's query rows), ``md`` the batch metadata (its host
+copies ``qsl_host()`` / ``seq_lens_host()`` address the rows), ``reqs`` the multi-token requests.
 """
 
 from __future__ import annotations
@@ -23,16 +23,18 @@ from .ring import ring_kept, ring_slot
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal attention of ``q [Tq, Hq, D]`` (the last ``Tq`` positions) over ``k [Hkv, Tk, D]``,
-    ``v [Hkv, Tk, Dv]``; returns ``[Tq, Hq, Dv]``."""
-    o = dense_prefill(q.transpose(0, 1)[None], k[None].to(q.dtype), v[None].to(q.dtype), scale=scale)
+    ``v [Hkv, Tk, Dv]`` (moved to q's device and dtype: e.g. rows of the host mirror); returns
+    ``[Tq, Hq, Dv]``."""
+    k, v = (t.to(q.device, q.dtype, non_blocking=True) for t in (k, v))
+    o = dense_prefill(q.transpose(0, 1)[None], k[None], v[None], scale=scale)
     return o[0].transpose(0, 1)
 
 
-def dense_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, md, reqs: list[int],
-               qsl: list[int], lens: list[int], scale: float, output: torch.Tensor,
-               heads: torch.Tensor | None = None) -> None:
-    """Full attention over the pages ``[blocks, block_size, H, D]``; writes ``output[rows, heads]``
-    (``heads``: the query heads ``q`` holds, default all)."""
+def dense_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, md, reqs: list[int], scale: float,
+               output: torch.Tensor, heads: torch.Tensor | None = None) -> None:
+    """Full attention over the pages ``[blocks, block_size, H, D]`` (device pages, or A²ATS's host
+    mirror); writes ``output[rows, heads]`` (``heads``: the query heads ``q`` holds, default all)."""
+    qsl, lens = md.qsl_host(), md.seq_lens_host()
     for b in reqs:
         s0, e0 = qsl[b], qsl[b + 1]
         o = attend(q[s0:e0], gather_paged(k_cache, md.block_table, lens[b], b),
@@ -45,11 +47,12 @@ def dense_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, md
 
 def think_rows(q: torch.Tensor, k_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                chan: torch.Tensor, ring: torch.Tensor | None, blocks: list[int], window: int, md, reqs: list[int],
-               qsl: list[int], lens: list[int], scale: float, output: torch.Tensor) -> None:
+               scale: float, output: torch.Tensor) -> None:
     """ThinK: keys before the last ``window`` earlier ones read pruned (``chan [Hkv, Dk]``), the
     window (ring slot ``p % window``) and this step's keys ``k_new [n, Hkv, D]`` at full width;
     then this step's keys among the last ``window`` enter the ring."""
     hkv, d = k_new.shape[1], k_new.shape[2]
+    qsl, lens = md.qsl_host(), md.seq_lens_host()
     for b in reqs:
         s0, e0 = qsl[b], qsl[b + 1]
         seq_len = lens[b]
@@ -72,13 +75,13 @@ def think_rows(q: torch.Tensor, k_new: torch.Tensor, k_cache: torch.Tensor, v_ca
 
 def streaming_rows(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, *, sink: int, recent: int,
                    ring: torch.Tensor | None, blocks: list[int] | None, mirror_kv, md, reqs: list[int],
-                   qsl: list[int], lens: list[int], scale: float, output: torch.Tensor,
-                   heads: torch.Tensor) -> None:
+                   scale: float, output: torch.Tensor, heads: torch.Tensor) -> None:
     """DuoAttention's streaming heads: ``q [n, Hq_str, D]`` over the kept earlier tokens (the ring
     ``[blocks, n_str, capacity, D + Dv]``, or ``mirror_kv = (k, v)`` host pages with A²ATS) and
     this step's ``k_new, v_new [n, n_str, D]``; writes ``output[rows, heads]``; then the ring keeps
     this step's sink and recent tokens."""
     d = k_new.shape[2]
+    qsl, lens = md.qsl_host(), md.seq_lens_host()
     if ring is None:
         mk, mv = mirror_kv
         bt = md.block_table.cpu()

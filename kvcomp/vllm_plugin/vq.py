@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops, ref
+from .prefill import dense_rows
 
 
 def rope_from_hf_config(hf_config, head_size: int) -> tuple[torch.Tensor, float]:
@@ -93,16 +94,8 @@ class VQLayer:
         ``q [n, Hq', D]`` holds the query heads of the paged KV heads (GQA groups in page order);
         ``multi`` / ``single`` are :class:`~.decode.Rows` (or None) of the multi-token and
         one-token requests; their rows of ``output [.., Hq', Dv]`` are written."""
-        hk, hv = self.mirror.k[:, :, : self.n_heads], self.mirror.v[:, :, : self.n_heads]
         if multi is not None:  # each request's K/V from the mirror to q's device, one dense call
-            from .prefill import attend
-
-            qsl, lens, bt = md.qsl_host(), md.seq_lens_host(), md.block_table.cpu()
-            for b in multi.reqs:
-                s0, e0 = qsl[b], qsl[b + 1]
-                k = ref.gather_paged(hk, bt, lens[b], b).to(q.device, non_blocking=True)
-                v = ref.gather_paged(hv, bt, lens[b], b).to(q.device, non_blocking=True)
-                output[s0:e0] = attend(q[s0:e0], k, v, scale).to(output.dtype)
+            dense_rows(q, *self._mirror_kv(), md, multi.reqs, scale, output)
         if single is not None:
             output[single.rows] = self.decode(q[single.rows], kv_cache, single, scale, md.max_seq_len).to(output.dtype)
 
@@ -122,5 +115,8 @@ class VQLayer:
             kw["topk_max"] = self.vq.topk_tokens(max(int(max_seq_len), 1))
         idx, count = ops.vq_topk(lut, code_view(kv_cache), r.block_table, r.seq_lens, topk=topk, sink=self.vq.sink,
                                  local=self.vq.local, **kw)
-        hk, hv = self.mirror.k[:, :, : self.n_heads], self.mirror.v[:, :, : self.n_heads]
-        return ops.sparse_attention_host(q, hk, hv, idx, count, block_table=r.block_table, scale=scale)
+        return ops.sparse_attention_host(q, *self._mirror_kv(), idx, count, block_table=r.block_table, scale=scale)
+
+    def _mirror_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The host mirror's ``(k, v)`` pages of this layer's A²ATS heads (its first ``n_heads``)."""
+        return self.mirror.k[:, :, : self.n_heads], self.mirror.v[:, :, : self.n_heads]

@@ -45,8 +45,8 @@ def _batch(seed: int):
 def _all_multi(md):
     from kvcomp.vllm_plugin.decode import Rows
 
-    return Rows(list(range(md.num_reqs)), torch.arange(md.num_actual_tokens), md.block_table, md.seq_lens,
-                md.query_start_loc)
+    return Rows(list(range(md.num_reqs)), torch.arange(md.num_reqs), torch.arange(md.num_actual_tokens), md.block_table,
+                md.seq_lens, md.query_start_loc)
 
 
 def _impl(plan):
