@@ -73,9 +73,9 @@ def engines(tmp_path_factory):
     cfgs["duo+vq"] = CompressionConfig(**geo, duo=cfgs["duo"].duo, vq=cfgs["vq"].vq)  # VQ on the retrieval heads
     for name, c in cfgs.items():
         c.save(work / f"{name}_config")
-    triton = ("think", "duo", "vq")  # rerun with the decode ops on their Triton kernels (interpreter)
+    triton_runs = ("think", "duo", "vq")  # rerun with the decode ops on their Triton kernels (interpreter)
     traces = {name: work / f"{name}.trace.jsonl"
-              for name in ("off", "think", "duo", "vq", "duo+vq") + tuple(f"{m}-triton" for m in triton)}
+              for name in ("off", "think", "duo", "vq", "duo+vq") + tuple(f"{m}-triton" for m in triton_runs)}
     whole = ("--max-num-batched-tokens", "256")  # prompts prefilled in one chunk: exact like the HF prefill
     specs = {
         "duo": dict(prefix_caching=False),
@@ -84,7 +84,7 @@ def engines(tmp_path_factory):
         "duo+vq": dict(inproc=True, extra=whole + ("--kv-cache-bytes", str(VQ_KV_BYTES))),
     }
     procs = {}
-    for name in list(specs) + [f"{m}-triton" for m in triton]:
+    for name in list(specs) + [f"{m}-triton" for m in triton_runs]:
         method = name.removesuffix("-triton")
         procs[name] = start_engine(py, work, name, model_dir, prompts_file, MAX_TOKENS, "kvcomp",
                                    config=str(work / f"{method}_config"), trace=str(traces[name]),
