@@ -1,13 +1,75 @@
-"""Which implementation an op runs: Triton on CUDA tensors or under ``TRITON_INTERPRET=1``, else the
-pure-PyTorch reference (CPU tensors in an ordinary process)."""
+"""Which implementation an op runs — the one dispatch rule of every ``kvcomp.ops`` entry point.
+
+* ``triton``: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (how CI runs the kernels);
+* ``native``: CPU tensors when the extension ``kvcomp._C`` has the op (``torch.ops.kvcomp_C.<op>``);
+* ``reference``: the pure-PyTorch reference (``kvcomp.ref``), on CPU when the extension is absent
+  (one warning per process).
+
+``KVCOMP_OPS=reference|native|triton`` forces one implementation for CPU tensors (tests and
+benchmarks use it to compare them); CUDA tensors always run Triton.
+"""
 
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
+
+IMPLS = ("triton", "native", "reference")
+ENV = "KVCOMP_OPS"
+_warned = False
+
+
+def _forced() -> str | None:
+    v = os.environ.get(ENV, "").strip().lower()
+    if not v:
+        return None
+    if v not in IMPLS:
+        raise ValueError(f"{ENV} must be one of {IMPLS}, got {v!r}")
+    return v
+
+
+def has_native(op: str) -> bool:
+    """True when ``kvcomp._C`` is loaded and registers ``torch.ops.kvcomp_C.<op>``."""
+    from kvcomp._ext import has_ext
+
+    return has_ext() and hasattr(torch.ops.kvcomp_C, op)
+
+
+def impl_for(t: torch.Tensor, op: str | None = None) -> str:
+    """The implementation an op runs for tensors on ``t``'s device (see the module doc).
+
+    ``op`` names the native operator (``torch.ops.kvcomp_C.<op>``); ops without one (``None``)
+    choose between Triton and the reference only.
+    """
+    global _warned
+    if t.device.type == "cuda":
+        return "triton"
+    forced = _forced()
+    if forced == "native":
+        if op is None or not has_native(op):
+            from kvcomp._ext import BUILD_HINT
+
+            raise RuntimeError(f"{ENV}=native but kvcomp._C has no native {op!r} operator: {BUILD_HINT}")
+        return "native"
+    if forced is not None:
+        return forced
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return "triton"
+    if op is not None:
+        if has_native(op):
+            return "native"
+        if not _warned:
+            _warned = True
+            from kvcomp._ext import BUILD_HINT, has_ext
+
+            why = f"kvcomp._C has no {op!r} operator (an old build)" if has_ext() else "kvcomp._C is not built"
+            warnings.warn(f"kvcomp: {why}; CPU ops run the PyTorch references (slow): {BUILD_HINT}",
+                          RuntimeWarning, stacklevel=3)
+    return "reference"
 
 
 def use_triton(t: torch.Tensor) -> bool:
     """True when the op should launch its Triton kernel for tensors on ``t``'s device."""
-    return t.device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return impl_for(t) == "triton"
