@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 from dataclasses import dataclass, field
 
@@ -49,6 +50,23 @@ class HeadPolicy:
 KINDS = ("full", "streaming", "vq")
 
 
+def _int(name: str, v, lo: int) -> int:
+    """``v`` must be an int (not a bool, not a float) and ``>= lo``; returns it as a Python int."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise ConfigError(name, f"must be an int, got {type(v).__name__} {v!r}")
+    if v < lo:
+        raise ConfigError(name, f"must be >= {lo}, got {v}")
+    return int(v)
+
+
+def _real(name: str, v, lo: float, hi: float, hi_open: bool = False) -> None:
+    """``v`` must be a real number (not a bool or string) in ``[lo, hi]`` (``[lo, hi)`` if ``hi_open``)."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise ConfigError(name, f"must be a number, got {type(v).__name__} {v!r}")
+    if not (lo <= v < hi if hi_open else lo <= v <= hi):
+        raise ConfigError(name, f"must be in [{lo}, {hi}{')' if hi_open else ']'}, got {v}")
+
+
 def _bool_grid(name: str, t, shape: tuple[int, int]) -> torch.Tensor:
     if t is None:
         return None
@@ -74,10 +92,16 @@ class DuoAttention:
     recent: int = 256
     alphas: torch.Tensor | None = None
 
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        self.sink = _int("duo.sink", self.sink, 0)
+        self.recent = _int("duo.recent", self.recent, 1)
+
     @classmethod
     def from_alphas(cls, alphas: torch.Tensor, sparsity: float = 0.5, **kw) -> "DuoAttention":
-        if not 0.0 <= sparsity <= 1.0:
-            raise ConfigError("duo.sparsity", f"must be in [0, 1], got {sparsity}")
+        _real("duo.sparsity", sparsity, 0.0, 1.0)
         return cls(pattern=threshold_pattern(alphas, sparsity), alphas=alphas.float(), **kw)
 
     @classmethod
@@ -105,6 +129,13 @@ class ThinK:
     window: int = 32
     heads: torch.Tensor | None = None
     channels: torch.Tensor | None = None
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        _real("think.prune_ratio", self.prune_ratio, 0.0, 1.0, hi_open=True)
+        self.window = _int("think.window", self.window, 1)
 
     def kept_dim(self, head_dim: int) -> int:
         return head_dim - int(self.prune_ratio * head_dim)
@@ -143,6 +174,21 @@ class VQRetrieval:
     local: int = 64
     rel_pos: int = 2048
     heads: torch.Tensor | None = None
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("codebook", "whiten"):
+            if not isinstance(getattr(self, name), torch.Tensor):
+                raise ConfigError(f"vq.{name}", f"must be a tensor, got {type(getattr(self, name)).__name__}")
+        t = self.topk
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not (
+                0 < t < 1 or (t >= 1 and float(t).is_integer())):
+            raise ConfigError("vq.topk", f"must be a fraction in (0, 1) or a whole token count, got {t!r}")
+        self.sink = _int("vq.sink", self.sink, 0)
+        self.local = _int("vq.local", self.local, 1)
+        self.rel_pos = _int("vq.rel_pos", self.rel_pos, 0)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, **kw) -> "VQRetrieval":
@@ -202,8 +248,9 @@ class CompressionConfig:
     def validate(self) -> None:
         L, H, D = self.num_layers, self.num_kv_heads, self.head_dim
         for name, v in (("num_layers", L), ("num_kv_heads", H), ("head_dim", D)):
-            if not isinstance(v, int) or v <= 0:
-                raise ConfigError(name, f"must be a positive int, got {v!r}")
+            _int(name, v, 1)
+        if self.num_q_heads is not None:
+            _int("num_q_heads", self.num_q_heads, 1)
         if D % 2 or D > 256:
             raise ConfigError("head_dim", f"{D} unsupported: must be even and <= 256 (kernels: {SUPPORTED_HEAD_DIMS})")
         if self.num_q_heads is not None and self.num_q_heads % H:
@@ -212,35 +259,26 @@ class CompressionConfig:
         streaming = torch.zeros(shape, dtype=torch.bool)
         if self.duo is not None:
             d = self.duo
+            d.validate()  # again: fields may have changed since construction
             d.pattern = _bool_grid("duo.pattern", d.pattern, shape)
-            if d.sink < 0:
-                raise ConfigError("duo.sink", f"must be >= 0, got {d.sink}")
-            if d.recent < 1:
-                raise ConfigError("duo.recent", f"must be >= 1, got {d.recent}")
             streaming = d.pattern.clone()
         vq_heads = torch.zeros(shape, dtype=torch.bool)
         if self.vq is not None:
             v = self.vq
+            v.validate()
             if v.codebook.dim() != 4 or tuple(v.codebook.shape[:2]) != shape or v.codebook.shape[3] != D:
                 raise ConfigError("vq.codebook", f"must be [L, Hkv, C, D] = [{L}, {H}, C, {D}], got {list(v.codebook.shape)}")
             if tuple(v.whiten.shape) != (L, H, D, D):
                 raise ConfigError("vq.whiten", f"must be [L, Hkv, D, D] = [{L}, {H}, {D}, {D}], got {list(v.whiten.shape)}")
             if not 1 <= v.n_codes <= 32768:
                 raise ConfigError("vq.codebook", f"{v.n_codes} codes: must be 1..32768 (int16 codes)")
-            if not (0 < v.topk < 1 or (v.topk >= 1 and float(v.topk).is_integer())):
-                raise ConfigError("vq.topk", f"must be a fraction in (0, 1) or a whole token count, got {v.topk}")
-            if v.sink < 0 or v.local < 1:
-                raise ConfigError("vq.local", f"sink must be >= 0 and local >= 1, got sink={v.sink} local={v.local}")
             vq_heads = ~streaming if v.heads is None else _bool_grid("vq.heads", v.heads, shape)
             if (vq_heads & streaming).any():
                 raise ConfigError("vq.heads", "a streaming head cannot also be a VQ head")
         prune = torch.zeros(shape, dtype=torch.bool)
         if self.think is not None:
             t = self.think
-            if not 0.0 <= t.prune_ratio < 1.0:
-                raise ConfigError("think.prune_ratio", f"must be in [0, 1), got {t.prune_ratio}")
-            if t.window < 1:
-                raise ConfigError("think.window", f"must be >= 1, got {t.window}")
+            t.validate()
             prune = ~streaming if t.heads is None else _bool_grid("think.heads", t.heads, shape)
             if (prune & streaming).any():
                 raise ConfigError("think.heads", "streaming heads cannot prune keys")

@@ -103,3 +103,57 @@ def test_threshold_pattern_per_layer():
     assert threshold_pattern_per_layer(a, 1.0).sum(dim=1).tolist() == [2, 2, 2]  # never all
     with pytest.raises(ValueError):
         threshold_pattern_per_layer(a[:, :1], 0.5)
+
+
+@pytest.mark.parametrize("make,field", [
+    (lambda: DuoAttention(pattern=torch.zeros(L, H, dtype=torch.bool), sink=2.5), "duo.sink"),
+    (lambda: DuoAttention(pattern=torch.zeros(L, H, dtype=torch.bool), recent=16.7), "duo.recent"),
+    (lambda: DuoAttention(pattern=torch.zeros(L, H, dtype=torch.bool), sink=True), "duo.sink"),
+    (lambda: DuoAttention(pattern=torch.zeros(L, H, dtype=torch.bool), sink=-1), "duo.sink"),
+    (lambda: DuoAttention(pattern=torch.zeros(L, H, dtype=torch.bool), recent=0), "duo.recent"),
+    (lambda: DuoAttention(pattern=torch.zeros(L, H, dtype=torch.bool), recent="256"), "duo.recent"),
+    (lambda: DuoAttention.from_alphas(torch.rand(L, H), sparsity="0.5"), "duo.sparsity"),
+    (lambda: DuoAttention.from_alphas(torch.rand(L, H), sparsity=1.5), "duo.sparsity"),
+    (lambda: ThinK(window=3.5), "think.window"),
+    (lambda: ThinK(window=0), "think.window"),
+    (lambda: ThinK(window=False), "think.window"),
+    (lambda: ThinK(prune_ratio="0.4"), "think.prune_ratio"),
+    (lambda: ThinK(prune_ratio=True), "think.prune_ratio"),
+    (lambda: ThinK(prune_ratio=float("nan")), "think.prune_ratio"),
+    (lambda: _vq(topk="0.1"), "vq.topk"),
+    (lambda: _vq(topk=True), "vq.topk"),
+    (lambda: _vq(topk=0), "vq.topk"),
+    (lambda: _vq(topk=12.5), "vq.topk"),
+    (lambda: _vq(sink=1.5), "vq.sink"),
+    (lambda: _vq(sink=-1), "vq.sink"),
+    (lambda: _vq(local=0), "vq.local"),
+    (lambda: _vq(local=64.0), "vq.local"),
+    (lambda: _vq(rel_pos=2048.5), "vq.rel_pos"),
+    (lambda: _vq(rel_pos=-1), "vq.rel_pos"),
+    (lambda: VQRetrieval(codebook=[[0.0]], whiten=torch.zeros(1)), "vq.codebook"),
+    (lambda: CompressionConfig(L, H, float(D)), "head_dim"),
+    (lambda: CompressionConfig(True, H, D), "num_layers"),
+    (lambda: CompressionConfig(L, H, D, num_q_heads=8.0), "num_q_heads"),
+    (lambda: CompressionConfig(L, H, D, num_q_heads=0), "num_q_heads"),
+])
+def test_bad_fields_raise_at_construction(make, field):
+    # a float/str/bool where an int or a ratio belongs is refused when the object is built,
+    # not ~30 frames deep in generate (slice indices must be integers)
+    with pytest.raises(ConfigError) as e:
+        make()
+    assert e.value.field == field
+
+
+def test_fields_changed_after_construction_are_checked_by_the_config():
+    duo = DuoAttention(pattern=torch.zeros(L, H, dtype=torch.bool))
+    duo.recent = 16.7
+    with pytest.raises(ConfigError, match="duo.recent"):
+        CompressionConfig(L, H, D, duo=duo)
+
+
+def test_integral_fields_accept_numpy_ints():
+    np = pytest.importorskip("numpy")
+    cfg = CompressionConfig(L, H, D, duo=DuoAttention(pattern=torch.zeros(L, H, dtype=torch.bool),
+                                                      sink=np.int64(4), recent=np.int32(16)),
+                            think=ThinK(prune_ratio=np.float32(0.25), window=np.int64(8)))
+    assert type(cfg.duo.sink) is int and cfg.duo.sink == 4 and type(cfg.think.window) is int and cfg.think.window == 8
