@@ -7,6 +7,9 @@ import json
 import os
 import sys
 import time
+import traceback
+
+from . import cli_args as T
 
 DEFAULT_METHODS = "full,duo,think,vq,all"
 
@@ -14,16 +17,16 @@ DEFAULT_METHODS = "full,duo,think,vq,all"
 def _add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="registry name or local HF folder")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--methods", default=DEFAULT_METHODS,
+    p.add_argument("--methods", type=T.method_list, default=DEFAULT_METHODS,
                    help="comma-separated: full, all, or '+'-joined subsets of duo, think, vq")
-    p.add_argument("--sparsity", type=float, default=0.5, help="DuoAttention: fraction of streaming KV heads")
-    p.add_argument("--sink", type=int, default=64, help="DuoAttention sink tokens")
-    p.add_argument("--recent", type=int, default=256, help="DuoAttention recent window")
-    p.add_argument("--prune-ratio", type=float, default=0.4, help="ThinK: fraction of key channels pruned")
-    p.add_argument("--topk", type=float, default=0.1,
+    p.add_argument("--sparsity", type=T.fraction, default=0.5, help="DuoAttention: fraction of streaming KV heads")
+    p.add_argument("--sink", type=T.nonneg_int, default=64, help="DuoAttention sink tokens")
+    p.add_argument("--recent", type=T.positive_int, default=256, help="DuoAttention recent window")
+    p.add_argument("--prune-ratio", type=T.prune_ratio, default=0.4, help="ThinK: fraction of key channels pruned")
+    p.add_argument("--topk", type=T.topk, default=0.1,
                    help="VQ: top-K per query head (fraction < 1, or count); A²ATS uses 0.03 on 8B models")
-    p.add_argument("--n-codes", type=int, default=256, help="VQ codebook size (256: shipped for SmolLM2)")
-    p.add_argument("--vq-dense-layers", type=int, default=2, help="VQ: first layers keep exact attention")
+    p.add_argument("--n-codes", type=T.positive_int, default=256, help="VQ codebook size (256: shipped for SmolLM2)")
+    p.add_argument("--vq-dense-layers", type=T.nonneg_int, default=2, help="VQ: first layers keep exact attention")
     p.add_argument("--duo-pattern", default=None, help="duo-attention full_attention_heads.tsv (or its folder)")
     p.add_argument("--codebooks", default=None, help="VQ codebooks .safetensors (default: calibrate on first use)")
 
@@ -38,12 +41,10 @@ def _options(a):
 def _setup(a):
     import torch
 
-    from .methods import build_method, parse_method
+    from .methods import build_method
     from .models import load_model
 
-    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
-    for m in methods:
-        parse_method(m)  # fail on a bad name before loading anything
+    methods = a.methods  # names checked while parsing, before anything loads
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
     model, tok = load_model(a.model, device=device)
@@ -90,10 +91,9 @@ def cmd_eval(a) -> int:
 
     commit, machine = git_commit(), machine_info()  # of the code that runs, read before the long run
     model, tok, configs = _setup(a)
-    tasks = [t for t in a.tasks.split(",") if t]
-    lens = [int(x) for x in a.context_lens.split(",") if x]
-    samples = build_samples(tok, tasks=tasks, context_lens=lens, n_trials=a.trials,
-                            haystacks=[h for h in a.haystacks.split(",") if h], seed=a.seed, chat=True)
+    tasks = a.tasks
+    samples = build_samples(tok, tasks=tasks, context_lens=a.context_lens, n_trials=a.trials,
+                            haystacks=a.haystacks, seed=a.seed, chat=True)
     print(f"[kvcomp] {len(samples)} samples x {len(configs)} methods")
     t_start = time.perf_counter()
     records = []
@@ -112,7 +112,7 @@ def cmd_eval(a) -> int:
         r["config"] = cfg.to_dict() if cfg is not None else {"policy": "stock"}
         print(json.dumps({k: r.get(k) for k in ("method", "context_len", "accuracy", "full_accuracy",
                                                  "kv_bytes_per_token", "bytes_fraction", "n_trials")}))
-    meta = {"model": a.model, "tasks": tasks, "haystacks": a.haystacks, "trials": a.trials, "seed": a.seed,
+    meta = {"model": a.model, "tasks": tasks, "haystacks": ",".join(a.haystacks), "trials": a.trials, "seed": a.seed,
             "command": " ".join(sys.argv)}
     from .eval.runner import _jsonable
 
@@ -162,10 +162,9 @@ def cmd_info(a) -> int:
 
 
 def cmd_vllm_config(a) -> int:
-    from .methods import build_vllm_method, parse_method
+    from .methods import build_vllm_method
     from .models import load_model, model_folder
 
-    parse_method(a.method)
     model, tok = load_model(a.model, device="cpu")
     cfg = build_vllm_method(a.method, model, tok, a.model, _options(a))
     if cfg is None:
@@ -183,23 +182,34 @@ def cmd_vllm_config(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .eval.haystack import HAYSTACKS
+    from .eval.tasks import TASKS
+
+    # --debug is accepted before or after the subcommand (SUPPRESS: a subparser's default
+    # does not overwrite a top-level --debug)
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the Python traceback of an error (also: KVCOMP_DEBUG=1)")
     p = argparse.ArgumentParser(prog="kvcomp", description="KV-cache compression with real memory savings")
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of an error (also: KVCOMP_DEBUG=1)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    d = sub.add_parser("demo", help="answer a hidden-fact question over long prose with each method")
+    d = sub.add_parser("demo", parents=[debug], help="answer a hidden-fact question over long prose with each method")
     _add_method_args(d)
-    d.add_argument("--context", type=int, default=2048, help="prompt length in tokens")
+    d.add_argument("--context", type=T.positive_int, default=2048, help="prompt length in tokens")
     d.add_argument("--seed", type=int, default=1)
     d.add_argument("--json", default=None, help="also write the rows as JSON")
     d.set_defaults(fn=cmd_demo)
 
-    e = sub.add_parser("eval", help="RULER-style offline quality harness")
+    e = sub.add_parser("eval", parents=[debug], help="RULER-style offline quality harness")
     _add_method_args(e)
-    e.add_argument("--tasks", default="passkey,niah_single,niah_multikey,niah_multivalue,niah_multiquery",
+    e.add_argument("--tasks", type=T.names(TASKS),
+                   default="passkey,niah_single,niah_multikey,niah_multivalue,niah_multiquery",
                    help="also: vt (SmolLM2-135M scores ~0%% on it even uncompressed)")
-    e.add_argument("--haystacks", default="prose", help="comma-separated: noise, prose")
-    e.add_argument("--context-lens", default="2048,4096")
-    e.add_argument("--trials", type=int, default=4)
+    e.add_argument("--haystacks", type=T.names(HAYSTACKS), default="prose", help="comma-separated: noise, prose")
+    e.add_argument("--context-lens", type=T.positive_int_list, default="2048,4096",
+                   help="comma-separated prompt lengths in tokens")
+    e.add_argument("--trials", type=T.positive_int, default=4)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", default="quality.json")
     e.add_argument("--plot", default=None, help="PNG of accuracy vs KV bytes/token")
@@ -207,29 +217,42 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tag", default="", help="suffix for method names in the results (e.g. a budget sweep: vq@topk0.05)")
     e.set_defaults(fn=cmd_eval)
 
-    c = sub.add_parser("calibrate", help="calibrate DuoAttention gates or VQ codebooks")
+    c = sub.add_parser("calibrate", parents=[debug], help="calibrate DuoAttention gates or VQ codebooks")
     csub = c.add_subparsers(dest="what", required=True)
     from .calibrate.duo import add_duo_args
     from .calibrate.vq import add_vq_args
 
-    add_duo_args(csub.add_parser("duo", help="optimise one gate per KV head on multi-passkey data"))
-    add_vq_args(csub.add_parser("vq", help="fit windowed-RoPE query-aware VQ codebooks"))
+    add_duo_args(csub.add_parser("duo", parents=[debug], help="optimise one gate per KV head on multi-passkey data"))
+    add_vq_args(csub.add_parser("vq", parents=[debug], help="fit windowed-RoPE query-aware VQ codebooks"))
     c.set_defaults(fn=cmd_calibrate)
 
-    v = sub.add_parser("vllm-config", help="write a config for kvcomp's vLLM backend (KVCOMP_CONFIG)")
+    v = sub.add_parser("vllm-config", parents=[debug], help="write a config for kvcomp's vLLM backend (KVCOMP_CONFIG)")
     _add_method_args(v)
-    v.add_argument("--method", required=True, help="duo, think, vq or duo+vq")
+    v.add_argument("--method", type=T.method, required=True, help="duo, think, vq or duo+vq")
     v.add_argument("--out", required=True, help="directory to write (CompressionConfig.save)")
     v.set_defaults(fn=cmd_vllm_config)
 
-    i = sub.add_parser("info", help="versions and build features")
+    i = sub.add_parser("info", parents=[debug], help="versions and build features")
     i.set_defaults(fn=cmd_info)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. An error prints one line ``kvcomp: error: ...`` and returns 2; with
+    ``--debug`` or ``KVCOMP_DEBUG=1`` it prints the traceback instead. Bad arguments exit 2 from
+    argparse while parsing, before anything loads."""
     args = build_parser().parse_args(argv)
-    return args.fn(args)
+    debug = args.debug or os.environ.get("KVCOMP_DEBUG", "") not in ("", "0")
+    try:
+        return args.fn(args)
+    except Exception as e:  # noqa: BLE001 -- the command line's one error exit
+        if debug:
+            traceback.print_exc()
+        else:
+            kind = "" if isinstance(e, (ValueError, OSError, RuntimeError, ImportError)) else f"{type(e).__name__}: "
+            msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+            print(f"kvcomp: error: {kind}{msg} (--debug for the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .. import cli_args as T
 from ..patterns import threshold_pattern, write_pattern_tsv
 from ..ref.streaming import streaming_mask
 
@@ -331,20 +332,20 @@ def add_duo_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", default="smollm2-135m", help="registry name or local HF folder")
     parser.add_argument("--output", default=None,
                         help="output directory (default attn_patterns/<model>/lr=..-reg=..-ctx=..-multi_passkeyN)")
-    parser.add_argument("--steps", type=int, default=30,
+    parser.add_argument("--steps", type=T.positive_int, default=30,
                         help="optimiser steps (duo-attention: 2000 on GPUs; the shipped SmolLM2 pattern: 30, ~15 min on 2 CPU cores)")
-    parser.add_argument("--num-samples", type=int, default=4, help="distinct passkey samples (cycled)")
-    parser.add_argument("--min-len", type=int, default=1024, help="shortest sample, tokens")
-    parser.add_argument("--max-len", type=int, default=1024, help="longest sample, tokens (lengths evenly spaced from --min-len)")
-    parser.add_argument("--num-passkeys", type=int, default=None, help="default: by length (4 at 1K, 8 at 2K, 10 from 2.5K)")
-    parser.add_argument("--passkey-words", type=int, default=None, help="default: 8 up to 2K, 16 up to 8K, 32 beyond")
-    parser.add_argument("--sink", type=int, default=64,
+    parser.add_argument("--num-samples", type=T.positive_int, default=4, help="distinct passkey samples (cycled)")
+    parser.add_argument("--min-len", type=T.positive_int, default=1024, help="shortest sample, tokens")
+    parser.add_argument("--max-len", type=T.positive_int, default=1024, help="longest sample, tokens (lengths evenly spaced from --min-len)")
+    parser.add_argument("--num-passkeys", type=T.positive_int, default=None, help="default: by length (4 at 1K, 8 at 2K, 10 from 2.5K)")
+    parser.add_argument("--passkey-words", type=T.positive_int, default=None, help="default: 8 up to 2K, 16 up to 8K, 32 beyond")
+    parser.add_argument("--sink", type=T.nonneg_int, default=64,
                         help="sink tokens of the streaming branch (duo-attention trains with 128 at 1K-32K)")
-    parser.add_argument("--recent", type=int, default=256, help="recent window of the streaming branch")
-    parser.add_argument("--lr", type=float, default=0.06,
+    parser.add_argument("--recent", type=T.positive_int, default=256, help="recent window of the streaming branch")
+    parser.add_argument("--lr", type=T.positive_float, default=0.06,
                         help="AdamW learning rate (duo-attention: 0.02 over 2000 steps; raised for short CPU runs so "
                              "gates can travel from 1 to 0)")
-    parser.add_argument("--reg", type=float, default=0.05, help="L1 weight on the gates")
+    parser.add_argument("--reg", type=T.nonneg_float, default=0.05, help="L1 weight on the gates")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

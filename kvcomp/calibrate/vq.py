@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from .. import cli_args as T
 from ..ref.rope import windowed_rope_query
 from ..ref.vq import MAX_CODES, fit_codebook, vq_encode
 
@@ -300,13 +301,13 @@ def add_vq_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``kvcomp calibrate vq`` options to ``parser``."""
     parser.add_argument("--model", default="smollm2-135m", help="registry name or local HF folder")
     parser.add_argument("--output", default=None, help="output .safetensors (default vq_codebooks/<model>-c<C>.safetensors)")
-    parser.add_argument("--n-codes", type=int, default=1024, help="codebook size per (layer, KV head); A²ATS uses 4096")
-    parser.add_argument("--tokens", type=int, default=8192, help="calibration tokens (A²ATS: 64K prose + 16K UUID)")
-    parser.add_argument("--sample-len", type=int, default=2048, help="tokens per forward pass")
-    parser.add_argument("--uuid-fraction", type=float, default=0.2, help="share of random-UUID text")
-    parser.add_argument("--iters", type=int, default=25, help="k-means iterations (A²ATS: up to 300)")
-    parser.add_argument("--rel-pos", type=int, default=2048, help="windowed-RoPE distance")
-    parser.add_argument("--eval-tokens", type=int, default=2048, help="held-out prose tokens for the error report (0: none)")
+    parser.add_argument("--n-codes", type=T.int_in(1, MAX_CODES), default=1024, help="codebook size per (layer, KV head); A²ATS uses 4096")
+    parser.add_argument("--tokens", type=T.positive_int, default=8192, help="calibration tokens (A²ATS: 64K prose + 16K UUID)")
+    parser.add_argument("--sample-len", type=T.positive_int, default=2048, help="tokens per forward pass")
+    parser.add_argument("--uuid-fraction", type=T.fraction, default=0.2, help="share of random-UUID text")
+    parser.add_argument("--iters", type=T.positive_int, default=25, help="k-means iterations (A²ATS: up to 300)")
+    parser.add_argument("--rel-pos", type=T.nonneg_int, default=2048, help="windowed-RoPE distance")
+    parser.add_argument("--eval-tokens", type=T.nonneg_int, default=2048, help="held-out prose tokens for the error report (0: none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
