@@ -166,6 +166,7 @@ def triton_think_decode(q: torch.Tensor, kp_cache: torch.Tensor, chan_idx: torch
         ``[B, Hq, Dv]`` in ``q.dtype``.
     """
     _check(q, kp_cache, chan_idx, k_recent, v_cache, block_table, seq_lens)
+    block_table, seq_lens = block_table.contiguous(), seq_lens.contiguous()  # the kernel reads columns at stride 1
     b, hq, d = q.shape
     nb, bs, hkv, dk = kp_cache.shape
     w = k_recent.shape[2]

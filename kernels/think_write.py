@@ -68,6 +68,8 @@ def triton_pack_pruned_keys_paged(k_new: torch.Tensor, chan_idx: torch.Tensor, k
     C.check_int("block_table", block_table, 2)
     C.check_int("seq_lens", seq_lens, 1)
     C.check_int("query_start_loc", query_start_loc, 1)
+    # the kernel reads block-table columns and the 1-D metadata at stride 1
+    block_table, seq_lens, query_start_loc = block_table.contiguous(), seq_lens.contiguous(), query_start_loc.contiguous()
     if k_new.dim() != 3 or kp_cache.dim() != 4 or k_recent.dim() != 4:
         raise ValueError("k_new must be [N, Hkv, D], kp_cache [num_blocks, block_size, Hkv, Dk], "
                          "k_recent [B, Hkv, W, D]")

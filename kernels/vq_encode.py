@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kvcomp.defaults import MAX_CODES
+
 from . import _common as C
 
 
@@ -81,7 +83,7 @@ def _prepare(codebook: torch.Tensor, whiten: torch.Tensor, hkv: int, d: int):
             raise ValueError(f"{name} must be a float32/float16/bfloat16 tensor")
     if codebook.dim() != 3 or codebook.shape[0] != hkv or codebook.shape[2] != d or codebook.shape[1] < 1:
         raise ValueError(f"codebook must be [Hkv={hkv}, C>=1, D={d}], got {list(codebook.shape)}")
-    if codebook.shape[1] > 32768:
+    if codebook.shape[1] > MAX_CODES:
         raise ValueError(f"codebook has {codebook.shape[1]} entries, more than int16 codes allow (32768)")
     C.check_shape("whiten", whiten, (hkv, d, d))
     lw = whiten.float().contiguous()
@@ -148,6 +150,8 @@ def triton_vq_encode_paged(k_new: torch.Tensor, codebook: torch.Tensor, whiten: 
     C.check_int("block_table", block_table, 2)
     C.check_int("seq_lens", seq_lens, 1)
     C.check_int("query_start_loc", query_start_loc, 1)
+    # the kernel reads block-table columns and the 1-D metadata at stride 1
+    block_table, seq_lens, query_start_loc = block_table.contiguous(), seq_lens.contiguous(), query_start_loc.contiguous()
     n, hkv, d = k_new.shape
     C.check_head_dim("k_new", d)
     C.check_shape("code_cache", code_cache, (None, None, hkv))

@@ -86,6 +86,7 @@ def triton_paged_sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     C.check_float("k_cache", k_cache, q.dtype)
     C.check_float("v_cache", v_cache, q.dtype)
     C.check_int("block_table", block_table, 2)
+    block_table = block_table.contiguous()  # the kernel reads columns at stride 1
     if q.dim() != 3 or k_cache.dim() != 4 or v_cache.dim() != 4:
         raise ValueError("q must be [B, Hq, D] and k_cache/v_cache [num_blocks, block_size, Hkv, D]")
     b, hq, d = q.shape

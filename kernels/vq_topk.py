@@ -209,6 +209,7 @@ def triton_vq_topk(lut: torch.Tensor, code_cache: torch.Tensor, block_table: tor
         raise ValueError("code_cache must be an int16 tensor [num_blocks, block_size, Hkv]")
     C.check_int("block_table", block_table, 2)
     C.check_int("seq_lens", seq_lens, 1)
+    block_table, seq_lens = block_table.contiguous(), seq_lens.contiguous()  # the kernels read columns at stride 1
     b, hq, nc = lut.shape
     nb, bs, hkv = code_cache.shape
     if hkv < 1 or hq % hkv:
@@ -224,7 +225,7 @@ def triton_vq_topk(lut: torch.Tensor, code_cache: torch.Tensor, block_table: tor
     if isinstance(topk, torch.Tensor):
         C.check_int("topk", topk, 1)
         C.check_shape("topk", topk, (b,))
-        topk_t = topk.to(device=dev, dtype=torch.int32)
+        topk_t = topk.to(device=dev, dtype=torch.int32).contiguous()
     elif isinstance(topk, int) and not isinstance(topk, bool) and topk >= 0:
         topk_t = torch.full((b,), min(topk, 2**31 - 1), dtype=torch.int32, device=dev)
     else:
