@@ -21,9 +21,10 @@ def interpreting() -> bool:
 
 
 def check_head_dim(name: str, d: int) -> None:
-    """Head dims the kernels support: powers of two in [16, 256] (64 and 128 are the tuned ones)."""
-    if d < 16 or d > 256 or d & (d - 1):
-        raise ValueError(f"{name}: head dim {d} is not supported (need a power of two in [16, 256])")
+    """Head dims the kernels support (:data:`kvcomp.defaults.SUPPORTED_HEAD_DIMS`; 64 and 128 are the tuned ones)."""
+    from kvcomp.defaults import check_head_dim as check
+
+    check(name, d)
 
 
 def check_float(name: str, t: torch.Tensor, dtype: torch.dtype | None = None) -> None:

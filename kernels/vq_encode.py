@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kvcomp.defaults import MAX_CODES
+
 from . import _common as C
 
 
@@ -81,7 +83,7 @@ def _prepare(codebook: torch.Tensor, whiten: torch.Tensor, hkv: int, d: int):
             raise ValueError(f"{name} must be a float32/float16/bfloat16 tensor")
     if codebook.dim() != 3 or codebook.shape[0] != hkv or codebook.shape[2] != d or codebook.shape[1] < 1:
         raise ValueError(f"codebook must be [Hkv={hkv}, C>=1, D={d}], got {list(codebook.shape)}")
-    if codebook.shape[1] > 32768:
+    if codebook.shape[1] > MAX_CODES:
         raise ValueError(f"codebook has {codebook.shape[1]} entries, more than int16 codes allow (32768)")
     C.check_shape("whiten", whiten, (hkv, d, d))
     lw = whiten.float().contiguous()

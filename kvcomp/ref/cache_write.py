@@ -13,8 +13,11 @@ import torch
 from kvcomp.ref import _validate as V
 
 
-def streaming_slot(pos: int, sink: int, window: int) -> int:
-    """Ring slot of absolute token position ``pos`` (``pos < sink`` -> ``pos``)."""
+def streaming_slot(pos, sink: int, window: int):
+    """Ring slot of absolute token position ``pos`` (``pos < sink`` -> ``pos``); an int, or an
+    int tensor of positions (elementwise)."""
+    if isinstance(pos, torch.Tensor):
+        return torch.where(pos < sink, pos, sink + torch.remainder(pos - sink, window))
     return pos if pos < sink else sink + (pos - sink) % window
 
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import torch
 
+from kvcomp.defaults import MAX_CODES  # codes are int16
+
 from . import _validate as V
 from .attention import softmax_av
 
-MAX_CODES = 32768  # codes are int16
 # Distance-matrix elements computed at once by kmeans / vq_encode (64 MiB of fp32).
 _DIST_ELEMS = 1 << 24
 

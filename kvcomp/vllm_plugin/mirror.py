@@ -80,13 +80,6 @@ class HostMirror:
     def v(self) -> torch.Tensor:
         return self.kv[..., self.head_size:]
 
-    def write(self, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Store ``key [n, Hkv, D]`` / ``value [n, Hkv, Dv]`` at vLLM slots ``block * block_size + offset``."""
-        bs = self.kv.shape[1]
-        slots = slots.to("cpu", torch.long)
-        blk, off = slots // bs, slots % bs
-        self.kv[blk, off] = torch.cat([key, value], dim=-1).to("cpu", self.kv.dtype)
-
 
 def mirror_for(name: str, *, num_blocks: int, block_size: int, num_heads: int, head_size: int, head_size_v: int,
                dtype: torch.dtype, layers_in_process: int) -> HostMirror:

@@ -33,6 +33,7 @@ from functools import lru_cache
 
 import torch
 
+from ..defaults import MAX_CODES
 from . import ENV_CONFIG
 
 
@@ -146,6 +147,11 @@ class Plan:
         return None if self.think_channels is None else int(self.think_channels.shape[-1])
 
     @property
+    def is_identity(self) -> bool:
+        """True without compression (exact pages, like stock vLLM)."""
+        return self.streaming is None and self.vq is None and self.think_channels is None
+
+    @property
     def method(self) -> str:
         if self.streaming is not None:
             return "duo+vq" if self.vq is not None else "duo"
@@ -213,7 +219,7 @@ def plan_from_config(cfg, source: str = "config") -> Plan:
             raise ValueError(f"{ENV_CONFIG} ({source}): vLLM pages are uniform per KV-cache group, so A2ATS "
                              f"must cover every {'retrieval ' if streaming is not None else ''}(layer, KV head); "
                              f"vq.heads covers {int(grid.sum())}/{int(want.sum())} (build it with vq_dense_layers=0)")
-        if vq.n_codes > 32767:
+        if vq.n_codes > MAX_CODES:
             raise ValueError(f"{ENV_CONFIG} ({source}): {vq.n_codes} VQ codes do not fit the int16 code pages")
     if streaming is not None or vq is not None:
         return Plan(num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,

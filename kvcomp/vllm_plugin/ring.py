@@ -4,44 +4,19 @@ An attention layer registers a companion :class:`KVCompRingLayer` in the forward
 ``process_weights_after_loading``, before vLLM collects KV specs). Its ``CircularBufferSpec``
 makes vLLM give every request one ring block for its whole lifetime, allocated and freed with the
 request and counted in vLLM's capacity; the ring group's block table (``[num_reqs, 1]``) is the
-stable per-request address. Position ``p`` lives in slot ``p`` if ``p < sink`` else
-``sink + (p - sink) % recent`` (:func:`ring_slot`).
+stable per-request address. What a ring holds and where is the method's business
+(:mod:`kvcomp.methods.duo`, :mod:`kvcomp.methods.think`).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import nn
 
-from ..ref.cache_write import streaming_slot as ring_slot  # noqa: F401  (re-exported)
 from . import compat as C
-
-
-def ring_kept(start: int, end: int, sink: int, recent: int) -> list[int]:
-    """Positions of ``[0, end)`` a ring holds after writing the tokens before ``end``, restricted
-    to ``[start, end)``: the sink ones and the last ``recent``."""
-    tail = max(start, sink, end - recent)
-    return list(range(start, min(end, sink))) + list(range(tail, end))
-
-
-def ring_capacity(tokens: int, ring_heads: int, page_heads: int, block_size: int | None) -> int:
-    """Ring slots for ``tokens`` kept tokens, rounded up so that a ring block is a whole number of
-    page blocks (same per-token content: DuoAttention's full K/V).
-
-    vLLM unifies page sizes across KV-cache groups by enlarging the smaller page's block size when
-    the larger page is a multiple of it, and by padding every smaller page otherwise. A ring
-    larger than a page that is not a multiple would pad every retrieval-head page (measured: 20%
-    of the pool lost on SmolLM2); a multiple only enlarges the page's block size.
-    """
-    if not block_size or page_heads < 1:
-        return tokens
-    unit = page_heads * block_size  # token-heads of one page
-    step = unit // math.gcd(unit, ring_heads)
-    return -(-tokens // step) * step
 
 
 @dataclass

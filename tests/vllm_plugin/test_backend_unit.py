@@ -162,9 +162,9 @@ def test_vq_code_pages_and_mirror_match_references(interpret, monkeypatch):
     from kvcomp.ref import (paged_sparse_attention, paged_vq_topk, rope_cos_sin, unapply_rope, vq_encode_paged, vq_lut,
                             windowed_rope_query)
     from kvcomp.testing import assert_close
-    from kvcomp.vllm_plugin.decode import split_rows
+    from kvcomp.methods.a2ats import A2ATS
+    from kvcomp.methods.layout import Store, code_view
     from kvcomp.vllm_plugin.mirror import HostMirror
-    from kvcomp.vllm_plugin.vq import VQLayer, code_view, token_positions
 
     monkeypatch.setenv("TRITON_INTERPRET", interpret)  # the ops' Triton kernels on CPU tensors, or refs
 
@@ -176,16 +176,17 @@ def test_vq_code_pages_and_mirror_match_references(interpret, monkeypatch):
     inv = 1.0 / (10000.0 ** (torch.arange(0, D, 2).float() / D))
     mirror = HostMirror("l0", NB, BS, HKV, D, D, torch.float32, pin=False)
     mirror.kv.normal_(generator=g)  # context tokens already mirrored
-    layer = VQLayer(vq, 0, list(range(HKV)), inv, 1.0, torch.device("cpu"), mirror)
+    layer = A2ATS(vq, 0, list(range(HKV)), inv, 1.0, D ** -0.5, torch.device("cpu"))
     kv_cache = torch.zeros(NB, HKV, BS, 1)
+    store = Store(codes=code_view(kv_cache), mirror=(mirror.k, mirror.v))
     md = _meta(bt)
     n = md.num_actual_tokens
-    mirror.write(bt.slots[:n], bt.k[:n], bt.v[:n])
+    layer.write(store, bt.slots[:n], bt.k[:n], bt.v[:n])
     for t, s in enumerate(bt.slots[:n].tolist()):
         assert torch.equal(mirror.k[s // BS, s % BS], bt.k[t]) and torch.equal(mirror.v[s // BS, s % BS], bt.v[t])
-    pos = token_positions(md)
+    pos = md.positions()
     assert pos.tolist() == list(range(20, 27)) + [33]
-    layer.write_codes(bt.k[:n], kv_cache, md)
+    layer.write_codes(store, bt.k[:n], md)
     cos, sin = rope_cos_sin(pos, inv)
     want = vq_encode_paged(unapply_rope(bt.k[:n], cos[:, None], sin[:, None]), vq.codebook[0], vq.whiten[0],
                            torch.zeros(NB, BS, HKV, dtype=torch.int16), bt.block_table, bt.seq_lens, bt.qsl)
@@ -196,9 +197,9 @@ def test_vq_code_pages_and_mirror_match_references(interpret, monkeypatch):
     # context codes, then one decode row (sequence 1) against the reference selection
     code_view(kv_cache)[~written] = torch.randint(0, 16, (int((~written).sum()), HKV), generator=g, dtype=torch.int16)
     out = torch.zeros(bt.q.shape[0], HQ, D)
-    single, multi = split_rows(md, bt.qsl.tolist())
+    single, multi = md.rows()
     assert single.reqs == [1] and multi.reqs == [0]
-    layer.attend(bt.q[:n], kv_cache, md, D ** -0.5, out, multi, single)
+    layer.attend(store, bt.q[:n], bt.k[:n], None, md, out)
     q1 = bt.q[7:8]
     c1, s1 = rope_cos_sin(torch.tensor([33]), inv)
     qw = windowed_rope_query(unapply_rope(q1, c1[:, None], s1[:, None]), inv, 64)
@@ -210,7 +211,7 @@ def test_vq_code_pages_and_mirror_match_references(interpret, monkeypatch):
 
 
 def test_ring_capacity_is_a_whole_number_of_pages():
-    from kvcomp.vllm_plugin.ring import ring_capacity
+    from kvcomp.methods.layout import ring_capacity
 
     # SmolLM2, 1 of 3 KV heads streaming, sink 64 + recent 256, CPU blocks of 128: a page holds
     # 2 heads x 128 tokens, so the ring takes 512 slots (2 pages) instead of 320 (2.5 pages)

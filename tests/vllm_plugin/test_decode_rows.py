@@ -2,7 +2,7 @@
 give what the per-request paths give, in a batch that mixes decodes and a chunked prefill.
 
 Each method's Impl runs one forward twice on copies of the same cache and rings: once as vLLM
-calls it (one-token requests through :mod:`kvcomp.vllm_plugin.decode`), once with every request on
+calls it (one-token requests through the method's decode), once with every request on
 the per-request path (the path the engine tests compare with kvcomp's HF path). Outputs and the
 rings left behind must agree.
 """
@@ -42,13 +42,6 @@ def _batch(seed: int):
     return md, q, k, v, g
 
 
-def _all_multi(md):
-    from kvcomp.vllm_plugin.decode import Rows
-
-    return Rows(list(range(md.num_reqs)), torch.arange(md.num_reqs), torch.arange(md.num_actual_tokens), md.block_table,
-                md.seq_lens, md.query_start_loc)
-
-
 def _impl(plan):
     from kvcomp.vllm_plugin.backend import KVCompAttentionImpl
 
@@ -68,12 +61,7 @@ def _run_both(impl, method, md, q, k, v, kv_cache, ring, ring_block, monkeypatch
         monkeypatch.setattr(backend, "ring_of", lambda name, rg=rg: (rg, ring_block))
         impl.do_kv_cache_update(LAYER, k, v, kc, md.slot_mapping)
         out = torch.full((q.shape[0], HQ, D), float("nan"))
-        if route == "split":
-            impl.forward(LAYER, q, k, v, kc, md, out)
-        elif method == "think":
-            impl._forward_think(q, k, kc, md, out, None, _all_multi(md))
-        else:
-            impl._forward_duo(q, k, v, kc, md, out, None, _all_multi(md))
+        impl.forward(LAYER, q, k, v, kc, md if route == "split" else md.all_multi(), out)
         results.append((out, kc, rg))
     return results
 
@@ -144,7 +132,7 @@ def test_duo_decode_rows(interpret, monkeypatch):
 
 def test_streaming_selection_matches_streaming_positions():
     from kvcomp.ref.duo import streaming_positions
-    from kvcomp.vllm_plugin.decode import streaming_selection
+    from kvcomp.methods.duo import streaming_selection
 
     lens = torch.tensor([1, 3, 4, 5, 11, 12, 13, 40], dtype=torch.int32)
     idx, count = streaming_selection(lens, 2, 4, 8)
@@ -159,7 +147,7 @@ def test_streaming_selection_matches_streaming_positions():
 def test_full_width_tail_layout():
     """Slot s of the tail holds position p with p % (w + 1) == s among the last w + 1 tokens: the
     ring's w keys (slot p % w) and this step's key."""
-    from kvcomp.vllm_plugin.decode import full_width_tail
+    from kvcomp.methods.think import full_width_tail
 
     w, hkv = 3, 2
     ring = torch.zeros(4, hkv, w, 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvcomp.methods.dense import write_pages
 from kvcomp.vllm_plugin import mirror as M
 
 
@@ -21,7 +22,7 @@ def test_write_by_slot_and_views():
     m.kv.zero_()
     k, v = torch.randn(3, 2, 3), torch.randn(3, 2, 3)
     slots = torch.tensor([17, 2, 8])  # block 4 offset 1, block 0 offset 2, block 2 offset 0
-    m.write(slots, k, v)
+    write_pages(m.k, m.v, slots, k, v)  # how A2ATS writes its host pages
     assert torch.equal(m.k[4, 1], k[0]) and torch.equal(m.v[0, 2], v[1]) and torch.equal(m.k[2, 0], k[2])
     assert int((m.kv != 0).any(-1).any(-1).sum()) == 3
     assert M.mirror_bytes() == 5 * 4 * 2 * 6 * 4

@@ -15,10 +15,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .config import CompressionConfig, DuoAttention, ThinK, VQRetrieval
+from ..config import CompressionConfig, DuoAttention, ThinK, VQRetrieval
 
 COMPONENTS = ("duo", "think", "vq")
-_HERE = os.path.dirname(os.path.abspath(__file__))
+_HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the kvcomp package
 
 
 @dataclass
@@ -55,7 +55,7 @@ def parse_method(name: str) -> tuple[str, ...]:
 
 
 def model_key(model_name: str) -> str:
-    from .models import _canonical
+    from ..models import _canonical
 
     return os.path.basename(os.path.normpath(model_name)) if os.path.isdir(model_name) else _canonical(model_name)
 
@@ -93,7 +93,7 @@ def shipped_codebooks(model_name: str, n_codes: int) -> str | None:
 
 
 def codebook_path(model_name: str, n_codes: int) -> str:
-    from .models import cache_root
+    from ..models import cache_root
 
     return os.path.join(cache_root(), "vq_codebooks", f"{model_key(model_name)}-c{n_codes}.safetensors")
 
@@ -110,8 +110,8 @@ def ensure_codebooks(model, tokenizer, model_name: str, opts: MethodOptions, *, 
     shipped = shipped_codebooks(model_name, opts.n_codes)
     if shipped is not None:
         return shipped
-    from .calibrate.data import make_text_samples
-    from .calibrate.vq import calibrate_codebooks, save_codebooks
+    from ..calibrate.data import make_text_samples
+    from ..calibrate.vq import calibrate_codebooks, save_codebooks
 
     print(f"[kvcomp] calibrating VQ codebooks ({opts.n_codes} codes) for {model_name}: first use only -> {path}")
     samples = make_text_samples(tokenizer, 8192, sample_len=2048, uuid_fraction=0.2, seed=0)
@@ -154,14 +154,14 @@ def static_think_channels(model, tokenizer, model_name: str, opts: MethodOptions
     """Static ThinK channels ``[L, Hkv, D_keep]`` for ``model``, calibrated and cached on first use."""
     from safetensors.torch import load_file
 
-    from .models import cache_root
+    from ..models import cache_root
 
     path = os.path.join(cache_root(), "think_channels",
                         f"{model_key(model_name)}-p{opts.prune_ratio:g}-w{opts.think_window}.safetensors")
     if os.path.exists(path):
         return load_file(path)["channels"].long()
-    from .calibrate.data import make_text_samples
-    from .calibrate.think import calibrate_think_channels
+    from ..calibrate.data import make_text_samples
+    from ..calibrate.think import calibrate_think_channels
 
     samples = make_text_samples(tokenizer, 4096, sample_len=1024, uuid_fraction=0.2, seed=1)
     ch = calibrate_think_channels(model, samples, opts.prune_ratio, window=opts.think_window)
@@ -186,7 +186,7 @@ def build_vllm_method(name: str, model, tokenizer, model_name: str, opts: Method
     """
     import torch
 
-    from .patterns import read_pattern_tsv, threshold_pattern_per_layer
+    from ..patterns import read_pattern_tsv, threshold_pattern_per_layer
 
     opts = opts or MethodOptions()
     parts = parse_method(name)

@@ -1,0 +1,98 @@
+"""Exact attention over paged K/V: compression off, and the pages every method builds on.
+
+Storage: ``k [num_blocks, block_size, H, Dk]`` and ``v [num_blocks, block_size, H, Dv]`` page
+views (vLLM's pages permuted, or the transformers cache's one block per sequence). A one-token
+query attends through ``kvcomp::duo_decode`` with no streaming heads (Triton on the GPU, the native
+CPU kernel or the reference); multi-token rows gather each request's pages and run one causal
+dense call (:func:`kvcomp.ops.prefill.dense_prefill`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+from ..ops.prefill import dense_prefill
+from ..ref.attention import gather_paged
+from .step import Rows, Step
+
+
+def write_pages(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor) -> None:
+    """Store ``k [n, H, Dk]`` / ``v [n, H, Dv]`` at slots ``block * block_size + offset`` (all valid),
+    moved to the pages' device (e.g. host pages)."""
+    bs = k_cache.shape[1]
+    s = slots.to(k_cache.device, torch.long)
+    blk, off = s // bs, s % bs
+    k_cache[blk, off] = k.to(k_cache.device, k_cache.dtype)
+    v_cache[blk, off] = v.to(v_cache.device, v_cache.dtype)
+
+
+def head_map(paged: list[int], streaming: list[int], device) -> torch.Tensor:
+    """``[Hkv, 2]`` int32 ``(kind, index)`` of each KV head: kind 0 = in the pages (index among the
+    page heads), 1 = streaming (index among the ring heads)."""
+    hm = [None] * (len(paged) + len(streaming))
+    for i, h in enumerate(paged):
+        hm[h] = (0, i)
+    for i, h in enumerate(streaming):
+        hm[h] = (1, i)
+    return torch.tensor(hm, dtype=torch.int32, device=device)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of ``q [Tq, Hq, D]`` (the last ``Tq`` positions) over ``k [Hkv, Tk, D]``,
+    ``v [Hkv, Tk, Dv]`` (moved to q's device and dtype: e.g. rows of the host mirror); returns
+    ``[Tq, Hq, Dv]``."""
+    k, v = (t.to(q.device, q.dtype, non_blocking=True) for t in (k, v))
+    o = dense_prefill(q.transpose(0, 1)[None], k[None], v[None], scale=scale)
+    return o[0].transpose(0, 1)
+
+
+def dense_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, md: Step, reqs: list[int],
+               scale: float, output: torch.Tensor, heads: torch.Tensor | None = None) -> None:
+    """Full attention over the pages ``[blocks, block_size, H, D]`` (device pages, or A²ATS's host
+    mirror); writes ``output[rows, heads]`` (``heads``: the query heads ``q`` holds, default all)."""
+    qsl, lens = md.qsl_host(), md.seq_lens_host()
+    for b in reqs:
+        s0, e0 = qsl[b], qsl[b + 1]
+        o = attend(q[s0:e0], gather_paged(k_cache, md.block_table, lens[b], b),
+                   gather_paged(v_cache, md.block_table, lens[b], b), scale).to(output.dtype)
+        if heads is None:
+            output[s0:e0] = o
+        else:
+            output[s0:e0].index_copy_(1, heads, o)
+
+
+def dense_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, hm: torch.Tensor, r: Rows,
+                 scale: float) -> torch.Tensor:
+    """Full paged attention of one query per request (DuoAttention's op with no streaming heads)."""
+    none = k_cache.new_empty(q.shape[0], 0, 1, k_cache.shape[-1])
+    return ops.triton_duo_decode_attention(q, k_cache, v_cache, r.block_table, r.seq_lens, none,
+                                           none.new_empty(q.shape[0], 0, 1, v_cache.shape[-1]), hm, sink=0,
+                                           window=1, scale=scale)
+
+
+class Dense:
+    """Every KV head of the layer exact, K and V in the pages (compression off)."""
+
+    name = "off"
+
+    def __init__(self, num_heads: int, num_kv_heads: int, scale: float, device):
+        self.num_heads, self.num_kv_heads, self.scale = num_heads, num_kv_heads, scale
+        self.hm = head_map(list(range(num_kv_heads)), [], device)
+
+    def pages(self, store) -> tuple[torch.Tensor, torch.Tensor]:
+        return store.k, store.v
+
+    def write(self, store, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: Step | None = None) -> None:
+        """New tokens' ``k, v [n, Hkv, D]`` into their page slots (before :meth:`attend`)."""
+        write_pages(store.k, store.v, slots, k, v)
+
+    def attend(self, store, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: Step, out: torch.Tensor) -> None:
+        """Attention of the step's queries ``q [n, Hq, D]``; writes ``out [n, Hq, Dv]``."""
+        single, multi = md.rows()
+        if single is not None:
+            out[single.rows] = dense_decode(q[single.rows], store.k, store.v, self.hm, single,
+                                            self.scale).to(out.dtype)
+        if multi is not None:
+            dense_rows(q, store.k, store.v, md, multi.reqs, self.scale, out)

@@ -1,0 +1,155 @@
+"""DuoAttention: retrieval heads keep every token, streaming heads only ``sink`` + ``recent`` tokens.
+
+Storage per layer: the retrieval heads are another method's heads (exact pages, :class:`Dense`,
+or A²ATS code pages); the streaming heads keep their kept tokens in a per-request ring
+(``ring [blocks, n_str, capacity, D + Dv]``, position ``p`` in slot :func:`ring_slot`) — or, when
+the retrieval heads are A²ATS heads, in the host pages beside theirs (nothing on the device).
+Streaming heads see the first ``sink`` tokens and a window of ``recent`` tokens (counting the
+query itself), in decode and in prefill.
+
+This module is the one home of the streaming positions: which tokens a ring holds
+(:func:`ring_kept`), where (:func:`ring_slot`), and the decode selection (:func:`streaming_selection`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+from ..ops.prefill import streaming_prefill
+from ..ref.cache_write import streaming_slot as ring_slot
+from .a2ats import A2ATS
+from .dense import Dense, dense_rows, head_map, write_pages
+from .step import Rows, Step
+
+__all__ = ["DuoAttention", "ring_kept", "ring_slot", "streaming_selection"]
+
+
+def ring_kept(start: int, end: int, sink: int, recent: int) -> list[int]:
+    """Positions of ``[0, end)`` a ring holds after writing the tokens before ``end``, restricted
+    to ``[start, end)``: the sink ones and the last ``recent``."""
+    tail = max(start, sink, end - recent)
+    return list(range(start, min(end, sink))) + list(range(tail, end))
+
+
+def streaming_selection(seq_lens: torch.Tensor, heads: int, sink: int, recent: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(idx [d, heads, sink + recent] int32, count [d, heads] int32)``: the sink tokens and the
+    last ``recent`` ones (incl. this step's) of each request, ascending; padding repeats the last."""
+    lens = seq_lens.long()[:, None]
+    n_sink = torch.clamp(lens, max=sink)
+    start = torch.clamp(lens - recent, min=sink)
+    count = n_sink + torch.clamp(lens - start, min=0)
+    j = torch.arange(sink + recent, device=seq_lens.device)[None, :]
+    idx = torch.where(j < n_sink, j, start + j - n_sink)
+    idx = torch.minimum(idx, lens - 1)
+    return (idx[:, None, :].expand(-1, heads, -1).to(torch.int32).contiguous(),
+            count.expand(-1, heads).to(torch.int32).contiguous())
+
+
+class DuoAttention:
+    """A layer's KV heads split into ``retrieval`` heads (held by ``inner``: :class:`Dense` or
+    :class:`A2ATS`) and streaming heads (sink + recent)."""
+
+    name = "duo"
+
+    def __init__(self, inner: Dense | A2ATS, retrieval: list[int], streaming: list[int], group: int, sink: int,
+                 recent: int, scale: float, device):
+        self.inner, self.sink, self.recent, self.scale = inner, sink, recent, scale
+        self.kv_ret = torch.tensor(retrieval, device=device)
+        self.kv_str = torch.tensor(streaming, device=device)
+        self.q_ret = torch.tensor([h * group + i for h in retrieval for i in range(group)], device=device)
+        self.q_str = torch.tensor([h * group + i for h in streaming for i in range(group)], device=device)
+        self.hm = head_map(retrieval, streaming, device)
+        self.in_mirror = isinstance(inner, A2ATS)  # streaming heads' K/V beside the A²ATS heads' on the host
+
+    def write(self, store, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: Step | None = None) -> None:
+        """Retrieval heads into their pages (with A²ATS, every head into the host pages, retrieval
+        heads first); streaming heads enter the ring in :meth:`attend` (it needs positions)."""
+        if self.in_mirror:
+            order = torch.cat([self.kv_ret, self.kv_str])
+            self.inner.write(store, slots, k.index_select(1, order), v.index_select(1, order))
+        else:
+            write_pages(store.k, store.v, slots, k.index_select(1, self.kv_ret), v.index_select(1, self.kv_ret))
+
+    def attend(self, store, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: Step, out: torch.Tensor) -> None:
+        """Retrieval heads through ``inner``, streaming heads over their kept tokens and the step's
+        own; the step's streaming keys then stay in the ring."""
+        single, multi = md.rows()
+        k_str, v_str = k.index_select(1, self.kv_str), v.index_select(1, self.kv_str)
+        mirror_kv = None
+        if self.in_mirror:
+            n = q.shape[0]
+            o = torch.empty(n, len(self.q_ret), out.shape[-1], dtype=out.dtype, device=out.device)
+            self.inner.attend(store, q.index_select(1, self.q_ret), k.index_select(1, self.kv_ret), None, md, o)
+            out[:n].index_copy_(1, self.q_ret, o)
+            mk, mv = store.mirror
+            n_ret = len(self.kv_ret)
+            mirror_kv = (mk[:, :, n_ret:], mv[:, :, n_ret:])
+            if single is not None:
+                idx, count = streaming_selection(single.seq_lens, mirror_kv[0].shape[2], self.sink, self.recent)
+                o = ops.sparse_attention_host(q[single.rows].index_select(1, self.q_str), *mirror_kv, idx, count,
+                                              block_table=single.block_table, scale=self.scale)
+                out[single.rows[:, None], self.q_str[None, :]] = o.to(out.dtype)
+        elif single is not None:
+            out[single.rows] = self.decode(store, q[single.rows], k_str[single.rows], v_str[single.rows],
+                                           single).to(out.dtype)
+        if multi is None:
+            return
+        if not self.in_mirror:
+            dense_rows(q.index_select(1, self.q_ret), store.k, store.v, md, multi.reqs, self.scale, out,
+                       heads=self.q_ret)
+        self.prefill_streaming(store, q.index_select(1, self.q_str), k_str, v_str, mirror_kv, md, multi.reqs, out)
+
+    def decode(self, store, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, r: Rows) -> torch.Tensor:
+        """One op call for both kinds of heads: retrieval heads over their pages, streaming heads over
+        their ring, which takes this step's ``k_new, v_new [d, n_str, D]`` first."""
+        sink, recent = self.sink, self.recent
+        ring, rb = store.ring, store.ring_block.index_select(0, r.req_index)
+        d = k_new.shape[-1]
+        slot = ring_slot(r.seq_lens.long() - 1, sink, recent)
+        ring[rb, :, slot, :d] = k_new.to(ring.dtype)
+        ring[rb, :, slot, d:] = v_new.to(ring.dtype)
+        rows = ring.index_select(0, rb)[:, :, : sink + recent]  # [d, n_str, sink + recent, D + Dv]
+        return ops.triton_duo_decode_attention(q, store.k, store.v, r.block_table, r.seq_lens, rows[..., :d],
+                                               rows[..., d:], self.hm, sink=sink, window=recent, scale=self.scale)
+
+    def prefill_streaming(self, store, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, mirror_kv,
+                          md: Step, reqs: list[int], output: torch.Tensor) -> None:
+        """Streaming heads' multi-token rows: ``q [n, Hq_str, D]`` over the kept earlier tokens (the
+        ring, or ``mirror_kv = (k, v)`` host pages) and this step's ``k_new, v_new [n, n_str, D]``;
+        writes ``output[rows, q_str]``; then the ring keeps this step's sink and recent tokens."""
+        sink, recent, d = self.sink, self.recent, k_new.shape[2]
+        ring = store.ring if mirror_kv is None else None
+        qsl, lens = md.qsl_host(), md.seq_lens_host()
+        if ring is None:
+            mk, mv = mirror_kv
+            bt = md.block_table.cpu()
+            bsz = mk.shape[1]
+        else:
+            blocks = store.ring_block.tolist()
+        for b in reqs:
+            s0, e0 = qsl[b], qsl[b + 1]
+            seq_len = lens[b]
+            ctx = seq_len - (e0 - s0)
+            old_pos = ring_kept(0, ctx, sink, recent)
+            if ring is not None:
+                r = ring[blocks[b]]  # [n_str, capacity, D + Dv]
+                idx = torch.tensor([ring_slot(p, sink, recent) for p in old_pos], dtype=torch.long, device=r.device)
+                k_old, v_old = r[:, idx, :d], r[:, idx, d:]
+            else:
+                pos = torch.tensor(old_pos, dtype=torch.long)
+                blk, off = bt[b, pos // bsz].long(), pos % bsz
+                k_old = mk[blk, off].transpose(0, 1).to(q.device)
+                v_old = mv[blk, off].transpose(0, 1).to(q.device)
+            k = torch.cat([k_old, k_new[s0:e0].transpose(0, 1).to(k_old.dtype)], dim=1)[None].to(q.dtype)
+            v = torch.cat([v_old, v_new[s0:e0].transpose(0, 1).to(v_old.dtype)], dim=1)[None].to(q.dtype)
+            k_pos = torch.tensor(old_pos + list(range(ctx, seq_len)), device=q.device)
+            o = streaming_prefill(q[s0:e0].transpose(0, 1)[None], k, v, sink=sink, window=recent, scale=self.scale,
+                                  q_pos=k_pos[len(old_pos):], k_pos=k_pos)
+            output[s0:e0].index_copy_(1, self.q_str, o[0].transpose(0, 1).to(output.dtype))
+            keep = ring_kept(ctx, seq_len, sink, recent) if ring is not None else []
+            if keep:
+                ki = torch.tensor([p - ctx for p in keep], dtype=torch.long, device=r.device) + s0
+                slot = torch.tensor([ring_slot(p, sink, recent) for p in keep], dtype=torch.long, device=r.device)
+                r[:, slot, :d] = k_new.index_select(0, ki).transpose(0, 1).to(r.dtype)
+                r[:, slot, d:] = v_new.index_select(0, ki).transpose(0, 1).to(r.dtype)

@@ -1,0 +1,121 @@
+"""One step's metadata, in the one form both paths build: the vLLM metadata builder (once per step,
+shared by every layer) and the transformers cache (one block per sequence).
+
+A step is a batch of requests, each with ``query_start_loc[b+1] - query_start_loc[b]`` new tokens
+(rows of the packed ``[num_actual_tokens, H, D]`` tensors) ending at position ``seq_lens[b] - 1``;
+``block_table [num_reqs, max_blocks]`` addresses each request's pages. :meth:`Step.rows` splits the
+requests once into one-token rows (decode: kvcomp's decode ops) and multi-token rows (prefill and
+chunked prefill).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Rows:
+    """A sub-batch of requests: their packed query rows and per-request metadata."""
+
+    reqs: list[int]  # request indices in the batch
+    req_index: torch.Tensor  # the same on the device (to select per-request rows, e.g. ring blocks)
+    rows: torch.Tensor  # [n] query rows (long, on the device)
+    block_table: torch.Tensor
+    seq_lens: torch.Tensor
+    query_start_loc: torch.Tensor  # [len(reqs) + 1] (int32, on the device)
+
+
+def split_rows(num_reqs: int, qsl: list[int], block_table: torch.Tensor, seq_lens: torch.Tensor,
+               device: torch.device) -> tuple[Rows | None, Rows | None]:
+    """``(one-token rows, multi-token rows)`` of a batch; ``None`` for an empty part.
+
+    ``qsl`` is the host copy of ``query_start_loc``. Requests without query rows are dropped.
+    """
+    single = [b for b in range(num_reqs) if qsl[b + 1] - qsl[b] == 1]
+    multi = [b for b in range(num_reqs) if qsl[b + 1] - qsl[b] > 1]
+
+    def part(reqs: list[int]) -> Rows | None:
+        if not reqs:
+            return None
+        lens = [qsl[b + 1] - qsl[b] for b in reqs]
+        rows = torch.cat([torch.arange(qsl[b], qsl[b + 1]) for b in reqs]).to(device)
+        starts = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+        idx = torch.tensor(reqs, device=device)
+        return Rows(reqs, idx, rows, block_table.index_select(0, idx), seq_lens.index_select(0, idx), starts)
+
+    return part(single), part(multi)
+
+
+@dataclass
+class Step:
+    """Per-step metadata (vLLM: shared by all layers of a KV-cache group).
+
+    Shapes: ``query_start_loc [num_reqs+1]``, ``seq_lens [num_reqs]``, ``block_table
+    [num_reqs, max_blocks]`` (int32), ``slot_mapping [num_actual_tokens]`` (int64).
+    """
+
+    num_reqs: int
+    num_actual_tokens: int
+    max_query_len: int
+    max_seq_len: int
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    block_table: torch.Tensor
+    slot_mapping: torch.Tensor
+    query_start_loc_host: list[int] | None = None  # host copy (vLLM keeps one), else read on demand
+    # computed once per step, then shared by every layer
+    _seq_lens_host: list[int] | None = field(default=None, repr=False)
+    _rows: tuple | None = field(default=None, repr=False)
+    _positions: torch.Tensor | None = field(default=None, repr=False)
+
+    def qsl_host(self) -> list[int]:
+        """Host copy of ``query_start_loc`` (vLLM's CPU tensor when the builder had it: no sync)."""
+        if self.query_start_loc_host is None:
+            self.query_start_loc_host = self.query_start_loc.tolist()
+        return self.query_start_loc_host
+
+    def seq_lens_host(self) -> list[int]:
+        """Host copy of ``seq_lens`` (one device sync per step, for the multi-token rows)."""
+        if self._seq_lens_host is None:
+            self._seq_lens_host = self.seq_lens.tolist()
+        return self._seq_lens_host
+
+    def rows(self) -> tuple[Rows | None, Rows | None]:
+        """``(one-token rows, multi-token rows)``: :func:`split_rows`, once per step."""
+        if self._rows is None:
+            self._rows = split_rows(self.num_reqs, self.qsl_host(), self.block_table, self.seq_lens,
+                                    self.query_start_loc.device)
+        return self._rows
+
+    def positions(self) -> torch.Tensor:
+        """Absolute position of every packed query row ``[num_actual_tokens]`` (int64), once per step."""
+        if self._positions is None:
+            qsl = self.query_start_loc.long()
+            qlens = qsl[1:] - qsl[:-1]
+            req = torch.repeat_interleave(torch.arange(self.num_reqs, device=qsl.device), qlens)
+            start = self.seq_lens.long() - qlens
+            self._positions = start[req] + torch.arange(self.num_actual_tokens, device=qsl.device) - qsl[req]
+        return self._positions
+
+    def all_multi(self) -> "Step":
+        """The same step with every request on the multi-token path (the per-request reference route)."""
+        n = self.num_reqs
+        rows = Rows(list(range(n)), torch.arange(n), torch.arange(self.num_actual_tokens), self.block_table,
+                    self.seq_lens, self.query_start_loc)
+        return Step(self.num_reqs, self.num_actual_tokens, self.max_query_len, self.max_seq_len,
+                    self.query_start_loc, self.seq_lens, self.block_table, self.slot_mapping,
+                    self.query_start_loc_host, self._seq_lens_host, (None, rows), self._positions)
+
+    @classmethod
+    def uniform(cls, batch: int, seen: int, new: int, capacity: int, device) -> "Step":
+        """``batch`` requests of ``seen`` cached + ``new`` tokens, request ``b`` in block ``b`` of
+        ``capacity`` slots (the transformers cache's one-block-per-sequence layout)."""
+        qsl = [b * new for b in range(batch + 1)]
+        total = seen + new
+        slots = (torch.arange(batch)[:, None] * capacity + torch.arange(seen, total)[None, :]).flatten()
+        return cls(batch, batch * new, new, total, torch.tensor(qsl, dtype=torch.int32, device=device),
+                   torch.full((batch,), total, dtype=torch.int32, device=device),
+                   torch.arange(batch, dtype=torch.int32, device=device)[:, None], slots.to(device), qsl,
+                   [total] * batch)
