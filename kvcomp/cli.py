@@ -1,4 +1,4 @@
-"""``kvcomp`` command line: demo, eval, calibrate, vllm-config, info."""
+"""``kvcomp`` command line: demo, eval, calibrate, vllm-config, bench, info."""
 
 from __future__ import annotations
 
@@ -231,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--method", type=T.method, required=True, help="duo, think, vq or duo+vq")
     v.add_argument("--out", required=True, help="directory to write (CompressionConfig.save)")
     v.set_defaults(fn=cmd_vllm_config)
+
+    from .bench.runner import add_bench_parser
+
+    add_bench_parser(sub, parents=[debug])
 
     i = sub.add_parser("info", parents=[debug], help="versions and build features")
     i.set_defaults(fn=cmd_info)

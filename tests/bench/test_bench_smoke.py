@@ -1,5 +1,6 @@
-"""The benchmark runner works on a CPU: --smoke checks each DuoAttention kernel against its reference
-(Triton interpreter), timing without CUDA is skipped with a reason, and a wrong kernel fails the smoke."""
+"""The CUDA registry runner works on a CPU: --smoke checks each DuoAttention kernel against its reference
+(Triton interpreter), bench/run.py timing without CUDA is skipped with a reason, a wrong or crashing kernel
+fails the smoke, and the timing rows (op time, CUDA-graph time, baselines, errors) are assembled right."""
 
 import json
 import os
@@ -46,28 +47,28 @@ def test_unknown_kernel_is_an_error():
 
 
 def test_smoke_detects_a_wrong_kernel(monkeypatch, tmp_path):
-    sys.path.insert(0, str(ROOT))
-    try:
-        from bench import run as runner
-        from bench.registry import REGISTRY, Bench, Problem
-    finally:
-        sys.path.remove(str(ROOT))
+    from kvcomp.bench import cuda as runner
+    from kvcomp.bench.core import REGISTRY, Bench, Problem
+
     x = torch.randn(4, 8)
     bad = Bench(name="_bad", description="doubles instead of copying", make=lambda p: x,
                 run=lambda t: t * 2, ref=lambda t: t.clone(), nbytes=lambda p: 0,
                 smoke=Problem(1, 8, 1, 1, 16, torch.float32, "cpu"))
+    crash = Bench(name="_crash", description="raises", make=lambda p: x, run=lambda t: t[99], ref=lambda t: t,
+                  nbytes=lambda p: 0, smoke=Problem(1, 8, 1, 1, 16, torch.float32, "cpu"))
     monkeypatch.setitem(REGISTRY, "_bad", bad)
-    assert runner.smoke(["_bad"], tmp_path / "bad.json") == 1
-    assert json.loads((tmp_path / "bad.json").read_text())["results"][0]["ok"] is False
+    monkeypatch.setitem(REGISTRY, "_crash", crash)
+    assert runner.smoke(["_bad", "_crash"], tmp_path / "bad.json") == 1
+    rows = json.loads((tmp_path / "bad.json").read_text())["results"]
+    assert [r["ok"] for r in rows] == [False, False]
+    assert "IndexError" in rows[1]["error"]
 
 
 def test_peak_bandwidth_table():
-    sys.path.insert(0, str(ROOT))
-    try:
-        from bench.registry import peak_gbps
-    finally:
-        sys.path.remove(str(ROOT))
+    from kvcomp.bench.core import peak_gbps
+
     assert peak_gbps("NVIDIA H100 80GB HBM3") == 3350.0
+    assert peak_gbps("NVIDIA GH200 480GB") == 4000.0
     assert peak_gbps("NVIDIA H200") == 4800.0
     assert peak_gbps("NVIDIA H100 PCIe") == 2000.0
     assert peak_gbps("NVIDIA A100-SXM4-80GB") == 2039.0
@@ -75,35 +76,42 @@ def test_peak_bandwidth_table():
 
 
 def test_timing_row_assembly_with_a_fake_timer(monkeypatch):
-    """The CUDA timing path builds its rows (check, bytes, GB/s, % peak, baselines, speedups); the timer
-    and the memory guard are replaced so it runs on the CPU."""
+    """The CUDA timing path builds its rows (check, op and graph time, bytes, GB/s over the graph time, %
+    peak, baselines, speedups); timers and the memory guard are replaced so it runs on the CPU."""
     import argparse
     import dataclasses
 
-    sys.path.insert(0, str(ROOT))
-    try:
-        from bench import run as runner
-        from bench.registry import REGISTRY
-    finally:
-        sys.path.remove(str(ROOT))
+    from kvcomp.bench import cuda as runner
+    from kvcomp.bench.methods import REGISTRY
+
     times = iter([2.0, 4.0, 8.0])
-    monkeypatch.setattr(runner, "_time", lambda fn, w, r: (fn(), {"median_ms": next(times), "p20_ms": 1.0,
-                                                                  "p80_ms": 3.0})[1])
-    monkeypatch.setattr(runner, "_fits", lambda p, f: None)
+    monkeypatch.setattr(runner, "time_cuda", lambda fn, w, r: (fn(), {"median_ms": next(times), "p20_ms": 1.0,
+                                                                      "p80_ms": 3.0})[1])
+    monkeypatch.setattr(runner, "time_cuda_graph", lambda fn, r: {"graph_ms": 1.0, "graph_p20_ms": 0.9,
+                                                                  "graph_p80_ms": 1.1})
+    monkeypatch.setattr(runner, "fits", lambda p, f: None)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     bench = REGISTRY["streaming_prefill"]
     bench = dataclasses.replace(bench, baselines={"sdpa_flash": bench.baselines["sdpa_flash"],
                                                   "flash_attn": bench.baselines["flash_attn"]})
-    args = argparse.Namespace(check=True, check_max_context=1000, warmup=1, rep=1, no_baselines=False, mem_frac=0.5)
-    problem = runner._problem(bench, bench.smoke, device="cuda" if torch.cuda.is_available() else "cpu")
+    args = argparse.Namespace(check=True, check_max_context=1000, warmup_ms=1, rep_ms=1, no_baselines=False,
+                              mem_frac=0.5)
+    problem = runner.problem_for(bench, bench.smoke, device="cuda" if torch.cuda.is_available() else "cpu")
     row = runner.bench_case(bench, problem, args, peak=1000.0)
     assert row["check"]["ok"]
-    assert row["median_ms"] == 2.0 and row["bytes"] == bench.nbytes(problem)
-    assert abs(row["gbps"] - row["bytes"] / 2e-3 / 1e9) < 1e-12
+    assert row["median_ms"] == 2.0 and row["graph_ms"] == 1.0 and row["bytes"] == bench.nbytes(problem)
+    assert row["gbps_basis"] == "graph_ms" and abs(row["gbps"] - row["bytes"] / 1e-3 / 1e9) < 1e-12
     assert abs(row["pct_peak_bw"] - row["gbps"] / 10.0) < 1e-12
     assert row["speedup"]["sdpa_flash"] == 2.0
     try:
         import flash_attn  # noqa: F401
     except ImportError:
         assert "unavailable" in row["baselines"]["flash_attn"]
-    assert "skipped" not in runner._fmt(row)
+    assert "skipped" not in runner.fmt(row)
+
+    def boom(x):
+        raise RuntimeError("kernel exploded\nsecond line")
+
+    row = runner.bench_case(dataclasses.replace(bench, run=boom), problem,
+                            argparse.Namespace(**{**vars(args), "check": False}), peak=None)
+    assert row["error"] == "RuntimeError: kernel exploded" and "error: RuntimeError" in runner.fmt(row)
