@@ -1,15 +1,17 @@
 """``kvcomp::duo_decode``: DuoAttention head-split paged decode as a torch.library custom op.
 
-Triton is imported lazily inside the op, so importing this module is cheap. The fake implementation
-lets ``torch.compile`` trace and CUDA graphs capture the decode step (the launcher never syncs with
-the host for CUDA tensors).
+The op body picks its implementation with ``impl_for(q, "duo_decode")``: the Triton kernel (CUDA, or
+CPU under ``TRITON_INTERPRET=1``), the native CPU kernel ``torch.ops.kvcomp_C.duo_decode``
+(csrc/paged_decode_cpu.cpp), or the reference. Triton is imported lazily inside the op, so
+importing this module is cheap. The fake implementation lets ``torch.compile`` trace and CUDA
+graphs capture the decode step (the launcher never syncs with the host for CUDA tensors).
 """
 
 from __future__ import annotations
 
 import torch
 
-from kvcomp.ops._dispatch import use_triton
+from kvcomp.ops._dispatch import impl_for
 from kvcomp.ref.duo import check_duo_inputs
 
 
@@ -17,7 +19,11 @@ from kvcomp.ref.duo import check_duo_inputs
 def _duo_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                    seq_lens: torch.Tensor, k_stream: torch.Tensor, v_stream: torch.Tensor, head_map: torch.Tensor,
                    sink: int, window: int, scale: float, num_splits: int) -> torch.Tensor:
-    if not use_triton(q):
+    impl = impl_for(q, "duo_decode")
+    if impl == "native":
+        return torch.ops.kvcomp_C.duo_decode(q, k_cache, v_cache, block_table, seq_lens, k_stream, v_stream,
+                                             head_map, sink, window, scale, num_splits)
+    if impl == "reference":
         from kvcomp.ref.duo import duo_decode_attention as ref
 
         return ref(q, k_cache, v_cache, block_table, seq_lens, k_stream, v_stream, head_map, sink=sink,
@@ -40,7 +46,8 @@ def triton_duo_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
                                 v_stream: torch.Tensor, head_map: torch.Tensor, *, sink: int, window: int,
                                 scale: float | None = None, num_splits: int | None = None) -> torch.Tensor:
     """DuoAttention decode step through the ``kvcomp::duo_decode`` op: the Triton split-K kernel on
-    CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``), the reference on CPU otherwise.
+    CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``), on CPU the native kernel when
+    ``kvcomp._C`` has it, else the reference (see ``kvcomp.ops._dispatch.impl_for``).
 
     Same arguments and result as ``kvcomp.ref.duo.duo_decode_attention``:
     q ``[B, Hq, D]``; retrieval heads paged in ``k_cache, v_cache [num_blocks, block_size, n_ret, D]`` with
