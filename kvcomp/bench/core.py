@@ -100,8 +100,10 @@ class CpuCase:
     """One row kind of the CPU sweep (``kvcomp bench kernels`` on the CPU), timed through ``kvcomp.ops``.
 
     make(problem) -> inputs; run(inputs) -> output (the timed decode step); nbytes(problem, inputs) ->
-    bytes the method must read (module doc); impl(inputs) -> which implementation ran (``impl_for``);
-    kv_bytes(problem) -> rough size of the inputs (memory guard).
+    bytes the method must read (module doc); ops: ``(stage label, native op name)`` of the kvcomp ops a
+    step runs (which implementation each ran is observed, :func:`observed_impl`); label: the
+    implementation of a case without kvcomp ops (e.g. ``torch.sdpa``); kv_bytes(problem) -> rough size
+    of the inputs (memory guard).
     """
 
     name: str
@@ -109,7 +111,8 @@ class CpuCase:
     make: Callable[[Problem], Any]
     run: Callable[[Any], Any]
     nbytes: Callable[[Problem, Any], int]
-    impl: Callable[[Any], str]
+    ops: tuple[tuple[str, str], ...] = ()
+    label: str = ""
     kv_bytes: Callable[[Problem], int] = lambda p: 2 * p.batch * p.hkv * p.context * p.d * p.elt
 
 
@@ -243,6 +246,38 @@ def time_cuda_graph(fn: Callable[[], Any], rep: int) -> dict:
 
     med, p20, p80 = triton.testing.do_bench_cudagraph(fn, rep=rep, quantiles=[0.5, 0.2, 0.8])
     return {"graph_ms": med, "graph_p20_ms": p20, "graph_p80_ms": p80}
+
+
+def observed_impl(fn: Callable[[], Any], ops: tuple[tuple[str, str], ...],
+                  device: str = "cpu") -> tuple[str, str]:
+    """``(ran, dispatch)``: which implementation each ``(label, native op)`` ran in one call of ``fn``
+    (``native`` when the profiler saw ``kvcomp_C::<op>``; otherwise ``triton`` under the interpreter,
+    else ``reference``), and what ``kvcomp.ops._dispatch.impl_for`` picks for it. They differ when an
+    ops entry point does not dispatch to its native kernel yet."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from kvcomp.ops._dispatch import impl_for
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    seen = {e.name for e in prof.events()}
+    t = torch.empty(0, device=device)
+    try:
+        fallback = "triton" if impl_for(t) == "triton" else "reference"
+    except RuntimeError:  # KVCOMP_OPS=native: no op name here
+        fallback = "reference"
+
+    def dispatch(op):
+        try:
+            return impl_for(t, op)
+        except RuntimeError as e:
+            return f"error ({e})"
+
+    def fmt(parts):
+        return " ".join(f"{label}:{v}" if label else v for label, v in parts)
+
+    return (fmt((label, "native" if f"kvcomp_C::{op}" in seen else fallback) for label, op in ops),
+            fmt((label, dispatch(op)) for label, op in ops))
 
 
 def read_bandwidth_gbps(gib: float = 1.0, reps: int = 5) -> float:

@@ -1,7 +1,8 @@
 """The CPU sweep of ``kvcomp bench kernels``: every case of :data:`kvcomp.bench.core.CPU_CASES` at the
 Llama-3.1-8B attention geometry of one layer (32 query / 8 KV heads, D=128, paged blocks of 16) for each
 context x batch x dtype, timed with ``time.perf_counter`` through the public ``kvcomp.ops`` entry points
-(whatever implementation the dispatch picks; the row's ``impl`` says which ran).
+(whatever implementation the dispatch picks; the row's ``impl`` says which ran, observed with the
+profiler, and ``impl_for`` what the dispatch rule predicts).
 
 The machine's read bandwidth is measured in the same run (median of timed ``x.sum()`` over a 1 GiB fp32
 tensor) and every row's ``pct_read_bw`` is relative to it. Only one case's tensors are alive at a time.
@@ -15,7 +16,8 @@ import time
 
 import torch
 
-from kvcomp.bench.core import BYTE_MODEL, LLAMA31_8B, Problem, machine, mem_available, read_bandwidth_gbps, time_cpu
+from kvcomp.bench.core import (BYTE_MODEL, LLAMA31_8B, Problem, machine, mem_available, observed_impl,
+                               read_bandwidth_gbps, time_cpu)
 from kvcomp.bench.runner import CPU_CONTEXTS, CPU_OUT, Budget, Recorder, error_text, parse_ints, progress
 
 LLAMA = LLAMA31_8B
@@ -49,7 +51,10 @@ def run_case(case, p: Problem, args, budget: Budget) -> dict:
     t0 = time.perf_counter()
     try:
         x = case.make(p)
-        row["impl"] = case.impl(x)
+        if case.ops:  # one untimed call under the profiler: which implementation each op ran
+            row["impl"], row["impl_for"] = observed_impl(lambda: case.run(x), case.ops, p.device)
+        else:
+            row["impl"] = case.label
         t = time_cpu(lambda: case.run(x), args.reps, args.warmup, deadline=budget.deadline)
         row.update({k: round(v, 4) if isinstance(v, float) else v for k, v in t.items()})
         row["bytes"] = int(case.nbytes(p, x))

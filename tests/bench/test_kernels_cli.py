@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from kvcomp.bench import runner
 from kvcomp.bench.core import CpuCase
@@ -93,7 +94,7 @@ def test_a_failing_case_is_recorded_and_the_sweep_goes_on(monkeypatch, tmp_path)
         raise RuntimeError("native kernel refused the layout\ndetails")
 
     monkeypatch.setitem(CPU_CASES, "_boom", CpuCase("_boom", "raises", make=lambda p: {}, run=boom,
-                                                    nbytes=lambda p, x: 1, impl=lambda x: "test"))
+                                                    nbytes=lambda p, x: 1, label="test"))
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     k = argparse.ArgumentParser()
     runner.add_kernels_args(k)
@@ -131,3 +132,19 @@ def test_report_targets_met_and_missed():
            "40.00%)" in lines
     assert "- **met**: A2ATS top-K 3% >= 12x dense at 128K (B1 float32 12.50x)" in lines
     assert "- **not measured**: ThinK 0.4 >= 1.15x dense at 32K" in lines
+
+
+def test_observed_impl_sees_which_implementation_ran(monkeypatch):
+    """``impl`` comes from what ran (the profiler sees ``kvcomp_C::<op>``), not from the dispatch rule."""
+    from kvcomp.bench.core import Problem, observed_impl
+    from kvcomp.bench.methods import dense
+    from kvcomp.ops._dispatch import has_native
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x = dense.make_dense_paged(Problem(1, 40, 4, 2, 16, torch.float32, "cpu", dict(block_size=8)))
+    monkeypatch.setenv("KVCOMP_OPS", "reference")
+    assert observed_impl(lambda: dense.run_duo_ops(x), dense.DUO_OPS) == ("reference", "reference")
+    if not has_native("duo_decode"):
+        pytest.skip("kvcomp._C has no native duo_decode (not built)")
+    monkeypatch.setenv("KVCOMP_OPS", "native")
+    assert observed_impl(lambda: dense.run_duo_ops(x), dense.DUO_OPS) == ("native", "native")

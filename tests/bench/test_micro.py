@@ -8,9 +8,8 @@ import torch
 
 pytest.importorskip("pytest_benchmark")
 
-from kvcomp.bench.core import Problem  # noqa: E402
+from kvcomp.bench.core import Problem, observed_impl  # noqa: E402
 from kvcomp.bench.methods import dense, duo, think, vq  # noqa: E402
-from kvcomp.ops._dispatch import impl_for  # noqa: E402
 
 P = Problem(2, 203, 8, 2, 64, torch.float32, "cpu", dict(block_size=16, sink=4, window=16, streaming_frac=0.5,
                                                            prune_ratio=0.4, n_codes=64, topk=0.1, local=8))
@@ -29,21 +28,21 @@ def _close(a, b):
 
 def test_dense_paged_decode(benchmark):
     x = dense.make_dense_paged(P)
-    benchmark.extra_info["impl"] = dense.impl_duo(x)
+    benchmark.extra_info["impl"] = observed_impl(lambda: dense.run_duo_ops(x), dense.DUO_OPS)[0]
     out = benchmark(dense.run_duo_ops, x)
     _close(out, duo.ref_duo_decode(x))
 
 
 def test_duo_decode(benchmark):
     x = duo.make_duo_decode(P)
-    benchmark.extra_info["impl"] = dense.impl_duo(x)
+    benchmark.extra_info["impl"] = observed_impl(lambda: dense.run_duo_ops(x), dense.DUO_OPS)[0]
     out = benchmark(dense.run_duo_ops, x)
     _close(out, duo.ref_duo_decode(x))
 
 
 def test_think_decode(benchmark):
     x = think.make_think_decode(P)
-    benchmark.extra_info["impl"] = impl_for(x["q"], "think_decode")
+    benchmark.extra_info["impl"] = observed_impl(lambda: think.run_think_decode(x), (("", "think_decode"),))[0]
     out = benchmark(think.run_think_decode, x)
     _close(out, think.ref_think_decode(x))
 
@@ -55,13 +54,13 @@ def test_vq_lut_topk(benchmark):
 
     x = vq.make_vq_decode(P)
     x["q_wrope"] = x["q_wrope"].float()
-    benchmark.extra_info["impl"] = f"{impl_for(x['q'], 'vq_lut')}/{impl_for(x['q'], 'vq_topk')}"
 
     def step():
         lut = vq_lut(x["q_wrope"], x["codebook"])
         return lut, vq_topk(lut, x["code_cache"], x["block_table"], x["seq_lens"], topk=x["topk"], sink=x["sink"],
                             local=x["local"])
 
+    benchmark.extra_info["impl"] = observed_impl(step, vq.CHAIN_OPS[:2])[0]
     lut, (idx, count) = benchmark(step)
     want_lut = ref_lut(x["q_wrope"], x["codebook"])
     _close(lut, want_lut)
@@ -78,7 +77,7 @@ def test_a2ats_host_mirror_chain(benchmark):
     from kvcomp.ops import sparse_attention_host_torch, vq_lut, vq_topk
 
     x = vq.make_mirror_chain(P, P.hkv)
-    benchmark.extra_info["impl"] = vq.impl_mirror_chain(x)
+    benchmark.extra_info["impl"] = observed_impl(lambda: vq.run_mirror_chain(x), vq.CHAIN_OPS)[0]
     out = benchmark(vq.run_mirror_chain, x)
     lut = vq_lut(x["q_wrope"], x["codebook"])
     idx, count = vq_topk(lut, x["code_cache"], x["block_table"], x["seq_lens"], topk=x["topk"], sink=x["sink"],
@@ -94,6 +93,6 @@ def test_vq_encode(benchmark):
     k = torch.randn(2, P.hkv, 37, P.d, generator=g)
     cb = torch.randn(P.hkv, 64, P.d, generator=g)
     whiten = torch.eye(P.d).expand(P.hkv, P.d, P.d).contiguous()
-    benchmark.extra_info["impl"] = impl_for(k, "vq_encode")
+    benchmark.extra_info["impl"] = observed_impl(lambda: vq_encode(k, cb, whiten), (("", "vq_encode"),))[0]
     codes = benchmark(vq_encode, k, cb, whiten)
     assert torch.equal(codes, ref_encode(k, cb, whiten))

@@ -122,7 +122,7 @@ def _run_sdpa(x):
 register_cpu(CpuCase(
     name="sdpa", description="full attention, torch SDPA over contiguous K/V [B, Hkv, T, D] (enable_gqa)",
     make=_make_sdpa, run=_run_sdpa, nbytes=lambda p, x: kv_read_bytes(p, p.context),
-    impl=lambda x: "torch.sdpa"))
+    label="torch.sdpa"))
 
 
 def make_dense_paged(p: Problem) -> dict:
@@ -148,16 +148,13 @@ def run_duo_ops(x):
                                        window=x["window"])
 
 
-def impl_duo(x) -> str:
-    from kvcomp.ops._dispatch import impl_for
-
-    return impl_for(x["q"], "duo_decode")
+DUO_OPS = (("", "duo_decode"),)
 
 
 register_cpu(CpuCase(
     name="off", description="compression off: kvcomp's dense paged decode (kvcomp.ops duo decode, no streaming "
                             "heads); its time is every row's dense_paged_ms",
-    make=make_dense_paged, run=run_duo_ops, nbytes=lambda p, x: kv_read_bytes(p, p.context), impl=impl_duo))
+    make=make_dense_paged, run=run_duo_ops, nbytes=lambda p, x: kv_read_bytes(p, p.context), ops=DUO_OPS))
 
 
 def _make_vllm_cpu(p: Problem):
@@ -172,4 +169,4 @@ def _make_vllm_cpu(p: Problem):
 register_cpu(CpuCase(
     name="vllm_cpu", description="vLLM's CPU paged attention (only where vLLM is importable)",
     make=_make_vllm_cpu, run=lambda x: None, nbytes=lambda p, x: kv_read_bytes(p, p.context),
-    impl=lambda x: "vllm", kv_bytes=lambda p: 0))
+    label="vllm", kv_bytes=lambda p: 0))

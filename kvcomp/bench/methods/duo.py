@@ -10,7 +10,7 @@ import torch
 
 from kvcomp.bench.core import (Baseline, Bench, CpuCase, Problem, dense_qkv, generator, randn, register,
                                register_cpu, seq_lens)
-from kvcomp.bench.methods.dense import (decode_len, full_attention_baselines, impl_duo, kv_read_bytes, prefill_len,
+from kvcomp.bench.methods.dense import (DUO_OPS, decode_len, full_attention_baselines, kv_read_bytes, prefill_len,
                                         run_duo_ops)
 
 
@@ -72,7 +72,7 @@ def _duo50(p: Problem) -> Problem:
 
 register_cpu(CpuCase(
     name="duo50", description="DuoAttention, 50% streaming KV heads (sink 64 / recent 256), kvcomp.ops duo decode",
-    make=lambda p: make_duo_decode(_duo50(p)), run=run_duo_ops, impl=impl_duo,
+    make=lambda p: make_duo_decode(_duo50(p)), run=run_duo_ops, ops=DUO_OPS,
     nbytes=lambda p, x: bytes_duo_decode(_duo50(p)), kv_bytes=lambda p: kv_read_bytes(p, p.context) // 2))
 
 

@@ -75,16 +75,10 @@ def _think04(p: Problem) -> Problem:
     return dataclasses.replace(p, extra={**p.extra, "prune_ratio": 0.4, "window": 32})
 
 
-def _impl_think(x) -> str:
-    from kvcomp.ops._dispatch import impl_for
-
-    return impl_for(x["q"], "think_decode")
-
-
 register_cpu(CpuCase(
     name="think",
     description="ThinK, λ=0.4 of the key channels pruned, W=32 full-width ring (kvcomp.ops think_decode)",
-    make=lambda p: make_think_decode(_think04(p)), run=run_think_decode, impl=_impl_think,
+    make=lambda p: make_think_decode(_think04(p)), run=run_think_decode, ops=(("", "think_decode"),),
     nbytes=lambda p, x: bytes_think_decode(_think04(p), x),
     kv_bytes=lambda p: bytes_think_decode(_think04(p))))
 

@@ -172,12 +172,7 @@ def bytes_mirror_chain(p: Problem, x) -> int:
     return total
 
 
-def impl_mirror_chain(x) -> str:
-    from kvcomp.ops._dispatch import impl_for
-
-    attn = "native" if x["attn_impl"] == "native" else "reference"
-    return (f"lut:{impl_for(x['q_wrope'], 'vq_lut')} topk:{impl_for(x['q_wrope'], 'vq_topk')} "
-            f"attn:{attn}")
+CHAIN_OPS = (("lut", "vq_lut"), ("topk", "vq_topk"), ("attn", "sparse_attention"))
 
 
 def _mirror_kv_bytes(p: Problem) -> int:
@@ -189,7 +184,7 @@ for _name, _topk in (("vq3", 0.03), ("vq10", 0.10)):
         name=_name, description=f"A²ATS top-K {_topk:.0%} (C=256, sink 8, local 64): kvcomp.ops vq_lut -> vq_topk "
                                 "-> sparse_attention_host over the paged host mirror",
         make=lambda p, t=_topk: make_mirror_chain(_vq_problem(p, t), p.hkv),
-        run=run_mirror_chain, impl=impl_mirror_chain,
+        run=run_mirror_chain, ops=CHAIN_OPS,
         nbytes=lambda p, x, t=_topk: bytes_mirror_chain(_vq_problem(p, t), x), kv_bytes=_mirror_kv_bytes))
 
 
@@ -201,5 +196,5 @@ def _duo_vq(p: Problem) -> Problem:
 register_cpu(CpuCase(
     name="duo50+vq3", description="DuoAttention 50% (sink 64 / recent 256) + A²ATS top-K 3% on the retrieval "
                                   "heads, both over the paged host mirror (the vLLM backend's duo+vq decode)",
-    make=lambda p: make_mirror_chain(_duo_vq(p), p.hkv // 2), run=run_mirror_chain, impl=impl_mirror_chain,
+    make=lambda p: make_mirror_chain(_duo_vq(p), p.hkv // 2), run=run_mirror_chain, ops=CHAIN_OPS,
     nbytes=lambda p, x: bytes_mirror_chain(_duo_vq(p), x), kv_bytes=_mirror_kv_bytes))
