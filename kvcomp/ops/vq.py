@@ -4,8 +4,11 @@
 A decode step is ``lut = vq_lut(q_wrope, codebook)`` -> ``idx, count = vq_topk(lut, code_cache, ...)``
 -> ``o = sparse_decode(q, k_cache, v_cache, block_table, idx, count)``; new keys are encoded with
 ``vq_encode_paged`` into the int16 code cache ``[num_blocks, block_size, Hkv]`` (same block table as
-the KV pages). The ops run the Triton kernels on CUDA tensors (or CPU tensors under
-``TRITON_INTERPRET=1``) and the pure-PyTorch references on CPU otherwise; Triton is imported lazily.
+the KV pages). Each op body picks its implementation with ``impl_for(tensor, "<native op>")``
+(:mod:`kvcomp.ops._dispatch`): the Triton kernel (CUDA, or CPU under ``TRITON_INTERPRET=1``), the
+native CPU kernel ``torch.ops.kvcomp_C.vq_lut|vq_topk|vq_encode|vq_encode_paged`` when ``kvcomp._C``
+has it, else the pure-PyTorch reference; Triton is imported lazily. ``sparse_decode`` has no native
+op here (the host mirror's ``sparse_attention_host`` is the CPU path).
 ``vq_topk`` returns a static ``Kmax`` (see :func:`topk_kmax`) so its output shape never depends on data.
 """
 
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from kvcomp.ops._dispatch import use_triton
+from kvcomp.ops._dispatch import impl_for, use_triton
 
 
 def topk_kmax(topk, group: int, sink: int, local: int, capacity: int) -> int:
@@ -26,7 +29,10 @@ def topk_kmax(topk, group: int, sink: int, local: int, capacity: int) -> int:
 
 @torch.library.custom_op("kvcomp::vq_lut", mutates_args=())
 def _vq_lut_op(q_wrope: torch.Tensor, codebook: torch.Tensor, scale: float) -> torch.Tensor:
-    if not use_triton(q_wrope):
+    impl = impl_for(q_wrope, "vq_lut")
+    if impl == "native":
+        return torch.ops.kvcomp_C.vq_lut(q_wrope, codebook, scale)
+    if impl == "reference":
         from kvcomp.ref import vq_lut as ref
 
         return ref(q_wrope, codebook, scale=scale)
@@ -43,7 +49,10 @@ def _vq_lut_fake(q_wrope, codebook, scale):
 @torch.library.custom_op("kvcomp::vq_topk", mutates_args=())
 def _vq_topk_op(lut: torch.Tensor, code_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
                 topk: torch.Tensor, sink: int, local: int, kmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if not use_triton(lut):
+    impl = impl_for(lut, "vq_topk")
+    if impl == "native":
+        return torch.ops.kvcomp_C.vq_topk(lut, code_cache, block_table, seq_lens, topk, sink, local, kmax)
+    if impl == "reference":
         from kvcomp.ref.think_paged import paged_vq_topk
 
         idx, count = paged_vq_topk(lut, code_cache, block_table, seq_lens, topk=topk, sink=sink, local=local)
@@ -83,7 +92,10 @@ def _sparse_decode_fake(q, k_cache, v_cache, block_table, idx, count, scale):
 
 @torch.library.custom_op("kvcomp::vq_encode", mutates_args=())
 def _vq_encode_op(k_pre: torch.Tensor, codebook: torch.Tensor, whiten: torch.Tensor) -> torch.Tensor:
-    if not use_triton(k_pre):
+    impl = impl_for(k_pre, "vq_encode")
+    if impl == "native":
+        return torch.ops.kvcomp_C.vq_encode(k_pre, codebook, whiten)
+    if impl == "reference":
         from kvcomp.ref import vq_encode as ref
 
         return ref(k_pre, codebook, whiten)
@@ -100,7 +112,12 @@ def _vq_encode_fake(k_pre, codebook, whiten):
 @torch.library.custom_op("kvcomp::vq_encode_paged", mutates_args=("code_cache",))
 def _vq_encode_paged_op(k_new: torch.Tensor, codebook: torch.Tensor, whiten: torch.Tensor, code_cache: torch.Tensor,
                         block_table: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor) -> None:
-    if not use_triton(k_new):
+    impl = impl_for(k_new, "vq_encode_paged")
+    if impl == "native":
+        torch.ops.kvcomp_C.vq_encode_paged(k_new, codebook, whiten, code_cache, block_table, seq_lens,
+                                           query_start_loc)
+        return
+    if impl == "reference":
         from kvcomp.ref.compressed_write import vq_encode_paged as ref
 
         ref(k_new, codebook, whiten, code_cache, block_table, seq_lens, query_start_loc)

@@ -190,11 +190,26 @@ def test_ops_dispatch_to_native(monkeypatch):
     lut, cache, table, seq_lens, topk = _topk_problem([333, 17], 8, 2, 256, 16, 0.1, 12, True, False)
     for name in ("vq_lut", "vq_topk", "vq_encode", "vq_encode_paged"):
         assert impl_for(lut, name) == "native"
-    idx, count = ops.vq_topk(lut, cache, table, seq_lens, topk=topk, sink=4, local=8)
-    want_idx, want_count = _ref_topk(lut, cache, table, seq_lens, topk, 4, 8, idx.shape[2])
-    assert torch.equal(idx, want_idx) and torch.equal(count, want_count)
+    want_idx, want_count = _ref_topk(lut, cache, table, seq_lens, topk, 4, 8,
+                                     ops.topk_kmax(topk, 4, 4, 8, table.shape[1] * 16))
     q, cb = torch.randn(2, 8, 16, generator=_gen(1)), torch.randn(2, 256, 16, generator=_gen(2))
-    torch.testing.assert_close(ops.vq_lut(q, cb), ref.vq_lut(q, cb), rtol=1e-5, atol=1e-5)
+    want_lut = ref.vq_lut(q, cb)
+    k, _ = _near_codewords(cb, (1, 9), 3)
+    whiten = torch.eye(16).expand(2, 16, 16).contiguous()
+    want_codes = ref.vq_encode(k, cb, whiten)
+
+    def boom(*a, **kw):
+        raise AssertionError("the reference ran instead of the native op")
+
+    import kvcomp.ref.think_paged
+
+    monkeypatch.setattr(kvcomp.ref.think_paged, "paged_vq_topk", boom)
+    monkeypatch.setattr(ref, "vq_lut", boom)
+    monkeypatch.setattr(ref, "vq_encode", boom)
+    idx, count = ops.vq_topk(lut, cache, table, seq_lens, topk=topk, sink=4, local=8)
+    assert torch.equal(idx, want_idx) and torch.equal(count, want_count)
+    torch.testing.assert_close(ops.vq_lut(q, cb), want_lut, rtol=1e-5, atol=1e-5)
+    assert torch.equal(ops.vq_encode(k, cb, whiten), want_codes)
 
 
 def _topk_args(**over):
