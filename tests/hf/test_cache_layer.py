@@ -1,8 +1,11 @@
-"""KVCompLayer against an independent simulation over the full (uncompressed) KV history.
+"""KVCompLayer against a simulation over the full (uncompressed) KV history.
 
 The simulation keeps every token and expresses each method by masking/zeroing; the layer under
 test really drops/narrows/offloads storage. Equal outputs show the storage bookkeeping is exact;
-the byte checks show the savings are real.
+the byte checks show the savings are real. The simulation scores and selects through the same
+``kvcomp.ref`` functions as the layer, so it does not check the methods' definitions themselves
+(a wrong GQA union or ThinK channel grouping in the references would pass here):
+``test_cache_independent.py`` does, with everything written out.
 """
 
 import pytest
