@@ -1,6 +1,7 @@
 """The README's CPU kernel performance table, generated from ``bench/results/kernels-cpu.json``.
 
     python bench/report.py [--json bench/results/kernels-cpu.json] [--out bench/results/kernels-cpu.md]
+                           [--plot bench/results/kernels-cpu.png] [--note "..."]
 
 Prints markdown (also written to ``--out``): the machine line, one table per context length (every
 method x batch x dtype: ms, bytes read, GB/s, % of the read bandwidth measured in the same run,
@@ -66,7 +67,33 @@ def targets(rows: list[dict]) -> list[str]:
     return out
 
 
-def render(data: dict) -> str:
+def plot(rows: list[dict], path: Path) -> None:
+    """Speedup against kvcomp's dense paged decode vs context, one line per method, one panel per
+    (batch, dtype)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["batch"], r["dtype"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    for ax, (b, dt) in zip(axes[0], panels):
+        for m in ("sdpa",) + DECODE_METHODS[1:]:
+            pts = sorted((r["context_len"], r["speedup_vs_dense"]) for r in rows if r["method"] == m
+                         and (r["batch"], r["dtype"]) == (b, dt) and r.get("speedup_vs_dense") is not None)
+            if pts:
+                ax.plot([_ctx(t) for t, _ in pts], [s for _, s in pts], marker="o", label=m)
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_title(f"batch {b}, {dt}")
+        ax.set_xlabel("context")
+        ax.set_ylabel("speedup vs kvcomp dense paged decode")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def render(data: dict, note: str = "") -> str:
     m = data["machine"]
     rows = data["results"]
     lines = [
@@ -75,10 +102,15 @@ def render(data: dict) -> str:
         f"Machine: {m.get('line')} | commit {str(m.get('commit'))[:12]} | kvcomp._C built: {m.get('kvcomp_C')} "
         f"(native ops: {', '.join(m.get('native_ops') or []) or 'none'}) | {m.get('threads')} torch threads | "
         f"load average {m.get('loadavg_1m')} at start.",
-        f"Read bandwidth measured in the same run: {data['read_bw_gbps']:.1f} GB/s ({data.get('read_bw_probe')})"
-        + (f"; {data['read_bw_end_gbps']:.1f} GB/s at the end" if data.get("read_bw_end_gbps") else "") + ".",
-        f"Timer: {data.get('timer')}. Command: `{data.get('command')}`.",
+        f"Read bandwidth: {data.get('read_bw_probe')}; each row's % is relative to its own run's. Runs:",
         "",
+        *[f"- `{r['command']}` (commit {str(r['commit'])[:12]}, load average {r.get('loadavg_1m')}): read bandwidth "
+          f"{r['read_bw_gbps']:.1f} GB/s at the start"
+          + (f", {r['read_bw_end_gbps']:.1f} at the end" if r.get("read_bw_end_gbps") else "")
+          + (f", {r['wall_s']:.0f} s" if r.get("wall_s") else "") + f"; timer: {r['timer']}"
+          for r in data.get("runs", [])],
+        "",
+        *([note, ""] if note else []),
         f"Bytes: {data.get('byte_model')}",
         "",
         "Methods: " + "; ".join(f"`{k}` = {v}" for k, v in data.get("methods", {}).items()) + ".",
@@ -96,8 +128,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", type=Path, default=DEFAULT_JSON)
     ap.add_argument("--out", type=Path, default=None, help="markdown path (default: the JSON path with .md)")
+    ap.add_argument("--note", default="", help="a sentence printed under the machine line (e.g. how noisy it was)")
+    ap.add_argument("--plot", type=Path, default=None, help="also a PNG of speedup vs dense over context")
     args = ap.parse_args(argv)
-    text = render(json.loads(args.json.read_text()))
+    data = json.loads(args.json.read_text())
+    text = render(data, args.note)
+    if args.plot:
+        plot(data["results"], args.plot)
     out = args.out or args.json.with_suffix(".md")
     out.write_text(text)
     print(text)

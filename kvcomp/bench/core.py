@@ -178,8 +178,22 @@ def generator(p: Problem, seed: int = 0) -> torch.Generator:
     return torch.Generator(device=p.device).manual_seed(seed)
 
 
+_PATTERN = (1 << 24) + 43  # elements of the random pattern large tensors repeat (not a power of two)
+
+
 def randn(p: Problem, g: torch.Generator, *shape, dtype: torch.dtype | None = None) -> torch.Tensor:
-    return torch.randn(*shape, device=p.device, dtype=dtype or p.dtype, generator=g)
+    """Standard-normal values; a tensor above 16M elements repeats one random pattern of ``_PATTERN``
+    elements (filling GiBs with ``torch.randn`` would dominate a CPU sweep; timing does not depend on
+    the values, and every byte is still a distinct memory location)."""
+    dt = dtype or p.dtype
+    n = math.prod(shape)
+    if n <= _PATTERN:
+        return torch.randn(*shape, device=p.device, dtype=dt, generator=g)
+    src = torch.randn(_PATTERN, device=p.device, dtype=dt, generator=g)
+    out = torch.empty(n, device=p.device, dtype=dt)
+    for s in range(0, n, _PATTERN):
+        out[s:s + _PATTERN].copy_(src[: min(_PATTERN, n - s)])
+    return out.view(*shape)
 
 
 def dense_qkv(p: Problem, q_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -254,6 +268,7 @@ def observed_impl(fn: Callable[[], Any], ops: tuple[tuple[str, str], ...],
     (``native`` when the profiler saw ``kvcomp_C::<op>``; otherwise ``triton`` under the interpreter,
     else ``reference``), and what ``kvcomp.ops._dispatch.impl_for`` picks for it. They differ when an
     ops entry point does not dispatch to its native kernel yet."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # no profiler_start/stop lines on stderr per call
     from torch.profiler import ProfilerActivity, profile
 
     from kvcomp.ops._dispatch import impl_for

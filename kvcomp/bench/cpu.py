@@ -11,8 +11,10 @@ tensor) and every row's ``pct_read_bw`` is relative to it. Only one case's tenso
 from __future__ import annotations
 
 import gc
+import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -95,15 +97,19 @@ def run_cpu(args, budget: Budget) -> int:
           f"(native ops: {', '.join(info['native_ops']) or 'none'}) | {info['threads']} threads", flush=True)
     bw = read_bandwidth_gbps(args.bw_gib, reps=5)
     print(f"[kvcomp bench] read bandwidth: {bw:.1f} GB/s (median x.sum() over {args.bw_gib:g} GiB fp32)", flush=True)
-    rec = Recorder(args.out or CPU_OUT, {
-        "mode": "cpu", "machine": info, "command": " ".join(sys.argv),
-        "geometry": dict(LLAMA, block_size=16, layers=1, q_len=1),
-        "timer": f"time.perf_counter, {args.warmup} warmup + {args.reps} timed calls: median / p20 / p80 ms",
-        "read_bw_gbps": round(bw, 2),
+    out = Path(args.out or CPU_OUT)
+    prior = json.loads(out.read_text()) if args.append and out.exists() else {}
+    if prior and prior.get("mode") != "cpu":
+        raise ValueError(f"--append: {out} is not a CPU kernels result (mode {prior.get('mode')!r})")
+    run = {"command": " ".join(sys.argv), "commit": info["commit"], "read_bw_gbps": round(bw, 2),
+           "loadavg_1m": info["loadavg_1m"], "budget_s": args.budget_s,
+           "timer": f"time.perf_counter, {args.warmup} warmup + {args.reps} timed calls: median / p20 / p80 ms"}
+    rec = Recorder(out, {
+        "mode": "cpu", "machine": info, "geometry": dict(LLAMA, block_size=16, layers=1, q_len=1),
         "read_bw_probe": f"median of timed x.sum() over a {args.bw_gib:g} GiB fp32 tensor, same run",
         "byte_model": BYTE_MODEL,
-        "methods": {n: CPU_CASES[n].description for n in names},
-        "budget_s": args.budget_s})
+        "methods": {**prior.get("methods", {}), **{n: CPU_CASES[n].description for n in names}},
+        "runs": prior.get("runs", []) + [run], **run}, prior.get("results", []))
     plan = [(t, b, dt, n) for t in contexts for b in batches for dt in dtypes for n in names]
     base: dict[tuple, dict] = {}  # (T, B, dtype) -> {"sdpa": ms, "off": ms}
     done: dict[tuple, list] = {}  # (T, B, dtype) -> its rows so far
@@ -130,8 +136,9 @@ def run_cpu(args, budget: Budget) -> int:
             bar.write(_line(row))
     bar.close()
     if not budget.spent():
-        rec.payload["read_bw_end_gbps"] = round(read_bandwidth_gbps(args.bw_gib, reps=5), 2)
-    rec.payload["wall_s"] = round(time.perf_counter() - budget.t0, 1)
+        run["read_bw_end_gbps"] = round(read_bandwidth_gbps(args.bw_gib, reps=5), 2)
+    run["wall_s"] = round(time.perf_counter() - budget.t0, 1)
+    rec.payload.update(run)
     rec.write()
     print(f"[kvcomp bench] wrote {rec.path}", flush=True)
     return 0

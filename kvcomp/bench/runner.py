@@ -51,9 +51,9 @@ def _dtype_list(s: str) -> tuple[str, ...]:
 class Recorder:
     """A result file rewritten (atomically) after every row, so an interrupted sweep keeps its rows."""
 
-    def __init__(self, path, header: dict):
+    def __init__(self, path, header: dict, rows: list | None = None):
         self.path = Path(path)
-        self.payload = {**header, "results": []}
+        self.payload = {**header, "results": list(rows or [])}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.write()
 
@@ -131,6 +131,8 @@ def add_kernels_args(k: argparse.ArgumentParser) -> None:
     k.add_argument("--check", action="store_true", help="CUDA: also check against the reference")
     k.add_argument("--check-max-context", type=int, default=16384)
     k.add_argument("--no-baselines", action="store_true", help="CUDA: skip the full-attention baselines")
+    k.add_argument("--append", action="store_true",
+                   help="CPU: keep the rows already in --out and add this run's (e.g. 128K after 8K/32K)")
     k.add_argument("--out", default=None, help=f"JSON path (CPU default {CPU_OUT}; CUDA: "
                                                "bench/results/kernels-<gpu>.json)")
 

@@ -64,7 +64,7 @@ def test_tiny_sweep_writes_every_row(tmp_path):
     assert (tmp_path / "k.md").read_text().strip() == md.stdout.strip()
 
 
-def test_budget_zero_skips_every_case_and_exits_0(tmp_path):
+def test_budget_zero_skips_every_case_and_append_keeps_rows(tmp_path):
     out = tmp_path / "b.json"
     res = _cli("--contexts", "64", "--batch", "1", "--dtypes", "float32", "--methods", "sdpa,off",
                "--budget-s", "0", "--bw-gib", "0.01", "--out", str(out))
@@ -72,6 +72,13 @@ def test_budget_zero_skips_every_case_and_exits_0(tmp_path):
     rows = json.loads(out.read_text())["results"]
     assert [r["method"] for r in rows] == ["sdpa", "off"]
     assert all(r["skipped"].startswith("budget:") and r["ms"] is None for r in rows)
+    res = _cli("--contexts", "128", "--batch", "2", "--dtypes", "bfloat16", "--methods", "think", "--budget-s", "0",
+               "--bw-gib", "0.01", "--append", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    data = json.loads(out.read_text())
+    assert [(r["method"], r["context_len"]) for r in data["results"]] == [("sdpa", 64), ("off", 64), ("think", 128)]
+    assert len(data["runs"]) == 2 and "--append" in data["runs"][1]["command"]
+    assert set(data["methods"]) == {"sdpa", "off", "think"}
 
 
 @pytest.mark.parametrize("args, msg", [
