@@ -67,6 +67,20 @@ def targets(rows: list[dict]) -> list[str]:
     return out
 
 
+def stages(rows: list[dict]) -> list[str]:
+    """Where each A²ATS step's time goes: every stage timed alone, and the rest of the step."""
+    out = []
+    for r in rows:
+        st = r.get("stage_ms")
+        if not st or r.get("ms") is None:
+            continue
+        parts = " + ".join(f"{k} {v:.2f}" for k, v in st.items())
+        rest = r["ms"] - sum(st.values())
+        out.append(f"- {r['method']} {_ctx(r['context_len'])} B{r['batch']} {r['dtype']}: step {r['ms']:.2f} ms = "
+                   f"{parts} ms, {rest:+.2f} ms between them (concatenation, Python)")
+    return out
+
+
 def plot(rows: list[dict], path: Path) -> None:
     """Speedup against kvcomp's dense paged decode vs context, one line per method, one panel per
     (batch, dtype)."""
@@ -121,6 +135,8 @@ def render(data: dict, note: str = "") -> str:
         group = sorted((r for r in rows if r["context_len"] == ctx), key=lambda r: (r["batch"], r["dtype"]))
         lines += [_row(r) for r in group] + [""]
     lines += ["#### Targets (issue 10, ratios within this run)", ""] + targets(rows) + [""]
+    if any(r.get("stage_ms") for r in rows):
+        lines += ["#### Where the A²ATS step's time goes (each stage timed alone, ms)", ""] + stages(rows) + [""]
     return "\n".join(lines)
 
 

@@ -102,8 +102,9 @@ class CpuCase:
     make(problem) -> inputs; run(inputs) -> output (the timed decode step); nbytes(problem, inputs) ->
     bytes the method must read (module doc); ops: ``(stage label, native op name)`` of the kvcomp ops a
     step runs (which implementation each ran is observed, :func:`observed_impl`); label: the
-    implementation of a case without kvcomp ops (e.g. ``torch.sdpa``); kv_bytes(problem) -> rough size
-    of the inputs (memory guard).
+    implementation of a case without kvcomp ops (e.g. ``torch.sdpa``); stages(inputs) -> name -> call:
+    each stage of the step alone (timed as ``stage_ms``: where the time goes); kv_bytes(problem) ->
+    rough size of the inputs (memory guard).
     """
 
     name: str
@@ -113,6 +114,7 @@ class CpuCase:
     nbytes: Callable[[Problem, Any], int]
     ops: tuple[tuple[str, str], ...] = ()
     label: str = ""
+    stages: Callable[[Any], dict[str, Callable[[], Any]]] | None = None
     kv_bytes: Callable[[Problem], int] = lambda p: 2 * p.batch * p.hkv * p.context * p.d * p.elt
 
 

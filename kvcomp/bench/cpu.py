@@ -60,6 +60,9 @@ def run_case(case, p: Problem, args, budget: Budget) -> dict:
         t = time_cpu(lambda: case.run(x), args.reps, args.warmup, deadline=budget.deadline)
         row.update({k: round(v, 4) if isinstance(v, float) else v for k, v in t.items()})
         row["bytes"] = int(case.nbytes(p, x))
+        if case.stages is not None:
+            row["stage_ms"] = {k: round(time_cpu(fn, args.reps, 1, deadline=budget.deadline)["ms"], 4)
+                               for k, fn in case.stages(x).items()}
     except Exception as e:  # recorded, the sweep goes on
         row["error"] = error_text(e)
     finally:

@@ -155,3 +155,19 @@ def test_observed_impl_sees_which_implementation_ran(monkeypatch):
         pytest.skip("kvcomp._C has no native duo_decode (not built)")
     monkeypatch.setenv("KVCOMP_OPS", "native")
     assert observed_impl(lambda: dense.run_duo_ops(x), dense.DUO_OPS) == ("native", "native")
+
+
+def test_a2ats_stages_add_up_to_the_step(monkeypatch):
+    """The A²ATS chain's stages (timed alone as stage_ms) are the step: same output when chained."""
+    from kvcomp.bench.core import Problem
+    from kvcomp.bench.methods import vq
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    p = Problem(2, 90, 8, 2, 16, torch.float32, "cpu", dict(block_size=8))
+    for name, n_vq in (("vq3", 2), ("duo50+vq3", 1)):
+        x = CPU_CASES[name].make(p)
+        assert x["n_vq"] == n_vq
+        st = vq.chain_stages(x)
+        assert list(st) == ["lut", "topk", "attn"] + (["streaming"] if n_vq < 2 else [])
+        parts = [st["attn"]()] + ([st["streaming"]()] if "streaming" in st else [])
+        torch.testing.assert_close(CPU_CASES[name].run(x), torch.cat(parts, dim=1))

@@ -135,33 +135,59 @@ def make_mirror_chain(p: Problem, n_vq: int) -> dict:
     return x
 
 
+def _lut(x):
+    from kvcomp.ops import vq_lut
+
+    return vq_lut(x["q_wrope"], x["codebook"])
+
+
+def _topk(x, lut):
+    from kvcomp.ops import vq_topk
+
+    return vq_topk(lut, x["code_cache"], x["block_table"], x["seq_lens"], topk=x["topk"], sink=x["sink"],
+                   local=x["local"])
+
+
+def _attend(x, idx, count):
+    from kvcomp.ops import sparse_attention_host
+
+    n = x["n_vq"]
+    return sparse_attention_host(x["q_vq"], x["k"][:, :, :n], x["v"][:, :, :n], idx, count,
+                                 block_table=x["block_table"], impl=x["attn_impl"])
+
+
+def _streaming(x):
+    """DuoAttention's streaming heads: their sink + recent rows of the mirror, through the same op."""
+    from kvcomp.methods.duo import streaming_selection
+    from kvcomp.ops import sparse_attention_host
+
+    n = x["n_vq"]
+    sidx, scount = streaming_selection(x["seq_lens"], x["k"].shape[2] - n, x["str_sink"], x["str_recent"])
+    return sparse_attention_host(x["q_str"], x["k"][:, :, n:], x["v"][:, :, n:], sidx, scount,
+                                 block_table=x["block_table"], impl=x["attn_impl"])
+
+
 def run_mirror_chain(x):
     """One decode step: LUT -> top-K -> sparse attention over the mirror (and the streaming heads' sink +
     recent rows through the same sparse attention); the outputs of both head groups concatenated."""
-    from kvcomp.ops import sparse_attention_host, vq_lut, vq_topk
+    o = _attend(x, *_topk(x, _lut(x)))
+    return o if "q_str" not in x else torch.cat([o, _streaming(x)], dim=1)
 
-    n, bt = x["n_vq"], x["block_table"]
-    lut = vq_lut(x["q_wrope"], x["codebook"])
-    idx, count = vq_topk(lut, x["code_cache"], bt, x["seq_lens"], topk=x["topk"], sink=x["sink"], local=x["local"])
-    o = sparse_attention_host(x["q_vq"], x["k"][:, :, :n], x["v"][:, :, :n], idx, count, block_table=bt,
-                              impl=x["attn_impl"])
-    if "q_str" not in x:
-        return o
-    from kvcomp.methods.duo import streaming_selection
 
-    sidx, scount = streaming_selection(x["seq_lens"], x["k"].shape[2] - n, x["str_sink"], x["str_recent"])
-    o_str = sparse_attention_host(x["q_str"], x["k"][:, :, n:], x["v"][:, :, n:], sidx, scount, block_table=bt,
-                                  impl=x["attn_impl"])
-    return torch.cat([o, o_str], dim=1)
+def chain_stages(x) -> dict:
+    """Each stage of :func:`run_mirror_chain` alone on this step's intermediate results (where the time
+    goes: LUT scoring, selection, sparse attention, streaming heads)."""
+    lut = _lut(x)
+    idx, count = _topk(x, lut)
+    stages = {"lut": lambda: _lut(x), "topk": lambda: _topk(x, lut), "attn": lambda: _attend(x, idx, count)}
+    if "q_str" in x:
+        stages["streaming"] = lambda: _streaming(x)
+    return stages
 
 
 def _selected_rows(x) -> int:
     """Rows the A²ATS heads' top-K selected (union over each GQA group), from one run of the selection."""
-    from kvcomp.ops import vq_lut, vq_topk
-
-    lut = vq_lut(x["q_wrope"], x["codebook"])
-    return int(vq_topk(lut, x["code_cache"], x["block_table"], x["seq_lens"], topk=x["topk"], sink=x["sink"],
-                       local=x["local"])[1].sum())
+    return int(_topk(x, _lut(x))[1].sum())
 
 
 def bytes_mirror_chain(p: Problem, x) -> int:
@@ -179,13 +205,13 @@ def _mirror_kv_bytes(p: Problem) -> int:
     return kv_read_bytes(p, p.context) + p.batch * p.hkv * p.context * 2
 
 
-for _name, _topk in (("vq3", 0.03), ("vq10", 0.10)):
+for _name, _frac in (("vq3", 0.03), ("vq10", 0.10)):
     register_cpu(CpuCase(
-        name=_name, description=f"A²ATS top-K {_topk:.0%} (C=256, sink 8, local 64): kvcomp.ops vq_lut -> vq_topk "
+        name=_name, description=f"A²ATS top-K {_frac:.0%} (C=256, sink 8, local 64): kvcomp.ops vq_lut -> vq_topk "
                                 "-> sparse_attention_host over the paged host mirror",
-        make=lambda p, t=_topk: make_mirror_chain(_vq_problem(p, t), p.hkv),
-        run=run_mirror_chain, ops=CHAIN_OPS,
-        nbytes=lambda p, x, t=_topk: bytes_mirror_chain(_vq_problem(p, t), x), kv_bytes=_mirror_kv_bytes))
+        make=lambda p, t=_frac: make_mirror_chain(_vq_problem(p, t), p.hkv),
+        run=run_mirror_chain, ops=CHAIN_OPS, stages=chain_stages,
+        nbytes=lambda p, x, t=_frac: bytes_mirror_chain(_vq_problem(p, t), x), kv_bytes=_mirror_kv_bytes))
 
 
 def _duo_vq(p: Problem) -> Problem:
@@ -197,4 +223,5 @@ register_cpu(CpuCase(
     name="duo50+vq3", description="DuoAttention 50% (sink 64 / recent 256) + A²ATS top-K 3% on the retrieval "
                                   "heads, both over the paged host mirror (the vLLM backend's duo+vq decode)",
     make=lambda p: make_mirror_chain(_duo_vq(p), p.hkv // 2), run=run_mirror_chain, ops=CHAIN_OPS,
+    stages=chain_stages,
     nbytes=lambda p, x: bytes_mirror_chain(_duo_vq(p), x), kv_bytes=_mirror_kv_bytes))
