@@ -5,23 +5,29 @@ Cache layout (see ``kernels/think_decode.py`` and :mod:`kvcomp.ref.think_paged`)
 full-width ring ``k_recent [B, Hkv, W, D]`` (token ``p`` in slot ``p % W``, the last ``min(L, W)``
 tokens), values in ordinary pages ``v_cache [num_blocks, block_size, Hkv, Dv]``.
 
-The ops run the Triton kernels on CUDA tensors (or on CPU tensors under ``TRITON_INTERPRET=1``) and
-the pure-PyTorch references on CPU tensors otherwise. Triton is imported lazily inside the ops; the
-fake implementations let ``torch.compile`` trace them and CUDA graphs capture them (no host sync).
+The ops run the Triton kernels on CUDA tensors (or on CPU tensors under ``TRITON_INTERPRET=1``);
+on CPU ``think_decode`` runs the native kernel ``torch.ops.kvcomp_C.think_decode`` when ``kvcomp._C``
+has it, the pure-PyTorch references otherwise (``kvcomp.ops._dispatch.impl_for``). Triton is imported
+lazily inside the ops; the fake implementations let ``torch.compile`` trace them and CUDA graphs
+capture them (no host sync).
 """
 
 from __future__ import annotations
 
 import torch
 
-from kvcomp.ops._dispatch import use_triton
+from kvcomp.ops._dispatch import impl_for, use_triton
 
 
 @torch.library.custom_op("kvcomp::think_decode", mutates_args=())
 def _think_decode_op(q: torch.Tensor, kp_cache: torch.Tensor, chan_idx: torch.Tensor, k_recent: torch.Tensor,
                      v_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                      tokens_per_split: int, max_seq_len: int) -> torch.Tensor:
-    if not use_triton(q):
+    impl = impl_for(q, "think_decode")
+    if impl == "native":
+        return torch.ops.kvcomp_C.think_decode(q, kp_cache, chan_idx, k_recent, v_cache, block_table, seq_lens, scale,
+                                               tokens_per_split, max_seq_len)
+    if impl == "reference":
         from kvcomp.ref.think_paged import paged_pruned_key_attention
 
         return paged_pruned_key_attention(q, kp_cache, chan_idx, k_recent, v_cache, block_table, seq_lens,
