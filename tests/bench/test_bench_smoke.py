@@ -115,3 +115,35 @@ def test_timing_row_assembly_with_a_fake_timer(monkeypatch):
     row = runner.bench_case(dataclasses.replace(bench, run=boom), problem,
                             argparse.Namespace(**{**vars(args), "check": False}), peak=None)
     assert row["error"] == "RuntimeError: kernel exploded" and "error: RuntimeError" in runner.fmt(row)
+
+
+def test_cuda_sweep_plan_json_and_budget(monkeypatch, tmp_path):
+    """run_cuda's plan (kernels x dtypes x batches x contexts), the JSON rewritten per case and the budget
+    skip, with the device name and the per-case timing replaced so it runs without a GPU."""
+    import argparse
+
+    from kvcomp.bench import cuda as runner
+    from kvcomp.bench.runner import Budget, add_kernels_args
+
+    seen = []
+
+    def fake_case(bench, problem, args, peak):
+        seen.append(json.loads((tmp_path / "g.json").read_text())["results"])
+        return {"kernel": bench.name, "problem": problem.label(), "median_ms": 1.0, "p20_ms": 1.0, "p80_ms": 1.0,
+                "gbps": 1.0, "pct_peak_bw": 100.0 / peak, "speedup": {}}
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA H200")
+    monkeypatch.setattr(runner, "bench_case", fake_case)
+    k = argparse.ArgumentParser()
+    add_kernels_args(k)
+    a = k.parse_args(["--kernels", "duo_decode,vq_topk", "--contexts", "32K,128K", "--batch", "1,16",
+                      "--out", str(tmp_path / "g.json")])
+    assert runner.run_cuda(a, Budget(None)) == 0
+    data = json.loads((tmp_path / "g.json").read_text())
+    assert data["peak_gbps"] == 4800.0 and "do_bench_cudagraph" in data["timer"]
+    assert [r["problem"] for r in data["results"][:2]] == ["B1-T32768-H32/8-D128-bfloat16",
+                                                           "B1-T131072-H32/8-D128-bfloat16"]
+    assert len(data["results"]) == 8 and [len(s) for s in seen] == list(range(8))
+    assert runner.run_cuda(a, Budget(0)) == 0
+    rows = json.loads((tmp_path / "g.json").read_text())["results"]
+    assert len(rows) == 8 and all(r["skipped"].startswith("budget:") for r in rows)
