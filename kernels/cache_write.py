@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kvcomp.kernels._common import check_device, check_float, check_head_dim, check_int, check_shape, next_pow2
+from kvcomp.kernels._common import (check_device, check_float, check_head_dim, check_int, check_shape, kv_block_n,
+                                    next_pow2)
 
 
 @triton.jit
@@ -149,7 +150,7 @@ def write_streaming_kv(key: torch.Tensor, value: torch.Tensor, k_buf: torch.Tens
                 raise ValueError(f"sequence {i}: {qsl[i + 1] - qsl[i]} new tokens but seq_lens[{i}]={lens[i]}")
     if bsz == 0 or h == 0:
         return
-    block_s = min(64, max(16, next_pow2(slots)))
+    block_s = min(kv_block_n(d, k_buf.dtype), max(16, next_pow2(slots)))  # D=256: 64 slots spill on sm_90
     _stream_write_kernel[(bsz, triton.cdiv(slots, block_s))](
         key, value, k_buf, v_buf, query_start_loc.contiguous(), seq_lens.contiguous(), h, sink, window,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),

@@ -19,12 +19,12 @@ import triton
 import triton.language as tl
 
 from kvcomp.kernels._common import (check_device, check_float, check_head_dim, check_int, dot, dot_f32,
-                             interpreting, next_pow2, num_sms)
+                             interpreting, kv_block_n, next_pow2, num_sms)
 
 _LOG2E = 1.4426950408889634
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NUM_SPLITS"])
 def _duo_split_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, sl_ptr, ks_ptr, vs_ptr, hm_ptr, po_ptr, plse_ptr,
     qk_scale, buf_slots, page_size, G, NUM_SPLITS,
@@ -97,29 +97,41 @@ def _duo_split_kernel(
     tl.store(po_ptr + row[:, None] * D + offs_d[None, :], o, mask=g_mask[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NUM_SPLITS"])
 def _duo_reduce_kernel(po_ptr, plse_ptr, o_ptr, NUM_SPLITS, so_b, so_h, HQ,
                        D: tl.constexpr, BLOCK_S: tl.constexpr):
+    # the splits in fixed tiles of BLOCK_S (one compiled kernel for every split count, no register blow-up)
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, D)
-    s_mask = offs_s < NUM_SPLITS
     row = (pid_b * HQ + pid_h).to(tl.int64) * NUM_SPLITS
-    lse = tl.load(plse_ptr + row + offs_s, mask=s_mask, other=float("-inf"))
-    m = tl.max(lse, 0)
-    w = tl.where(s_mask & (lse > float("-inf")), tl.exp2(lse - m), 0.0)
-    po = tl.load(po_ptr + (row + offs_s)[:, None] * D + offs_d[None, :], mask=s_mask[:, None], other=0.0)
-    o = tl.sum(po * w[:, None], 0) / tl.sum(w, 0)
+    m = tl.full([BLOCK_S], float("-inf"), tl.float32)
+    for s0 in range(0, NUM_SPLITS, BLOCK_S):
+        lse = tl.load(plse_ptr + row + s0 + offs_s, mask=s0 + offs_s < NUM_SPLITS, other=float("-inf"))
+        m = tl.maximum(m, lse)
+    m = tl.max(m, 0)
+    num = tl.zeros([D], tl.float32)
+    den = tl.zeros([BLOCK_S], tl.float32)
+    for s0 in range(0, NUM_SPLITS, BLOCK_S):
+        s_mask = s0 + offs_s < NUM_SPLITS
+        lse = tl.load(plse_ptr + row + s0 + offs_s, mask=s_mask, other=float("-inf"))
+        w = tl.where(s_mask & (lse > float("-inf")), tl.exp2(lse - m), 0.0)
+        po = tl.load(po_ptr + (row + s0 + offs_s)[:, None] * D + offs_d[None, :], mask=s_mask[:, None], other=0.0)
+        num += tl.sum(po * w[:, None], 0)
+        den += w
+    o = num / tl.sum(den, 0)
     tl.store(o_ptr + pid_b.to(tl.int64) * so_b + pid_h * so_h + offs_d, o.to(o_ptr.dtype.element_ty))
 
 
-def default_num_splits(batch: int, hkv: int, max_tokens: int, block_n: int, device: torch.device) -> int:
-    """Splits per (sequence, KV head): enough programs to fill ~2 waves of SMs, at most one split per
-    ``block_n`` tokens of capacity, at most 128. Depends only on shapes (CUDA-graph safe)."""
+def default_num_splits(batch: int, n_ret: int, max_tokens: int, block_n: int, device: torch.device) -> int:
+    """Splits per (sequence, KV head), sized from the *retrieval* heads (the streaming heads' rings hold
+    ``sink + window`` tokens and their extra splits exit at once): ``batch * n_ret * splits`` >= 4
+    programs per SM, at most one split per ``block_n`` tokens of capacity, at most 256. Depends only on
+    shapes (CUDA-graph safe). With no retrieval head the streaming heads are the work."""
     tiles = max(1, triton.cdiv(max_tokens, block_n))
-    want = max(1, triton.cdiv(2 * num_sms(device), max(1, batch * hkv)))
-    return int(max(1, min(tiles, want, 128)))
+    want = max(1, triton.cdiv(4 * num_sms(device), max(1, batch * n_ret)))
+    return int(max(1, min(tiles, want, 256)))
 
 
 def duo_decode_attention(q, k_cache, v_cache, block_table, seq_lens, k_stream, v_stream, head_map, *,
@@ -135,7 +147,8 @@ def duo_decode_attention(q, k_cache, v_cache, block_table, seq_lens, k_stream, v
         head_map: ``[n_ret + n_str, 2]`` int ``(kind, index)``; kind 0 retrieval, 1 streaming.
         sink, window: streaming pattern; scale: default ``1/sqrt(D)``.
         num_splits: KV splits per (sequence, KV head); default from shapes only (no host sync).
-        block_n: tokens per tile (power of two >= 16; default 64, 16 under the interpreter).
+        block_n: tokens per tile (power of two >= 16; default ``kv_block_n``: 64 at bf16 D=128; 16 under
+            the interpreter).
     Returns:
         ``[B, Hq, D]`` in q's dtype.
 
@@ -157,7 +170,7 @@ def duo_decode_attention(q, k_cache, v_cache, block_table, seq_lens, k_stream, v
     bsz, hq, d = q.shape
     check_head_dim("q", d)
     if block_n is None:
-        block_n = 16 if interpreting() else 64
+        block_n = 16 if interpreting() else kv_block_n(d, q.dtype)
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
     if dev.type == "cpu":
@@ -165,7 +178,7 @@ def duo_decode_attention(q, k_cache, v_cache, block_table, seq_lens, k_stream, v
     hkv = n_ret + n_str
     if num_splits is None:
         cap = max(block_table.shape[1] * k_cache.shape[1] if n_ret else 0, sink + window)
-        num_splits = default_num_splits(bsz, hkv, cap, block_n, dev)
+        num_splits = default_num_splits(bsz, n_ret if n_ret else n_str, cap, block_n, dev)
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
         raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
     scale = 1.0 / d ** 0.5 if scale is None else float(scale)
@@ -191,5 +204,5 @@ def duo_decode_attention(q, k_cache, v_cache, block_table, seq_lens, k_stream, v
         D=d, BLOCK_G=max(16, next_pow2(g)), BLOCK_N=block_n, F32=f32, num_warps=4,
     )
     _duo_reduce_kernel[(bsz, hq)](po, plse, out, num_splits, out.stride(0), out.stride(1), hq,
-                                  D=d, BLOCK_S=max(2, next_pow2(num_splits)), num_warps=4)
+                                  D=d, BLOCK_S=16, num_warps=4)
     return out

@@ -1,7 +1,8 @@
 """Sink + window (streaming-head) prefill / chunked prefill attention, block-sparse — Triton.
 
-Grid ``(cdiv(Tq, BLOCK_M), B * Hq)``: one program per query tile and query head (GQA: query head ``h``
-reads KV head ``h // G``). Online softmax in fp32 over the KV tiles that can hold a visible key:
+Grid ``(B * Hq * cdiv(Tq, BLOCK_M),)`` on axis 0 (:func:`prefill_grid`; ``B * Hq`` may exceed the 65535
+programs of axes 1/2): one program per query tile and query head (GQA: query head ``h`` reads KV head
+``h // G``). Online softmax in fp32 over the KV tiles that can hold a visible key:
 
 - default positions (``k_pos`` not given, keys at ``0..Tk-1``): two loops with bounds computed from the
   tile's query positions — the sink tiles ``[0, sink)`` and the window tiles
@@ -18,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kvcomp.kernels._common import check_device, check_float, check_head_dim, dot, dot_f32, interpreting
+from kvcomp.kernels._common import (check_device, check_float, check_head_dim, dot, dot_f32, interpreting,
+                                    kv_block_n)
 
 _LOG2E = 1.4426950408889634
 _BIG = 1 << 30
@@ -59,8 +61,12 @@ def _streaming_prefill_kernel(
     HAS_QPOS: tl.constexpr, HAS_KPOS: tl.constexpr,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, F32: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # one flat grid axis (axis 0 allows 2^31 - 1 programs; axes 1/2 only 65535): the query tiles of one
+    # (sequence, query head) are adjacent, so they run together and share the KV head's tiles in L2
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(Tq, BLOCK_M)
+    pid_m = pid % n_m
+    pid_bh = pid // n_m
     b = (pid_bh // HQ).to(tl.int64)
     h = (pid_bh % HQ).to(tl.int64)
     kvh = (h // G).to(tl.int64)
@@ -109,6 +115,14 @@ def _streaming_prefill_kernel(
              o.to(o_ptr.dtype.element_ty), mask=qvalid[:, None])
 
 
+def prefill_grid(bsz: int, hq: int, tq: int, block_m: int) -> tuple[int]:
+    """The launch grid: every (sequence, query head, query tile) on axis 0 (CUDA allows 2^31 - 1 there)."""
+    n = bsz * hq * triton.cdiv(tq, block_m)
+    if n >= 2**31:
+        raise ValueError(f"streaming_prefill: {n} programs exceed the 2^31 - 1 a grid axis allows")
+    return (n,)
+
+
 def _positions(name: str, pos, b: int, t: int, device) -> torch.Tensor:
     if not isinstance(pos, torch.Tensor) or pos.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{name} must be an int32/int64 tensor")
@@ -132,7 +146,8 @@ def streaming_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sink
         q_pos: ``[Tq]`` or ``[B, Tq]`` int, default ``Tk - Tq + arange(Tq)`` (bottom-right).
         k_pos: ``[Tk]`` or ``[B, Tk]`` int, default ``arange(Tk)``; with explicit positions (any order)
             each KV tile's position range decides whether it is visited.
-        block_m, block_n: tile sizes (powers of two >= 16; default 64, 16 under the interpreter).
+        block_m, block_n: tile sizes (powers of two >= 16; default ``kv_block_n``: 64 at bf16 D=128; 16 under
+            the interpreter).
     Returns:
         ``[B, Hq, Tq, D]`` in q's dtype. A query row with no visible key is zero.
     """
@@ -162,9 +177,9 @@ def streaming_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sink
     qp = _positions("q_pos", q_pos, bsz, tq, dev) if q_pos is not None else None
     kp = _positions("k_pos", k_pos, bsz, tk, dev) if k_pos is not None else None
     if block_m is None:
-        block_m = 16 if interpreting() else 64
+        block_m = 16 if interpreting() else kv_block_n(d, q.dtype)
     if block_n is None:
-        block_n = 16 if interpreting() else 64
+        block_n = 16 if interpreting() else kv_block_n(d, q.dtype)
     for name, x in (("block_m", block_m), ("block_n", block_n)):
         if x < 16 or x & (x - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {x}")
@@ -173,7 +188,7 @@ def streaming_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sink
     if out.numel() == 0:
         return out
     dummy = torch.zeros(1, device=dev, dtype=torch.int32)
-    _streaming_prefill_kernel[(triton.cdiv(tq, block_m), bsz * hq)](
+    _streaming_prefill_kernel[prefill_grid(bsz, hq, tq, block_m)](
         q, k, v, out, qp if qp is not None else dummy, kp if kp is not None else dummy,
         scale * _LOG2E, sink, window, tq, tk, hq, hq // hkv,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

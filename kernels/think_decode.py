@@ -31,7 +31,7 @@ from . import _common as C
 from .think_splitk import LOG2E, alloc_partials, online_update, pick_splits, splitk_combine, store_partial
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["TOK_PER_SPLIT", "NSPLIT"])
 def _think_decode_kernel(
     q_ptr, kp_ptr, chan_ptr, kr_ptr, v_ptr, bt_ptr, sl_ptr, m_ptr, l_ptr, acc_ptr,
     qk_scale, HKV, G, DK, D, DV, W, WR, BS, TOK_PER_SPLIT, NSPLIT,
@@ -41,7 +41,7 @@ def _think_decode_kernel(
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    b = pid // HKV
+    b = (pid // HKV).to(tl.int64)  # int64: b * s_krb (Hkv * W * D per sequence) can pass 2^31
     h = pid % HKV
     L = tl.load(sl_ptr + b)
     Tp = tl.maximum(L - W, 0)
@@ -161,7 +161,7 @@ def triton_think_decode(q: torch.Tensor, kp_cache: torch.Tensor, chan_idx: torch
         tokens_per_split: pruned tokens per split-K part (default: sized to fill the GPU).
         max_seq_len: optional host-known bound on ``seq_lens`` (e.g. vLLM's ``max_seq_len``); the split
             count is sized from it instead of the block-table capacity. Must be ``>= max(seq_lens)``.
-        block_n: key tile (default 64, 32 for fp32; 16 under the interpreter).
+        block_n: key tile (default ``kv_block_n``: 64 at bf16 D=128, 32 at fp32; 16 under the interpreter).
     Returns:
         ``[B, Hq, Dv]`` in ``q.dtype``.
     """
@@ -174,8 +174,7 @@ def triton_think_decode(q: torch.Tensor, kp_cache: torch.Tensor, chan_idx: torch
     g = hq // hkv
     sc = 1.0 / d ** 0.5 if scale is None else float(scale)
     interp = C.interpreting()
-    # sm_90, D=128: 64-key tiles x 8 warps (fp32: 32) compile without register spills
-    bn = block_n or (16 if interp else (32 if q.dtype == torch.float32 else 64))
+    bn = block_n or (16 if interp else C.kv_block_n(d, q.dtype))
     cap = block_table.shape[1] * bs
     if max_seq_len is not None:
         if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:

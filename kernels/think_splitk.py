@@ -48,17 +48,19 @@ def store_partial(m_ptr, l_ptr, acc_ptr, row0, S, split, m_i, l_i, acc, offs_h, 
     tl.store(ptrs, acc, mask=hmask[:, None] & (offs_dv[None, :] < DV))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S"])
 def _combine_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, S, DV, HQ, stride_ob, stride_oh,
-                    BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr, BLOCK_DV: tl.constexpr):
-    row = tl.program_id(0)  # b * HQ + hq
+                    CHUNK_S: tl.constexpr, BLOCK_DV: tl.constexpr):
+    # the parts in fixed chunks of CHUNK_S: one compiled kernel for every part count (batch size)
+    row = tl.program_id(0).to(tl.int64)  # b * HQ + hq
     b = row // HQ
     h = row % HQ
-    offs_s = tl.arange(0, BLOCK_S)
-    m_all = tl.load(m_ptr + row * S + offs_s, mask=offs_s < S, other=float("-inf"))
-    m_max = tl.max(m_all, 0)
-    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
     offs_c = tl.arange(0, CHUNK_S)
+    m_c = tl.full([CHUNK_S], float("-inf"), tl.float32)
+    for s0 in range(0, S, CHUNK_S):
+        m_c = tl.maximum(m_c, tl.load(m_ptr + row * S + s0 + offs_c, mask=s0 + offs_c < S, other=float("-inf")))
+    m_max = tl.max(m_c, 0)
+    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
     offs_d = tl.arange(0, BLOCK_DV)
     dmask = offs_d < DV
     num = tl.zeros([BLOCK_DV], dtype=tl.float32)
@@ -91,7 +93,7 @@ def splitk_combine(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor, out: tor
     b, hq, s = m.shape
     dv = acc.shape[-1]
     _combine_kernel[(b * hq,)](m, l, acc, out, s, dv, hq, out.stride(0), out.stride(1),
-                               BLOCK_S=next_pow2(s), CHUNK_S=min(16, next_pow2(s)), BLOCK_DV=next_pow2(dv),
+                               CHUNK_S=min(16, max(1, 2048 // next_pow2(dv))), BLOCK_DV=next_pow2(dv),
                                num_warps=4)
     return out
 

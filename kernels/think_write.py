@@ -17,15 +17,20 @@ import triton.language as tl
 from . import _common as C
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B"])
 def _think_write_kernel(k_ptr, chan_ptr, kp_ptr, kr_ptr, bt_ptr, sl_ptr, qsl_ptr, B, HKV, DK, D, W, WR, BS,
                         s_kn, s_kh, s_cb, s_ch, s_kpn, s_kps, s_kph, s_krb, s_krh, s_krw, s_btb,
                         BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_DK: tl.constexpr,
                         BLOCK_D: tl.constexpr):
     i = tl.program_id(0)
-    offs_b = tl.arange(0, BLOCK_B)
-    ends = tl.load(qsl_ptr + 1 + offs_b, mask=offs_b < B, other=2147483647)
-    b = tl.sum((ends <= i).to(tl.int32), 0)
+    # the sequence of token i: count query_start_loc[1:] <= i, BLOCK_B entries at a time (a fixed tile:
+    # one compiled kernel for every batch size)
+    b = tl.zeros([1], dtype=tl.int32).sum(0)
+    for b0 in range(0, B, BLOCK_B):
+        offs_b = b0 + tl.arange(0, BLOCK_B)
+        ends = tl.load(qsl_ptr + 1 + offs_b, mask=offs_b < B, other=2147483647)
+        b += tl.sum((ends <= i).to(tl.int32), 0)
+    b = b.to(tl.int64)  # int64: b * s_krb (Hkv * W * D per sequence) can pass 2^31
     q0 = tl.load(qsl_ptr + b)
     q1 = tl.load(qsl_ptr + b + 1)
     L = tl.load(sl_ptr + b)
@@ -95,6 +100,6 @@ def triton_pack_pruned_keys_paged(k_new: torch.Tensor, chan_idx: torch.Tensor, k
         k_new.stride(0), k_new.stride(1), 0 if chan_idx.shape[0] == 1 else chan_idx.stride(0), chan_idx.stride(1),
         kp_cache.stride(0), kp_cache.stride(1), kp_cache.stride(2),
         k_recent.stride(0), k_recent.stride(1), k_recent.stride(2) if w else 0, block_table.stride(0),
-        BLOCK_B=C.next_pow2(bsz), BLOCK_H=C.next_pow2(hkv), BLOCK_DK=C.next_pow2(dk), BLOCK_D=C.next_pow2(d),
+        BLOCK_B=64, BLOCK_H=C.next_pow2(hkv), BLOCK_DK=C.next_pow2(dk), BLOCK_D=C.next_pow2(d),
         num_warps=4)
     return kp_cache, k_recent

@@ -20,19 +20,24 @@ from kvcomp.defaults import MAX_CODES
 from . import _common as C
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "B"])
 def _vq_encode_kernel(k_ptr, l_ptr, cw_ptr, c2_ptr, out_ptr, bt_ptr, sl_ptr, qsl_ptr,
                       N, T, B, NC, D, BS, s_k0, s_k1, s_kh, s_o0, s_o1, s_oh, s_btb,
                       PAGED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
                       BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
     tb = tl.program_id(0)
-    h = tl.program_id(1)
+    # int64: h * s_kh (a dense [B, Hkv, T, D] input's head stride is T * D) passes 2^31 at 1M tokens x 16 heads
+    h = tl.program_id(1).to(tl.int64)
     tok = tb * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = tok < N
     if PAGED:
-        offs_b = tl.arange(0, BLOCK_B)
-        ends = tl.load(qsl_ptr + 1 + offs_b, mask=offs_b < B, other=2147483647)
-        b = tl.sum((ends[None, :] <= tok[:, None]).to(tl.int32), 1)
+        # each token's sequence: count query_start_loc[1:] <= tok, BLOCK_B entries at a time (a fixed tile:
+        # one compiled kernel for every batch size)
+        b = tl.zeros([BLOCK_T], dtype=tl.int32)
+        for b0 in range(0, B, BLOCK_B):
+            offs_b = b0 + tl.arange(0, BLOCK_B)
+            ends = tl.load(qsl_ptr + 1 + offs_b, mask=offs_b < B, other=2147483647)
+            b += tl.sum((ends[None, :] <= tok[:, None]).to(tl.int32), 1)
         b = tl.where(tmask, b, 0)
         q0 = tl.load(qsl_ptr + b, mask=tmask, other=0)
         q1 = tl.load(qsl_ptr + b + 1, mask=tmask, other=0)
@@ -97,6 +102,8 @@ def _blocks(nc: int, d: int):
     bd = C.next_pow2(d)
     if C.interpreting():
         return 16, min(max(16, C.next_pow2(nc)), 256), bd, 4
+    if bd >= 256:  # D=256: 32-token tiles spill (~1.8 KB of stack per thread on sm_90)
+        return 16, 16, 16, 8
     return 32, min(max(16, C.next_pow2(nc)), 32), min(bd, 32), 8
 
 
@@ -168,6 +175,6 @@ def triton_vq_encode_paged(k_new: torch.Tensor, codebook: torch.Tensor, whiten: 
         k_new, lw, cw, c2, code_cache, block_table, seq_lens, query_start_loc, n, 1, bsz, cw.shape[1], d,
         code_cache.shape[1], k_new.stride(0), 0, k_new.stride(1), code_cache.stride(0), code_cache.stride(1), code_cache.stride(2),
         block_table.stride(0),
-        PAGED=True, BLOCK_T=bt_, BLOCK_C=bc, BLOCK_D=C.next_pow2(d), BLOCK_K=bk, BLOCK_B=C.next_pow2(bsz),
+        PAGED=True, BLOCK_T=bt_, BLOCK_C=bc, BLOCK_D=C.next_pow2(d), BLOCK_K=bk, BLOCK_B=32,
         num_warps=nw)
     return code_cache

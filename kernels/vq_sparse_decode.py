@@ -17,7 +17,7 @@ from . import _common as C
 from .think_splitk import LOG2E, alloc_partials, online_update, pick_splits, splitk_combine, store_partial
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["PER", "NSPLIT"])
 def _sparse_decode_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, idx_ptr, cnt_ptr, m_ptr, l_ptr, acc_ptr,
     qk_scale, HKV, G, D, DV, BS, KMAX, PER, NSPLIT,
@@ -109,8 +109,7 @@ def triton_paged_sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     kmax = idx.shape[2]
     sc = 1.0 / d ** 0.5 if scale is None else float(scale)
     interp = C.interpreting()
-    # sm_90, D=128: 64-key tiles x 8 warps (fp32: 32) compile without register spills
-    bn = block_n or (16 if interp else (32 if q.dtype == torch.float32 else 64))
+    bn = block_n or (16 if interp else C.kv_block_n(max(d, dv), q.dtype))
     if tokens_per_split is None:
         nsplit, per = pick_splits(b * hkv, kmax, q.device, bn, min_tokens_per_split=128)
     else:

@@ -61,7 +61,7 @@ def _compile_all() -> list[tuple[str, str]]:
         comp(f"sparse_decode/{dt}", VS._sparse_decode_kernel, sig,
              dict(BLOCK_H=16, BLOCK_N=bn, BLOCK_D=128, BLOCK_DV=128, F32=f32), 8)
         comp(f"combine/{dt}", SK._combine_kernel, {**p(["m_ptr", "l_ptr", "acc_ptr"], "*fp32"), "o_ptr": "*" + dt},
-             dict(BLOCK_S=64, CHUNK_S=16, BLOCK_DV=128), 4)
+             dict(CHUNK_S=16, BLOCK_DV=128), 4)
         comp(f"vq_lut/{dt}", VL._vq_lut_kernel, {"q_ptr": "*" + dt, "cb_ptr": "*fp32", "lut_ptr": "*fp32",
                                                   "scale": "fp32"},
              dict(BLOCK_H=16, BLOCK_C=64, BLOCK_D=128, F32=True), 8)
