@@ -19,6 +19,11 @@ range is split into ``S`` parts (grid axis 1) plus one extra part for the ring; 
 :func:`kvcomp.kernels.think_splitk.splitk_combine`. Each program handles one (sequence, KV head) and all
 ``G`` query heads of its group (padded to 16 rows for ``tl.dot``), so a key tile is read once per
 group. Reference: :func:`kvcomp.ref.think_paged.paged_pruned_key_attention`.
+
+Storage width: ``Dk`` is stored as is (e.g. 77 of 128 channels), the layout the vLLM backend and the HF
+path share. A pruned key row then starts on a 2-byte boundary and its ``BLOCK_DK``-wide load is masked,
+so the loads are not 16-byte vectorised; padding ``Dk`` to a multiple of 16 in storage (about +4% of the
+pruned bytes at 77 -> 80) would need that shared layout to change with it and is not done here.
 """
 
 from __future__ import annotations
