@@ -14,7 +14,7 @@ import torch
 from .. import ops
 from ..ops.prefill import dense_prefill
 from ..ref.attention import gather_paged
-from .step import Rows, Step
+from .step import Rows, Step, grow
 
 
 def write_pages(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
@@ -81,8 +81,10 @@ class Dense:
         self.num_heads, self.num_kv_heads, self.scale = num_heads, num_kv_heads, scale
         self.hm = head_map(list(range(num_kv_heads)), [], device)
 
-    def pages(self, store) -> tuple[torch.Tensor, torch.Tensor]:
-        return store.k, store.v
+    def alloc(self, store, heads: int, batch: int, tokens: int, head_dim: int, dtype, device, pin: bool) -> None:
+        """One block of ``tokens`` slots per request (the transformers cache's layout)."""
+        store.k = grow(store.k, (batch, tokens, heads, head_dim), 1, dtype=dtype, device=device)
+        store.v = grow(store.v, (batch, tokens, heads, head_dim), 1, dtype=dtype, device=device)
 
     def write(self, store, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: Step | None = None) -> None:
         """New tokens' ``k, v [n, Hkv, D]`` into their page slots (before :meth:`attend`)."""

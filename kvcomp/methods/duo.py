@@ -20,9 +20,9 @@ from ..ops.prefill import streaming_prefill
 from ..ref.cache_write import streaming_slot as ring_slot
 from .a2ats import A2ATS
 from .dense import Dense, dense_rows, head_map, write_pages
-from .step import Rows, Step
+from .step import Rows, Step, Store, grow
 
-__all__ = ["DuoAttention", "ring_kept", "ring_slot", "streaming_selection"]
+__all__ = ["DuoAttention", "StreamingHeads", "ring_kept", "ring_slot", "streaming_selection"]
 
 
 def ring_kept(start: int, end: int, sink: int, recent: int) -> list[int]:
@@ -46,83 +46,64 @@ def streaming_selection(seq_lens: torch.Tensor, heads: int, sink: int, recent: i
             count.expand(-1, heads).to(torch.int32).contiguous())
 
 
-class DuoAttention:
-    """A layer's KV heads split into ``retrieval`` heads (held by ``inner``: :class:`Dense` or
-    :class:`A2ATS`) and streaming heads (sink + recent)."""
+class StreamingHeads:
+    """DuoAttention's streaming heads on their own: a per-request ring of ``sink + recent`` tokens
+    (``store.ring``, ``store.ring_block``), or the host pages ``store.mirror`` beside A²ATS heads."""
 
-    name = "duo"
+    name = "streaming"
 
-    def __init__(self, inner: Dense | A2ATS, retrieval: list[int], streaming: list[int], group: int, sink: int,
-                 recent: int, scale: float, device):
-        self.inner, self.sink, self.recent, self.scale = inner, sink, recent, scale
-        self.kv_ret = torch.tensor(retrieval, device=device)
-        self.kv_str = torch.tensor(streaming, device=device)
-        self.q_ret = torch.tensor([h * group + i for h in retrieval for i in range(group)], device=device)
-        self.q_str = torch.tensor([h * group + i for h in streaming for i in range(group)], device=device)
-        self.hm = head_map(retrieval, streaming, device)
-        self.in_mirror = isinstance(inner, A2ATS)  # streaming heads' K/V beside the A²ATS heads' on the host
+    def __init__(self, sink: int, recent: int, scale: float):
+        self.sink, self.recent, self.scale = sink, recent, scale
+
+    def alloc(self, store, heads: int, batch: int, tokens: int, head_dim: int, dtype, device, pin: bool) -> None:
+        """A ring per request, of the kept tokens so far (at most ``sink + recent``: slot ``p`` holds
+        position ``p`` until the ring is full)."""
+        cap = min(tokens, self.sink + self.recent)
+        store.ring = grow(store.ring, (batch, heads, cap, 2 * head_dim), 2, dtype=dtype, device=device)
+        if store.ring_block is None:
+            store.ring_block = torch.arange(batch, device=device)
 
     def write(self, store, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: Step | None = None) -> None:
-        """Retrieval heads into their pages (with A²ATS, every head into the host pages, retrieval
-        heads first); streaming heads enter the ring in :meth:`attend` (it needs positions)."""
-        if self.in_mirror:
-            order = torch.cat([self.kv_ret, self.kv_str])
-            self.inner.write(store, slots, k.index_select(1, order), v.index_select(1, order))
-        else:
-            write_pages(store.k, store.v, slots, k.index_select(1, self.kv_ret), v.index_select(1, self.kv_ret))
+        """Nothing before attending: the ring keeps the step's tokens in :meth:`attend` (it needs positions)."""
 
     def attend(self, store, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: Step, out: torch.Tensor) -> None:
-        """Retrieval heads through ``inner``, streaming heads over their kept tokens and the step's
-        own; the step's streaming keys then stay in the ring."""
         single, multi = md.rows()
-        k_str, v_str = k.index_select(1, self.kv_str), v.index_select(1, self.kv_str)
-        mirror_kv = None
-        if self.in_mirror:
-            n = q.shape[0]
-            o = torch.empty(n, len(self.q_ret), out.shape[-1], dtype=out.dtype, device=out.device)
-            self.inner.attend(store, q.index_select(1, self.q_ret), k.index_select(1, self.kv_ret), None, md, o)
-            out[:n].index_copy_(1, self.q_ret, o)
-            mk, mv = store.mirror
-            n_ret = len(self.kv_ret)
-            mirror_kv = (mk[:, :, n_ret:], mv[:, :, n_ret:])
-            if single is not None:
-                idx, count = streaming_selection(single.seq_lens, mirror_kv[0].shape[2], self.sink, self.recent)
-                o = ops.sparse_attention_host(q[single.rows].index_select(1, self.q_str), *mirror_kv, idx, count,
-                                              block_table=single.block_table, scale=self.scale)
-                out[single.rows[:, None], self.q_str[None, :]] = o.to(out.dtype)
-        elif single is not None:
-            out[single.rows] = self.decode(store, q[single.rows], k_str[single.rows], v_str[single.rows],
-                                           single).to(out.dtype)
-        if multi is None:
-            return
-        if not self.in_mirror:
-            dense_rows(q.index_select(1, self.q_ret), store.k, store.v, md, multi.reqs, self.scale, out,
-                       heads=self.q_ret)
-        self.prefill_streaming(store, q.index_select(1, self.q_str), k_str, v_str, mirror_kv, md, multi.reqs, out)
+        if single is not None:
+            out[single.rows] = self.decode(store, q[single.rows], k[single.rows], v[single.rows], single).to(out.dtype)
+        if multi is not None:
+            self.prefill(store, q, k, v, md, multi.reqs, out)
 
-    def decode(self, store, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, r: Rows) -> torch.Tensor:
-        """One op call for both kinds of heads: retrieval heads over their pages, streaming heads over
-        their ring, which takes this step's ``k_new, v_new [d, n_str, D]`` first."""
-        sink, recent = self.sink, self.recent
-        ring, rb = store.ring, store.ring_block.index_select(0, r.req_index)
-        d = k_new.shape[-1]
-        slot = ring_slot(r.seq_lens.long() - 1, sink, recent)
+    def ring_write(self, store, rb: torch.Tensor, seq_lens: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor):
+        """Put one token per request (``k_new, v_new [d, n, D]`` at ``seq_lens - 1``) into the rings
+        ``rb [d]``; returns the rings' kept rows ``[d, n, sink + recent, D + Dv]``."""
+        ring, d = store.ring, k_new.shape[-1]
+        slot = ring_slot(seq_lens.long() - 1, self.sink, self.recent)
         ring[rb, :, slot, :d] = k_new.to(ring.dtype)
         ring[rb, :, slot, d:] = v_new.to(ring.dtype)
-        rows = ring.index_select(0, rb)[:, :, : sink + recent]  # [d, n_str, sink + recent, D + Dv]
-        return ops.triton_duo_decode_attention(q, store.k, store.v, r.block_table, r.seq_lens, rows[..., :d],
-                                               rows[..., d:], self.hm, sink=sink, window=recent, scale=self.scale)
+        return ring.index_select(0, rb)[:, :, : self.sink + self.recent]
 
-    def prefill_streaming(self, store, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, mirror_kv,
-                          md: Step, reqs: list[int], output: torch.Tensor) -> None:
-        """Streaming heads' multi-token rows: ``q [n, Hq_str, D]`` over the kept earlier tokens (the
-        ring, or ``mirror_kv = (k, v)`` host pages) and this step's ``k_new, v_new [n, n_str, D]``;
-        writes ``output[rows, q_str]``; then the ring keeps this step's sink and recent tokens."""
+    def decode(self, store, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, r: Rows) -> torch.Tensor:
+        """One token per request over its ring (ring slots seen as one page per request)."""
+        rows = self.ring_write(store, store.ring_block.index_select(0, r.req_index), r.seq_lens, k_new, v_new)
+        d = k_new.shape[-1]
+        n = rows.shape[1]
+        slots, count = streaming_selection(r.seq_lens, n, self.sink, self.recent)
+        slots = ring_slot(slots.long(), self.sink, self.recent).to(torch.int32)
+        pages = rows.permute(0, 2, 1, 3)  # [d, sink + recent, n, D + Dv]: request b's ring is block b
+        table = torch.arange(rows.shape[0], dtype=torch.int32, device=rows.device)[:, None]
+        return ops.sparse_attention_host(q, pages[..., :d], pages[..., d:], slots, count, block_table=table,
+                                         scale=self.scale)
+
+    def prefill(self, store, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, md: Step, reqs: list[int],
+                output: torch.Tensor, heads: torch.Tensor | None = None) -> None:
+        """Multi-token rows: ``q [n, Hq_str, D]`` over the kept earlier tokens (the ring, or the host
+        pages ``store.mirror``) and this step's ``k_new, v_new [n, n_str, D]``; writes ``output[rows,
+        heads]`` (default: every head); then the ring keeps this step's sink and recent tokens."""
         sink, recent, d = self.sink, self.recent, k_new.shape[2]
-        ring = store.ring if mirror_kv is None else None
+        ring = store.ring
         qsl, lens = md.qsl_host(), md.seq_lens_host()
         if ring is None:
-            mk, mv = mirror_kv
+            mk, mv = store.mirror
             bt = md.block_table.cpu()
             bsz = mk.shape[1]
         else:
@@ -146,10 +127,82 @@ class DuoAttention:
             k_pos = torch.tensor(old_pos + list(range(ctx, seq_len)), device=q.device)
             o = streaming_prefill(q[s0:e0].transpose(0, 1)[None], k, v, sink=sink, window=recent, scale=self.scale,
                                   q_pos=k_pos[len(old_pos):], k_pos=k_pos)
-            output[s0:e0].index_copy_(1, self.q_str, o[0].transpose(0, 1).to(output.dtype))
+            o = o[0].transpose(0, 1).to(output.dtype)
+            if heads is None:
+                output[s0:e0] = o
+            else:
+                output[s0:e0].index_copy_(1, heads, o)
             keep = ring_kept(ctx, seq_len, sink, recent) if ring is not None else []
             if keep:
                 ki = torch.tensor([p - ctx for p in keep], dtype=torch.long, device=r.device) + s0
                 slot = torch.tensor([ring_slot(p, sink, recent) for p in keep], dtype=torch.long, device=r.device)
                 r[:, slot, :d] = k_new.index_select(0, ki).transpose(0, 1).to(r.dtype)
                 r[:, slot, d:] = v_new.index_select(0, ki).transpose(0, 1).to(r.dtype)
+
+
+class DuoAttention:
+    """A layer's KV heads split into ``retrieval`` heads (held by ``inner``: :class:`Dense` or
+    :class:`A2ATS`) and streaming heads (:class:`StreamingHeads`), sharing one page tensor (vLLM's
+    layout: pages of the retrieval heads, a ring — or the host pages — for the streaming heads)."""
+
+    name = "duo"
+
+    def __init__(self, inner: Dense | A2ATS, retrieval: list[int], streaming: list[int], group: int, sink: int,
+                 recent: int, scale: float, device):
+        self.inner, self.scale = inner, scale
+        self.streaming = StreamingHeads(sink, recent, scale)
+        self.kv_ret = torch.tensor(retrieval, device=device)
+        self.kv_str = torch.tensor(streaming, device=device)
+        self.q_ret = torch.tensor([h * group + i for h in retrieval for i in range(group)], device=device)
+        self.q_str = torch.tensor([h * group + i for h in streaming for i in range(group)], device=device)
+        self.hm = head_map(retrieval, streaming, device)
+        self.in_mirror = isinstance(inner, A2ATS)  # streaming heads' K/V beside the A²ATS heads' on the host
+
+    def write(self, store, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: Step | None = None) -> None:
+        """Retrieval heads into their pages (with A²ATS, every head into the host pages, retrieval
+        heads first); streaming heads enter the ring in :meth:`attend` (it needs positions)."""
+        if self.in_mirror:
+            order = torch.cat([self.kv_ret, self.kv_str])
+            self.inner.write(store, slots, k.index_select(1, order), v.index_select(1, order))
+        else:
+            write_pages(store.k, store.v, slots, k.index_select(1, self.kv_ret), v.index_select(1, self.kv_ret))
+
+    def attend(self, store, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: Step, out: torch.Tensor) -> None:
+        """Retrieval heads through ``inner``, streaming heads over their kept tokens and the step's
+        own; the step's streaming keys then stay in the ring."""
+        single, multi = md.rows()
+        k_str, v_str = k.index_select(1, self.kv_str), v.index_select(1, self.kv_str)
+        st_str = store
+        if self.in_mirror:
+            n = q.shape[0]
+            o = torch.empty(n, len(self.q_ret), out.shape[-1], dtype=out.dtype, device=out.device)
+            self.inner.attend(store, q.index_select(1, self.q_ret), k.index_select(1, self.kv_ret), None, md, o)
+            out[:n].index_copy_(1, self.q_ret, o)
+            mk, mv = store.mirror
+            n_ret = len(self.kv_ret)
+            st_str = Store(mirror=(mk[:, :, n_ret:], mv[:, :, n_ret:]))
+            if single is not None:
+                idx, count = streaming_selection(single.seq_lens, len(self.kv_str), self.streaming.sink,
+                                                 self.streaming.recent)
+                o = ops.sparse_attention_host(q[single.rows].index_select(1, self.q_str), *st_str.mirror, idx, count,
+                                              block_table=single.block_table, scale=self.scale)
+                out[single.rows[:, None], self.q_str[None, :]] = o.to(out.dtype)
+        elif single is not None:
+            out[single.rows] = self.decode(store, q[single.rows], k_str[single.rows], v_str[single.rows],
+                                           single).to(out.dtype)
+        if multi is None:
+            return
+        if not self.in_mirror:
+            dense_rows(q.index_select(1, self.q_ret), store.k, store.v, md, multi.reqs, self.scale, out,
+                       heads=self.q_ret)
+        self.streaming.prefill(st_str, q.index_select(1, self.q_str), k_str, v_str, md, multi.reqs, out,
+                               heads=self.q_str)
+
+    def decode(self, store, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, r: Rows) -> torch.Tensor:
+        """One op call for both kinds of heads: retrieval heads over their pages, streaming heads over
+        their ring, which takes this step's ``k_new, v_new [d, n_str, D]`` first."""
+        s = self.streaming
+        rows = s.ring_write(store, store.ring_block.index_select(0, r.req_index), r.seq_lens, k_new, v_new)
+        d = k_new.shape[-1]
+        return ops.triton_duo_decode_attention(q, store.k, store.v, r.block_table, r.seq_lens, rows[..., :d],
+                                               rows[..., d:], self.hm, sink=s.sink, window=s.recent, scale=self.scale)

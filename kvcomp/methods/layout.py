@@ -10,31 +10,17 @@ tensors).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
 from .a2ats import A2ATS
 from .dense import Dense
-from .duo import DuoAttention
+from .duo import DuoAttention, StreamingHeads
+from .step import Store
 from .think import ThinK
 
-
-@dataclass
-class Store:
-    """A layer's storage for one step: page views, the per-request ring, the host pages.
-
-    ``k, v [blocks, block_size, H, Dk | Dv]`` (exact or pruned keys), or ``codes [blocks,
-    block_size, H]`` int16 (A²ATS); ``ring [blocks, H_ring, capacity, C]`` with ``ring_block
-    [num_reqs]``; ``mirror = (k, v)`` host pages ``[blocks, block_size, H_host, D]``.
-    """
-
-    k: torch.Tensor | None = None
-    v: torch.Tensor | None = None
-    codes: torch.Tensor | None = None
-    ring: torch.Tensor | None = None
-    ring_block: torch.Tensor | None = None
-    mirror: tuple[torch.Tensor, torch.Tensor] | None = None
+__all__ = ["Split", "Store", "build_hf_layer", "build_layer", "code_view", "mirror_heads", "page_changes", "page_store", "ring_capacity",
+           "ring_request"]
 
 
 def code_view(kv_cache: torch.Tensor) -> torch.Tensor:
@@ -120,3 +106,64 @@ def build_layer(plan, layer: int, num_heads: int, num_kv_heads: int, head_start:
     if stream:
         return DuoAttention(inner, paged, stream, g, plan.sink, plan.recent, scale, device)
     return inner
+
+
+class Split:
+    """A layer's KV heads split over several method objects, each over its own storage (the
+    transformers cache's head groups: e.g. DuoAttention's streaming heads beside exact, ThinK or
+    A²ATS heads). ``parts``: ``(KV heads, method)`` pairs covering every head once."""
+
+    def __init__(self, parts: list, group: int):
+        self.parts = [(torch.tensor(kv, dtype=torch.long),
+                       torch.tensor([h * group + i for h in kv for i in range(group)], dtype=torch.long), m)
+                      for kv, m in parts]
+        self.stores = [Store() for _ in parts]
+
+    def tensors(self):
+        for st in self.stores:
+            yield from st.tensors()
+
+    def methods(self):
+        return [m for _, _, m in self.parts]
+
+    def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md, *, head_dim: int, pin: bool) -> torch.Tensor:
+        """One step of every part: ``q [n, Hq, D]``, ``k, v [n, Hkv, D]`` (packed rows of ``md``,
+        whose requests each hold one block of ``md.max_seq_len`` slots); returns ``[n, Hq, D]``."""
+        out = torch.empty_like(q)
+        for (kv, qh, m), st in zip(self.parts, self.stores):
+            kv, qh = kv.to(q.device), qh.to(q.device)
+            qp, kp, vp = q.index_select(1, qh), k.index_select(1, kv), v.index_select(1, kv)
+            if hasattr(m, "prepare"):
+                m.prepare(st, qp, kp, md)
+            m.alloc(st, len(kv), md.num_reqs, md.max_seq_len, head_dim, k.dtype, k.device, pin)
+            m.write(st, md.slot_mapping, kp, vp, md)
+            o = torch.empty_like(qp)
+            m.attend(st, qp, kp, vp, md, o)
+            out.index_copy_(1, qh, o)
+        return out
+
+
+def build_hf_layer(cfg, layer: int, num_heads: int, scale: float, rope: tuple[torch.Tensor, float] | None,
+                   device) -> Split:
+    """The transformers cache's method objects of one layer of a
+    :class:`~kvcomp.config.CompressionConfig` (its head groups: full, think, streaming, vq, vq_think)."""
+    g = num_heads // cfg.num_kv_heads
+    t = cfg.think
+    parts = []
+    for name, heads in cfg.layer_groups(layer).items():
+        if not heads:
+            continue
+        think = None
+        if name in ("think", "vq_think"):
+            chan = None if t.channels is None else t.channels[layer, heads].long().to(device)
+            think = ThinK(chan, t.window, scale, prune_ratio=t.prune_ratio)
+        if name == "full":
+            m = Dense(len(heads) * g, len(heads), scale, device)
+        elif name == "think":
+            m = think
+        elif name == "streaming":
+            m = StreamingHeads(cfg.duo.sink, cfg.duo.recent, scale)
+        else:
+            m = A2ATS(cfg.vq, layer, heads, rope[0], rope[1], scale, device, think=think)
+        parts.append((heads, m))
+    return Split(parts, g)

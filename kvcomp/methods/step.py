@@ -1,4 +1,4 @@
-"""One step's metadata, in the one form both paths build: the vLLM metadata builder (once per step,
+"""One step's metadata and storage views, in the one form both paths build: the vLLM metadata builder (once per step,
 shared by every layer) and the transformers cache (one block per sequence).
 
 A step is a batch of requests, each with ``query_start_loc[b+1] - query_start_loc[b]`` new tokens
@@ -99,6 +99,11 @@ class Step:
             self._positions = start[req] + torch.arange(self.num_actual_tokens, device=qsl.device) - qsl[req]
         return self._positions
 
+    def token_requests(self) -> torch.Tensor:
+        """Request index of every packed query row ``[num_actual_tokens]`` (int64)."""
+        qsl = self.query_start_loc.long()
+        return torch.repeat_interleave(torch.arange(self.num_reqs, device=qsl.device), qsl[1:] - qsl[:-1])
+
     def all_multi(self) -> "Step":
         """The same step with every request on the multi-token path (the per-request reference route)."""
         n = self.num_reqs
@@ -119,3 +124,42 @@ class Step:
                    torch.full((batch,), total, dtype=torch.int32, device=device),
                    torch.arange(batch, dtype=torch.int32, device=device)[:, None], slots.to(device), qsl,
                    [total] * batch)
+
+
+@dataclass
+class Store:
+    """A layer's storage for one step: page views, the per-request ring, the host pages.
+
+    ``k, v [blocks, block_size, H, Dk | Dv]`` (exact or pruned keys), or ``codes [blocks,
+    block_size, H]`` int16 (A²ATS); ``ring [blocks, H_ring, capacity, C]`` with ``ring_block
+    [num_reqs]``; ``mirror = (k, v)`` host pages ``[blocks, block_size, H_host, D]``.
+    """
+
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+    codes: torch.Tensor | None = None
+    ring: torch.Tensor | None = None
+    ring_block: torch.Tensor | None = None
+    mirror: tuple[torch.Tensor, torch.Tensor] | None = None
+    chan: torch.Tensor | None = None  # ThinK's per-request kept channels [num_reqs, H, D_keep] (query-driven)
+    host_ring: bool = False  # the ring (and chan) live in host memory beside the host pages
+
+    def tensors(self):
+        """``(tier, tensor)`` of every tensor held (tier ``device`` or ``host``); block ids excluded."""
+        for name in ("k", "v", "codes", "ring", "chan"):
+            t = getattr(self, name)
+            if t is not None:
+                yield ("host" if self.host_ring and name in ("ring", "chan") else "device"), t
+        for t in self.mirror or ():
+            yield "host", t
+
+
+def grow(t: torch.Tensor | None, shape: tuple[int, ...], dim: int, *, dtype, device, pin: bool = False) -> torch.Tensor:
+    """``t`` reallocated to exactly ``shape`` (larger along ``dim``), its content kept at the front:
+    the transformers cache's one-block-per-request pages grow to the tokens they hold, no slack."""
+    if t is not None and tuple(t.shape) == tuple(shape):
+        return t
+    new = torch.empty(shape, dtype=dtype, device=device, pin_memory=pin)
+    if t is not None:
+        new.narrow(dim, 0, t.shape[dim]).copy_(t)
+    return new

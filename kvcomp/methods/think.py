@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import ops
+from .. import ops, ref
 from ..ref.attention import gather_paged
 from .dense import attend, write_pages
-from .step import Rows, Step
+from .step import Rows, Step, grow
 
 
 def full_width_tail(k_new: torch.Tensor, ring: torch.Tensor | None, ring_block: torch.Tensor | None,
@@ -38,16 +38,50 @@ def full_width_tail(k_new: torch.Tensor, ring: torch.Tensor | None, ring_block: 
 
 
 class ThinK:
-    """Static kept channels ``chan [Hkv, D_keep]`` (ascending) for every KV head of a layer."""
+    """Kept key channels per KV head of a layer: static ``channels [Hkv, D_keep]`` (ascending, e.g.
+    calibrated), or None: chosen per request from its own prompt (ThinK's observation window of
+    the last ``window`` queries, pruning ``prune_ratio`` of the channels) into ``store.chan``."""
 
     name = "think"
 
-    def __init__(self, channels: torch.Tensor, window: int, scale: float):
-        self.chan, self.window, self.scale = channels, window, scale
+    def __init__(self, channels: torch.Tensor | None, window: int, scale: float, prune_ratio: float | None = None):
+        if channels is None and prune_ratio is None:
+            raise ValueError("ThinK: give static channels or a prune_ratio to choose them per request")
+        self.chan, self.window, self.scale, self.prune_ratio = channels, window, scale, prune_ratio
+
+    def channels(self, store) -> torch.Tensor:
+        """``[num_reqs or 1, Hkv, D_keep]`` kept channels."""
+        return self.chan.unsqueeze(0) if self.chan is not None else store.chan
+
+    def prepare(self, store, q: torch.Tensor, k: torch.Tensor, md: Step) -> None:
+        """Query-driven channels, chosen at a request's first chunk from its last ``window`` queries
+        (``q [n, Hq, D]``) and its keys ``k [n, Hkv, D]`` (ThinK's observation window)."""
+        if self.chan is not None or store.chan is not None:
+            return
+        qsl = md.qsl_host()
+        chans = []
+        for b in range(md.num_reqs):
+            qb, kb = q[qsl[b]:qsl[b + 1]].transpose(0, 1)[None], k[qsl[b]:qsl[b + 1]].transpose(0, 1)[None]
+            w = min(self.window, qb.shape[2])
+            scores = ref.think_channel_scores(qb[:, :, -w:], kb)
+            chans.append(ref.think_keep_channels(scores, self.prune_ratio)[0])
+        store.chan = torch.stack(chans).contiguous()
+
+    def alloc(self, store, heads: int, batch: int, tokens: int, head_dim: int, dtype, device, pin: bool) -> None:
+        """Narrow key pages, value pages and the window ring, one block per request."""
+        dk = self.channels(store).shape[-1]
+        store.k = grow(store.k, (batch, tokens, heads, dk), 1, dtype=dtype, device=device, pin=pin)
+        store.v = grow(store.v, (batch, tokens, heads, head_dim), 1, dtype=dtype, device=device, pin=pin)
+        if self.window and store.ring is None:
+            store.ring = torch.zeros(batch, heads, self.window, head_dim, dtype=dtype, device=device,
+                                     pin_memory=pin)
+            store.ring_block = torch.arange(batch, device=device)
 
     def write(self, store, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: Step | None = None) -> None:
         """The kept channels of the new keys ``[n, Hkv, D]`` and the values into their page slots."""
-        write_pages(store.k, store.v, slots, k.gather(2, self.chan.unsqueeze(0).expand(k.shape[0], -1, -1)), v)
+        c = self.channels(store)
+        c = c.expand(k.shape[0], -1, -1) if c.shape[0] == 1 else c.index_select(0, md.token_requests())
+        write_pages(store.k, store.v, slots, k.gather(2, c), v)
 
     def attend(self, store, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: Step, out: torch.Tensor) -> None:
         single, multi = md.rows()
@@ -62,8 +96,10 @@ class ThinK:
         w = self.window
         rb = None if not w else store.ring_block.index_select(0, r.req_index)
         tail = full_width_tail(k_new, store.ring, rb, r.seq_lens, w).to(q.dtype)
-        o = ops.think_decode(q, store.k, self.chan.unsqueeze(0), tail, store.v, r.block_table, r.seq_lens,
-                             scale=self.scale, max_seq_len=max_seq_len)
+        c = self.channels(store)
+        c = c if c.shape[0] == 1 else c.index_select(0, r.req_index)
+        o = ops.think_decode(q, store.k, c, tail, store.v, r.block_table, r.seq_lens, scale=self.scale,
+                             max_seq_len=max_seq_len)
         if w:
             store.ring[rb, :, torch.remainder(r.seq_lens.long() - 1, w)] = k_new.to(store.ring.dtype)
         return o
@@ -77,22 +113,24 @@ class ThinK:
         w, ring = self.window, store.ring
         blocks = [] if not w else store.ring_block.tolist()
         qsl, lens = md.qsl_host(), md.seq_lens_host()
+        chan = self.channels(store)
         for b in reqs:
             s0, e0 = qsl[b], qsl[b + 1]
             seq_len = lens[b]
             ctx = seq_len - (e0 - s0)
             tail = min(w, ctx)
+            cb = chan[0 if chan.shape[0] == 1 else b].to(store.k.device)
             kp = gather_paged(store.k, md.block_table, ctx - tail, b)  # [Hkv, Tp, Dk]
-            kk = kp.new_zeros(hkv, kp.shape[1], d).scatter_(2, self.chan[:, None, :].expand(-1, kp.shape[1], -1), kp)
+            kk = kp.new_zeros(hkv, kp.shape[1], d).scatter_(2, cb[:, None, :].expand(-1, kp.shape[1], -1), kp)
             kf = k_new[s0:e0].transpose(0, 1)
             if tail:
-                slots = torch.tensor([p % w for p in range(ctx - tail, ctx)], device=kf.device)
-                kf = torch.cat([ring[blocks[b]][:, slots].to(kf.dtype), kf], dim=1)
-            kk = torch.cat([kk, kf.to(kk.dtype)], dim=1)
+                slots = torch.tensor([p % w for p in range(ctx - tail, ctx)], device=ring.device)
+                kf = torch.cat([ring[blocks[b]][:, slots].to(kf.device, kf.dtype), kf], dim=1)
+            kk = torch.cat([kk, kf.to(kk.device, kk.dtype)], dim=1)
             output[s0:e0] = attend(q[s0:e0], kk, gather_paged(store.v, md.block_table, seq_len, b),
                                    self.scale).to(output.dtype)
             keep = [p for p in range(ctx, seq_len) if p >= seq_len - w] if w else []
             if keep:  # after attending
-                rows = torch.tensor([p - ctx for p in keep], device=kf.device) + s0
-                slot = torch.tensor([p % w for p in keep], device=kf.device)
-                ring[blocks[b]][:, slot] = k_new.index_select(0, rows).transpose(0, 1).to(ring.dtype)
+                rows = torch.tensor([p - ctx for p in keep], device=k_new.device) + s0
+                slot = torch.tensor([p % w for p in keep], device=ring.device)
+                ring[blocks[b]][:, slot] = k_new.index_select(0, rows).transpose(0, 1).to(ring.device, ring.dtype)
