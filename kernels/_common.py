@@ -73,12 +73,14 @@ def next_pow2(x: int) -> int:
     return 1 if x <= 1 else triton.next_power_of_2(int(x))
 
 
-def kv_block_n(d: int, dtype: torch.dtype) -> int:
-    """GPU key-tile length for a head dim and KV dtype: a ``[BLOCK_N, D]`` tile of at most 16 KiB (64 rows
-    at bf16/fp16 D=128, 32 at fp32 D=128 or 16-bit D=256, 16 at fp32 D=256), so K, V and the fp32
-    accumulator stay in registers on sm_90 (checked by tests/kernels/test_sm90_compile.py)."""
+def kv_block_n(d: int, dtype: torch.dtype, num_warps: int = 4) -> int:
+    """GPU key-tile length for a head dim, KV dtype and warp count, so K, V and the fp32 accumulator stay
+    in registers on sm_90 (checked by tests/kernels/test_sm90_compile.py): a ``[BLOCK_N, D]`` tile of at
+    most 16 KiB in 16-bit (64 rows at D=128, 32 at D=256); fp32 dots run at IEEE precision on the FMA
+    units and need more registers, so 2 KiB per warp (4 warps, D=128: 16 rows; 8 warps: 32)."""
     size = torch.finfo(dtype).bits // 8
-    return max(16, min(64, 16384 // (d * size)))
+    budget = 2048 * num_warps if dtype == torch.float32 else 16384
+    return max(16, min(64, budget // (d * size)))
 
 
 def num_sms(device: torch.device) -> int:

@@ -166,7 +166,8 @@ def triton_think_decode(q: torch.Tensor, kp_cache: torch.Tensor, chan_idx: torch
         tokens_per_split: pruned tokens per split-K part (default: sized to fill the GPU).
         max_seq_len: optional host-known bound on ``seq_lens`` (e.g. vLLM's ``max_seq_len``); the split
             count is sized from it instead of the block-table capacity. Must be ``>= max(seq_lens)``.
-        block_n: key tile (default ``kv_block_n``: 64 at bf16 D=128, 32 at fp32; 16 under the interpreter).
+        block_n: key tile (default ``kv_block_n`` at 8 warps: 64 at bf16 D=128, 32 at fp32; 16 under the
+            interpreter).
     Returns:
         ``[B, Hq, Dv]`` in ``q.dtype``.
     """
@@ -179,7 +180,7 @@ def triton_think_decode(q: torch.Tensor, kp_cache: torch.Tensor, chan_idx: torch
     g = hq // hkv
     sc = 1.0 / d ** 0.5 if scale is None else float(scale)
     interp = C.interpreting()
-    bn = block_n or (16 if interp else C.kv_block_n(d, q.dtype))
+    bn = block_n or (16 if interp else C.kv_block_n(d, q.dtype, num_warps=8))
     cap = block_table.shape[1] * bs
     if max_seq_len is not None:
         if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:

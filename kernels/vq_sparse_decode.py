@@ -109,7 +109,7 @@ def triton_paged_sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     kmax = idx.shape[2]
     sc = 1.0 / d ** 0.5 if scale is None else float(scale)
     interp = C.interpreting()
-    bn = block_n or (16 if interp else C.kv_block_n(max(d, dv), q.dtype))
+    bn = block_n or (16 if interp else C.kv_block_n(max(d, dv), q.dtype, num_warps=8))
     if tokens_per_split is None:
         nsplit, per = pick_splits(b * hkv, kmax, q.device, bn, min_tokens_per_split=128)
     else:

@@ -54,6 +54,7 @@ if [ "$DRY" = 1 ]; then
   log "constraints: $(tr '\n' ' ' < "$CONS")"
 else
   log "installing kvcomp (editable, no deps; torch/triton pinned: $(tr '\n' ' ' < "$CONS"))"
+  "$PY" -m pip install -q -c "$CONS" "setuptools>=68" wheel  # the build backend (no build isolation)
   "$PY" -m pip install -q --no-deps --no-build-isolation -e .
   "$PY" -m pip install -q -c "$CONS" "${DEPS[@]}"
 fi

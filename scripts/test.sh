@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=$(bash scripts/setup_env.sh | tail -n 1)
+bash scripts/setup_triton36.sh >/dev/null  # Triton 3.6 venv for tests/kernels/test_sm90_compile.py (~40 s once)
 export TRITON_INTERPRET=${TRITON_INTERPRET:-1}
 "$VENV/bin/python" -m pytest -q -ra --durations=15 --ignore=tests/vllm_plugin "$@"
 if [ "${KVCOMP_SKIP_VLLM:-0}" != 1 ] && [ $# -eq 0 ]; then
