@@ -6,8 +6,8 @@ full-width ring ``k_recent [B, Hkv, W, D]`` (token ``p`` in slot ``p % W``, the 
 tokens), values in ordinary pages ``v_cache [num_blocks, block_size, Hkv, Dv]``.
 
 The ops run the Triton kernels on CUDA tensors (or on CPU tensors under ``TRITON_INTERPRET=1``);
-on CPU ``think_decode`` runs the native kernel ``torch.ops.kvcomp_C.think_decode`` when ``kvcomp._C``
-has it, the pure-PyTorch references otherwise (``kvcomp.ops._dispatch.impl_for``). Triton is imported
+on CPU the native kernels ``torch.ops.kvcomp_C.think_decode`` / ``pack_pruned_keys`` when ``kvcomp._C``
+has them, the pure-PyTorch references otherwise (``kvcomp.ops._dispatch.impl_for``). Triton is imported
 lazily inside the ops; the fake implementations let ``torch.compile`` trace them and CUDA graphs
 capture them (no host sync).
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from kvcomp.ops._dispatch import impl_for, use_triton
+from kvcomp.ops._dispatch import impl_for
 
 
 @torch.library.custom_op("kvcomp::think_decode", mutates_args=())
@@ -48,7 +48,12 @@ def _think_decode_fake(q, kp_cache, chan_idx, k_recent, v_cache, block_table, se
 @torch.library.custom_op("kvcomp::pack_pruned_keys", mutates_args=("kp_cache", "k_recent"))
 def _pack_pruned_keys_op(k_new: torch.Tensor, chan_idx: torch.Tensor, kp_cache: torch.Tensor, k_recent: torch.Tensor,
                          block_table: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor) -> None:
-    if not use_triton(k_new):
+    impl = impl_for(k_new, "pack_pruned_keys")
+    if impl == "native":
+        torch.ops.kvcomp_C.pack_pruned_keys(k_new, chan_idx, kp_cache, k_recent, block_table, seq_lens,
+                                            query_start_loc)
+        return
+    if impl == "reference":
         from kvcomp.ref.compressed_write import pack_pruned_keys_paged as ref
 
         ref(k_new, chan_idx, kp_cache, k_recent, block_table, seq_lens, query_start_loc)

@@ -162,13 +162,14 @@ def test_think_decode_gpu_long_bf16():
 
 
 def test_think_ops_cpu_fallback_is_the_reference(monkeypatch):
-    """Without CUDA and without the interpreter the ops run the references."""
+    """On CPU without the interpreter, KVCOMP_OPS=reference runs the references (else the native kernels)."""
     from kvcomp.ops.think import pack_pruned_keys_paged as op_pack
     from kvcomp.ops.think import think_decode
     from kvcomp.ref.compressed_write import pack_pruned_keys_paged as ref_pack
 
     args = [a.cpu() for a in build(2, 1, 2, 32, 8, 4, 8, [3, 11], torch.float32)]
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("KVCOMP_OPS", "reference")
     assert torch.equal(think_decode(*args), paged_pruned_key_attention(*args))
     kp, kr = torch.zeros(6, 8, 1, 8), torch.zeros(2, 1, 4, 32)
     k_new = torch.randn(2, 1, 32)
