@@ -10,6 +10,7 @@ import time
 import traceback
 
 from . import cli_args as T
+from . import defaults as DEF
 
 DEFAULT_METHODS = "full,duo,think,vq,all"
 
@@ -19,14 +20,14 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--methods", type=T.method_list, default=DEFAULT_METHODS,
                    help="comma-separated: full, all, or '+'-joined subsets of duo, think, vq")
-    p.add_argument("--sparsity", type=T.fraction, default=0.5, help="DuoAttention: fraction of streaming KV heads")
-    p.add_argument("--sink", type=T.nonneg_int, default=64, help="DuoAttention sink tokens")
-    p.add_argument("--recent", type=T.positive_int, default=256, help="DuoAttention recent window")
-    p.add_argument("--prune-ratio", type=T.prune_ratio, default=0.4, help="ThinK: fraction of key channels pruned")
-    p.add_argument("--topk", type=T.topk, default=0.1,
+    p.add_argument("--sparsity", type=T.fraction, default=DEF.DUO_SPARSITY, help="DuoAttention: fraction of streaming KV heads")
+    p.add_argument("--sink", type=T.nonneg_int, default=DEF.DUO_SINK, help="DuoAttention sink tokens")
+    p.add_argument("--recent", type=T.positive_int, default=DEF.DUO_RECENT, help="DuoAttention recent window")
+    p.add_argument("--prune-ratio", type=T.prune_ratio, default=DEF.THINK_PRUNE_RATIO, help="ThinK: fraction of key channels pruned")
+    p.add_argument("--topk", type=T.topk, default=DEF.VQ_TOPK,
                    help="VQ: top-K per query head (fraction < 1, or count); A²ATS uses 0.03 on 8B models")
-    p.add_argument("--n-codes", type=T.positive_int, default=256, help="VQ codebook size (256: shipped for SmolLM2)")
-    p.add_argument("--vq-dense-layers", type=T.nonneg_int, default=2, help="VQ: first layers keep exact attention")
+    p.add_argument("--n-codes", type=T.positive_int, default=DEF.VQ_CODES, help="VQ codebook size (256: shipped for SmolLM2)")
+    p.add_argument("--vq-dense-layers", type=T.nonneg_int, default=DEF.VQ_DENSE_LAYERS, help="VQ: first layers keep exact attention")
     p.add_argument("--duo-pattern", default=None, help="duo-attention full_attention_heads.tsv (or its folder)")
     p.add_argument("--codebooks", default=None, help="VQ codebooks .safetensors (default: calibrate on first use)")
 

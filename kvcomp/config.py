@@ -29,8 +29,8 @@ import torch
 
 from .patterns import read_pattern_tsv, threshold_pattern, write_pattern_tsv
 
-#: head dims the kernels and backends support; the references accept any even size
-SUPPORTED_HEAD_DIMS = (32, 64, 96, 128, 256)
+from . import defaults as DEF
+from .defaults import SUPPORTED_HEAD_DIMS  # noqa: F401  (re-exported)
 
 
 class ConfigError(ValueError):
@@ -88,8 +88,8 @@ class DuoAttention:
     """
 
     pattern: torch.Tensor
-    sink: int = 64
-    recent: int = 256
+    sink: int = DEF.DUO_SINK
+    recent: int = DEF.DUO_RECENT
     alphas: torch.Tensor | None = None
 
     def __post_init__(self):
@@ -100,12 +100,12 @@ class DuoAttention:
         self.recent = _int("duo.recent", self.recent, 1)
 
     @classmethod
-    def from_alphas(cls, alphas: torch.Tensor, sparsity: float = 0.5, **kw) -> "DuoAttention":
+    def from_alphas(cls, alphas: torch.Tensor, sparsity: float = DEF.DUO_SPARSITY, **kw) -> "DuoAttention":
         _real("duo.sparsity", sparsity, 0.0, 1.0)
         return cls(pattern=threshold_pattern(alphas, sparsity), alphas=alphas.float(), **kw)
 
     @classmethod
-    def from_tsv(cls, path: str | os.PathLike, sparsity: float = 0.5, **kw) -> "DuoAttention":
+    def from_tsv(cls, path: str | os.PathLike, sparsity: float = DEF.DUO_SPARSITY, **kw) -> "DuoAttention":
         """Load duo-attention's ``full_attention_heads.tsv`` and threshold it at ``sparsity``."""
         return cls.from_alphas(read_pattern_tsv(path), sparsity, **kw)
 
@@ -125,8 +125,8 @@ class ThinK:
     request from the observation window.
     """
 
-    prune_ratio: float = 0.4
-    window: int = 32
+    prune_ratio: float = DEF.THINK_PRUNE_RATIO
+    window: int = DEF.THINK_WINDOW
     heads: torch.Tensor | None = None
     channels: torch.Tensor | None = None
 
@@ -169,10 +169,10 @@ class VQRetrieval:
 
     codebook: torch.Tensor
     whiten: torch.Tensor
-    topk: float = 0.03
-    sink: int = 8
-    local: int = 64
-    rel_pos: int = 2048
+    topk: float = DEF.VQ_TOPK
+    sink: int = DEF.VQ_SINK
+    local: int = DEF.VQ_LOCAL
+    rel_pos: int = DEF.VQ_REL_POS
     heads: torch.Tensor | None = None
 
     def __post_init__(self):
@@ -216,7 +216,9 @@ class VQRetrieval:
         return int(self.codebook.shape[-2])
 
     def topk_tokens(self, seq_len: int) -> int:
-        return int(self.topk) if self.topk >= 1 else max(1, int(round(self.topk * seq_len)))
+        from .methods.a2ats import topk_tokens
+
+        return topk_tokens(self.topk, seq_len)
 
 
 @dataclass
@@ -251,8 +253,8 @@ class CompressionConfig:
             _int(name, v, 1)
         if self.num_q_heads is not None:
             _int("num_q_heads", self.num_q_heads, 1)
-        if D % 2 or D > 256:
-            raise ConfigError("head_dim", f"{D} unsupported: must be even and <= 256 (kernels: {SUPPORTED_HEAD_DIMS})")
+        if D not in SUPPORTED_HEAD_DIMS:
+            raise ConfigError("head_dim", f"{D} unsupported: kvcomp's kernels take {list(SUPPORTED_HEAD_DIMS)}")
         if self.num_q_heads is not None and self.num_q_heads % H:
             raise ConfigError("num_q_heads", f"{self.num_q_heads} is not a multiple of num_kv_heads {H}")
         shape = (L, H)
@@ -270,8 +272,8 @@ class CompressionConfig:
                 raise ConfigError("vq.codebook", f"must be [L, Hkv, C, D] = [{L}, {H}, C, {D}], got {list(v.codebook.shape)}")
             if tuple(v.whiten.shape) != (L, H, D, D):
                 raise ConfigError("vq.whiten", f"must be [L, Hkv, D, D] = [{L}, {H}, {D}, {D}], got {list(v.whiten.shape)}")
-            if not 1 <= v.n_codes <= 32768:
-                raise ConfigError("vq.codebook", f"{v.n_codes} codes: must be 1..32768 (int16 codes)")
+            if not 1 <= v.n_codes <= DEF.MAX_CODES:
+                raise ConfigError("vq.codebook", f"{v.n_codes} codes: must be 1..{DEF.MAX_CODES} (int16 codes)")
             vq_heads = ~streaming if v.heads is None else _bool_grid("vq.heads", v.heads, shape)
             if (vq_heads & streaming).any():
                 raise ConfigError("vq.heads", "a streaming head cannot also be a VQ head")

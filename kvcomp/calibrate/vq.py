@@ -21,6 +21,7 @@ import time
 import torch
 
 from .. import cli_args as T
+from .. import defaults as DEF
 from ..ref.rope import windowed_rope_query
 from ..ref.vq import MAX_CODES, fit_codebook, vq_encode
 
@@ -306,7 +307,7 @@ def add_vq_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--sample-len", type=T.positive_int, default=2048, help="tokens per forward pass")
     parser.add_argument("--uuid-fraction", type=T.fraction, default=0.2, help="share of random-UUID text")
     parser.add_argument("--iters", type=T.positive_int, default=25, help="k-means iterations (A²ATS: up to 300)")
-    parser.add_argument("--rel-pos", type=T.nonneg_int, default=2048, help="windowed-RoPE distance")
+    parser.add_argument("--rel-pos", type=T.nonneg_int, default=DEF.VQ_REL_POS, help="windowed-RoPE distance")
     parser.add_argument("--eval-tokens", type=T.nonneg_int, default=2048, help="held-out prose tokens for the error report (0: none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from .. import defaults as DEF
 from ..config import CompressionConfig, DuoAttention, ThinK, VQRetrieval
 
 COMPONENTS = ("duo", "think", "vq")
@@ -25,17 +26,17 @@ _HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the kvcom
 class MethodOptions:
     """Knobs of the named methods (defaults: the issue's targets)."""
 
-    sparsity: float = 0.5          # DuoAttention: fraction of streaming KV heads
-    sink: int = 64                 # DuoAttention streaming sink tokens
-    recent: int = 256              # DuoAttention streaming recent window
-    prune_ratio: float = 0.4       # ThinK: fraction of key channels pruned
-    think_window: int = 32         # ThinK: observation window / full-width recent keys
-    topk: float = 0.1              # VQ: per-query-head top-K (fraction or count). A²ATS uses 0.03 on
+    sparsity: float = DEF.DUO_SPARSITY         # DuoAttention: fraction of streaming KV heads
+    sink: int = DEF.DUO_SINK                # DuoAttention streaming sink tokens
+    recent: int = DEF.DUO_RECENT             # DuoAttention streaming recent window
+    prune_ratio: float = DEF.THINK_PRUNE_RATIO      # ThinK: fraction of key channels pruned
+    think_window: int = DEF.THINK_WINDOW        # ThinK: observation window / full-width recent keys
+    topk: float = DEF.VQ_TOPK             # VQ: per-query-head top-K (fraction or count). A²ATS uses 0.03 on
                                    # Llama-3.1-8B; SmolLM2-135M's diffuse attention needs ~0.1 (README)
-    vq_sink: int = 8
-    vq_local: int = 64
-    n_codes: int = 256            # the shipped SmolLM2 codebooks; other sizes are calibrated on first use
-    vq_dense_layers: int = 2       # VQ: the first layers keep exact attention (their attention is not sparse)
+    vq_sink: int = DEF.VQ_SINK
+    vq_local: int = DEF.VQ_LOCAL
+    n_codes: int = DEF.VQ_CODES           # the shipped SmolLM2 codebooks; other sizes are calibrated on first use
+    vq_dense_layers: int = DEF.VQ_DENSE_LAYERS      # VQ: the first layers keep exact attention (their attention is not sparse)
     duo_pattern: str | None = None
     codebooks: str | None = None
 
