@@ -251,12 +251,11 @@ at::Tensor sparse_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
   auto out = at::empty({b, hq, dv}, q.options());
   if (b == 0 || hq == 0) return out;
   Dims n{b, hq, hkv, hq / hkv, d, dv, kmax, 1, kmax};
-  // Split the selected tokens when there are fewer (batch, head) items than 2x the threads, keeping
-  // at least 128 tokens per split so the merge stays cheap.
-  const int64_t threads = at::get_num_threads();
-  if (b * hkv < 2 * threads) {
-    n.split = std::max<int64_t>(1, std::min((2 * threads + b * hkv - 1) / (b * hkv), (kmax + 127) / 128));
-  }
+  // Split the selected tokens until there are about kItems work items, keeping at least kMinChunk
+  // tokens per split so the merge stays cheap. Independent of at::get_num_threads() (1 inside a vLLM
+  // worker that never set it): at::parallel_for spreads the items over whatever pool it has.
+  constexpr int64_t kItems = 64, kMinChunk = 128;
+  n.split = std::max<int64_t>(1, std::min((kItems + b * hkv - 1) / (b * hkv), (kmax + kMinChunk - 1) / kMinChunk));
   n.chunk = (kmax + n.split - 1) / n.split;
 
   AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "sparse_attention_cpu", [&] {

@@ -76,6 +76,7 @@ constexpr uint8_t kAbove = 1, kTie = 2;
 
 void topk_item(const TopkArgs& a, int64_t bh, const float* lut, const int16_t* codes, const int64_t* table,
                int64_t len, int64_t topk, int32_t* idx, int32_t* count, std::vector<uint16_t>& buf,
+               std::vector<int32_t>& picked,
                std::vector<int32_t>& hist, std::vector<uint32_t>& keys, std::vector<uint8_t>& flag,
                std::vector<uint8_t>& tie, std::atomic<int64_t>& bad_code) {
   const int64_t bi = bh / a.hkv, h = bh % a.hkv;
@@ -132,20 +133,25 @@ void topk_item(const TopkArgs& a, int64_t bh, const float* lut, const int16_t* c
           need[i] = k - above;
         }
       }
+      // branchless append into scratch (the selection is data-dependent, ~topk/T of the tokens)
+      picked.resize(len);
       for (int64_t t = 0; t < len; ++t) {
         const uint16_t c = buf[t];
         const uint8_t f = flag[c];
-        bool sel = (f & kAbove) || t < sink_end || t >= local_start;
+        int64_t sel = (f & kAbove) | (t < sink_end) | (t >= local_start);
         if (f & kTie) {
           for (int64_t i = 0; i < a.g; ++i) {
             if (need[i] > 0 && tie[i * a.nc + c]) {
               --need[i];
-              sel = true;
+              sel = 1;
             }
           }
         }
-        if (sel && n < a.kmax) out[n++] = static_cast<int32_t>(t);
+        picked[n] = static_cast<int32_t>(t);
+        n += sel;
       }
+      n = std::min(n, a.kmax);  // never more: the bound was checked against kmax before work
+      std::copy(picked.begin(), picked.begin() + n, out);
     }
   }
   count[bh] = static_cast<int32_t>(n);
@@ -225,12 +231,13 @@ std::tuple<at::Tensor, at::Tensor> vq_topk_cpu(const at::Tensor& lut, const at::
   std::atomic<int64_t> bad_code{-1};
   at::parallel_for(0, a.b * a.hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<uint16_t> buf;
+    std::vector<int32_t> picked;
     std::vector<int32_t> hist(a.nc);
     std::vector<uint32_t> keys(a.g * a.nc);
     std::vector<uint8_t> flag(a.nc), tie(a.g * a.nc);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t bi = bh / a.hkv;
-      topk_item(a, bh, lp, cp, table, lens[bi], tk[bi], ip, np, buf, hist, keys, flag, tie, bad_code);
+      topk_item(a, bh, lp, cp, table, lens[bi], tk[bi], ip, np, buf, picked, hist, keys, flag, tie, bad_code);
     }
   });
   const int64_t bad = bad_code.load();
