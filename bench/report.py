@@ -113,9 +113,9 @@ def render(data: dict, note: str = "") -> str:
     lines = [
         "### Kernel decode time on the CPU (one layer, Llama-3.1-8B attention: 32 q / 8 KV heads, D=128)",
         "",
-        f"Machine: {m.get('line')} | commit {str(m.get('commit'))[:12]} | kvcomp._C built: {m.get('kvcomp_C')} "
+        f"Machine: {m.get('line')} | kvcomp._C built: {m.get('kvcomp_C')} "
         f"(native ops: {', '.join(m.get('native_ops') or []) or 'none'}) | {m.get('threads')} torch threads | "
-        f"load average {m.get('loadavg_1m')} at start.",
+        "(the latest run's; each run's commit and load below).",
         f"Read bandwidth: {data.get('read_bw_probe')}; each row's % is relative to its own run's. Runs:",
         "",
         *[f"- `{r['command']}` (commit {str(r['commit'])[:12]}, load average {r.get('loadavg_1m')}): read bandwidth "
