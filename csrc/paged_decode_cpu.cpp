@@ -3,16 +3,16 @@
 // the custom op kvcomp::duo_decode (reference: kvcomp/ref/duo.py::duo_decode_attention). Retrieval
 // KV heads are read straight from the paged cache through the block table; streaming heads from
 // their sink + window rings. With no streaming heads it is the plain dense paged decode.
+// torch.ops.kvcomp_C.paged_prefill runs the same machinery with one query row per packed query
+// token (causal varlen prefill over the pages; reference kvcomp/ref/attention.py::paged_attention).
 //
-// Work: phase 1 splits every sequence's context into chunks; an item (sequence, chunk) walks its
-// tokens in tiles of kTile rows and, for each retrieval KV head, computes the G x tile logits (each
-// key row loaded once for the G query heads), updates that head's running max / sum /
-// unnormalised accumulator (fp32) and accumulates the value rows. Phase 2 merges the chunks of
-// each (sequence, retrieval head) flash-decoding style, and runs each (sequence, streaming head)
-// over its ring's valid slots. Both phases are at::parallel_for, so one long request uses every
-// core. Layout requirements: the last dim of q, k_cache, v_cache, k_stream, v_stream must be
-// contiguous; every other stride is free (strided vLLM page views, head-major caches, transposed
-// block tables work as they are).
+// Work: phase 1 splits each query row's context into chunks; an item (row, chunk) walks its tokens
+// in tiles of kTile rows and, per retrieval KV head, computes the G x tile logits (each key row
+// loaded once for the G query heads), updates the running max / sum / unnormalised accumulator
+// (fp32) and accumulates the value rows. Phase 2 merges the chunks of each (row, retrieval head)
+// flash-decoding style and runs each (row, streaming head) over its ring's valid slots; both are
+// at::parallel_for, so one long request uses every core. Only the last dim of q and the caches must
+// be contiguous; other strides are free (vLLM page views, head-major caches, transposed tables).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -72,21 +72,24 @@ constexpr int64_t kMinChunk = 256;   // fewest context tokens per phase-1 item (
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 struct Item {
-  int64_t b, t0, t1;  // sequence, context token range [t0, t1)
+  int64_t b, t0, t1;  // query row, context token range [t0, t1)
 };
 
+// A batch of query rows (decode: one per sequence; prefill: every packed query token), each
+// attending to the first row_len[b] tokens of table row row_seq[b].
 struct Problem {
-  int64_t bsz, hq, hkv, g, d, n_ret, n_str, block_size, sink, window;
+  int64_t rows, hq, hkv, g, d, n_ret, n_str, block_size, sink, window;
   float scale;
-  const float* q;                  // [B, Hq, D] fp32, contiguous
-  const int64_t* lens;             // [B]
+  const float* q;                  // [rows, Hq, D] fp32, contiguous
+  std::vector<int64_t> row_len;    // [rows] tokens visible to each query row
+  std::vector<int64_t> row_seq;    // [rows] block-table row of each query row
   std::vector<int64_t> ret_kv;     // retrieval cache head r -> KV head
   std::vector<int64_t> str_kv;     // ring head s -> KV head
-  std::vector<int64_t> blocks;     // [B, blocks_per_seq] block ids actually used (validated)
-  int64_t blocks_per_seq;
-  std::vector<Item> items;         // phase-1 items, grouped by sequence
-  std::vector<int64_t> first_item; // [B + 1]: items of sequence b are [first_item[b], first_item[b+1])
-  float* out;                      // [B, Hq, D] fp32, contiguous
+  std::vector<int64_t> blocks;     // [table rows, blocks_per_seq] block ids actually used (validated)
+  int64_t blocks_per_seq = 0;
+  std::vector<Item> items;         // phase-1 items, grouped by query row
+  std::vector<int64_t> first_item; // [rows + 1]: items of row b are [first_item[b], first_item[b+1])
+  float* out;                      // [rows, Hq, D] fp32, contiguous
 };
 
 // Per phase-1 item partial: for each retrieval head, for each of its G query heads, m, l, acc[D].
@@ -118,7 +121,7 @@ void retrieval_phase(const Problem& p, const at::Tensor& k_cache, const at::Tens
       std::fill(m, m + p.n_ret * p.g, kNegInf);
       std::fill(l, l + p.n_ret * p.g + p.n_ret * gd, 0.f);
       for (int64_t r = 0; r < p.n_ret; ++r) load_q(p, item.b, p.ret_kv[r], qs.data() + r * gd);
-      const int64_t* blk = p.blocks.data() + item.b * p.blocks_per_seq;
+      const int64_t* blk = p.blocks.data() + p.row_seq[item.b] * p.blocks_per_seq;
       for (int64_t t0 = item.t0; t0 < item.t1; t0 += kTile) {
         const int64_t n = std::min(kTile, item.t1 - t0);
         for (int64_t j = 0; j < n; ++j) {
@@ -169,12 +172,8 @@ void merge_retrieval(const Problem& p, const float* partials, int64_t b, int64_t
 template <typename T>
 void streaming_head(const Problem& p, const at::Tensor& k_stream, const at::Tensor& v_stream, int64_t b,
                     int64_t si, float* scratch) {
-  const int64_t gd = p.g * p.d, len = p.lens[b];
-  float* qs = scratch;
-  float* m = qs + gd;
-  float* l = m + p.g;
-  float* acc = l + p.g;
-  float* s = acc + gd;
+  const int64_t gd = p.g * p.d, len = p.row_len[b];
+  float *qs = scratch, *m = qs + gd, *l = m + p.g, *acc = l + p.g, *s = acc + gd;
   std::fill(m, m + p.g, kNegInf);
   std::fill(l, l + p.g + gd, 0.f);
   const int64_t h = p.str_kv[si];
@@ -185,8 +184,7 @@ void streaming_head(const Problem& p, const at::Tensor& k_stream, const at::Tens
   const int64_t n_sink = std::min(len, p.sink);
   const int64_t n_win = std::min(p.window, std::max<int64_t>(0, len - p.sink));
   const int64_t total = n_sink + n_win;  // slots [0, n_sink) then [sink, sink + n_win)
-  const T* krows[kTile];
-  const T* vrows[kTile];
+  const T *krows[kTile], *vrows[kTile];
   const TileFn<T> fn = tile_fn<T>();
   for (int64_t j0 = 0; j0 < total; j0 += kTile) {
     const int64_t n = std::min(kTile, total - j0);
@@ -208,7 +206,7 @@ template <typename T>
 void merge_and_streaming_phase(const Problem& p, const float* partials, const at::Tensor& k_stream,
                                const at::Tensor& v_stream) {
   const int64_t per_seq = p.n_ret + p.n_str;
-  at::parallel_for(0, p.bsz * per_seq, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.rows * per_seq, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(2 * p.g * p.d + 2 * p.g + p.g * kTile);
     for (int64_t w = begin; w < end; ++w) {
       const int64_t b = w / per_seq, k = w % per_seq;
@@ -237,6 +235,12 @@ inline int64_t index_at(const at::Tensor& t, int64_t i, int64_t j) {
                                      : t.const_data_ptr<int64_t>()[off];
 }
 
+void check_index(const at::Tensor& t, const char* name, int64_t dim, const char* layout) {
+  detail::check_cpu(t, name);
+  detail::check_index_dtype(t, name);
+  detail::check_dim(t, dim, name, layout);
+}
+
 void check_kv_pair(const at::Tensor& k, const at::Tensor& v, const char* kn, const char* vn, const char* layout) {
   using namespace detail;
   check_cpu(k, kn);
@@ -252,104 +256,45 @@ void check_kv_pair(const at::Tensor& k, const at::Tensor& v, const char* kn, con
   check_last_dim_contiguous(v, vn);
 }
 
-at::Tensor duo_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                          const at::Tensor& block_table, const at::Tensor& seq_lens, const at::Tensor& k_stream,
-                          const at::Tensor& v_stream, const at::Tensor& head_map, int64_t sink, int64_t window,
-                          double scale, int64_t num_splits) {
-  using namespace detail;
-  check_cpu(q, "q");
-  check_dim(q, 3, "q", "[B, Hq, D] (one decode query per sequence)");
-  check_float_dtype(q, "q");
-  check_kv_pair(k_cache, v_cache, "k_cache", "v_cache", "[num_blocks, block_size, n_ret, D]");
-  check_kv_pair(k_stream, v_stream, "k_stream", "v_stream", "[B, n_str, sink + window, D]");
-  check_cpu(block_table, "block_table");
-  check_index_dtype(block_table, "block_table");
-  check_dim(block_table, 2, "block_table", "[B, max_blocks]");
-  check_cpu(seq_lens, "seq_lens");
-  check_index_dtype(seq_lens, "seq_lens");
-  check_dim(seq_lens, 1, "seq_lens", "[B]");
-  check_cpu(head_map, "head_map");
-  check_index_dtype(head_map, "head_map");
-  check_dim(head_map, 2, "head_map", "[n_ret + n_str, 2]");
-  TORCH_CHECK_VALUE(sink >= 0, "sink must be >= 0, got ", sink);
-  TORCH_CHECK_VALUE(window >= 1, "window must be >= 1 (it counts the token itself), got ", window);
-  TORCH_CHECK_VALUE(num_splits >= 0, "num_splits must be >= 0 (0 = automatic), got ", num_splits);
-  TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be finite, got ", scale);
-  Problem p;
-  p.bsz = q.size(0);
-  p.hq = q.size(1);
-  p.d = q.size(2);
-  p.n_ret = k_cache.size(2);
-  p.n_str = k_stream.size(1);
-  p.hkv = p.n_ret + p.n_str;
-  p.block_size = k_cache.size(1);
-  p.sink = sink;
-  p.window = window;
-  p.scale = static_cast<float>(scale);
-  TORCH_CHECK_VALUE(p.d >= 1, "q head dim must be >= 1, got ", shape_str(q));
-  TORCH_CHECK_VALUE(k_cache.size(3) == p.d, "k_cache head dim ", k_cache.size(3), " differs from q head dim ", p.d);
-  TORCH_CHECK_VALUE(k_stream.size(0) == p.bsz && k_stream.size(2) == sink + window && k_stream.size(3) == p.d,
-                    "k_stream must be [B=", p.bsz, ", n_str, sink+window=", sink + window, ", D=", p.d, "], got ",
-                    shape_str(k_stream));
-  TORCH_CHECK_VALUE(head_map.size(0) == p.hkv && head_map.size(1) == 2, "head_map must be [n_ret + n_str = ", p.hkv,
-                    ", 2], got ", shape_str(head_map));
-  TORCH_CHECK_VALUE(p.hkv > 0 && p.hq % p.hkv == 0, "q heads Hq=", p.hq, " must be a multiple of the KV heads ",
-                    "n_ret + n_str = ", p.hkv);
-  p.g = p.hq / p.hkv;
-  TORCH_CHECK_VALUE(block_table.size(0) == p.bsz, "block_table has ", block_table.size(0), " rows but q has B=",
-                    p.bsz);
-  TORCH_CHECK_VALUE(seq_lens.size(0) == p.bsz, "seq_lens has ", seq_lens.size(0), " entries but q has B=", p.bsz);
-  TORCH_CHECK_VALUE(p.n_ret == 0 || p.block_size >= 1, "k_cache block_size must be >= 1, got ", shape_str(k_cache));
-
-  // head_map: each kind's indices a permutation of its head set.
-  p.ret_kv.assign(p.n_ret, -1);
-  p.str_kv.assign(p.n_str, -1);
-  for (int64_t h = 0; h < p.hkv; ++h) {
-    const int64_t kind = index_at(head_map, h, 0), idx = index_at(head_map, h, 1);
-    TORCH_CHECK_VALUE(kind == 0 || kind == 1, "head_map[", h, ", 0] = ", kind,
-                      " must be 0 (retrieval) or 1 (streaming)");
-    std::vector<int64_t>& inv = kind == 0 ? p.ret_kv : p.str_kv;
-    const int64_t n = static_cast<int64_t>(inv.size());
-    TORCH_CHECK_VALUE(idx >= 0 && idx < n && inv[idx] < 0, "head_map[", h, ", 1] = ", idx, " must be a distinct index ",
-                      "in [0, ", n, ") (", kind == 0 ? "k_cache heads" : "k_stream heads", ")");
-    inv[idx] = h;
-  }
-  // seq_lens >= 1; the blocks they need exist in block_table and in the cache.
-  const at::Tensor lens = seq_lens.to(at::kLong).contiguous();
-  p.lens = lens.const_data_ptr<int64_t>();
-  const int64_t max_blocks = block_table.size(1), num_blocks = k_cache.size(0);
-  p.blocks_per_seq = 0;
-  for (int64_t b = 0; b < p.bsz; ++b) {
-    TORCH_CHECK_VALUE(p.lens[b] >= 1, "seq_lens[", b, "] = ", p.lens[b], ": decode needs at least the new token");
-    if (p.n_ret) p.blocks_per_seq = std::max(p.blocks_per_seq, (p.lens[b] + p.block_size - 1) / p.block_size);
+// Reads the block ids sequences need (seq_lens, only for those with a query row) into p.blocks,
+// checking each against the table width and the cache's block count.
+void check_blocks(Problem& p, const at::Tensor& block_table, const int64_t* seq_lens, int64_t num_blocks) {
+  const int64_t nseq = block_table.size(0), max_blocks = block_table.size(1);
+  std::vector<char> used(nseq, 0);
+  for (int64_t b = 0; b < p.rows; ++b) used[p.row_seq[b]] = 1;
+  for (int64_t s = 0; s < nseq; ++s) {
+    if (used[s]) p.blocks_per_seq = std::max(p.blocks_per_seq, (seq_lens[s] + p.block_size - 1) / p.block_size);
   }
   TORCH_CHECK_VALUE(p.blocks_per_seq <= max_blocks, "seq_lens need up to ", p.blocks_per_seq,
                     " blocks but block_table has ", max_blocks, " columns");
-  p.blocks.assign(p.bsz * p.blocks_per_seq, 0);
-  for (int64_t b = 0; b < p.bsz && p.n_ret; ++b) {
-    for (int64_t j = 0; j * p.block_size < p.lens[b]; ++j) {
-      const int64_t id = index_at(block_table, b, j);
-      TORCH_CHECK_VALUE(id >= 0 && id < num_blocks, "block_table[", b, ", ", j, "] = ", id, " is outside the cache's ",
-                        num_blocks, " blocks (seq_lens[", b, "] = ", p.lens[b], ")");
-      p.blocks[b * p.blocks_per_seq + j] = id;
+  p.blocks.assign(nseq * p.blocks_per_seq, 0);
+  for (int64_t s = 0; s < nseq; ++s) {
+    for (int64_t j = 0; used[s] && j * p.block_size < seq_lens[s]; ++j) {
+      const int64_t id = index_at(block_table, s, j);
+      TORCH_CHECK_VALUE(id >= 0 && id < num_blocks, "block_table[", s, ", ", j, "] = ", id, " is outside the cache's ",
+                        num_blocks, " blocks (seq_lens[", s, "] = ", seq_lens[s], ")");
+      p.blocks[s * p.blocks_per_seq + j] = id;
     }
   }
+}
 
-  at::Tensor out = at::empty({p.bsz, p.hq, p.d}, q.options().dtype(at::kFloat));
-  if (p.bsz == 0) return out.to(q.scalar_type());
+// Runs a validated problem: phase-1 items (every query row's context in chunks; automatic chunks
+// give ~4 items per thread overall), then the merge / streaming phase. Returns [rows, Hq, D] in q's dtype.
+at::Tensor run(Problem& p, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+               const at::Tensor& k_stream, const at::Tensor& v_stream, int64_t num_splits) {
+  at::Tensor out = at::empty({p.rows, p.hq, p.d}, q.options().dtype(at::kFloat));
+  if (p.rows == 0 || p.hq == 0) return out.to(q.scalar_type());
   const at::Tensor qf = q.to(at::kFloat).contiguous();
   p.q = qf.const_data_ptr<float>();
   p.out = out.mutable_data_ptr<float>();
-
-  // Phase-1 items: each sequence in chunks; automatic chunks give ~4 items per thread overall.
-  p.first_item.assign(p.bsz + 1, 0);
+  p.first_item.assign(p.rows + 1, 0);
   if (p.n_ret) {
     int64_t total = 0;
-    for (int64_t b = 0; b < p.bsz; ++b) total += p.lens[b];
+    for (int64_t b = 0; b < p.rows; ++b) total += p.row_len[b];
     const int64_t target = 4 * static_cast<int64_t>(at::get_num_threads());
     const int64_t auto_chunk = std::max(kMinChunk, (total + target - 1) / target);
-    for (int64_t b = 0; b < p.bsz; ++b) {
-      const int64_t len = p.lens[b];
+    for (int64_t b = 0; b < p.rows; ++b) {
+      const int64_t len = p.row_len[b];
       const int64_t chunk = num_splits > 0 ? (len + num_splits - 1) / num_splits : auto_chunk;
       for (int64_t t0 = 0; t0 < len; t0 += chunk) p.items.push_back({b, t0, std::min(len, t0 + chunk)});
       p.first_item[b + 1] = static_cast<int64_t>(p.items.size());
@@ -367,6 +312,130 @@ at::Tensor duo_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache, const 
   return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
 }
 
+at::Tensor duo_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                          const at::Tensor& block_table, const at::Tensor& seq_lens, const at::Tensor& k_stream,
+                          const at::Tensor& v_stream, const at::Tensor& head_map, int64_t sink, int64_t window,
+                          double scale, int64_t num_splits) {
+  using namespace detail;
+  check_cpu(q, "q");
+  check_dim(q, 3, "q", "[B, Hq, D] (one decode query per sequence)");
+  check_float_dtype(q, "q");
+  check_kv_pair(k_cache, v_cache, "k_cache", "v_cache", "[num_blocks, block_size, n_ret, D]");
+  check_kv_pair(k_stream, v_stream, "k_stream", "v_stream", "[B, n_str, sink + window, D]");
+  check_index(block_table, "block_table", 2, "[B, max_blocks]");
+  check_index(seq_lens, "seq_lens", 1, "[B]");
+  check_index(head_map, "head_map", 2, "[n_ret + n_str, 2]");
+  TORCH_CHECK_VALUE(sink >= 0, "sink must be >= 0, got ", sink);
+  TORCH_CHECK_VALUE(window >= 1, "window must be >= 1 (it counts the token itself), got ", window);
+  TORCH_CHECK_VALUE(num_splits >= 0, "num_splits must be >= 0 (0 = automatic), got ", num_splits);
+  TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be finite, got ", scale);
+  Problem p;
+  p.rows = q.size(0);
+  p.hq = q.size(1);
+  p.d = q.size(2);
+  p.n_ret = k_cache.size(2);
+  p.n_str = k_stream.size(1);
+  p.hkv = p.n_ret + p.n_str;
+  p.block_size = k_cache.size(1);
+  p.sink = sink;
+  p.window = window;
+  p.scale = static_cast<float>(scale);
+  TORCH_CHECK_VALUE(p.d >= 1, "q head dim must be >= 1, got ", shape_str(q));
+  TORCH_CHECK_VALUE(k_cache.size(3) == p.d, "k_cache head dim ", k_cache.size(3), " differs from q head dim ", p.d);
+  TORCH_CHECK_VALUE(k_stream.size(0) == p.rows && k_stream.size(2) == sink + window && k_stream.size(3) == p.d,
+                    "k_stream must be [B=", p.rows, ", n_str, sink+window=", sink + window, ", D=", p.d, "], got ",
+                    shape_str(k_stream));
+  TORCH_CHECK_VALUE(head_map.size(0) == p.hkv && head_map.size(1) == 2, "head_map must be [n_ret + n_str = ", p.hkv,
+                    ", 2], got ", shape_str(head_map));
+  TORCH_CHECK_VALUE(p.hkv > 0 && p.hq % p.hkv == 0, "q heads Hq=", p.hq, " must be a multiple of the KV heads ",
+                    "n_ret + n_str = ", p.hkv);
+  p.g = p.hq / p.hkv;
+  TORCH_CHECK_VALUE(block_table.size(0) == p.rows, "block_table has ", block_table.size(0), " rows but q has B=",
+                    p.rows);
+  TORCH_CHECK_VALUE(seq_lens.size(0) == p.rows, "seq_lens has ", seq_lens.size(0), " entries but q has B=", p.rows);
+  TORCH_CHECK_VALUE(p.n_ret == 0 || p.block_size >= 1, "k_cache block_size must be >= 1, got ", shape_str(k_cache));
+
+  // head_map: each kind's indices a permutation of its head set.
+  p.ret_kv.assign(p.n_ret, -1);
+  p.str_kv.assign(p.n_str, -1);
+  for (int64_t h = 0; h < p.hkv; ++h) {
+    const int64_t kind = index_at(head_map, h, 0), idx = index_at(head_map, h, 1);
+    TORCH_CHECK_VALUE(kind == 0 || kind == 1, "head_map[", h, ", 0] = ", kind,
+                      " must be 0 (retrieval) or 1 (streaming)");
+    std::vector<int64_t>& inv = kind == 0 ? p.ret_kv : p.str_kv;
+    const int64_t n = static_cast<int64_t>(inv.size());
+    TORCH_CHECK_VALUE(idx >= 0 && idx < n && inv[idx] < 0, "head_map[", h, ", 1] = ", idx, " must be a distinct index ",
+                      "in [0, ", n, ") (", kind == 0 ? "k_cache heads" : "k_stream heads", ")");
+    inv[idx] = h;
+  }
+  const at::Tensor lens = seq_lens.to(at::kLong).contiguous();
+  const int64_t* lp = lens.const_data_ptr<int64_t>();
+  for (int64_t b = 0; b < p.rows; ++b) {
+    TORCH_CHECK_VALUE(lp[b] >= 1, "seq_lens[", b, "] = ", lp[b], ": decode needs at least the new token");
+    p.row_len.push_back(lp[b]);
+    p.row_seq.push_back(b);
+  }
+  if (p.n_ret) check_blocks(p, block_table, lp, k_cache.size(0));
+  return run(p, q, k_cache, v_cache, k_stream, v_stream, num_splits);
+}
+
+
+// Causal varlen attention of packed queries over the pages (prefill / chunked prefill): q row i of
+// sequence b (rows query_start_loc[b] : query_start_loc[b+1], its last q_len tokens) sees the first
+// seq_lens[b] - q_len + (i - query_start_loc[b]) + 1 tokens. Each row is a decode row of the shared
+// machinery (keys straight from the pages, no gather copy). Reference: kvcomp.ref.attention.paged_attention.
+at::Tensor paged_prefill_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                             const at::Tensor& block_table, const at::Tensor& seq_lens,
+                             const at::Tensor& query_start_loc, double scale) {
+  using namespace detail;
+  check_cpu(q, "q");
+  check_dim(q, 3, "q", "[total_q, Hq, D] (packed queries)");
+  check_float_dtype(q, "q");
+  check_kv_pair(k_cache, v_cache, "k_cache", "v_cache", "[num_blocks, block_size, Hkv, D]");
+  check_index(block_table, "block_table", 2, "[B, max_blocks]");
+  check_index(seq_lens, "seq_lens", 1, "[B]");
+  check_index(query_start_loc, "query_start_loc", 1, "[B + 1]");
+  TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be finite, got ", scale);
+  Problem p;
+  p.rows = q.size(0);
+  p.hq = q.size(1);
+  p.d = q.size(2);
+  p.n_ret = p.hkv = k_cache.size(2);
+  p.n_str = p.sink = 0;
+  p.window = 1;
+  p.block_size = k_cache.size(1);
+  p.scale = static_cast<float>(scale);
+  TORCH_CHECK_VALUE(p.d >= 1 && k_cache.size(3) == p.d, "k_cache head dim ", k_cache.size(3), " must equal q's ",
+                    p.d, " (>= 1)");
+  TORCH_CHECK_VALUE(p.hkv > 0 && p.hq % p.hkv == 0, "q heads Hq=", p.hq, " must be a multiple of the KV heads Hkv=",
+                    p.hkv);
+  TORCH_CHECK_VALUE(p.block_size >= 1, "k_cache block_size must be >= 1, got ", shape_str(k_cache));
+  p.g = p.hq / p.hkv;
+  const int64_t nseq = seq_lens.size(0);
+  TORCH_CHECK_VALUE(block_table.size(0) == nseq && query_start_loc.size(0) == nseq + 1, "block_table must have B=",
+                    nseq, " rows and query_start_loc B+1 entries, got ", shape_str(block_table), " and ",
+                    shape_str(query_start_loc));
+  const at::Tensor lens = seq_lens.to(at::kLong).contiguous(), qsl = query_start_loc.to(at::kLong).contiguous();
+  const int64_t* lp = lens.const_data_ptr<int64_t>();
+  const int64_t* sp = qsl.const_data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(sp[0] == 0 && sp[nseq] == p.rows, "query_start_loc must run from 0 to total_q=", p.rows,
+                    ", got ", sp[0], " .. ", sp[nseq]);
+  for (int64_t b = 0; b < nseq; ++b) {
+    const int64_t q_len = sp[b + 1] - sp[b];
+    TORCH_CHECK_VALUE(q_len >= 0 && q_len <= lp[b], "sequence ", b, ": query_start_loc gives ", q_len,
+                      " queries but seq_lens is ", lp[b], " (need 0 <= q_len <= seq_len, non-decreasing offsets)");
+    for (int64_t i = 0; i < q_len; ++i) {
+      p.row_len.push_back(lp[b] - q_len + i + 1);
+      p.row_seq.push_back(b);
+    }
+  }
+  check_blocks(p, block_table, lp, k_cache.size(0));
+  p.ret_kv.resize(p.hkv);
+  for (int64_t h = 0; h < p.hkv; ++h) p.ret_kv[h] = h;
+  const at::Tensor no_ring = at::empty({p.rows, 0, 1, p.d}, k_cache.options());
+  return run(p, q, k_cache, v_cache, no_ring, no_ring, 0);
+}
+
 }  // namespace
 }  // namespace kvcomp
 
@@ -374,6 +443,12 @@ TORCH_LIBRARY_FRAGMENT(kvcomp_C, m) {
   m.def(
       "duo_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor seq_lens, Tensor k_stream, "
       "Tensor v_stream, Tensor head_map, int sink, int window, float scale, int num_splits) -> Tensor");
+  m.def(
+      "paged_prefill(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor seq_lens, "
+      "Tensor query_start_loc, float scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(kvcomp_C, CPU, m) { m.impl("duo_decode", &kvcomp::duo_decode_cpu); }
+TORCH_LIBRARY_IMPL(kvcomp_C, CPU, m) {
+  m.impl("duo_decode", &kvcomp::duo_decode_cpu);
+  m.impl("paged_prefill", &kvcomp::paged_prefill_cpu);
+}
