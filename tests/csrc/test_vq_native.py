@@ -56,7 +56,7 @@ def _ref_topk(lut, cache, table, lens, topk, sink, local, kmax):
 # ------------------------------------------------------------------------------------------- vq_lut
 
 @pytest.mark.parametrize("b,hq,hkv,d,nc", [(1, 1, 1, 8, 16), (3, 8, 2, 64, 256), (8, 32, 8, 128, 4096),
-                                           (2, 7, 7, 17, 33)])
+                                           (2, 7, 7, 17, 33), (2, 16, 2, 64, 256)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_vq_lut(b, hq, hkv, d, nc, dtype):
     q = torch.randn(b, hq, d, generator=_gen(1)).to(dtype)
@@ -79,6 +79,7 @@ TOPK_CASES = [  # (lens, hq, hkv, nc, bs, topk, sink, local)
     ([17, 40], 4, 1, 16, 8, 5, 16, 16),     # sink + local cover the whole of the first sequence
     ([50, 333], 4, 2, 256, 16, 1000, 0, 0),  # topk larger than every sequence: all tokens
     ([333, 90], 8, 2, 16, 16, 0, 3, 5),      # topk 0: sink and local only
+    ([1000, 333, 17], 16, 2, 256, 16, 0.03, 8, 64),  # GQA 8
 ]
 
 
