@@ -6,7 +6,9 @@ attention function that expresses each method as a mask or a channel restriction
 history. It calls nothing from ``kvcomp.ref`` or ``kvcomp.ops``: RoPE inversion, ThinK channel
 scores, VQ codes, LUT scores, the per-query-head top-K and its GQA union are written out below, so
 a shared mistake in the references (a wrong GQA union, a wrong ThinK channel grouping) shows up
-here although the layer-level simulation of ``test_cache_layer.py`` would agree with it.
+here although the layer-level simulation of ``test_cache_layer.py`` would agree with it. The path
+runs through each route of ``kvcomp.ops`` in turn: the CPU route (native kernels when built), the
+references forced (``KVCOMP_OPS=reference``) and the Triton kernels (interpreter on CPU).
 
 Definitions simulated (per KV head ``h``, query heads ``h*G .. h*G+G-1``, absolute positions):
 
@@ -188,8 +190,21 @@ def simulate(model, cfg, grid, ids):
         model.set_attn_implementation(prev)
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_transformers_path_matches_independent_simulation(model, case):
+# the HF path's ops: the CPU route (native kernels, or the references without the extension), the
+# references forced (so a mistake shared by the references and this file's sibling tests shows),
+# and the Triton kernels (interpreter on CPU)
+ROUTES = {"cpu": {}, "reference": {"KVCOMP_OPS": "reference"}, "triton": {"TRITON_INTERPRET": "1"}}
+
+
+# (the Triton route runs the two cases that hold every kind of head: interpreter time)
+PARAMS = [pytest.param(c, r, id=f"{c}-{r}") for r in ("cpu", "reference") for c in CASES] + [
+    pytest.param(c, "triton", id=f"{c}-triton", marks=pytest.mark.triton_route) for c in ("vq-think", "all")]
+
+
+@pytest.mark.parametrize("case,route", PARAMS)
+def test_transformers_path_matches_independent_simulation(model, case, route, monkeypatch):
+    for k, v in ROUTES[route].items():
+        monkeypatch.setenv(k, v)
     cfg, grid = make_config(model, case)
     ids = torch.randint(0, 128, (BATCH, PROMPT + STEPS), generator=torch.Generator().manual_seed(3))
     stock = run_steps(model, ids, DynamicCache(config=model.config))
