@@ -105,12 +105,6 @@ inline const float* row_f32(const T* row, int64_t n, float* buf, const Kernels& 
   }
 }
 
-// Pulls [p, p + bytes) towards L2.
-inline void prefetch(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 2);
-}
-
 struct Problem {
   int64_t b, hq, hkv, g, d, dk, dv, w, bs;
   int64_t ldn, ldf;                 // padded widths of the narrow / full query rows
@@ -139,7 +133,7 @@ void run(const Problem& P, const Strides& S, const T* kp, const T* kr, const T* 
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     std::vector<float> kbuf(kTile * P.ldf), vbuf(kTile * P.dv), s(P.g * kTile);
     std::vector<const float*> krows(kTile), vrows(kTile);
-    int64_t koff[2][kTile], voff[2][kTile];  // this tile and the next
+    int64_t koff[kTile], voff[kTile];
     for (int64_t it = next.fetch_add(1); it < items; it = next.fetch_add(1)) {
       const int64_t gc = it / P.groups, h0 = (it % P.groups) * P.hg, h1 = std::min(h0 + P.hg, P.hkv);
       const int64_t bi = P.chunk_seq[gc], len = P.lens[bi], tp = std::max<int64_t>(len - P.w, 0);
@@ -150,38 +144,21 @@ void run(const Problem& P, const Strides& S, const T* kp, const T* kr, const T* 
         std::fill(pt, pt + P.g, -std::numeric_limits<float>::infinity());
         std::fill(pt + P.g, pt + P.part(), 0.f);
       }
-      // Token offsets (at head 0) of the tile starting at t0; returns its length.
-      const auto tile = [&](int64_t t0, int64_t* ko, int64_t* vo) {
+      for (int64_t t0 = p0; t0 < p1;) {
+        // A tile lies wholly before T_p (narrow page rows) or after it (full-width ring rows).
         const bool ring = t0 >= tp;
         const int64_t n = std::min(kTile, (ring ? p1 : std::min(p1, tp)) - t0);
-        for (int64_t j = 0; j < n; ++j) {
+        for (int64_t j = 0; j < n; ++j) {  // row offsets at head 0
           const int64_t pos = t0 + j, b_id = blk[pos / P.bs], slot = pos % P.bs;
-          vo[j] = b_id * S.vb + slot * S.vt;
-          ko[j] = ring ? bi * S.rb + (pos % P.w) * S.rs : b_id * S.kb + slot * S.kt;
+          voff[j] = b_id * S.vb + slot * S.vt;
+          koff[j] = ring ? bi * S.rb + (pos % P.w) * S.rs : b_id * S.kb + slot * S.kt;
         }
-        return n;
-      };
-      int64_t n = tile(p0, koff[0], voff[0]);
-      for (int64_t t0 = p0, cur = 0; t0 < p1; cur ^= 1) {
-        const bool ring = t0 >= tp;
         const T* kbase = ring ? kr : kp;
         const int64_t kh = ring ? S.rh : S.kh, dd = ring ? P.d : P.dk, ldq = ring ? P.ldf : P.ldn;
-        // Ask for the next tile's rows of this item's heads while this one is computed: page rows
-        // are scattered (random blocks), so the hardware prefetcher alone leaves loads waiting.
-        const int64_t nn = t0 + n < p1 ? tile(t0 + n, koff[cur ^ 1], voff[cur ^ 1]) : 0;
-        if (nn) {
-          const bool nring = t0 + n >= tp;
-          const T* nk = nring ? kr : kp;
-          const int64_t nkh = nring ? S.rh : S.kh, ndd = nring ? P.d : P.dk;
-          for (int64_t j = 0; j < nn; ++j) {
-            prefetch(nk + koff[cur ^ 1][j] + h0 * nkh, ((h1 - h0 - 1) * nkh + ndd) * sizeof(T));
-            prefetch(vc + voff[cur ^ 1][j] + h0 * S.vh, ((h1 - h0 - 1) * S.vh + P.dv) * sizeof(T));
-          }
-        }
         for (int64_t h = h0; h < h1; ++h) {
           const float* q = (ring ? P.qf.data() : P.qn.data()) + (bi * P.hkv + h) * P.g * ldq;
           for (int64_t j = 0; j < n; ++j) {
-            krows[j] = row_f32(kbase + koff[cur][j] + h * kh, dd, kbuf.data() + j * P.ldf, kn);
+            krows[j] = row_f32(kbase + koff[j] + h * kh, dd, kbuf.data() + j * P.ldf, kn);
           }
           kn.qk(q, ldq, P.g, dd, krows.data(), n, s.data(), kTile);
           float* pt = partials + (gc * P.hkv + h) * P.part();
@@ -199,12 +176,11 @@ void run(const Problem& P, const Strides& S, const T* kp, const T* kr, const T* 
             l[i] += kn.exp_sum(si, n, mnew);
           }
           for (int64_t j = 0; j < n; ++j) {
-            vrows[j] = row_f32(vc + voff[cur][j] + h * S.vh, P.dv, vbuf.data() + j * P.dv, kn);
+            vrows[j] = row_f32(vc + voff[j] + h * S.vh, P.dv, vbuf.data() + j * P.dv, kn);
           }
           kn.pv(acc, P.g, P.dv, s.data(), kTile, vrows.data(), n);
         }
         t0 += n;
-        n = nn;
       }
     }
   });

@@ -74,7 +74,8 @@ void pack_pruned_keys_cpu(const at::Tensor& k_new, const at::Tensor& chan_idx, a
   check_dim(query_start_loc, 1, "query_start_loc", "[B + 1]");
   check_float_dtype(k_new, "k_new");
   check_float_dtype(kp_cache, "kp_cache");
-  TORCH_CHECK_VALUE(k_recent.scalar_type() == kp_cache.scalar_type(), "kp_cache and k_recent must share one dtype, got ",
+  TORCH_CHECK_VALUE(k_recent.scalar_type() == kp_cache.scalar_type(),
+                    "kp_cache and k_recent must share one dtype, got ",
                     kp_cache.scalar_type(), " and ", k_recent.scalar_type());
   check_index_dtype(chan_idx, "chan_idx");
   check_index_dtype(block_table, "block_table");
@@ -86,7 +87,8 @@ void pack_pruned_keys_cpu(const at::Tensor& k_new, const at::Tensor& chan_idx, a
   const int64_t nb = kp_cache.size(0), bs = kp_cache.size(1), dk = kp_cache.size(3), bsz = block_table.size(0);
   TORCH_CHECK_VALUE(bs > 0, "kp_cache block_size must be >= 1, got ", shape_str(kp_cache));
   TORCH_CHECK_VALUE(kp_cache.size(2) == hkv && chan_idx.size(1) == hkv && chan_idx.size(2) == dk,
-                    "kp_cache [.., Hkv=", hkv, ", Dk] and chan_idx [B|1, Hkv, Dk] disagree: ", shape_str(kp_cache), ", ",
+                    "kp_cache [.., Hkv=", hkv, ", Dk] and chan_idx [B|1, Hkv, Dk] disagree: ", shape_str(kp_cache),
+                    ", ",
                     shape_str(chan_idx));
   TORCH_CHECK_VALUE(dk <= d, "kp_cache keeps Dk=", dk, " channels but k_new has D=", d);
   TORCH_CHECK_VALUE(k_recent.size(0) == bsz && k_recent.size(1) == hkv && k_recent.size(3) == d,
