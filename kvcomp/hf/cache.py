@@ -14,6 +14,7 @@ their decode through :mod:`kvcomp.ops`.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,10 @@ class RopeInfo:
 
     def cos_sin(self, pos: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
         return ref.rope_cos_sin(pos.to(device), self.inv_freq.to(device), self.attention_scaling)
+
+
+#: one step's metadata, built by the first layer and shared by the others (no per-layer rebuild)
+_uniform_step = functools.lru_cache(maxsize=8)(Step.uniform)
 
 
 class KVCompLayer(CacheLayerMixin):
@@ -114,7 +119,7 @@ class KVCompLayer(CacheLayerMixin):
         if self.split is None:
             self.split = build_hf_layer(self.cfg, self.layer_idx, hq, scale,
                                         (self.rope.inv_freq.to(q.device), self.rope.attention_scaling), q.device)
-        md = Step.uniform(b, self.seen, tq, self.seen + tq, q.device)
+        md = _uniform_step(b, self.seen, tq, self.seen + tq, q.device)
         packed = [t.transpose(1, 2).reshape(b * tq, t.shape[1], t.shape[3]) for t in (q, k, v)]
         out = self.split.step(*packed, md, head_dim=d, pin=self.pin_host)
         self.seen += tq
