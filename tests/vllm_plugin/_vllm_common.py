@@ -7,6 +7,7 @@ interpreter: the current one when it imports vLLM, else ``$KVCOMP_VLLM_PYTHON``;
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -148,6 +149,21 @@ def hf_greedy(model, prompts: list[list[int]], max_tokens: int) -> list[list[int
     return out
 
 
+@contextlib.contextmanager
+def cpu_ops():
+    """kvcomp's ops as a CPU process runs them (native kernels, or the references), not the Triton
+    interpreter this pytest process enables for the kernel unit tests (conftest)."""
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
 def kvcomp_hf_greedy(model, prompts: list[list[int]], max_tokens: int, config) -> list[list[int]]:
     """Greedy continuation through kvcomp's own HF path (``kvcomp.hf.compress`` + ``KVCompCache``):
     the whole prompt in one forward (exact prefill), then one token per step."""
@@ -157,7 +173,7 @@ def kvcomp_hf_greedy(model, prompts: list[list[int]], max_tokens: int, config) -
 
     out = []
     try:
-        with torch.no_grad():
+        with torch.no_grad(), cpu_ops():
             for p in prompts:
                 cache = compress(model, config)
                 logits = model(torch.tensor([p]), past_key_values=cache, use_cache=True).logits[0, -1]

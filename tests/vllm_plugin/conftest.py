@@ -43,7 +43,7 @@ from pathlib import Path
 
 import pytest  # noqa: E402
 
-from _vllm_common import (DUO_PATTERN, HARNESS_CONTEXT, HARNESS_METHODS, HARNESS_SAMPLES, HARNESS_TOKENS, RECENT, SINK, STRESS_LENGTHS, STRESS_TOKENS, VQ_KV_BYTES, D, HKV, KEEP,
+from _vllm_common import (DUO_PATTERN, cpu_ops, HARNESS_CONTEXT, HARNESS_METHODS, HARNESS_SAMPLES, HARNESS_TOKENS, RECENT, SINK, STRESS_LENGTHS, STRESS_TOKENS, VQ_KV_BYTES, D, HKV, KEEP,
                           MAX_TOKENS, L, build_tiny_llama, finish_engine, hf_greedy, kvcomp_hf_greedy, make_prompts,
                           start_engine, start_stress, think_channels, tiny_vq, use_duo_attention, vllm_python,
                           wait_engine)
@@ -142,9 +142,11 @@ def engines(tmp_path_factory):
                                                "" if name == "off" else str(work / f"{name}_config"))
     hf_full = hf_greedy(model, prompts, MAX_TOKENS)
     hf_smol = hf_greedy(smol, smol_prompts, MAX_TOKENS)
-    harness = {"samples": samples, "tokenizer": smol_tok,
-               "hf": {m: [generate(smol, smol_tok, sample_input_ids(smol_tok, x), c, max_new_tokens=HARNESS_TOKENS).text
-                          for x in samples] for m, c in {**smol_cfgs, "full": None}.items()}}
+    with cpu_ops():
+        harness = {"samples": samples, "tokenizer": smol_tok,
+                   "hf": {m: [generate(smol, smol_tok, sample_input_ids(smol_tok, x), c,
+                                       max_new_tokens=HARNESS_TOKENS).text
+                              for x in samples] for m, c in {**smol_cfgs, "full": None}.items()}}
     del smol
     stress_ref = {"off": hf_greedy(model, stress_prompts, STRESS_TOKENS),
                   "duo": kvcomp_hf_greedy(model, stress_prompts, STRESS_TOKENS, cfgs["duo"])}
