@@ -20,7 +20,11 @@ from .step import Rows, Step, grow
 def write_pages(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
                 v: torch.Tensor) -> None:
     """Store ``k [n, H, Dk]`` / ``v [n, H, Dv]`` at slots ``block * block_size + offset`` (all valid),
-    moved to the pages' device (e.g. host pages)."""
+    moved to the pages' device (e.g. host pages). Pages of equal key and value width on the new
+    tokens' device go through ``kvcomp::write_paged_kv`` (the Triton kernel on the GPU)."""
+    if k.device == k_cache.device and k_cache.shape == v_cache.shape and k.shape == v.shape:
+        ops.triton_write_paged_kv(k, v, k_cache, v_cache, slots)
+        return
     bs = k_cache.shape[1]
     s = slots.to(k_cache.device, torch.long)
     blk, off = s // bs, s % bs

@@ -1,6 +1,8 @@
 """``kvcomp::write_paged_kv`` and ``kvcomp::write_streaming_kv``: in-place cache writes as custom ops.
 
-Both mutate their cache arguments (declared in ``mutates_args``) and return nothing; Triton is imported
+Both mutate their cache arguments (declared in ``mutates_args``) and return nothing. They run the
+Triton kernels where :func:`kvcomp.ops._dispatch.impl_for` says so (CUDA, or the interpreter) and
+their references otherwise (an indexed copy: no native kernel is needed for it). Triton is imported
 lazily inside the ops.
 """
 
@@ -8,12 +10,16 @@ from __future__ import annotations
 
 import torch
 
+from kvcomp.ops._dispatch import impl_for
+
 
 @torch.library.custom_op("kvcomp::write_paged_kv", mutates_args=("k_cache", "v_cache"))
 def _write_paged_kv_op(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                        slot_mapping: torch.Tensor) -> None:
-    from kvcomp.kernels.cache_write import write_paged_kv
-
+    if impl_for(k_cache) != "triton":
+        from kvcomp.ref.cache_write import write_paged_kv
+    else:
+        from kvcomp.kernels.cache_write import write_paged_kv
     write_paged_kv(key, value, k_cache, v_cache, slot_mapping)
 
 
@@ -25,8 +31,10 @@ def _write_paged_kv_fake(key, value, k_cache, v_cache, slot_mapping):
 @torch.library.custom_op("kvcomp::write_streaming_kv", mutates_args=("k_buf", "v_buf"))
 def _write_streaming_kv_op(key: torch.Tensor, value: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
                            query_start_loc: torch.Tensor, seq_lens: torch.Tensor, sink: int) -> None:
-    from kvcomp.kernels.cache_write import write_streaming_kv
-
+    if impl_for(k_buf) != "triton":
+        from kvcomp.ref.cache_write import write_streaming_kv
+    else:
+        from kvcomp.kernels.cache_write import write_streaming_kv
     write_streaming_kv(key, value, k_buf, v_buf, query_start_loc, seq_lens, sink=sink)
 
 

@@ -15,17 +15,17 @@ def _fresh(monkeypatch):
 
 
 def test_write_by_slot_and_views():
-    m = M.mirror_for("l0", num_blocks=5, block_size=4, num_heads=2, head_size=3, head_size_v=3,
+    m = M.mirror_for("l0", num_blocks=5, block_size=4, num_heads=2, head_size=16, head_size_v=16,
                      dtype=torch.float32, layers_in_process=2)
-    assert M.mirror_for("l0", num_blocks=5, block_size=4, num_heads=2, head_size=3, head_size_v=3,
+    assert M.mirror_for("l0", num_blocks=5, block_size=4, num_heads=2, head_size=16, head_size_v=16,
                         dtype=torch.float32, layers_in_process=2) is m
     m.kv.zero_()
-    k, v = torch.randn(3, 2, 3), torch.randn(3, 2, 3)
+    k, v = torch.randn(3, 2, 16), torch.randn(3, 2, 16)
     slots = torch.tensor([17, 2, 8])  # block 4 offset 1, block 0 offset 2, block 2 offset 0
     write_pages(m.k, m.v, slots, k, v)  # how A2ATS writes its host pages
     assert torch.equal(m.k[4, 1], k[0]) and torch.equal(m.v[0, 2], v[1]) and torch.equal(m.k[2, 0], k[2])
     assert int((m.kv != 0).any(-1).any(-1).sum()) == 3
-    assert M.mirror_bytes() == 5 * 4 * 2 * 6 * 4
+    assert M.mirror_bytes() == 5 * 4 * 2 * 32 * 4
 
 
 def test_budget_refused_with_the_block_count_that_fits(monkeypatch):
