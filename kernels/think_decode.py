@@ -16,7 +16,7 @@ Cache layout (one layer; ``W`` = full-width recent window, ``Dk`` = kept channel
 Decode of one query per sequence: logits of pruned tokens are ``q[chan_idx] . k_pruned``, of recent
 tokens ``q . k``, all scaled by ``scale`` (default ``1/sqrt(D)`` with the full ``D``). The pruned
 range is split into ``S`` parts (grid axis 1) plus one extra part for the ring; parts are merged by
-:func:`kvcomp.kernels.think_splitk.splitk_combine`. Each program handles one (sequence, KV head) and all
+:func:`kvcomp.kernels.splitk.splitk_combine`. Each program handles one (sequence, KV head) and all
 ``G`` query heads of its group (padded to 16 rows for ``tl.dot``), so a key tile is read once per
 group. Reference: :func:`kvcomp.ref.think_paged.paged_pruned_key_attention`.
 
@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from . import _common as C
-from .think_splitk import LOG2E, alloc_partials, online_update, pick_splits, splitk_combine, store_partial
+from .splitk import LOG2E, alloc_partials, online_update, pick_splits, splitk_combine, store_partial
 
 
 @triton.jit(do_not_specialize=["TOK_PER_SPLIT", "NSPLIT"])

@@ -3,7 +3,7 @@
 Program (sequence ``b``, KV head ``h``, part ``s``) reads the positions ``idx[b, h, j]`` for ``j`` in its
 slice of ``[0, count[b, h])``, gathers their keys and values from the pages (token ``p`` in slot
 ``p % block_size`` of block ``block_table[b, p // block_size]``) and runs an online softmax for all
-``G`` query heads of the group; the parts are merged by :func:`kvcomp.kernels.think_splitk.splitk_combine`.
+``G`` query heads of the group; the parts are merged by :func:`kvcomp.kernels.splitk.splitk_combine`.
 Reference: :func:`kvcomp.ref.paged_sparse_attention`.
 """
 
@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from . import _common as C
-from .think_splitk import LOG2E, alloc_partials, online_update, pick_splits, splitk_combine, store_partial
+from .splitk import LOG2E, alloc_partials, online_update, pick_splits, splitk_combine, store_partial
 
 
 @triton.jit(do_not_specialize=["PER", "NSPLIT"])

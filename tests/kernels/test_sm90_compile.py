@@ -100,7 +100,7 @@ def _install_aot(records: dict, launches: list):
         return 132
 
     import kvcomp.kernels as K
-    for name in ("cache_write", "duo_decode", "streaming_prefill", "think_decode", "think_splitk", "think_write",
+    for name in ("cache_write", "duo_decode", "streaming_prefill", "think_decode", "splitk", "think_write",
                  "vq_encode", "vq_lut", "vq_sparse_decode", "vq_topk"):
         __import__(f"kvcomp.kernels.{name}")
         mod = getattr(K, name)

@@ -22,7 +22,7 @@ def _compile_all() -> list[tuple[str, str]]:
     from triton.compiler import ASTSource
 
     from kvcomp.kernels import think_decode as TD
-    from kvcomp.kernels import think_splitk as SK
+    from kvcomp.kernels import splitk as SK
     from kvcomp.kernels import think_write as TW
     from kvcomp.kernels import vq_encode as VE
     from kvcomp.kernels import vq_lut as VL
