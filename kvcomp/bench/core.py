@@ -307,18 +307,6 @@ def read_bandwidth_gbps(gib: float = 1.0, reps: int = 5) -> float:
     return nbytes / (t["ms"] * 1e-3) / 1e9
 
 
-def mem_available() -> int | None:
-    """``MemAvailable`` of /proc/meminfo in bytes (None where unreadable)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def machine(root: str | None = None) -> dict:
     """Machine line: device, CPU model, cores, torch, triton, commit, whether ``kvcomp._C`` is built and
     which native ops it registers, torch's intra-op threads and the 1-minute load average."""

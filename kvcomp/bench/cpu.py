@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from kvcomp.bench.core import (BYTE_MODEL, LLAMA31_8B, Problem, machine, mem_available, observed_impl,
+from kvcomp.bench.core import (BYTE_MODEL, LLAMA31_8B, Problem, machine, observed_impl,
                                read_bandwidth_gbps, time_cpu)
 from kvcomp.bench.runner import CPU_CONTEXTS, CPU_OUT, Budget, Recorder, error_text, parse_ints, progress
+from kvcomp.vllm_plugin.mirror import available_host_bytes as mem_available  # one home: /proc/meminfo
 
 LLAMA = LLAMA31_8B
 FIELDS = ("method", "context_len", "batch", "dtype", "ms", "p20_ms", "p80_ms", "full_sdpa_ms", "dense_paged_ms",
