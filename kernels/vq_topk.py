@@ -188,7 +188,7 @@ def default_kmax(topk, g: int, sink: int, local: int, capacity: int) -> int:
 def triton_vq_topk(lut: torch.Tensor, code_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
                    *, topk, sink: int, local: int, kmax: int | None = None,
                    chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact A²ATS selection (contract of :func:`kvcomp.ref.think_paged.paged_vq_topk`).
+    """Exact A²ATS selection (contract of :func:`kvcomp.ref.vq_paged.paged_vq_topk`).
 
     Args:
         lut: ``[B, Hq, C]`` fp32 from :func:`kvcomp.kernels.vq_lut.triton_vq_lut` (contiguous).

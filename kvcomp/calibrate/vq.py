@@ -4,7 +4,7 @@ The model runs on calibration text (prose from ``pydoc_data.topics`` plus random
 A²ATS's FineWeb-Edu + UUID mix). Forward hooks on each attention module's ``k_proj`` / ``q_proj``
 capture pre-RoPE keys ``[T, Hkv, D]`` and queries ``[T, Hq, D]``; queries are rotated once by the
 windowed RoPE (``q~ = R(rel_pos) q_pre``) and each KV head's codebook is fitted with
-``kvcomp.ref.fit_codebook(k_pre, q~ of its query group, n_codes)``: k-means on whitened keys, where
+``kvcomp.calibrate.codebook.fit_codebook(k_pre, q~ of its query group, n_codes)``: k-means on whitened keys, where
 the whitening ``L`` is the Cholesky factor of the group's query second moment.
 
 Stored as safetensors: ``codebook [L, Hkv, C, D]`` fp32, ``whiten [L, Hkv, D, D]`` fp32 (the ``L``
@@ -23,7 +23,8 @@ import torch
 from .. import cli_args as T
 from .. import defaults as DEF
 from ..ref.rope import windowed_rope_query
-from ..ref.vq import MAX_CODES, fit_codebook, vq_encode
+from ..ref.vq import MAX_CODES, vq_encode
+from .codebook import fit_codebook
 
 __all__ = [
     "VQ_FORMAT",

@@ -53,7 +53,7 @@ def _vq_topk_op(lut: torch.Tensor, code_cache: torch.Tensor, block_table: torch.
     if impl == "native":
         return torch.ops.kvcomp_C.vq_topk(lut, code_cache, block_table, seq_lens, topk, sink, local, kmax)
     if impl == "reference":
-        from kvcomp.ref.think_paged import paged_vq_topk
+        from kvcomp.ref.vq_paged import paged_vq_topk
 
         idx, count = paged_vq_topk(lut, code_cache, block_table, seq_lens, topk=topk, sink=sink, local=local)
         out = torch.zeros(idx.shape[0], idx.shape[1], kmax, dtype=torch.int32, device=lut.device)
@@ -152,7 +152,7 @@ def vq_topk(lut: torch.Tensor, code_cache: torch.Tensor, block_table: torch.Tens
             topk_max: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact A²ATS selection over a paged code cache, via ``kvcomp::vq_topk``.
 
-    Contract of :func:`kvcomp.ref.think_paged.paged_vq_topk` (ties prefer the lower position), except
+    Contract of :func:`kvcomp.ref.vq_paged.paged_vq_topk` (ties prefer the lower position), except
     that ``idx`` has ``kmax`` columns (default :func:`topk_kmax`), of which the reference's
     ``max(count)`` are a prefix; the rest repeat each row's last index.
 

@@ -14,9 +14,9 @@ from .compressed_write import vq_encode_paged as vq_encode_paged
 from .duo import duo_decode_attention as duo_decode_attention
 from .duo import duo_head_map as duo_head_map
 from .duo import ring_positions as ring_positions
-from .think_paged import gather_codes as gather_codes
 from .think_paged import paged_pruned_key_attention as paged_pruned_key_attention
-from .think_paged import paged_vq_topk as paged_vq_topk
+from .vq_paged import gather_codes as gather_codes
+from .vq_paged import paged_vq_topk as paged_vq_topk
 from .rope import apply_rope as apply_rope
 from .rope import rope_cos_sin as rope_cos_sin
 from .rope import unapply_rope as unapply_rope
@@ -28,17 +28,13 @@ from .think import pack_pruned_keys as pack_pruned_keys
 from .think import pruned_key_attention as pruned_key_attention
 from .think import think_channel_scores as think_channel_scores
 from .think import think_keep_channels as think_keep_channels
-from .vq import fit_codebook as fit_codebook
-from .vq import kmeans as kmeans
 from .vq import mask_to_indices as mask_to_indices
 from .vq import paged_sparse_attention as paged_sparse_attention
-from .vq import query_hessian as query_hessian
 from .vq import sparse_attention as sparse_attention
 from .vq import vq_encode as vq_encode
 from .vq import vq_lut as vq_lut
 from .vq import vq_scores as vq_scores
 from .vq import vq_select as vq_select
-from .vq import whitening as whitening
 
 __all__ = [
     "attention",
@@ -55,10 +51,6 @@ __all__ = [
     "apply_rope",
     "unapply_rope",
     "windowed_rope_query",
-    "query_hessian",
-    "whitening",
-    "kmeans",
-    "fit_codebook",
     "vq_encode",
     "vq_lut",
     "vq_scores",

@@ -50,7 +50,7 @@ def test_think_decode(benchmark):
 def test_vq_lut_topk(benchmark):
     from kvcomp.ops import vq_lut, vq_topk
     from kvcomp.ref import vq_lut as ref_lut
-    from kvcomp.ref.think_paged import paged_vq_topk
+    from kvcomp.ref.vq_paged import paged_vq_topk
 
     x = vq.make_vq_decode(P)
     x["q_wrope"] = x["q_wrope"].float()

@@ -14,7 +14,7 @@ import torch
 from kvcomp import ops, ref
 from kvcomp._ext import has_ext
 from kvcomp.ref.compressed_write import vq_encode_paged as ref_encode_paged
-from kvcomp.ref.think_paged import paged_vq_topk
+from kvcomp.ref.vq_paged import paged_vq_topk
 
 pytestmark = pytest.mark.skipif(not has_ext(), reason="native extension not built (KVCOMP_BUILD_EXT=1, see setup.py)")
 
@@ -202,9 +202,9 @@ def test_ops_dispatch_to_native(monkeypatch):
     def boom(*a, **kw):
         raise AssertionError("the reference ran instead of the native op")
 
-    import kvcomp.ref.think_paged
+    import kvcomp.ref.vq_paged
 
-    monkeypatch.setattr(kvcomp.ref.think_paged, "paged_vq_topk", boom)
+    monkeypatch.setattr(kvcomp.ref.vq_paged, "paged_vq_topk", boom)
     monkeypatch.setattr(ref, "vq_lut", boom)
     monkeypatch.setattr(ref, "vq_encode", boom)
     idx, count = ops.vq_topk(lut, cache, table, seq_lens, topk=topk, sink=4, local=8)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kvcomp.ref import vq_lut
-from kvcomp.ref.think_paged import paged_vq_topk
+from kvcomp.ref.vq_paged import paged_vq_topk
 from kvcomp.testing import assert_close, assert_equal
 
 

@@ -3,13 +3,13 @@
 ``_threshold_kernel`` reads ``[rows, C]`` of lut and histogram in one tile when it fits
 (``ONE_CHUNK``: ``C <= 4096`` on a GPU, ``C * rows <= 2^16`` under the interpreter) and otherwise
 loops over chunks of 1024 codes. These cases take the chunked branch (C = 8192 and a C that is
-not a multiple of the chunk) and compare with :func:`kvcomp.ref.think_paged.paged_vq_topk`.
+not a multiple of the chunk) and compare with :func:`kvcomp.ref.vq_paged.paged_vq_topk`.
 """
 
 import pytest
 import torch
 
-from kvcomp.ref.think_paged import paged_vq_topk
+from kvcomp.ref.vq_paged import paged_vq_topk
 
 
 def dev():

@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+
+import kvcomp.calibrate.codebook as CB
 from ref_brute import to_pages
 
 import kvcomp.ref as R
@@ -63,8 +65,8 @@ def test_vq_on_cuda():
     g = torch.Generator().manual_seed(3)
     k = torch.randn(400, 8, generator=g)
     q = torch.randn(100, 8, generator=g)
-    cb, lw = R.fit_codebook(k, q, 16, iters=20)
-    cb_c, lw_c = R.fit_codebook(k.cuda(), q.cuda(), 16, iters=20)
+    cb, lw = CB.fit_codebook(k, q, 16, iters=20)
+    cb_c, lw_c = CB.fit_codebook(k.cuda(), q.cuda(), 16, iters=20)
     assert_close("L", lw, lw_c, 1e-5)
     assert_close("codebook", cb, cb_c, 1e-3)  # same seeds; Lloyd may settle on tiny fp differences
     kk = torch.randn(2, 1, 50, 8, generator=g)

@@ -2,6 +2,7 @@ import pytest
 import torch
 from ref_brute import brute_attention, to_pages
 
+import kvcomp.calibrate.codebook as CB
 import kvcomp.ref as R
 import kvcomp.ref.vq as VQ
 from kvcomp.testing import assert_close, assert_equal
@@ -25,33 +26,33 @@ def _match(found, truth):
 def test_query_hessian_and_whitening():
     g = torch.Generator().manual_seed(0)
     q = torch.randn(300, 16, generator=g) * torch.linspace(0.2, 4, 16)
-    h = R.query_hessian(q)
+    h = CB.query_hessian(q)
     ref = q.double().T @ q.double()
     ref = ref / ref.pow(2).mean().sqrt()
     assert_close("hessian", ref, h, 1e-6)
     assert abs(float(h.double().pow(2).mean().sqrt()) - 1) < 1e-5
-    lw = R.whitening(h, eps=1e-6)
+    lw = CB.whitening(h, eps=1e-6)
     assert torch.equal(lw, lw.tril())
     assert_close("LL^T", h.double() + 1e-6 * torch.eye(16, dtype=torch.float64), lw.double() @ lw.double().T, 1e-6)
     k, c = torch.randn(5, 16, generator=g), torch.randn(5, 16, generator=g)
     quad = torch.einsum("nd,de,ne->n", (k - c).double(), h.double(), (k - c).double())
     assert_close("whitened metric", quad, ((k - c) @ lw).double().pow(2).sum(-1), 1e-4)
     with pytest.raises(ValueError, match="h"):
-        R.whitening(torch.randn(4, 5))
+        CB.whitening(torch.randn(4, 5))
     with pytest.raises(ValueError, match="positive definite"):
-        R.whitening(-torch.eye(4))
+        CB.whitening(-torch.eye(4))
     with pytest.raises(ValueError, match="q_wrope"):
-        R.query_hessian(torch.zeros(3, 4))
+        CB.query_hessian(torch.zeros(3, 4))
 
 
 def test_kmeans_recovers_clusters_and_is_deterministic():
     g = torch.Generator().manual_seed(1)
     centers = torch.randn(6, 8, generator=g) * 10 + 50.0  # large common offset
     x = _clusters(60, centers, 0.3, seed=2)
-    c = R.kmeans(x, 6, seed=0)
+    c = CB.kmeans(x, 6, seed=0)
     assert c.shape == (6, 8) and c.dtype == torch.float32
     assert _match(c, centers) < 0.3
-    assert torch.equal(c, R.kmeans(x, 6, seed=0))
+    assert torch.equal(c, CB.kmeans(x, 6, seed=0))
     # the returned centroids are a fixed point of Lloyd's step
     assign = torch.cdist(x.double(), c.double()).argmin(1)
     means = torch.stack([x[assign == i].double().mean(0) for i in range(6)])
@@ -60,25 +61,25 @@ def test_kmeans_recovers_clusters_and_is_deterministic():
 
 def test_kmeans_chunking_matches_unchunked(monkeypatch):
     x = torch.randn(500, 6, generator=torch.Generator().manual_seed(3))
-    full = R.kmeans(x, 20, iters=15, seed=4)
+    full = CB.kmeans(x, 20, iters=15, seed=4)
     monkeypatch.setattr(VQ, "_DIST_ELEMS", 600)  # 30 rows per chunk
-    assert_close("chunked kmeans", full, R.kmeans(x, 20, iters=15, seed=4), 1e-6)
+    assert_close("chunked kmeans", full, CB.kmeans(x, 20, iters=15, seed=4), 1e-6)
 
 
 def test_kmeans_edge_cases():
     x = torch.randn(10, 4, generator=torch.Generator().manual_seed(5))
     with pytest.raises(ValueError, match="fewer than n_codes"):
-        R.kmeans(x, 11)
+        CB.kmeans(x, 11)
     # as many codes as points: every point is its own centroid
-    c = R.kmeans(x, 10)
+    c = CB.kmeans(x, 10)
     assert _match(c, x) < 1e-5
     # duplicates (3 distinct points, 5 codes): finite, and the distinct points are recovered
     d = torch.cat([x[:3]] * 4)
-    c = R.kmeans(d, 5, iters=5)
+    c = CB.kmeans(d, 5, iters=5)
     assert torch.isfinite(c).all() and _match(c, x[:3]) < 1e-5
-    assert R.kmeans(x, 4, iters=0).shape == (4, 4)
+    assert CB.kmeans(x, 4, iters=0).shape == (4, 4)
     with pytest.raises(ValueError, match="n_codes"):
-        R.kmeans(x, 0)
+        CB.kmeans(x, 0)
 
 
 def test_fit_codebook_recovers_clusters_and_matches_encode():
@@ -87,18 +88,18 @@ def test_fit_codebook_recovers_clusters_and_matches_encode():
     centers = torch.randn(8, d, generator=g) * 3
     k = _clusters(50, centers, 0.05, seed=7)
     q = torch.randn(200, d, generator=g) * torch.linspace(0.5, 2, d)
-    cb, lw = R.fit_codebook(k, q, 8, iters=50, seed=0)
+    cb, lw = CB.fit_codebook(k, q, 8, iters=50, seed=0)
     assert cb.shape == (8, d) and lw.shape == (d, d)
     assert _match(cb, centers) < 0.1
     # the codebook lives in key space: cb @ L is k-means on k @ L
-    cw = R.kmeans(k @ lw, 8, iters=50, seed=0)
+    cw = CB.kmeans(k @ lw, 8, iters=50, seed=0)
     assert_close("C' = C L", cw, cb @ lw, 1e-5)
     codes = R.vq_encode(k[None, None], cb[None], lw[None])[0, 0]
     nearest_true = torch.cdist(k, centers).argmin(1)
     nearest_code = torch.cdist(centers, cb).argmin(1)
     assert_equal("encode = cluster", nearest_code[nearest_true].to(torch.int16), codes)
     with pytest.raises(ValueError, match="n_codes"):
-        R.fit_codebook(k, q, 40000)
+        CB.fit_codebook(k, q, 40000)
 
 
 # ------------------------------------------------------------------------------------- encode / LUT
@@ -110,7 +111,7 @@ def test_vq_encode_is_whitened_argmin(b, hkv, t, d, c, monkeypatch):
     g = torch.Generator().manual_seed(8)
     k = torch.randn(b, hkv, t, d, generator=g)
     cb = torch.randn(hkv, c, d, generator=g)
-    lw = torch.stack([R.whitening(R.query_hessian(torch.randn(50, d, generator=g) * torch.rand(d, generator=g)))
+    lw = torch.stack([CB.whitening(CB.query_hessian(torch.randn(50, d, generator=g) * torch.rand(d, generator=g)))
                       for _ in range(hkv)])
     codes = R.vq_encode(k, cb, lw)
     assert codes.dtype == torch.int16 and codes.shape == (b, hkv, t)
@@ -311,7 +312,7 @@ def test_distance_blocks_stay_bounded(monkeypatch):
     monkeypatch.setattr(torch, "addmm", rec_addmm)
     monkeypatch.setattr(torch, "matmul", rec_matmul)
     x = torch.randn(3000, 4, generator=torch.Generator().manual_seed(14))
-    c = R.kmeans(x, 50, iters=2)
+    c = CB.kmeans(x, 50, iters=2)
     R.vq_encode(x.reshape(2, 1, 1500, 4), c[None], torch.eye(4)[None])
     assert seen and max(seen) <= 1000
 
@@ -324,7 +325,7 @@ def test_kmeans_64k_by_4096_memory():
 
     code = (
         "import resource, torch\n"
-        "from kvcomp.ref import kmeans\n"
+        "from kvcomp.calibrate.codebook import kmeans\n"
         "x = torch.randn(65536, 64)\n"
         "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "c = kmeans(x, 4096, iters=1)\n"

@@ -43,7 +43,7 @@ def run_vq_decode(x):
 
 def ref_vq_decode(x):
     from kvcomp.ref import paged_sparse_attention, vq_lut
-    from kvcomp.ref.think_paged import paged_vq_topk
+    from kvcomp.ref.vq_paged import paged_vq_topk
 
     lut = vq_lut(x["q_wrope"], x["codebook"])
     idx, count = paged_vq_topk(lut, x["code_cache"], x["block_table"], x["seq_lens"], topk=x["topk"],
@@ -85,7 +85,7 @@ def _make_vq_topk(p: Problem) -> dict:
 
 
 def _ref_vq_topk_count(x):
-    from kvcomp.ref.think_paged import paged_vq_topk
+    from kvcomp.ref.vq_paged import paged_vq_topk
 
     return paged_vq_topk(x["lut"], x["code_cache"], x["block_table"], x["seq_lens"], topk=x["topk"],
                          sink=x["sink"], local=x["local"])[1].float()
