@@ -148,8 +148,8 @@ class A2ATS:
         narrow, v_sel = mk[blk, pos % bs, head], mv[blk, pos % bs, head]  # [d, H, K, Dk], [d, H, K, Dv]
         c = t.channels(hs).cpu()
         c = c if c.shape[0] == 1 else c.index_select(0, r.req_index.cpu())
-        dim = q_dim = k_new.shape[-1]
-        wide = narrow.new_zeros(d_rows, h, kmax, q_dim).scatter_(3, c[:, :, None, :].expand(d_rows, -1, kmax, -1),
+        dim = k_new.shape[-1]
+        wide = narrow.new_zeros(d_rows, h, kmax, dim).scatter_(3, c[:, :, None, :].expand(d_rows, -1, kmax, -1),
                                                                  narrow)
         w = t.window
         rb = None if not w else hs.ring_block.index_select(0, r.req_index.to(hs.ring_block.device))

@@ -14,6 +14,7 @@ import torch
 from .. import ops
 from ..ops.prefill import dense_prefill
 from ..ref.attention import gather_paged
+from ..ref.duo import duo_head_map
 from .step import Rows, Step, grow
 
 
@@ -33,14 +34,11 @@ def write_pages(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tenso
 
 
 def head_map(paged: list[int], streaming: list[int], device) -> torch.Tensor:
-    """``[Hkv, 2]`` int32 ``(kind, index)`` of each KV head: kind 0 = in the pages (index among the
-    page heads), 1 = streaming (index among the ring heads)."""
-    hm = [None] * (len(paged) + len(streaming))
-    for i, h in enumerate(paged):
-        hm[h] = (0, i)
-    for i, h in enumerate(streaming):
-        hm[h] = (1, i)
-    return torch.tensor(hm, dtype=torch.int32, device=device)
+    """``[Hkv, 2]`` int32 ``(kind, index)`` of each KV head (:func:`kvcomp.ref.duo.duo_head_map` of the
+    streaming heads; ``paged`` and ``streaming`` ascending, together every head once)."""
+    mask = torch.zeros(len(paged) + len(streaming), dtype=torch.bool)
+    mask[streaming] = True
+    return duo_head_map(mask).to(device)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -81,8 +79,8 @@ class Dense:
 
     name = "off"
 
-    def __init__(self, num_heads: int, num_kv_heads: int, scale: float, device):
-        self.num_heads, self.num_kv_heads, self.scale = num_heads, num_kv_heads, scale
+    def __init__(self, num_kv_heads: int, scale: float, device):
+        self.scale = scale
         self.hm = head_map(list(range(num_kv_heads)), [], device)
 
     def alloc(self, store, heads: int, batch: int, tokens: int, head_dim: int, dtype, device, pin: bool) -> None:

@@ -102,7 +102,7 @@ def build_layer(plan, layer: int, num_heads: int, num_kv_heads: int, head_start:
         return ThinK(plan.layer_channels(layer, head_start, head_start + num_kv_heads).to(device), plan.think_window,
                      scale)
     else:
-        inner = Dense(len(paged) * g, len(paged), scale, device)
+        inner = Dense(len(paged), scale, device)
     if stream:
         return DuoAttention(inner, paged, stream, g, plan.sink, plan.recent, scale, device)
     return inner
@@ -158,7 +158,7 @@ def build_hf_layer(cfg, layer: int, num_heads: int, scale: float, rope: tuple[to
             chan = None if t.channels is None else t.channels[layer, heads].long().to(device)
             think = ThinK(chan, t.window, scale, prune_ratio=t.prune_ratio)
         if name == "full":
-            m = Dense(len(heads) * g, len(heads), scale, device)
+            m = Dense(len(heads), scale, device)
         elif name == "think":
             m = think
         elif name == "streaming":
