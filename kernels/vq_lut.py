@@ -1,7 +1,10 @@
 """A²ATS look-up table: ``lut[b, h, c] = scale * q~[b, h] . codebook[h // G, c]`` (fp32).
 
-One program per (sequence, KV head, block of codes) computes the whole query group at once with a
-``[G (padded to 16), D] x [D, BLOCK_C]`` dot. Reference: :func:`kvcomp.ref.vq_lut`.
+Built once per decode step for the whole batch: one program per (KV head, tile of ``BLOCK_C`` codes)
+loads its codebook tile once and loops over every query row of that KV head, ``B * G`` rows (batch ×
+GQA group) in tiles of ``BLOCK_R``, each a ``[BLOCK_R, D] x [D, BLOCK_C]`` dot. The codebook is read
+once per step, not once per sequence, and the compiled kernel does not depend on the batch size (the
+row count is a runtime loop bound). Reference: :func:`kvcomp.ref.vq_lut`.
 """
 
 from __future__ import annotations
@@ -13,30 +16,34 @@ import triton.language as tl
 from . import _common as C
 
 
-@triton.jit
-def _vq_lut_kernel(q_ptr, cb_ptr, lut_ptr, scale, HKV, G, NC, D, s_qb, s_qh, s_cbh, s_cbc,
-                   BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, F32: tl.constexpr):
-    pid = tl.program_id(0)
+@triton.jit(do_not_specialize=["NR"])
+def _vq_lut_kernel(q_ptr, cb_ptr, lut_ptr, scale, NR, HQ, G, NC, D, s_qb, s_qh, s_cbh, s_cbc,
+                   BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, F32: tl.constexpr):
+    h = tl.program_id(0)
     cblk = tl.program_id(1)
-    b = pid // HKV
-    h = pid % HKV
-    offs_h = tl.arange(0, BLOCK_H)
-    hmask = offs_h < G
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     offs_c = cblk * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = offs_c < NC
-    q = tl.load(q_ptr + b * s_qb + (h * G + offs_h)[:, None] * s_qh + offs_d[None, :],
-                mask=hmask[:, None] & dmask[None, :], other=0.0)
     cb = tl.load(cb_ptr + h * s_cbh + offs_c[:, None].to(tl.int64) * s_cbc + offs_d[None, :],
                  mask=cmask[:, None] & dmask[None, :], other=0.0)
     if F32:
-        s = tl.dot(q.to(tl.float32), tl.trans(cb.to(tl.float32)), input_precision="ieee")
+        cbt = tl.trans(cb.to(tl.float32))
     else:
-        s = tl.dot(q, tl.trans(cb.to(q.dtype)))
-    rows = b * HKV * G + h * G + offs_h
-    tl.store(lut_ptr + rows[:, None].to(tl.int64) * NC + offs_c[None, :], s * scale,
-             mask=hmask[:, None] & cmask[None, :])
+        cbt = tl.trans(cb.to(q_ptr.dtype.element_ty))
+    for r0 in range(0, NR, BLOCK_R):  # query rows of KV head h: r = b * G + g
+        r = r0 + tl.arange(0, BLOCK_R)
+        rmask = r < NR
+        b = (r // G).to(tl.int64)
+        hq = h * G + r % G
+        q = tl.load(q_ptr + b[:, None] * s_qb + hq[:, None] * s_qh + offs_d[None, :],
+                    mask=rmask[:, None] & dmask[None, :], other=0.0)
+        if F32:
+            s = tl.dot(q.to(tl.float32), cbt, input_precision="ieee")
+        else:
+            s = tl.dot(q, cbt)
+        tl.store(lut_ptr + (b * HQ + hq)[:, None] * NC + offs_c[None, :], s * scale,
+                 mask=rmask[:, None] & cmask[None, :])
 
 
 def triton_vq_lut(q_wrope: torch.Tensor, codebook: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
@@ -66,12 +73,17 @@ def triton_vq_lut(q_wrope: torch.Tensor, codebook: torch.Tensor, *, scale: float
     g = hq // hkv
     sc = 1.0 / d ** 0.5 if scale is None else float(scale)
     lut = torch.empty(b, hq, nc, dtype=torch.float32, device=q_wrope.device)
+    if b == 0:
+        return lut
     f32 = C.dot_f32(q_wrope.device, q_wrope.dtype) or codebook.dtype == torch.float32
     interp = C.interpreting()
     block_c = max(16, min(C.next_pow2(nc), 64))  # sm_90, D=128: 64 codes x 8 warps, no spills
-    _vq_lut_kernel[(b * hkv, triton.cdiv(nc, block_c))](
-        q_wrope, codebook, lut, sc, hkv, g, nc, d, q_wrope.stride(0), q_wrope.stride(1),
+    # GPU: 16-row tiles (the smallest dot), one compiled kernel for every batch size; the interpreter
+    # (cost per operation) takes all rows at once
+    block_r = max(16, min(64, C.next_pow2(b * g))) if interp else 16
+    _vq_lut_kernel[(hkv, triton.cdiv(nc, block_c))](
+        q_wrope, codebook, lut, sc, b * g, hq, g, nc, d, q_wrope.stride(0), q_wrope.stride(1),
         codebook.stride(0), codebook.stride(1),
-        BLOCK_H=max(16, C.next_pow2(g)), BLOCK_C=block_c, BLOCK_D=C.next_pow2(d), F32=f32,
+        BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_D=C.next_pow2(d), F32=f32,
         num_warps=4 if interp else 8)
     return lut

@@ -6,18 +6,29 @@ position (exactly :func:`kvcomp.ref.vq_select`); the union over the group plus t
 last ``local`` tokens is compacted, ascending, into ``idx [B, Hkv, Kmax]`` with ``count [B, Hkv]``
 (entries past ``count`` repeat the last index, 0 for an empty row: :func:`kvcomp.ref.mask_to_indices`).
 
-Scores take at most ``C`` distinct values per query head, so the selection threshold comes from a
-histogram of codes instead of sorting ``T`` scores:
+The selection threshold comes from a radix select over the scores' 32-bit order-preserving keys,
+8 bits per pass, so every histogram has 256 bins:
 
-1. ``hist``: per (sequence, KV head) count of each code over the valid tokens (chunks of the sequence
-   in parallel, ``tl.histogram`` per tile, one atomic add per chunk).
-2. ``threshold``: per query head, the k-th largest score as a 32-bit order-preserving key ``tau``
-   found bit by bit (32 masked sums of ``hist`` over the ``C`` lut entries), ``need = k - #(> tau)``.
+1. ``radix`` (4 passes, chunks of the sequence in parallel): per query head, pass ``p`` counts digit
+   ``p`` (bits ``31-8p .. 24-8p``) of the keys of the valid tokens whose first ``p`` digits equal those
+   of the k-th largest key (decided from the histograms of the earlier passes), ``tl.histogram`` of
+   256 bins per tile, one atomic add per chunk.
+2. ``threshold``: from the four histograms, the k-th largest key ``tau`` and ``need = k - #(> tau)``.
 3. ``select`` (three modes, chunks in parallel): mode 0 counts per chunk the tokens equal to ``tau``;
    mode 1 counts per chunk the selected tokens (``> tau``, or ``== tau`` with rank among equal tokens
    ``< need``, union over the group, plus sink/local); mode 2 writes their positions at
    ``prefix + cumsum``.
 4. ``pad``: fills ``idx`` past ``count``.
+
+Why radix over the token scores and not a histogram of codes (the earlier design: ``C`` = 4096 bins
+per (sequence, KV head), then a search over the ``C`` lut entries): Triton lowers ``tl.histogram`` to
+one warp ballot per bin-index bit plus, per lane, ``bins / 32`` popcounts and shared-memory atomics at
+``lane * bins / 32 + i``; at 4096 bins that is 128 same-bank atomics per lane and per tile, at 256
+bins 8. The radix passes cost 4 reads of the 2-byte codes (instead of 1) and are per query head
+instead of per KV head (the lut gather hits L1: a row is ``4 C`` bytes), and they need no ``C``-sized
+scratch or ``C``-long threshold search (any ``C`` up to 32768 takes the same path). A code histogram
+kept by the cache write (``vq_encode_paged``) would save the first pass but needs per-request state
+in the cache, which the paged layout (shared prefix blocks) does not have.
 
 Every pass reads only the 2-byte codes and the (cache-resident) lut. No device sync: grid sizes come
 from the block-table capacity ``max_blocks * block_size``.
@@ -33,74 +44,70 @@ from . import _common as C
 
 
 @triton.jit
-def _hist_kernel(code_ptr, bt_ptr, sl_ptr, hist_ptr, HKV, NC, BS, CHUNK, s_cn, s_cs, s_ch, s_btb,
-                 BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid = tl.program_id(0)
+def _key(s):
+    """fp32 score -> int64 key in [0, 2^32), monotone, -0.0 keyed like +0.0."""
+    bits = s.to(tl.int32, bitcast=True).to(tl.int64)
+    return tl.where(s == 0.0, 2147483648, tl.where(bits < 0, -1 - bits, bits + 2147483648))
+
+
+@triton.jit
+def _prefix(hist_ptr, rows, k, NROWS, NPASS: tl.constexpr):
+    """Key bits decided by the first ``NPASS`` radix passes for ``rows`` (``[R]``, each looking for its
+    ``k``-th largest key): ``(prefix, kk)``, ``prefix`` holding the top ``8 * NPASS`` bits of the k-th
+    largest key and ``kk`` its rank among the keys that share them (``k`` minus those above)."""
+    digits = tl.arange(0, 256)
+    prefix = tl.zeros_like(k).to(tl.int64)
+    kk = k
+    for p in tl.static_range(NPASS):
+        h = tl.load(hist_ptr + (p * NROWS + rows.to(tl.int64))[:, None] * 256 + digits[None, :])
+        ge = tl.sum(h, 1)[:, None] - tl.cumsum(h, 1) + h  # keys with this digit or a larger one
+        d = tl.max(tl.where(ge >= kk[:, None], digits[None, :], 0), 1)
+        above = tl.sum(tl.where(digits[None, :] > d[:, None], h, 0), 1)
+        prefix = prefix + (d.to(tl.int64) << (24 - 8 * p))
+        kk = kk - above
+    return prefix, kk
+
+
+@triton.jit
+def _radix_kernel(lut_ptr, code_ptr, bt_ptr, sl_ptr, topk_ptr, hist_ptr, NROWS, HQ, G, NC, BS, CHUNK,
+                  s_cn, s_cs, s_ch, s_btb, PASS: tl.constexpr, BLOCK_T: tl.constexpr):
+    row = tl.program_id(0)  # b * HQ + hq
     chunk = tl.program_id(1)
-    b = pid // HKV
-    h = pid % HKV
+    b = row // HQ
+    h = (row % HQ) // G
     L = tl.load(sl_ptr + b)
     start = chunk * CHUNK
     end = tl.minimum(start + CHUNK, L)
-    if start < end:
-        hist = tl.zeros([BLOCK_C], dtype=tl.int32)
+    k = tl.minimum(tl.load(topk_ptr + b), L)
+    if (start < end) & (k > 0):
+        rows = row + tl.arange(0, 1)
+        prefix, kk = _prefix(hist_ptr, rows, rows * 0 + k, NROWS, PASS)
+        prefix = tl.sum(prefix, 0)
+        hist = tl.zeros([256], dtype=tl.int32)
         for t0 in range(start, end, BLOCK_T):
             tok = t0 + tl.arange(0, BLOCK_T)
             tmask = tok < end
             blk = tl.load(bt_ptr + b * s_btb + tok // BS, mask=tmask, other=0).to(tl.int64)
             code = tl.load(code_ptr + blk * s_cn + (tok % BS) * s_cs + h * s_ch, mask=tmask, other=0).to(tl.int32)
-            hist += tl.histogram(code, BLOCK_C, mask=tmask)
-        offs_c = tl.arange(0, BLOCK_C)
-        tl.atomic_add(hist_ptr + pid.to(tl.int64) * NC + offs_c, hist, mask=(offs_c < NC) & (hist > 0))
+            u = _key(tl.load(lut_ptr + row.to(tl.int64) * NC + code, mask=tmask, other=0.0))
+            m = tmask & ((u >> (32 - 8 * PASS)) == (prefix >> (32 - 8 * PASS)))
+            hist += tl.histogram(((u >> (24 - 8 * PASS)) & 255).to(tl.int32), 256, mask=m)
+        offs = tl.arange(0, 256)
+        tl.atomic_add(hist_ptr + (PASS * NROWS + row.to(tl.int64)) * 256 + offs, hist, mask=hist > 0)
 
 
 @triton.jit
-def _threshold_kernel(lut_ptr, hist_ptr, sl_ptr, topk_ptr, tau_ptr, need_ptr, NROWS, HQ, G, NC,
-                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ONE_CHUNK: tl.constexpr):
+def _threshold_kernel(hist_ptr, sl_ptr, topk_ptr, tau_ptr, need_ptr, NROWS, HQ, BLOCK_R: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # b * HQ + hq
     rmask = rows < NROWS
     b = rows // HQ
-    hrow = (rows // G).to(tl.int64)  # b * HKV + h: row of hist
     L = tl.load(sl_ptr + b, mask=rmask, other=0)
     k = tl.minimum(tl.load(topk_ptr + b, mask=rmask, other=0), L)
-    offs = tl.arange(0, BLOCK_C)
-    tau = tl.zeros([BLOCK_R], dtype=tl.int64)
-    # u: fp32 score -> int64 key in [0, 2^32), monotone, -0.0 keyed like +0.0
-    if ONE_CHUNK:
-        m2 = rmask[:, None] & (offs < NC)[None, :]
-        x = tl.load(lut_ptr + rows[:, None].to(tl.int64) * NC + offs[None, :], mask=m2, other=0.0)
-        bits = x.to(tl.int32, bitcast=True).to(tl.int64)
-        u = tl.where(x == 0.0, 2147483648, tl.where(bits < 0, -1 - bits, bits + 2147483648))
-        hc = tl.load(hist_ptr + hrow[:, None] * NC + offs[None, :], mask=m2, other=0).to(tl.int64)
-        for i in tl.static_range(32):
-            cand = tau + (1 << (31 - i))
-            cnt = tl.sum(tl.where(u >= cand[:, None], hc, 0), 1)
-            tau = tl.where(cnt >= k, cand, tau)
-        ngt = tl.sum(tl.where(u > tau[:, None], hc, 0), 1)
-    else:
-        for i in tl.static_range(32):
-            cand = tau + (1 << (31 - i))
-            cnt = tl.zeros([BLOCK_R], dtype=tl.int64)
-            for c0 in range(0, NC, BLOCK_C):
-                m2 = rmask[:, None] & ((c0 + offs) < NC)[None, :]
-                x = tl.load(lut_ptr + rows[:, None].to(tl.int64) * NC + (c0 + offs)[None, :], mask=m2, other=0.0)
-                bits = x.to(tl.int32, bitcast=True).to(tl.int64)
-                u = tl.where(x == 0.0, 2147483648, tl.where(bits < 0, -1 - bits, bits + 2147483648))
-                hc = tl.load(hist_ptr + hrow[:, None] * NC + (c0 + offs)[None, :], mask=m2, other=0).to(tl.int64)
-                cnt += tl.sum(tl.where(u >= cand[:, None], hc, 0), 1)
-            tau = tl.where(cnt >= k, cand, tau)
-        ngt = tl.zeros([BLOCK_R], dtype=tl.int64)
-        for c0 in range(0, NC, BLOCK_C):
-            m2 = rmask[:, None] & ((c0 + offs) < NC)[None, :]
-            x = tl.load(lut_ptr + rows[:, None].to(tl.int64) * NC + (c0 + offs)[None, :], mask=m2, other=0.0)
-            bits = x.to(tl.int32, bitcast=True).to(tl.int64)
-            u = tl.where(x == 0.0, 2147483648, tl.where(bits < 0, -1 - bits, bits + 2147483648))
-            hc = tl.load(hist_ptr + hrow[:, None] * NC + (c0 + offs)[None, :], mask=m2, other=0).to(tl.int64)
-            ngt += tl.sum(tl.where(u > tau[:, None], hc, 0), 1)
-    # tau is now the largest key with #(key >= tau) >= k, i.e. the k-th largest score; k == 0 selects
-    # nothing (a threshold above every key)
+    tau, need = _prefix(hist_ptr, tl.where(rmask, rows, 0), k, NROWS, 4)
+    # tau is the k-th largest key, need = k - #(key > tau); k == 0 selects nothing (a threshold above
+    # every key)
     tau = tl.where(k > 0, tau, 4294967296)
-    need = tl.where(k > 0, k - ngt, 0)
+    need = tl.where(k > 0, need, 0)
     tl.store(tau_ptr + rows, tau, mask=rmask)
     tl.store(need_ptr + rows, need.to(tl.int32), mask=rmask)
 
@@ -138,9 +145,7 @@ def _select_kernel(lut_ptr, code_ptr, bt_ptr, sl_ptr, tau_ptr, need_ptr, eq_ptr,
         blk = tl.load(bt_ptr + b * s_btb + tok // BS, mask=tmask, other=0).to(tl.int64)
         code = tl.load(code_ptr + blk * s_cn + (tok % BS) * s_cs + h * s_ch, mask=tmask, other=0).to(tl.int32)
         m2 = hmask[:, None] & tmask[None, :]
-        s = tl.load(lut_ptr + rows[:, None].to(tl.int64) * NC + code[None, :], mask=m2, other=0.0)
-        bits = s.to(tl.int32, bitcast=True).to(tl.int64)
-        u = tl.where(s == 0.0, 2147483648, tl.where(bits < 0, -1 - bits, bits + 2147483648))
+        u = _key(tl.load(lut_ptr + rows[:, None].to(tl.int64) * NC + code[None, :], mask=m2, other=0.0))
         eqm = m2 & (u == tau[:, None])
         if MODE == 0:
             eq += tl.sum(eqm.to(tl.int32), 1)
@@ -244,21 +249,18 @@ def triton_vq_topk(lut: torch.Tensor, code_cache: torch.Tensor, block_table: tor
     block_t = min(256, C.next_pow2(ch)) if interp else 256
     ch = -(-ch // block_t) * block_t
     nchunk = max(1, -(-cap // ch))
-    block_c = max(16, C.next_pow2(nc))
-    hist = torch.zeros(b * hkv, nc, dtype=torch.int32, device=dev)
-    _hist_kernel[(b * hkv, nchunk)](code_cache, block_table, seq_lens, hist, hkv, nc, bs, ch,
-                                    code_cache.stride(0), code_cache.stride(1), code_cache.stride(2), block_table.stride(0),
-                                    BLOCK_T=block_t, BLOCK_C=block_c, num_warps=4)
+    # four radix passes over the 32-bit score keys, 8 bits (256 bins) each; pass p counts the digit p of
+    # the tokens whose first p digits match the k-th largest key's (decided by passes < p)
+    hist = torch.zeros(4, b * hq, 256, dtype=torch.int32, device=dev)
+    for p in range(4):
+        _radix_kernel[(b * hq, nchunk)](lut, code_cache, block_table, seq_lens, topk_t, hist, b * hq, hq, g, nc, bs,
+                                        ch, code_cache.stride(0), code_cache.stride(1), code_cache.stride(2),
+                                        block_table.stride(0), PASS=p, BLOCK_T=block_t, num_warps=4)
     tau = torch.empty(b * hq, dtype=torch.int64, device=dev)
     need = torch.empty(b * hq, dtype=torch.int32, device=dev)
-    # one query head per program on the GPU; all of them in one program under the interpreter
-    # (whose cost is per operation, not per element)
-    block_r = min(64, C.next_pow2(b * hq)) if interp else 1
-    one = block_c * block_r <= (1 << 16) if interp else block_c <= 4096
-    bc_thr = block_c if one else min(block_c, 1024)
-    _threshold_kernel[(triton.cdiv(b * hq, block_r),)](lut, hist, seq_lens, topk_t, tau, need, b * hq, hq, g, nc,
-                                                       BLOCK_R=block_r, BLOCK_C=bc_thr, ONE_CHUNK=one,
-                                                       num_warps=8)
+    block_r = min(64, C.next_pow2(b * hq)) if interp else 4
+    _threshold_kernel[(triton.cdiv(b * hq, block_r),)](hist, seq_lens, topk_t, tau, need, b * hq, hq,
+                                                       BLOCK_R=block_r, num_warps=4)
     eq = torch.empty(b * hq, nchunk, dtype=torch.int32, device=dev)
     cnt = torch.empty(b * hkv, nchunk, dtype=torch.int32, device=dev)
     idx = torch.empty(b, hkv, kmax, dtype=torch.int32, device=dev)

@@ -165,6 +165,7 @@ def _launch_all(dtype: str, d: int, tag: dict):
     VE.triton_vq_encode_paged(k_new, cb, wh, codes, bt, sl, qsl)
     VE.triton_vq_encode_paged(f(13, hkv, d), cb, wh, codes, i32(13, mb), i32(13), i32(14))
     VL.triton_vq_lut(f(b, hq, d), cb)
+    VL.triton_vq_lut(f(13, hq, d), cb)  # the LUT kernel loops over the batch's rows: same variant
     kmax = 4 * 256 + 8 + 64
     VS.triton_paged_sparse_attention(f(b, hq, d), f(nb, bs, hkv, d), f(nb, bs, hkv, d), bt, i32(b, hkv, kmax),
                                      i32(b, hkv))
@@ -213,7 +214,7 @@ def test_every_kernel_compiles_for_sm90_with_triton36():
     names = {r["kernel"] for r in recs}
     assert names >= {"_paged_write_kernel", "_stream_write_kernel", "_duo_split_kernel", "_duo_reduce_kernel",
                      "_streaming_prefill_kernel", "_think_decode_kernel", "_combine_kernel", "_think_write_kernel",
-                     "_vq_encode_kernel", "_vq_lut_kernel", "_sparse_decode_kernel", "_hist_kernel",
+                     "_vq_encode_kernel", "_vq_lut_kernel", "_sparse_decode_kernel", "_radix_kernel",
                      "_threshold_kernel", "_select_kernel", "_pad_kernel"}, names
     assert {(r["dtype"], r["d"]) for r in recs} == set(matrix)
     cpu = sum(float(ln[4:]) for out, _ in outs for ln in out.splitlines() if ln.startswith("CPU "))
@@ -224,7 +225,8 @@ def test_every_kernel_compiles_for_sm90_with_triton36():
     for r in recs:
         per.setdefault((r["kernel"], r["dtype"], r["d"]), []).append(r["constexprs"])
     for name, n in (("_duo_split_kernel", 1), ("_duo_reduce_kernel", 1), ("_think_decode_kernel", 1),
-                    ("_combine_kernel", 1), ("_think_write_kernel", 1), ("_vq_encode_kernel", 2)):
+                    ("_combine_kernel", 1), ("_think_write_kernel", 1), ("_vq_encode_kernel", 2),
+                    ("_vq_lut_kernel", 1)):
         for dt, d in matrix:
             assert len(per[(name, dt, d)]) == n, f"{name} {dt} d={d}: {per[(name, dt, d)]}"
     bad = []

@@ -64,7 +64,7 @@ def _compile_all() -> list[tuple[str, str]]:
              dict(CHUNK_S=16, BLOCK_DV=128), 4)
         comp(f"vq_lut/{dt}", VL._vq_lut_kernel, {"q_ptr": "*" + dt, "cb_ptr": "*fp32", "lut_ptr": "*fp32",
                                                   "scale": "fp32"},
-             dict(BLOCK_H=16, BLOCK_C=64, BLOCK_D=128, F32=True), 8)
+             dict(BLOCK_R=16, BLOCK_C=64, BLOCK_D=128, F32=True), 8)
         comp(f"think_write/{dt}", TW._think_write_kernel,
              {**p(["k_ptr", "kp_ptr", "kr_ptr"], "*" + dt), **p(["chan_ptr", "bt_ptr", "sl_ptr", "qsl_ptr"], "*i32")},
              dict(BLOCK_B=64, BLOCK_H=8, BLOCK_DK=128, BLOCK_D=128), 4)
@@ -73,11 +73,12 @@ def _compile_all() -> list[tuple[str, str]]:
                  {"k_ptr": "*" + dt, **p(["l_ptr", "cw_ptr", "c2_ptr"], "*fp32"), "out_ptr": "*i16",
                   **p(["bt_ptr", "sl_ptr", "qsl_ptr"], "*i32" if paged else "*i16")},
                  dict(PAGED=paged, BLOCK_T=32, BLOCK_C=32, BLOCK_D=128, BLOCK_K=32, BLOCK_B=64 if paged else 1), 8)
-    comp("vq_hist", VT._hist_kernel, {"code_ptr": "*i16", **p(["bt_ptr", "sl_ptr", "hist_ptr"], "*i32")},
-         dict(BLOCK_T=256, BLOCK_C=4096), 4)
-    thr = {"lut_ptr": "*fp32", **p(["hist_ptr", "sl_ptr", "topk_ptr", "need_ptr"], "*i32"), "tau_ptr": "*i64"}
-    comp("vq_threshold", VT._threshold_kernel, thr, dict(BLOCK_R=1, BLOCK_C=4096, ONE_CHUNK=True), 8)
-    comp("vq_threshold/chunked", VT._threshold_kernel, thr, dict(BLOCK_R=1, BLOCK_C=1024, ONE_CHUNK=False), 8)
+    for pas in range(4):
+        comp(f"vq_radix/pass{pas}", VT._radix_kernel,
+             {"lut_ptr": "*fp32", "code_ptr": "*i16", **p(["bt_ptr", "sl_ptr", "topk_ptr", "hist_ptr"], "*i32")},
+             dict(PASS=pas, BLOCK_T=256), 4)
+    comp("vq_threshold", VT._threshold_kernel,
+         {**p(["hist_ptr", "sl_ptr", "topk_ptr", "need_ptr"], "*i32"), "tau_ptr": "*i64"}, dict(BLOCK_R=4), 4)
     sel = {"lut_ptr": "*fp32", "code_ptr": "*i16", "tau_ptr": "*i64",
            **p(["bt_ptr", "sl_ptr", "need_ptr", "eq_ptr", "cnt_ptr", "idx_ptr", "count_ptr"], "*i32")}
     for mode in (0, 1, 2):
@@ -97,7 +98,7 @@ def test_kernels_compile_for_sm90_without_spills():
     res = subprocess.run([sys.executable, __file__], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     lines = [ln for ln in res.stdout.splitlines() if "\t" in ln]
-    assert len(lines) == 28, res.stdout
+    assert len(lines) == 30, res.stdout
     for ln in lines:
         name, usage = ln.split("\t")
         if name.startswith(("think_decode", "sparse_decode", "vq_lut", "vq_encode")):
