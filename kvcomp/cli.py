@@ -85,50 +85,54 @@ def cmd_demo(a) -> int:
 
 
 def cmd_eval(a) -> int:
-    from .eval.runner import build_samples, evaluate_samples, summarize
-    from .hf.generate import make_generate
-
+    from .eval.runner import _jsonable, build_samples, compare_to_full, evaluate_samples, summarize
+    from .hf.generate import make_converse, make_generate
     from .utils.machine import git_commit, machine_info
 
     commit, machine = git_commit(), machine_info()  # of the code that runs, read before the long run
     model, tok, configs = _setup(a)
-    tasks = a.tasks
-    samples = build_samples(tok, tasks=tasks, context_lens=a.context_lens, n_trials=a.trials,
-                            haystacks=a.haystacks, seed=a.seed, chat=True)
-    print(f"[kvcomp] {len(samples)} samples x {len(configs)} methods")
+    if a.mode == "single":
+        samples = build_samples(tok, tasks=a.tasks, context_lens=a.context_lens, n_trials=a.trials,
+                                haystacks=a.haystacks, seed=a.seed, chat=True)
+    else:
+        from .eval.multiquery import build_multiquery_samples, evaluate_multiquery
+
+        samples = build_multiquery_samples(tok, context_lens=a.context_lens, n_trials=a.trials, n_queries=a.queries,
+                                           haystacks=a.haystacks, seed=a.seed, chat=True)
+    print(f"[kvcomp] {len(samples)} {a.mode} samples x {len(configs)} methods")
     t_start = time.perf_counter()
-    records = []
+    records, method_seconds = [], {}
     for name, cfg in configs.items():
-        records += evaluate_samples(make_generate(model, tok, cfg), samples, method_name=name + a.tag)
-    summary = summarize(records)
-    full = {r["context_len"]: r for r in summary if r["method"] == "full" + a.tag}
+        t0 = time.perf_counter()
+        if a.mode == "single":
+            gen = make_generate(model, tok, cfg, batched=a.batch_size > 1)
+            records += evaluate_samples(gen, samples, method_name=name + a.tag, batch_size=a.batch_size)
+        else:
+            records += evaluate_multiquery(make_converse(model, tok, cfg), samples, method_name=name + a.tag)
+        method_seconds[name + a.tag] = round(time.perf_counter() - t0, 1)
+    summary = compare_to_full(summarize(records), records, full_method="full" + a.tag)
     for r in summary:
-        f = full.get(r["context_len"])
-        if f is not None:
-            r["full_accuracy"] = f["accuracy"]
-            r["full_kv_bytes_per_token"] = f["kv_bytes_per_token"]
-            r["accuracy_retained"] = r["accuracy"] / f["accuracy"] if f["accuracy"] else None
-            r["bytes_fraction"] = r["kv_bytes_per_token"] / f["kv_bytes_per_token"]
         cfg = configs.get(r["method"][: len(r["method"]) - len(a.tag)] if a.tag else r["method"])
         r["config"] = cfg.to_dict() if cfg is not None else {"policy": "stock"}
-        print(json.dumps({k: r.get(k) for k in ("method", "context_len", "accuracy", "full_accuracy",
-                                                 "kv_bytes_per_token", "bytes_fraction", "n_trials")}))
-    meta = {"model": a.model, "tasks": tasks, "haystacks": ",".join(a.haystacks), "trials": a.trials, "seed": a.seed,
-            "command": " ".join(sys.argv)}
-    from .eval.runner import _jsonable
-
-    meta["seconds"] = round(time.perf_counter() - t_start, 1)
+        r["tasks"] = ",".join(a.tasks) if a.mode == "single" else f"niah_shared x{a.queries}"
+        print(json.dumps({k: r.get(k) for k in ("method", "context_len", "mode", "turn", "n_prompts", "accuracy",
+                                                 "ci95", "accuracy_retained", "paired", "bytes_fraction", "wall_s")}))
+    meta = {"model": a.model, "mode": a.mode, "tasks": a.tasks if a.mode == "single" else ["niah_shared"],
+            "queries": a.queries if a.mode != "single" else None, "haystacks": ",".join(a.haystacks),
+            "trials": a.trials, "seed": a.seed, "batch_size": a.batch_size, "command": " ".join(sys.argv),
+            "method_seconds": method_seconds, "seconds": round(time.perf_counter() - t_start, 1)}
     obj = {"machine": machine, "commit": commit, "meta": meta, "records": summary}
     if a.keep_samples:
         obj["samples"] = records
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(obj, f, indent=1, default=_jsonable)
-    print(f"[kvcomp] wrote {a.out}")
+    print(f"[kvcomp] wrote {a.out} ({meta['seconds']} s)")
     if a.plot:
         from .eval.plot import plot_accuracy_vs_kv
 
-        plot_accuracy_vs_kv(summary, a.plot, title=f"{a.model}: accuracy vs allocated KV bytes/token")
+        plot_accuracy_vs_kv([r for r in summary if r["turn"] in ("all", "later")], a.plot,
+                            title=f"{a.model}: accuracy vs allocated KV bytes/token")
         print(f"[kvcomp] wrote {a.plot}")
     return 0
 
@@ -163,22 +167,26 @@ def cmd_info(a) -> int:
 
 
 def cmd_vllm_config(a) -> int:
-    from .methods import build_vllm_method
+    from .methods import build_vllm_method, parse_method
     from .models import load_model, model_folder
 
     model, tok = load_model(a.model, device="cpu")
-    cfg = build_vllm_method(a.method, model, tok, a.model, _options(a))
+    opts = _options(a)
+    opts.think_channels = a.think_channels
+    cfg = build_vllm_method(a.method, model, tok, a.model, opts)
     if cfg is None:
         print("[kvcomp] method 'full': no config needed (serve without KVCOMP_CONFIG)")
         return 0
     cfg.save(a.out)
     folder = model_folder(a.model)
+    parts = parse_method(a.method)
+    rings = "think" in parts or ("duo" in parts and "vq" not in parts)  # per-request rings: no prefix caching
     print(f"[kvcomp] wrote {a.method} config for {a.model} to {a.out}\n"
           f"serve on GPU:  KVCOMP_CONFIG={a.out} vllm serve {folder} --attention-backend CUSTOM"
-          f"{' --no-enable-prefix-caching' if a.method in ('duo', 'think') else ''}\n"
+          f"{' --no-enable-prefix-caching' if rings else ''}\n"
           f"serve on CPU:  KVCOMP_VLLM_OVERRIDE_CPU=1 KVCOMP_CONFIG={a.out} python -m "
           f"vllm.entrypoints.openai.api_server --model {folder} --dtype float32"
-          f"{' --no-enable-prefix-caching' if a.method in ('duo', 'think') else ''}")
+          f"{' --no-enable-prefix-caching' if rings else ''}")
     return 0
 
 
@@ -216,6 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--plot", default=None, help="PNG of accuracy vs KV bytes/token")
     e.add_argument("--keep-samples", action="store_true", help="store every sample's prediction in the JSON")
     e.add_argument("--tag", default="", help="suffix for method names in the results (e.g. a budget sweep: vq@topk0.05)")
+    e.add_argument("--mode", choices=("single", "multi-query"), default="single",
+                   help="multi-query: one shared context, --queries questions asked in turn on the same cache")
+    e.add_argument("--queries", type=T.positive_int, default=4, help="multi-query: facts hidden and questions asked")
+    e.add_argument("--batch-size", type=T.positive_int, default=1,
+                   help="single mode: run up to this many prompts of equal token length together")
     e.set_defaults(fn=cmd_eval)
 
     c = sub.add_parser("calibrate", parents=[debug], help="calibrate DuoAttention gates or VQ codebooks")
@@ -229,7 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("vllm-config", parents=[debug], help="write a config for kvcomp's vLLM backend (KVCOMP_CONFIG)")
     _add_method_args(v)
-    v.add_argument("--method", type=T.method, required=True, help="duo, think, vq or duo+vq")
+    v.add_argument("--method", type=T.method, required=True,
+                   help="duo, think, vq, or any '+'-joined combination (all = duo+think+vq)")
+    v.add_argument("--think-channels", choices=("static", "query"), default="static",
+                   help="ThinK's kept key channels: static (calibrated once, cached) or query (chosen per "
+                        "request from its own prompt's last queries, as published)")
     v.add_argument("--out", required=True, help="directory to write (CompressionConfig.save)")
     v.set_defaults(fn=cmd_vllm_config)
 

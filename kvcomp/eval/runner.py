@@ -3,7 +3,9 @@
 ``generate(sample) -> (text, stats)`` is the only model interface: the HF path builds it from a
 model, a tokenizer and a compression config. ``stats`` must hold ``kv_bytes_per_token`` (the KV
 cache bytes per context token the method kept) and may hold more numbers (``device_bytes_per_token``,
-``host_bytes_per_token``, ``seconds``, ...), all averaged by ``summarize``.
+``host_bytes_per_token``, ``seconds``, ...), all averaged by ``summarize``. A generate function with
+``batched = True`` takes a list of samples of equal token length and returns one ``(text, stats)``
+per sample (``evaluate_samples(..., batch_size=B)`` groups them).
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from typing import Any, Callable, Iterable, Sequence
 from ..utils.machine import git_commit, machine_info
 from .haystack import HAYSTACKS
 from .score import string_match_all
+from .stats import paired, wilson
 from .tasks import TASKS, Sample, derive_seed, make_sample
 
-__all__ = ["build_samples", "evaluate_samples", "run_eval", "summarize", "write_results"]
+__all__ = ["build_samples", "compare_to_full", "evaluate_samples", "run_eval", "summarize", "write_results"]
 
 Generate = Callable[[Sample], "tuple[str, dict]"]
 
@@ -73,18 +76,36 @@ def build_samples(tokenizer: Any, *, tasks: Sequence[str], context_lens: Sequenc
     return samples
 
 
+def _batches(samples: Sequence[Sample], batch_size: int) -> list[list[Sample]]:
+    """Samples grouped by (prompt tokens, output budget) in first-seen order, cut to ``batch_size``."""
+    if batch_size == 1:
+        return [[s] for s in samples]
+    groups: "OrderedDict[tuple[int, int], list[Sample]]" = OrderedDict()
+    for s in samples:
+        groups.setdefault((s.n_prompt_tokens, s.max_new_tokens), []).append(s)
+    return [g[i: i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
+
+
 def evaluate_samples(generate: Generate, samples: Sequence[Sample], *, method_name: str,
-                     progress: bool = True) -> list[dict]:
+                     progress: bool = True, batch_size: int = 1) -> list[dict]:
     """Run ``generate`` on every sample and score it with ``string_match_all``.
 
-    Returns one record per sample: ``method, task, haystack, context_len, seed, trial, depth,
-    score, prediction, answers, n_prompt_tokens, max_new_tokens, stats, wall_s``.
-    Raises ValueError when ``generate`` does not return ``(str, dict)`` with ``kv_bytes_per_token``.
+    With ``batch_size > 1`` (``generate.batched`` must be true) samples of equal prompt length and
+    budget run together, up to ``batch_size`` at a time; each record's ``wall_s`` is its share of
+    the batch's time and ``batch`` the batch size. Returns one record per sample: ``method, mode,
+    task, haystack, context_len, seed, trial, depth, score, prediction, answers, n_prompt_tokens,
+    max_new_tokens, stats, wall_s, batch``. Raises ValueError when ``generate`` does not return
+    ``(str, dict)`` with ``kv_bytes_per_token``.
     """
     if not callable(generate):
         raise ValueError("generate must be callable: generate(sample) -> (text, stats)")
     if not isinstance(method_name, str) or not method_name:
         raise ValueError(f"method_name must be a non-empty str, got {method_name!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    batched = bool(getattr(generate, "batched", False))
+    if batch_size > 1 and not batched:
+        raise ValueError("batch_size > 1 needs a batched generate (generate.batched = True)")
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -93,28 +114,31 @@ def evaluate_samples(generate: Generate, samples: Sequence[Sample], *, method_na
     records: list[dict] = []
     total = 0.0
     try:
-        for s in samples:
+        for batch in _batches(samples, batch_size):
             t0 = time.perf_counter()
-            out = generate(s)
-            wall = time.perf_counter() - t0
-            if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], str)
-                    and isinstance(out[1], dict)):
-                raise ValueError("generate must return (text: str, stats: dict)")
-            text, stats = out
-            if "kv_bytes_per_token" not in stats:
-                raise ValueError("generate's stats must contain 'kv_bytes_per_token'")
-            score = string_match_all(text, s.answers)
-            total += score
-            records.append({
-                "method": method_name, "task": s.task, "haystack": s.haystack,
-                "context_len": s.context_len, "seed": s.seed, "trial": s.meta.get("trial"),
-                "depth": s.depth, "score": score, "prediction": text, "answers": list(s.answers),
-                "n_prompt_tokens": s.n_prompt_tokens, "max_new_tokens": s.max_new_tokens,
-                "stats": dict(stats), "wall_s": wall,
-            })
+            outs = generate(batch) if batched else [generate(batch[0])]
+            wall = (time.perf_counter() - t0) / len(batch)
+            if not isinstance(outs, list) or len(outs) != len(batch):
+                raise ValueError(f"a batched generate must return one (text, stats) per sample ({len(batch)})")
+            for s, out in zip(batch, outs):
+                if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], str)
+                        and isinstance(out[1], dict)):
+                    raise ValueError("generate must return (text: str, stats: dict)")
+                text, stats = out
+                if "kv_bytes_per_token" not in stats:
+                    raise ValueError("generate's stats must contain 'kv_bytes_per_token'")
+                score = string_match_all(text, s.answers)
+                total += score
+                records.append({
+                    "method": method_name, "mode": "single", "task": s.task, "haystack": s.haystack,
+                    "context_len": s.context_len, "seed": s.seed, "trial": s.meta.get("trial"),
+                    "depth": s.depth, "score": score, "prediction": text, "answers": list(s.answers),
+                    "n_prompt_tokens": s.n_prompt_tokens, "max_new_tokens": s.max_new_tokens,
+                    "stats": dict(stats), "wall_s": wall, "batch": len(batch),
+                })
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(ctx=s.context_len, task=s.task, acc=f"{total / len(records):.3f}")
+                bar.update(len(batch))
+                bar.set_postfix(ctx=batch[0].context_len, task=batch[0].task, acc=f"{total / len(records):.3f}")
     finally:
         if bar is not None:
             bar.close()
@@ -125,7 +149,7 @@ def run_eval(generate: Generate, tokenizer: Any, *, tasks: Sequence[str], contex
              n_trials: int, haystacks: Sequence[str] = ("noise",), seed: int = 0,
              method_name: str = "full", progress: bool = True, chat: bool = False,
              max_new_tokens: dict[str, int] | None = None,
-             task_options: dict[str, dict] | None = None) -> list[dict]:
+             task_options: dict[str, dict] | None = None, batch_size: int = 1) -> list[dict]:
     """Build the sample grid (see ``build_samples``) and evaluate it (see ``evaluate_samples``).
 
     Example::
@@ -137,7 +161,7 @@ def run_eval(generate: Generate, tokenizer: Any, *, tasks: Sequence[str], contex
     samples = build_samples(tokenizer, tasks=tasks, context_lens=context_lens, n_trials=n_trials,
                             haystacks=haystacks, seed=seed, chat=chat, max_new_tokens=max_new_tokens,
                             task_options=task_options)
-    return evaluate_samples(generate, samples, method_name=method_name, progress=progress)
+    return evaluate_samples(generate, samples, method_name=method_name, progress=progress, batch_size=batch_size)
 
 
 def _mean(xs: list[float]) -> float:
@@ -148,18 +172,27 @@ def _is_num(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def summarize(records: Sequence[dict]) -> list[dict]:
-    """Aggregate records per (method, context_len).
+def _turn(r: dict) -> str:
+    """``all`` for single-query records; ``first`` / ``later`` question of a multi-query context."""
+    if r.get("mode", "single") == "single":
+        return "all"
+    return "first" if r.get("query_index", 0) == 0 else "later"
 
-    Each row: ``method, context_len, accuracy`` (mean score), ``n_samples``, ``n_trials`` (fewest
-    samples of any task/haystack pair in the group), ``kv_bytes_per_token`` (mean) and, when every
-    record has them, ``device_bytes_per_token`` / ``host_bytes_per_token``; ``stats`` (mean of each
-    numeric stat present in every record), ``per_task``, ``per_haystack`` and ``per_task_haystack``
-    (``"task/haystack"``) accuracies. Methods keep their first-seen order; context lengths ascend.
+
+def summarize(records: Sequence[dict]) -> list[dict]:
+    """Aggregate records per cell (method, context_len, mode, turn).
+
+    Each row: ``method, context_len, mode`` (``single`` / ``multi-query``), ``turn`` (``all``, or the
+    ``first`` / ``later`` questions of a shared context), ``accuracy`` (mean score), ``n_prompts``
+    (= ``n_samples``, records in the cell), ``ci95`` (Wilson interval), ``n_trials`` (fewest records
+    of any task/haystack pair), ``wall_s`` (summed record wall time), ``kv_bytes_per_token`` (mean)
+    and, when every record has them, ``device_bytes_per_token`` / ``host_bytes_per_token``; ``stats``
+    (mean of each numeric stat present in every record), ``per_task``, ``per_haystack`` and
+    ``per_task_haystack`` (``"task/haystack"``) accuracies. Methods keep their first-seen order.
     """
     if not records:
         raise ValueError("records must be a non-empty list")
-    groups: "OrderedDict[tuple[str, int], list[dict]]" = OrderedDict()
+    groups: "OrderedDict[tuple[str, int, str, str], list[dict]]" = OrderedDict()
     methods: list[str] = []
     for r in records:
         for k in ("method", "task", "haystack", "context_len", "score", "stats"):
@@ -167,10 +200,12 @@ def summarize(records: Sequence[dict]) -> list[dict]:
                 raise ValueError(f"record lacks {k!r}: {sorted(r)}")
         if r["method"] not in methods:
             methods.append(r["method"])
-        groups.setdefault((r["method"], r["context_len"]), []).append(r)
+        groups.setdefault((r["method"], r["context_len"], r.get("mode", "single"), _turn(r)), []).append(r)
+    turns = ("all", "first", "later")
     rows = []
-    for (method, ctx) in sorted(groups, key=lambda mc: (methods.index(mc[0]), mc[1])):
-        rs = groups[(method, ctx)]
+    for key in sorted(groups, key=lambda k: (methods.index(k[0]), k[1], k[2], turns.index(k[3]))):
+        method, ctx, mode, turn = key
+        rs = groups[key]
 
         def by(key: Callable[[dict], str]) -> dict[str, float]:
             acc: "OrderedDict[str, list[float]]" = OrderedDict()
@@ -183,10 +218,12 @@ def summarize(records: Sequence[dict]) -> list[dict]:
             counts[f"{r['task']}/{r['haystack']}"] = counts.get(f"{r['task']}/{r['haystack']}", 0) + 1
         keys = set.intersection(*(set(k for k, v in r["stats"].items() if _is_num(v)) for r in rs))
         stats = {k: _mean([float(r["stats"][k]) for r in rs]) for k in sorted(keys)}
+        acc = _mean([float(r["score"]) for r in rs])
         row = {
-            "method": method, "context_len": ctx,
-            "accuracy": _mean([float(r["score"]) for r in rs]),
+            "method": method, "context_len": ctx, "mode": mode, "turn": turn, "accuracy": acc,
+            "n_prompts": len(rs), "ci95": list(wilson(acc, len(rs))),
             "n_samples": len(rs), "n_trials": min(counts.values()),
+            "wall_s": sum(float(r.get("wall_s", 0.0)) for r in rs),
             "kv_bytes_per_token": stats.get("kv_bytes_per_token", float("nan")),
         }
         for k in ("device_bytes_per_token", "host_bytes_per_token"):
@@ -198,6 +235,34 @@ def summarize(records: Sequence[dict]) -> list[dict]:
         row["per_task_haystack"] = by(lambda r: f"{r['task']}/{r['haystack']}")
         rows.append(row)
     return rows
+
+
+def compare_to_full(summary: Sequence[dict], records: Sequence[dict], full_method: str = "full") -> list[dict]:
+    """Add the full-cache comparison to every ``summarize`` row, in place, and return the rows.
+
+    For each row the full cache's records of the same cell (context length, mode, turn) are paired
+    with the row's records on the same prompts (:func:`kvcomp.eval.stats.paired`): ``paired``
+    (``n``, ``right_to_wrong``, ``wrong_to_right``, ``both_right``, ``both_wrong``), ``full_accuracy``,
+    ``accuracy_retained`` (= accuracy / full accuracy on the paired prompts), ``full_kv_bytes_per_token``
+    and ``bytes_fraction``. Rows without a full-cache cell are left as they are.
+    """
+    cells: dict = {}
+    for r in records:
+        cells.setdefault((r["method"], r["context_len"], r.get("mode", "single"), _turn(r)), []).append(r)
+    full_rows = {(r["context_len"], r["mode"], r["turn"]): r for r in summary if r["method"] == full_method}
+    for row in summary:
+        cell = (row["context_len"], row["mode"], row["turn"])
+        full_recs = cells.get((full_method,) + cell)
+        if not full_recs:
+            continue
+        p = paired(cells.get((row["method"],) + cell, []), full_recs)
+        f = full_rows[cell]
+        row["paired"] = {k: p[k] for k in ("n", "right_to_wrong", "wrong_to_right", "both_right", "both_wrong")}
+        row["full_accuracy"] = p["full_accuracy"]
+        row["accuracy_retained"] = p["retention"]
+        row["full_kv_bytes_per_token"] = f["kv_bytes_per_token"]
+        row["bytes_fraction"] = row["kv_bytes_per_token"] / f["kv_bytes_per_token"] if f["kv_bytes_per_token"] else None
+    return list(summary)
 
 
 def _jsonable(obj: Any) -> Any:

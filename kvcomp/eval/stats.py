@@ -1,0 +1,71 @@
+"""Intervals and paired comparisons for the quality cells.
+
+A *cell* is the set of records of one (method, context length, mode, turn) group. Each record
+scores one prompt (or one question of a multi-query prompt) in [0, 1]; a prompt is *right* when its
+score is 1.0 (every gold string found).
+
+- :func:`wilson` is the 95% Wilson score interval of an accuracy over ``n`` prompts (a fractional
+  mean is treated as ``n * p`` successes, the usual approximation for partial-credit scores);
+- :func:`paired` compares a method with the full cache on the *same* prompts (matched by
+  :func:`sample_key`): how many flipped right -> wrong and wrong -> right.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+__all__ = ["Z95", "paired", "sample_key", "wilson"]
+
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+
+
+def wilson(p: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval ``(lo, hi)`` of a proportion ``p`` measured on ``n`` trials.
+
+    Example: ``wilson(0.5, 20)`` is about ``(0.299, 0.701)``; ``wilson(1.0, 20)`` about ``(0.839, 1.0)``.
+    """
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    if not (isinstance(p, (int, float)) and 0.0 <= p <= 1.0):
+        raise ValueError(f"p must be a proportion in [0, 1], got {p!r}")
+    z2 = z * z
+    den = 1.0 + z2 / n
+    centre = (p + z2 / (2 * n)) / den
+    half = z * math.sqrt(p * (1.0 - p) / n + z2 / (4 * n * n)) / den
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def sample_key(r: dict) -> tuple:
+    """What makes two records the same prompt: mode, task, haystack, context length, seed, question."""
+    return (r.get("mode", "single"), r["task"], r["haystack"], r["context_len"], r["seed"], r.get("query_index", 0))
+
+
+def paired(records: Sequence[dict], full_records: Sequence[dict]) -> dict:
+    """Paired comparison of ``records`` against ``full_records`` on the prompts both scored.
+
+    Returns ``n`` (prompts in both), ``right_to_wrong`` (full right, method not), ``wrong_to_right``,
+    ``both_right``, ``both_wrong``, ``accuracy`` and ``full_accuracy`` over those prompts, and
+    ``retention`` = accuracy / full_accuracy (None when the full cache scored 0).
+    Raises ValueError when a prompt occurs twice on one side.
+    """
+    def index(rs: Sequence[dict], side: str) -> dict:
+        out: dict = {}
+        for r in rs:
+            k = sample_key(r)
+            if k in out:
+                raise ValueError(f"{side}: prompt {k} scored twice")
+            out[k] = float(r["score"])
+        return out
+
+    mine, full = index(records, "records"), index(full_records, "full_records")
+    keys = [k for k in mine if k in full]
+    res = {"n": len(keys), "right_to_wrong": 0, "wrong_to_right": 0, "both_right": 0, "both_wrong": 0}
+    for k in keys:
+        a, b = mine[k] == 1.0, full[k] == 1.0
+        res[{(True, True): "both_right", (False, False): "both_wrong",
+             (False, True): "right_to_wrong", (True, False): "wrong_to_right"}[(a, b)]] += 1
+    acc = sum(mine[k] for k in keys) / len(keys) if keys else float("nan")
+    full_acc = sum(full[k] for k in keys) / len(keys) if keys else float("nan")
+    res.update(accuracy=acc, full_accuracy=full_acc, retention=(acc / full_acc) if keys and full_acc else None)
+    return res
