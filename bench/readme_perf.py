@@ -1,0 +1,111 @@
+"""Regenerate the README's performance section from the committed benchmark JSON.
+
+    python bench/readme_perf.py [--readme README.md] [--check]
+
+Replaces the text between ``<!-- BEGIN perf (bench/readme_perf.py) -->`` and ``<!-- END perf -->``
+with: the CPU kernel summary (``bench/results/kernels-cpu.json``, batch 1 fp32: speedup over
+kvcomp's dense paged decode / over torch SDPA per context, and every issue-10 kernel target met or
+missed) and the vLLM-CPU serving summary (``bench/results/serve-vllm-cpu.json``: decode tokens/s and
+TTFT against stock per load, and the serving targets). ``--check`` exits 1 when the README differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import report  # noqa: E402
+import report_serve  # noqa: E402
+
+BEGIN, END = "<!-- BEGIN perf (bench/readme_perf.py) -->", "<!-- END perf -->"
+KERNEL_ROWS = (("off", "dense paged decode (off) vs SDPA"), ("duo50", "DuoAttention 50%"), ("think", "ThinK λ=0.4"),
+               ("vq3", "A²ATS top-K 3%"), ("vq10", "A²ATS top-K 10%"), ("duo50+vq3", "DuoAttention 50% + A²ATS 3%"))
+SERVE_NAMES = {"stock": "stock vLLM (CPU_ATTN)", "off": "kvcomp, compression off", "duo": "DuoAttention 50%",
+               "think": "ThinK λ=0.4", "vq": "A²ATS top-K 10%", "duo+vq": "DuoAttention + A²ATS"}
+
+
+def kernels_section(data: dict) -> list[str]:
+    rows = [r for r in data["results"] if r.get("batch") == 1 and r.get("dtype") == "float32" and r.get("ms")]
+    ctxs = sorted({r["context_len"] for r in rows})
+    out = ["One layer of Llama-3.1-8B attention (32 q / 8 KV heads, D=128, permuted 16-token pages), batch 1, fp32: "
+           "speedup over kvcomp's own dense paged decode / over torch SDPA full attention on the same data "
+           f"(`kvcomp bench kernels`; every batch and dtype, the machine line and per-stage times: "
+           "`bench/results/kernels-cpu.md`).", "",
+           "| method | " + " | ".join(report._ctx(c) for c in ctxs) + " |", "|---" * (len(ctxs) + 1) + "|"]
+    for m, label in KERNEL_ROWS:
+        cells = []
+        for c in ctxs:
+            r = next((x for x in rows if x["method"] == m and x["context_len"] == c), None)
+            if r is None:
+                cells.append("–")
+            elif m == "off":
+                cells.append(report._num(r.get("speedup_vs_sdpa"), ".2f") + "x")
+            else:
+                cells.append(f"{report._num(r.get('speedup_vs_dense'), '.2f')}x / "
+                             f"{report._num(r.get('speedup_vs_sdpa'), '.2f')}x")
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    return out + ["", "Kernel targets (issue 10; every batch and dtype measured):", ""] + report.targets(data["results"])
+
+
+def serve_section(data: dict) -> list[str]:
+    rows = data["results"]
+    loads = sorted({report_serve._load(r) for r in rows}, key=lambda x: (x[1], x[0]))
+    out = ["vLLM-CPU end to end (`kvcomp bench serve`: the bundled SmolLM2 served by vllm-cpu 0.32's OpenAI server, "
+           f"{data.get('output_tokens')} output tokens per request, every method against stock vLLM in one run; "
+           "full table with TTFT, accuracy, KV capacity and RSS: `bench/results/serve-vllm-cpu.md`). "
+           "Decode tokens/s while every request decodes (x stock) / TTFT (x stock):", "",
+           "| method | " + " | ".join(f"{n} x {p // 1024 if p % 1024 == 0 else p / 1024:g}K" for n, p in loads) + " |",
+           "|---" * (len(loads) + 1) + "|"]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    for m in methods:
+        cells = []
+        for ld in loads:
+            r = next((x for x in rows if x["method"] == m and report_serve._load(x) == ld), None)
+            if r is None or r.get("error") or r.get("skipped"):
+                cells.append("error" if r and r.get("error") else "–")
+            elif m == "stock":
+                dec = r.get("decode_tokens_per_s")
+                cells.append(f"{'–' if dec is None else f'{dec:.1f}'} tok/s / {r['ttft_s']:.1f} s")
+            else:
+                cells.append(f"{report._num(r.get('decode_vs_stock'), '.2f')}x / {report._num(r.get('ttft_vs_stock'), '.2f')}x")
+        out.append(f"| {SERVE_NAMES.get(m, m)} | " + " | ".join(cells) + " |")
+    return out + ["", "Serving targets (issue 10):", ""] + report_serve.targets(rows)
+
+
+def section() -> str:
+    res = ROOT / "bench" / "results"
+    lines = [BEGIN, ""]
+    k, s = res / "kernels-cpu.json", res / "serve-vllm-cpu.json"
+    if k.exists():
+        lines += kernels_section(json.loads(k.read_text())) + [""]
+    if s.exists():
+        lines += serve_section(json.loads(s.read_text())) + [""]
+    else:
+        lines += ["vLLM-CPU end to end (`kvcomp bench serve`): not measured yet.", ""]
+    return "\n".join(lines + [END])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    ap.add_argument("--check", action="store_true", help="exit 1 when the README's section is not up to date")
+    a = ap.parse_args(argv)
+    text = a.readme.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{a.readme}: no {BEGIN} ... {END} markers")
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    new = head + section() + tail
+    if a.check:
+        return 0 if new == text else 1
+    a.readme.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
