@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Serve the bundled SmolLM2-135M-Instruct with vLLM on CPU and kvcomp's attention backend.
 #
-#   bash scripts/serve_vllm_cpu.sh [off|think|duo|vq|duo+vq] [PORT]          (default: duo 8000)
+#   bash scripts/serve_vllm_cpu.sh [off|METHOD] [PORT]          (default: duo 8000)
+#
+# METHOD: duo, think, vq or any '+'-joined combination (duo+think, think+vq, duo+vq, duo+think+vq = all).
+# ThinK's channels: static (calibrated once) by default, per request with KVCOMP_THINK_CHANNELS=query.
 #
 # 1. .venv (scripts/setup_env.sh): converts the bundled GGUF once to a local HF folder and writes
 #    the method's vLLM config with `kvcomp vllm-config` (per-layer DuoAttention pattern, static ThinK
@@ -19,7 +22,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 METHOD=${1:-duo}
 PORT=${2:-8000}
-case "$METHOD" in off|think|duo|vq|duo+vq) ;; *) echo "method must be off, think, duo, vq or duo+vq" >&2; exit 2;; esac
+[ "$METHOD" = all ] && METHOD=duo+think+vq
+case "$METHOD" in off|think|duo|vq|duo+vq|duo+think|think+vq|duo+think+vq) ;;
+  *) echo "method must be off, duo, think, vq or a '+'-joined combination (duo+think, think+vq, duo+vq, all)" >&2; exit 2;; esac
+CHANNELS=${KVCOMP_THINK_CHANNELS:-static}
 VENV=$(bash scripts/setup_env.sh | tail -1)
 VLLM_VENV=${KVCOMP_VLLM_VENV:-.venv-vllm}
 bash scripts/setup_vllm_cpu.sh "$VLLM_VENV" >/dev/null
@@ -28,12 +34,15 @@ EXTRA=()
 export KVCOMP_VLLM_OVERRIDE_CPU=1
 unset KVCOMP_CONFIG
 if [ "$METHOD" != off ]; then
-  CFG=".kvcomp-vllm/$METHOD"
-  [ -f "$CFG/config.json" ] || "$VENV/bin/kvcomp" vllm-config --method "$METHOD" --out "$CFG" >/dev/null
+  CFG=".kvcomp-vllm/$METHOD-$CHANNELS"
+  [ -f "$CFG/config.json" ] || "$VENV/bin/kvcomp" vllm-config --method "$METHOD" --think-channels "$CHANNELS" \
+    --out "$CFG" >/dev/null
   export KVCOMP_CONFIG="$PWD/$CFG"
 fi
-case "$METHOD" in think|duo) EXTRA+=(--no-enable-prefix-caching);; esac
-if [ "$METHOD" = vq ]; then KV=${KVCOMP_KV_BYTES:-67108864}; elif [ "$METHOD" = duo+vq ]; then KV=${KVCOMP_KV_BYTES:-16777216}; else KV=${KVCOMP_KV_BYTES:-1073741824}; fi
+# per-request rings (ThinK's window and channels, streaming heads outside A²ATS) are not prefix-cacheable
+case "$METHOD" in *think*|duo) EXTRA+=(--no-enable-prefix-caching);; esac
+case "$METHOD" in vq|think+vq) KV=${KVCOMP_KV_BYTES:-67108864};; *vq) KV=${KVCOMP_KV_BYTES:-16777216};;
+  *) KV=${KVCOMP_KV_BYTES:-1073741824};; esac
 echo "[serve] SmolLM2 ($MODEL), kvcomp method $METHOD, KV budget $KV bytes, port $PORT"
 exec "$VLLM_VENV/bin/python" -m vllm.entrypoints.openai.api_server --model "$MODEL" --dtype float32 \
   --max-model-len 8192 --kv-cache-memory-bytes "$KV" --port "$PORT" "${EXTRA[@]}"

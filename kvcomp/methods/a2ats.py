@@ -153,11 +153,12 @@ class A2ATS:
                                                                  narrow)
         w = t.window
         rb = None if not w else hs.ring_block.index_select(0, r.req_index.to(hs.ring_block.device))
-        tail = full_width_tail(k_new.to("cpu", hs.v.dtype), hs.ring, rb, r.seq_lens.cpu(), w)  # [d, H, w+1, D]
+        ring_dev = hs.ring.device if w else torch.device("cpu")  # the HF path's host ring, or vLLM's device ring
+        tail = full_width_tail(k_new.to(ring_dev, hs.v.dtype), hs.ring, rb, r.seq_lens.to(ring_dev), w).cpu()
         last = r.seq_lens.long().cpu()[:, None, None] - 1
         in_tail = pos >= last - w
         from_tail = torch.gather(tail, 2, torch.remainder(pos, w + 1)[..., None].expand(-1, -1, -1, dim))
         k_sel = torch.where(in_tail[..., None], from_tail.to(wide.dtype), wide)
         if w:  # after selecting: the step's key takes its window slot
-            hs.ring[rb, :, torch.remainder(last[:, 0, 0], w)] = k_new.to("cpu", hs.ring.dtype)
+            hs.ring[rb, :, torch.remainder(last[:, 0, 0], w).to(ring_dev)] = k_new.to(ring_dev, hs.ring.dtype)
         return k_sel.transpose(1, 2).contiguous(), v_sel.transpose(1, 2).contiguous()

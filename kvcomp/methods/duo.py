@@ -1,7 +1,7 @@
 """DuoAttention: retrieval heads keep every token, streaming heads only ``sink`` + ``recent`` tokens.
 
 Storage per layer: the retrieval heads are another method's heads (exact pages, :class:`Dense`,
-or A²ATS code pages); the streaming heads keep their kept tokens in a per-request ring
+ThinK's narrow pages, or A²ATS code pages); the streaming heads keep their kept tokens in a per-request ring
 (``ring [blocks, n_str, capacity, D + Dv]``, position ``p`` in slot :func:`ring_slot`) — or, when
 the retrieval heads are A²ATS heads, in the host pages beside theirs (nothing on the device).
 Streaming heads see the first ``sink`` tokens and a window of ``recent`` tokens (counting the
@@ -21,6 +21,7 @@ from ..ref.cache_write import streaming_slot as ring_slot
 from .a2ats import A2ATS
 from .dense import Dense, dense_rows, head_map, write_pages
 from .step import Rows, Step, Store, grow
+from .think import ThinK
 
 __all__ = ["DuoAttention", "StreamingHeads", "ring_kept", "ring_slot", "streaming_selection"]
 
@@ -141,15 +142,23 @@ class StreamingHeads:
 
 
 class DuoAttention:
-    """A layer's KV heads split into ``retrieval`` heads (held by ``inner``: :class:`Dense` or
-    :class:`A2ATS`) and streaming heads (:class:`StreamingHeads`), sharing one page tensor (vLLM's
-    layout: pages of the retrieval heads, a ring — or the host pages — for the streaming heads)."""
+    """A layer's KV heads split into ``retrieval`` heads (held by ``inner``: :class:`Dense`,
+    :class:`ThinK` or :class:`A2ATS`, with or without ThinK) and streaming heads
+    (:class:`StreamingHeads`), sharing one page tensor (vLLM's layout: pages of the retrieval heads,
+    a ring — or the host pages — for the streaming heads).
+
+    Views per part (:meth:`stores`): with :class:`Dense` the whole store is both's (one fused decode
+    op); with :class:`ThinK` the ring is shared, streaming heads first (``ring[:, :n_str]``), then
+    ThinK's window of the retrieval heads (``ring[:, n_str:, :, :D]``); with :class:`A2ATS` the host
+    pages hold the retrieval heads first (keys in their first ``key_dim`` elements: ThinK's narrow
+    keys), then the streaming heads at full width, and the ring (if any) is ThinK's.
+    """
 
     name = "duo"
 
-    def __init__(self, inner: Dense | A2ATS, retrieval: list[int], streaming: list[int], group: int, sink: int,
-                 recent: int, scale: float, device):
-        self.inner, self.scale = inner, scale
+    def __init__(self, inner: Dense | ThinK | A2ATS, retrieval: list[int], streaming: list[int], group: int,
+                 sink: int, recent: int, scale: float, device, key_dim: int | None = None):
+        self.inner, self.scale, self.key_dim = inner, scale, key_dim
         self.streaming = StreamingHeads(sink, recent, scale)
         self.kv_ret = torch.tensor(retrieval, device=device)
         self.kv_str = torch.tensor(streaming, device=device)
@@ -158,45 +167,62 @@ class DuoAttention:
         self.hm = head_map(retrieval, streaming, device)
         self.in_mirror = isinstance(inner, A2ATS)  # streaming heads' K/V beside the A²ATS heads' on the host
 
-    def write(self, store, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: Step | None = None) -> None:
-        """Retrieval heads into their pages (with A²ATS, every head into the host pages, retrieval
-        heads first); streaming heads enter the ring in :meth:`attend` (it needs positions)."""
+    def stores(self, store) -> tuple[Store, Store]:
+        """``(retrieval heads' store, streaming heads' store)``: views of the layer's storage."""
+        n_ret, n_str = len(self.kv_ret), len(self.kv_str)
         if self.in_mirror:
-            order = torch.cat([self.kv_ret, self.kv_str])
-            self.inner.write(store, slots, k.index_select(1, order), v.index_select(1, order))
-        else:
-            write_pages(store.k, store.v, slots, k.index_select(1, self.kv_ret), v.index_select(1, self.kv_ret))
+            mk, mv = store.mirror
+            kd = self.key_dim or mk.shape[-1]
+            inner = Store(codes=store.codes, ring=store.ring, ring_block=store.ring_block, chan=store.chan,
+                          mirror=(mk[:, :, :n_ret, :kd], mv[:, :, :n_ret]))
+            return inner, Store(mirror=(mk[:, :, n_ret:], mv[:, :, n_ret:]))
+        if isinstance(self.inner, ThinK):
+            ring = store.ring
+            shared = None if ring is None else ring[:, n_str:, :, : store.v.shape[-1]]
+            inner = Store(k=store.k, v=store.v, ring=shared, ring_block=store.ring_block, chan=store.chan)
+            return inner, Store(ring=None if ring is None else ring[:, :n_str], ring_block=store.ring_block)
+        return store, store
+
+    def write(self, store, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: Step | None = None) -> None:
+        """Retrieval heads through ``inner`` (their pages, or A²ATS's host pages); with A²ATS the
+        streaming heads' K/V into the host pages beside them; otherwise streaming heads enter the
+        ring in :meth:`attend` (it needs positions)."""
+        ret, st = self.stores(store)
+        self.inner.write(ret, slots, k.index_select(1, self.kv_ret), v.index_select(1, self.kv_ret), md)
+        if self.in_mirror:
+            write_pages(*st.mirror, slots, k.index_select(1, self.kv_str), v.index_select(1, self.kv_str))
 
     def attend(self, store, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: Step, out: torch.Tensor) -> None:
         """Retrieval heads through ``inner``, streaming heads over their kept tokens and the step's
         own; the step's streaming keys then stay in the ring."""
         single, multi = md.rows()
         k_str, v_str = k.index_select(1, self.kv_str), v.index_select(1, self.kv_str)
-        st_str = store
-        if self.in_mirror:
+        q_str = q.index_select(1, self.q_str)
+        ret, st = self.stores(store)
+        if isinstance(self.inner, Dense):  # one decode op for both kinds of heads
+            if single is not None:
+                out[single.rows] = self.decode(store, q[single.rows], k_str[single.rows], v_str[single.rows],
+                                               single).to(out.dtype)
+            if multi is not None:
+                dense_rows(q.index_select(1, self.q_ret), store.k, store.v, md, multi.reqs, self.scale, out,
+                           heads=self.q_ret)
+        else:
             n = q.shape[0]
             o = torch.empty(n, len(self.q_ret), out.shape[-1], dtype=out.dtype, device=out.device)
-            self.inner.attend(store, q.index_select(1, self.q_ret), k.index_select(1, self.kv_ret), None, md, o)
+            self.inner.attend(ret, q.index_select(1, self.q_ret), k.index_select(1, self.kv_ret),
+                              v.index_select(1, self.kv_ret), md, o)
             out[:n].index_copy_(1, self.q_ret, o)
-            mk, mv = store.mirror
-            n_ret = len(self.kv_ret)
-            st_str = Store(mirror=(mk[:, :, n_ret:], mv[:, :, n_ret:]))
             if single is not None:
-                idx, count = streaming_selection(single.seq_lens, len(self.kv_str), self.streaming.sink,
-                                                 self.streaming.recent)
-                o = ops.sparse_attention_host(q[single.rows].index_select(1, self.q_str), *st_str.mirror, idx, count,
-                                              block_table=single.block_table, scale=self.scale)
+                if self.in_mirror:
+                    idx, count = streaming_selection(single.seq_lens, len(self.kv_str), self.streaming.sink,
+                                                     self.streaming.recent)
+                    o = ops.sparse_attention_host(q_str[single.rows], *st.mirror, idx, count,
+                                                  block_table=single.block_table, scale=self.scale)
+                else:
+                    o = self.streaming.decode(st, q_str[single.rows], k_str[single.rows], v_str[single.rows], single)
                 out[single.rows[:, None], self.q_str[None, :]] = o.to(out.dtype)
-        elif single is not None:
-            out[single.rows] = self.decode(store, q[single.rows], k_str[single.rows], v_str[single.rows],
-                                           single).to(out.dtype)
-        if multi is None:
-            return
-        if not self.in_mirror:
-            dense_rows(q.index_select(1, self.q_ret), store.k, store.v, md, multi.reqs, self.scale, out,
-                       heads=self.q_ret)
-        self.streaming.prefill(st_str, q.index_select(1, self.q_str), k_str, v_str, md, multi.reqs, out,
-                               heads=self.q_str)
+        if multi is not None:
+            self.streaming.prefill(st, q_str, k_str, v_str, md, multi.reqs, out, heads=self.q_str)
 
     def decode(self, store, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, r: Rows) -> torch.Tensor:
         """One op call for both kinds of heads: retrieval heads over their pages, streaming heads over

@@ -31,6 +31,7 @@ class MethodOptions:
     recent: int = DEF.DUO_RECENT             # DuoAttention streaming recent window
     prune_ratio: float = DEF.THINK_PRUNE_RATIO      # ThinK: fraction of key channels pruned
     think_window: int = DEF.THINK_WINDOW        # ThinK: observation window / full-width recent keys
+    think_channels: str = "static"  # vLLM layout: "static" (calibrated once) or "query" (chosen per request)
     topk: float = DEF.VQ_TOPK             # VQ: per-query-head top-K (fraction or count). A²ATS uses 0.03 on
                                    # Llama-3.1-8B; SmolLM2-135M's diffuse attention needs ~0.1 (README)
     vq_sink: int = DEF.VQ_SINK
@@ -177,13 +178,14 @@ def build_vllm_method(name: str, model, tokenizer, model_name: str, opts: Method
     """The :class:`CompressionConfig` of a named method laid out for kvcomp's vLLM backend.
 
     vLLM pages are uniform per KV-cache group, so: DuoAttention streams the same number of heads
-    in every layer (the shipped gates thresholded per layer), ThinK uses static channels
-    (calibrated on text, cached), A²ATS covers every layer (``vq_dense_layers`` is ignored; with
-    DuoAttention, every retrieval head), and one method runs per model, or ``duo+vq``. None for
-    ``full``.
+    in every layer (the shipped gates thresholded per layer), ThinK prunes every (retrieval) head
+    with static channels (``opts.think_channels == "static"``: calibrated on text, cached) or
+    channels chosen per request from its own queries (``"query"``, ThinK as published), A²ATS
+    covers every layer (``vq_dense_layers`` is ignored; with DuoAttention, every retrieval head).
+    Any combination is served. None for ``full``.
 
     Raises:
-        ValueError: another combination of methods.
+        ValueError: ``opts.think_channels`` is neither ``static`` nor ``query``.
     """
     import torch
 
@@ -193,16 +195,17 @@ def build_vllm_method(name: str, model, tokenizer, model_name: str, opts: Method
     parts = parse_method(name)
     if not parts:
         return None
-    if len(parts) > 1 and parts != ("duo", "vq"):
-        raise ValueError(f"method {name!r}: kvcomp's vLLM backend serves duo, think, vq or duo+vq")
+    if opts.think_channels not in ("static", "query"):
+        raise ValueError(f"think_channels: {opts.think_channels!r}, use 'static' or 'query'")
     kw = {}
     if "duo" in parts:
         gates = read_pattern_tsv(duo_pattern_path(model_name, opts))
         kw["duo"] = DuoAttention(pattern=threshold_pattern_per_layer(gates, opts.sparsity), sink=opts.sink,
                                  recent=opts.recent)
     if "think" in parts:
+        static = opts.think_channels == "static"
         kw["think"] = ThinK(prune_ratio=opts.prune_ratio, window=opts.think_window,
-                            channels=static_think_channels(model, tokenizer, model_name, opts))
+                            channels=static_think_channels(model, tokenizer, model_name, opts) if static else None)
     if "vq" in parts:
         c = model.config
         hkv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads

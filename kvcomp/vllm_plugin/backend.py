@@ -5,12 +5,15 @@ Page layout. vLLM hands each layer a logical ``kv_cache [num_blocks, H, block_si
 
 * off: ``H = Hkv``, ``C = D + Dv`` (key then value), like stock vLLM;
 * ThinK: ``C = D_keep + Dv`` (the kept key channels, then the value); the last ``window`` keys
-  stay full width in a per-request ring (:mod:`.ring`);
+  stay full width in a per-request ring (:mod:`.ring`); query-driven channels: their ids in one
+  more ring slot, chosen at the request's first chunk (:class:`kvcomp.methods.layout.RequestChannels`);
 * DuoAttention: ``H`` = the retrieval heads (``num_head_slots``); the streaming heads keep their
   sink + recent tokens in a per-request ring sized to whole pages;
 * A²ATS: ``C`` = one int16 code cell per KV head; the full K/V lives in the host mirror
   (:mod:`.mirror`);
-* DuoAttention + A²ATS: code cells of the retrieval heads; the streaming heads' K/V in the mirror.
+* DuoAttention + A²ATS: code cells of the retrieval heads; the streaming heads' K/V in the mirror;
+* with ThinK besides (Duo + ThinK, ThinK + A²ATS, all three): narrow keys of the (retrieval) heads
+  in the pages or the mirror, ThinK's window in the ring (shared with the streaming heads').
 
 vLLM's block count, and so its KV capacity, follows the page size. Writes happen in
 :meth:`KVCompAttentionImpl.do_kv_cache_update` (``forward_includes_kv_cache_update = False``): new
@@ -183,7 +186,8 @@ class KVCompAttentionImpl(C.AttentionImpl):
         n_host = layout.mirror_heads(p, self.num_kv_heads)
         if n_host:  # DuoAttention + A²ATS: the streaming heads' K/V sit in the host pages too
             self._mirror = mirror_for(layer.layer_name, num_blocks=kv_cache.shape[0], block_size=kv_cache.shape[2],
-                                      num_heads=n_host, head_size=self.head_size, head_size_v=self.head_size,
+                                      num_heads=n_host, head_size=layout.mirror_key_dim(p, self.head_size),
+                                      head_size_v=self.head_size,
                                       dtype=kv_cache.dtype, layers_in_process=p.num_layers)
         self.method = layout.build_layer(p, li, self.num_heads, self.num_kv_heads, start, self.scale,
                                          kv_cache.device, self._rope)

@@ -4,25 +4,25 @@ Needs no vLLM: the backend, the tests and ``kvcomp info`` share it. The config r
 process (front-end, engine core, spawned workers) through the ``KVCOMP_CONFIG`` environment
 variable, read once per process by :func:`plan_from_env`.
 
-What this plugin version serves:
+What this plugin version serves (every method and combination, as the HF path runs them):
 
 * no config: exact paged attention (the page holds full K and V, like stock vLLM);
-* ThinK with static channels (``think.channels [L, Hkv, D_keep]``) on every KV head: pages hold
-  ``D_keep`` key channels + the full value; decode and prefill read keys with the query gathered
-  to the same channels. Unlike the HF path there is no full-width recent window: every token's
-  key is stored pruned (pages are uniform per KV-cache group).
-  The last ``think.window`` tokens keep full-width keys in a per-request ring (as the HF path).
+* ThinK on every KV head (with DuoAttention: every retrieval head): pages hold ``D_keep`` key
+  channels + the full value; the last ``think.window`` keys stay full width in a per-request ring.
+  The kept channels are static (``think.channels [L, Hkv, D_keep]``, calibrated) or, without
+  them, query-driven per request: chosen from the request's own observation window at its first
+  prefill chunk and kept in its ring (:class:`kvcomp.methods.layout.RequestChannels`);
 * DuoAttention with the same number of streaming KV heads in every layer: pages hold the retrieval
   heads (``num_head_slots``), each layer's streaming heads keep ``sink + recent`` tokens in a
-  per-request ring (a companion layer with vLLM's ``CircularBufferSpec``).
-* A²ATS on every (layer, KV head): pages hold one VQ code per token and KV head; the full K/V
-  lives in a backend-owned host mirror, a page-for-page shadow of vLLM's code pages.
-* DuoAttention + A²ATS: every retrieval head an A²ATS head (code pages of ``num_head_slots``
-  heads); streaming heads hold nothing on the device: their K/V sits in the host mirror beside the
-  retrieval heads' and they attend to the sink and recent tokens read from it.
+  per-request ring (a companion layer with vLLM's ``CircularBufferSpec``); with ThinK, the
+  retrieval heads' pages are narrow and their window shares the ring;
+* A²ATS on every (layer, KV head) (with DuoAttention: every retrieval head): pages hold one VQ code
+  per token and KV head; the K/V lives in a backend-owned host mirror, a page-for-page shadow of
+  vLLM's code pages (with ThinK: ThinK's narrow keys, their window in the ring); DuoAttention's
+  streaming heads hold nothing on the device: their K/V sits in the host mirror.
 
-Combinations of methods, and layouts that are not uniform over layers and heads, are refused with
-a clear error (vLLM pages are uniform per KV-cache group).
+Layouts that are not uniform over layers and heads are refused with a clear error (vLLM pages are
+uniform per KV-cache group).
 """
 
 from __future__ import annotations
@@ -80,7 +80,9 @@ class Plan:
         sink, recent: DuoAttention's kept tokens per streaming head (first ``sink`` + a window of
             ``recent`` tokens counting the query itself).
         think_window: ThinK's full-width tail (tokens before the current step whose keys stay
-            unpruned).
+            unpruned), and its observation window (queries that choose per-request channels).
+        think_keep, think_prune_ratio: query-driven ThinK (no static channels): kept channels per
+            KV head and the pruning ratio that chooses them per request; None otherwise.
         vq: the ``kvcomp.config.VQRetrieval`` (codebook ``[L, Hkv, C, D]``, whiten, topk, sink,
             local, rel_pos), or None.
         source: where the plan came from (config path or ``"none"``), for messages.
@@ -94,6 +96,8 @@ class Plan:
     sink: int = 0
     recent: int = 0
     think_window: int = 0
+    think_keep: int | None = None
+    think_prune_ratio: float | None = None
     vq: object | None = None
     source: str = "none"
 
@@ -144,20 +148,26 @@ class Plan:
     @property
     def key_dim(self) -> int | None:
         """Stored key channels per token (``D_keep`` with ThinK, else None = full head dim)."""
-        return None if self.think_channels is None else int(self.think_channels.shape[-1])
+        if self.think_channels is not None:
+            return int(self.think_channels.shape[-1])
+        return self.think_keep
+
+    @property
+    def per_request_channels(self) -> bool:
+        """True with query-driven ThinK (channels chosen per request, kept in its ring)."""
+        return self.think_keep is not None and self.think_channels is None
 
     @property
     def is_identity(self) -> bool:
         """True without compression (exact pages, like stock vLLM)."""
-        return self.streaming is None and self.vq is None and self.think_channels is None
+        return self.streaming is None and self.vq is None and self.key_dim is None
 
     @property
     def method(self) -> str:
-        if self.streaming is not None:
-            return "duo+vq" if self.vq is not None else "duo"
-        if self.vq is not None:
-            return "vq"
-        return "think" if self.think_channels is not None else "off"
+        """``off`` or the ``+``-joined methods in use (``duo``, ``think``, ``vq``)."""
+        used = [m for m, on in (("duo", self.streaming is not None), ("think", self.key_dim is not None),
+                                ("vq", self.vq is not None)) if on]
+        return "+".join(used) or "off"
 
     def check_model(self, head_size: int, num_kv_heads_total: int | None = None) -> None:
         """Fail unless the model layer matches the shape the config was built for.
@@ -190,19 +200,15 @@ class Plan:
 
 
 def plan_from_config(cfg, source: str = "config") -> Plan:
-    """Build the serving plan of a ``kvcomp.config.CompressionConfig``.
+    """Build the serving plan of a ``kvcomp.config.CompressionConfig`` (any combination of
+    DuoAttention, ThinK and A²ATS; ThinK with static or query-driven channels).
 
     Raises:
-        ValueError: the config uses a method or layout this plugin version cannot serve
-            (combined methods, query-driven ThinK, ThinK or A²ATS on only some heads, DuoAttention
-            with unequal streaming-head counts per layer).
+        ValueError: a layout vLLM's uniform pages cannot hold: ThinK or A²ATS on only some of the
+            (retrieval) heads, DuoAttention with unequal streaming-head counts per layer, more
+            codes than int16 cells hold.
     """
     streaming = None
-    used = [m for m in ("duo", "think", "vq") if getattr(cfg, m) is not None]
-    if len(used) > 1 and used != ["duo", "vq"]:
-        raise ValueError(f"{ENV_CONFIG} ({source}): {' + '.join(used)} combined is not served by this "
-                         "kvcomp vLLM plugin version (one method per model, or duo + vq; the HF path "
-                         "composes them all)")
     if cfg.duo is not None:
         streaming = cfg.duo.pattern.bool().cpu()
         counts = streaming.sum(dim=1).tolist()
@@ -210,35 +216,34 @@ def plan_from_config(cfg, source: str = "config") -> Plan:
             raise ValueError(f"{ENV_CONFIG} ({source}): vLLM pages are uniform per KV-cache group, so "
                              "DuoAttention needs the same number (>0, <Hkv) of streaming heads in every "
                              f"layer; got {counts} (threshold the gates per layer)")
+    want = torch.ones(cfg.num_layers, cfg.num_kv_heads, dtype=torch.bool) if streaming is None else ~streaming
+    which = "retrieval " if streaming is not None else ""
     vq = None
     if cfg.vq is not None:
         vq = cfg.vq
         grid = torch.tensor([[k == "vq" for k in row] for row in cfg.kinds])
-        want = torch.ones_like(grid) if streaming is None else ~streaming
         if not torch.equal(grid, want):
             raise ValueError(f"{ENV_CONFIG} ({source}): vLLM pages are uniform per KV-cache group, so A2ATS "
-                             f"must cover every {'retrieval ' if streaming is not None else ''}(layer, KV head); "
-                             f"vq.heads covers {int(grid.sum())}/{int(want.sum())} (build it with vq_dense_layers=0)")
+                             f"must cover every {which}(layer, KV head); vq.heads covers {int(grid.sum())}/"
+                             f"{int(want.sum())} (build it with vq_dense_layers=0)")
         if vq.n_codes > MAX_CODES:
             raise ValueError(f"{ENV_CONFIG} ({source}): {vq.n_codes} VQ codes do not fit the int16 code pages")
-    if streaming is not None or vq is not None:
-        return Plan(num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-                    streaming=streaming, sink=int(cfg.duo.sink) if cfg.duo else 0,
-                    recent=int(cfg.duo.recent) if cfg.duo else 0, vq=vq, source=source)
-    channels = None
+    channels, keep, ratio, window = None, None, None, 0
     if cfg.think is not None:
         t = cfg.think
-        if t.channels is None:
-            raise ValueError(f"{ENV_CONFIG} ({source}): vLLM needs static ThinK channels "
-                             "(think.channels [L, Hkv, D_keep], e.g. from calibration); "
-                             "query-driven ThinK is HF-only")
-        if not bool(cfg.prune.all()):
-            raise ValueError(f"{ENV_CONFIG} ({source}): vLLM pages are uniform per KV-cache group, "
-                             "so ThinK must prune every (layer, KV head); think.heads prunes "
-                             f"{int(cfg.prune.sum())}/{cfg.prune.numel()}")
-        channels = torch.sort(t.channels.long(), dim=-1).values.contiguous()
+        if not torch.equal(cfg.prune.cpu(), want):
+            raise ValueError(f"{ENV_CONFIG} ({source}): vLLM pages are uniform per KV-cache group, so ThinK "
+                             f"must prune every {which}(layer, KV head); think.heads prunes "
+                             f"{int(cfg.prune.sum())}/{int(want.sum())} (leave think.heads unset)")
+        window = int(t.window)
+        if t.channels is None:  # query-driven: chosen per request (their ids kept in its ring)
+            keep, ratio = t.kept_dim(cfg.head_dim), float(t.prune_ratio)
+        else:
+            channels = torch.sort(t.channels.long(), dim=-1).values.contiguous()
     return Plan(num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-                think_channels=channels, think_window=int(cfg.think.window) if cfg.think else 0, source=source)
+                think_channels=channels, streaming=streaming, sink=int(cfg.duo.sink) if cfg.duo else 0,
+                recent=int(cfg.duo.recent) if cfg.duo else 0, think_window=window, think_keep=keep,
+                think_prune_ratio=ratio, vq=vq, source=source)
 
 
 def load_plan(path: str | os.PathLike | None) -> Plan:

@@ -39,9 +39,14 @@ def test_think_static_channels_roundtrip(tmp_path):
         assert bool((p.think_channels.diff(dim=-1) > 0).all())
 
 
+def test_think_query_driven_plan():
+    p = plan_from_config(_cfg(think=ThinK(prune_ratio=0.25, window=16)))
+    assert p.method == "think" and p.key_dim == 48 and p.per_request_channels
+    assert p.think_prune_ratio == 0.25 and p.think_window == 16 and p.layer_channels(0, 0, 2) is None
+    assert not plan_from_config(_cfg(think=ThinK(prune_ratio=0.25, channels=_channels()))).per_request_channels
+
+
 def test_think_errors():
-    with pytest.raises(ValueError, match="static ThinK channels"):
-        plan_from_config(_cfg(think=ThinK(prune_ratio=0.25)))
     heads = torch.tensor([[True, False], [True, True]])
     with pytest.raises(ValueError, match="prune every"):
         plan_from_config(_cfg(think=ThinK(prune_ratio=0.25, heads=heads, channels=_channels())))
@@ -69,11 +74,13 @@ def test_duo_plan_and_refusals(tmp_path):
     all_streaming = DuoAttention(pattern=torch.ones(2, 2, dtype=torch.bool))
     with pytest.raises(ValueError, match="same number"):
         plan_from_config(_cfg(duo=all_streaming))
-    both = _cfg(duo=DuoAttention(pattern=torch.tensor([[False, True], [True, False]])),
-                think=ThinK(prune_ratio=0.25, heads=torch.tensor([[True, False], [False, True]]),
-                            channels=_channels()))
-    with pytest.raises(ValueError, match="combined"):
-        plan_from_config(both)
+    pat = torch.tensor([[False, True], [True, False]])
+    both = plan_from_config(_cfg(duo=DuoAttention(pattern=pat), think=ThinK(prune_ratio=0.25, channels=_channels())))
+    assert both.method == "duo+think" and both.key_dim == 48 and both.num_streaming == 1
+    partial = _cfg(duo=DuoAttention(pattern=pat), think=ThinK(prune_ratio=0.25, heads=torch.tensor(
+        [[True, False], [False, False]]), channels=_channels()))
+    with pytest.raises(ValueError, match="prune every retrieval"):
+        plan_from_config(partial)
 
 
 def test_unserved_methods_refused(tmp_path):
@@ -116,8 +123,11 @@ def test_vq_plan(tmp_path):
     partial = _cfg(vq=_vq(heads=torch.tensor([[False, False], [True, True]])))
     with pytest.raises(ValueError, match="vq_dense_layers=0"):
         plan_from_config(partial)
-    with pytest.raises(ValueError, match="think \\+ vq combined"):
-        plan_from_config(_cfg(think=ThinK(prune_ratio=0.25, channels=_channels()), vq=_vq()))
+    tv = plan_from_config(_cfg(think=ThinK(prune_ratio=0.25, window=8), vq=_vq(local=8)))
+    assert tv.method == "think+vq" and tv.per_request_channels and tv.key_dim == 48
+    three = plan_from_config(_cfg(duo=DuoAttention(pattern=torch.tensor([[False, True], [True, False]])),
+                                  think=ThinK(prune_ratio=0.25, window=8, channels=_channels()), vq=_vq(local=8)))
+    assert three.method == "duo+think+vq" and not three.per_request_channels
 
 
 def test_duo_tensor_parallel_slices():
