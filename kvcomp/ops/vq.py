@@ -163,7 +163,8 @@ def vq_topk(lut: torch.Tensor, code_cache: torch.Tensor, block_table: torch.Tens
         kmax: columns of ``idx`` (default and minimum: :func:`topk_kmax`).
         topk_max: a host-known bound on a tensor ``topk`` (e.g. from vLLM's ``max_seq_len``): it
             bounds the count, so ``kmax`` may be ``G*topk_max + sink + local`` instead of the
-            block-table capacity. Checked against ``topk`` when that lives on the CPU.
+            block-table capacity. Checked against ``topk`` when that lives on the CPU
+            (in eager mode; not while ``torch.compile`` traces).
     Returns:
         ``(idx [B, Hkv, kmax] int32, count [B, Hkv] int32)``.
     """
@@ -188,7 +189,9 @@ def vq_topk(lut: torch.Tensor, code_cache: torch.Tensor, block_table: torch.Tens
         if not isinstance(topk, torch.Tensor) or isinstance(topk_max, bool) or not isinstance(topk_max, int) \
                 or topk_max < 0:
             raise ValueError(f"topk_max must be a non-negative int bounding a tensor topk, got {topk_max!r}")
-        if topk.device.type == "cpu" and topk.numel() and int(topk.max()) > topk_max:
+        # a value check (host read): eager only, so a traced / captured step stays free of host syncs
+        if topk.device.type == "cpu" and topk.numel() and not torch.compiler.is_compiling() \
+                and int(topk.max()) > topk_max:
             raise ValueError(f"topk has {int(topk.max())}, more than topk_max={topk_max}")
         bound = topk_max
     need = topk_kmax(bound, hq // hkv, sink, local, block_table.shape[1] * code_cache.shape[1])
