@@ -5,6 +5,9 @@ Each KV head ``(l, h)`` gets one :class:`HeadPolicy`:
 * ``kind="full"``: a retrieval head keeping its whole KV cache,
 * ``kind="streaming"``: DuoAttention streaming head, keeping only ``sink`` + ``recent`` tokens,
 * ``kind="vq"``: A²ATS retrieval through VQ codes; full KV offloaded to host memory,
+* ``kind="window"``: every head of a sliding-window layer (``windows[l]`` set: Gemma 3 local
+  layers, Mistral, Qwen2 past ``max_window_layers``): already bounded, left uncompressed, attended
+  with the model's window; the methods apply to the other (global) layers only,
 
 and ``prune_keys`` (ThinK) on ``full`` and ``vq`` heads stores their keys with fewer channels.
 
@@ -47,7 +50,7 @@ class HeadPolicy:
     prune_keys: bool = False
 
 
-KINDS = ("full", "streaming", "vq")
+KINDS = ("full", "streaming", "vq", "window")
 
 
 def _int(name: str, v, lo: int) -> int:
@@ -232,6 +235,7 @@ class CompressionConfig:
     duo: DuoAttention | None = None
     think: ThinK | None = None
     vq: VQRetrieval | None = None
+    windows: list | None = None  # per layer: the model's sliding window, None on global layers
     kinds: list = field(init=False, repr=False)
     prune: torch.Tensor = field(init=False, repr=False)
 
@@ -245,7 +249,11 @@ class CompressionConfig:
         hq = c.num_attention_heads
         hkv = getattr(c, "num_key_value_heads", None) or hq
         d = getattr(c, "head_dim", None) or c.hidden_size // hq
-        return cls(num_layers=c.num_hidden_layers, num_kv_heads=hkv, head_dim=d, num_q_heads=hq, **methods)
+        from .arch import layer_windows
+
+        windows = layer_windows(c)
+        return cls(num_layers=c.num_hidden_layers, num_kv_heads=hkv, head_dim=d, num_q_heads=hq,
+                   windows=windows if any(windows) else None, **methods)
 
     def validate(self) -> None:
         L, H, D = self.num_layers, self.num_kv_heads, self.head_dim
@@ -258,12 +266,14 @@ class CompressionConfig:
         if self.num_q_heads is not None and self.num_q_heads % H:
             raise ConfigError("num_q_heads", f"{self.num_q_heads} is not a multiple of num_kv_heads {H}")
         shape = (L, H)
+        sliding = self._sliding_layers()
         streaming = torch.zeros(shape, dtype=torch.bool)
         if self.duo is not None:
             d = self.duo
             d.validate()  # again: fields may have changed since construction
             d.pattern = _bool_grid("duo.pattern", d.pattern, shape)
             streaming = d.pattern.clone()
+            streaming[sliding] = False
         vq_heads = torch.zeros(shape, dtype=torch.bool)
         if self.vq is not None:
             v = self.vq
@@ -274,14 +284,16 @@ class CompressionConfig:
                 raise ConfigError("vq.whiten", f"must be [L, Hkv, D, D] = [{L}, {H}, {D}, {D}], got {list(v.whiten.shape)}")
             if not 1 <= v.n_codes <= DEF.MAX_CODES:
                 raise ConfigError("vq.codebook", f"{v.n_codes} codes: must be 1..{DEF.MAX_CODES} (int16 codes)")
-            vq_heads = ~streaming if v.heads is None else _bool_grid("vq.heads", v.heads, shape)
+            vq_heads = ~streaming if v.heads is None else _bool_grid("vq.heads", v.heads, shape).clone()
+            vq_heads[sliding] = False
             if (vq_heads & streaming).any():
                 raise ConfigError("vq.heads", "a streaming head cannot also be a VQ head")
         prune = torch.zeros(shape, dtype=torch.bool)
         if self.think is not None:
             t = self.think
             t.validate()
-            prune = ~streaming if t.heads is None else _bool_grid("think.heads", t.heads, shape)
+            prune = ~streaming if t.heads is None else _bool_grid("think.heads", t.heads, shape).clone()
+            prune[sliding] = False
             if (prune & streaming).any():
                 raise ConfigError("think.heads", "streaming heads cannot prune keys")
             if t.channels is not None:
@@ -299,20 +311,40 @@ class CompressionConfig:
                     kinds[l][h] = "streaming"
                 elif vq_heads[l, h]:
                     kinds[l][h] = "vq"
+                elif sliding[l]:
+                    kinds[l][h] = "window"
         self.kinds = kinds
         self.prune = prune
+
+    def _sliding_layers(self) -> torch.Tensor:
+        """``[L]`` bool: the layers with a sliding window (validates ``windows``)."""
+        L = self.num_layers
+        if self.windows is None:
+            return torch.zeros(L, dtype=torch.bool)
+        if len(self.windows) != L:
+            raise ConfigError("windows", f"must have one entry per layer ({L}), got {len(self.windows)}")
+        self.windows = [None if w is None else _int(f"windows[{l}]", w, 1) for l, w in enumerate(self.windows)]
+        sliding = torch.tensor([w is not None for w in self.windows])
+        if bool(sliding.all()) and not self.is_identity:
+            raise ConfigError("windows", "every layer of the model uses a sliding window (already bounded): "
+                                         "there is no global layer for kvcomp to compress; serve it uncompressed")
+        return sliding
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of ``layer`` (None: a global layer, where the methods apply)."""
+        return None if self.windows is None else self.windows[layer]
 
     # ------------------------------------------------------------------ queries
     def policy(self, layer: int, head: int) -> HeadPolicy:
         return HeadPolicy(self.kinds[layer][head], bool(self.prune[layer, head]))
 
     def layer_groups(self, layer: int) -> dict[str, list[int]]:
-        """KV head indices of ``layer`` per storage group: full, think, streaming, vq, vq_think."""
-        g: dict[str, list[int]] = {"full": [], "think": [], "streaming": [], "vq": [], "vq_think": []}
+        """KV head indices of ``layer`` per storage group: full, think, streaming, vq, vq_think, window."""
+        g: dict[str, list[int]] = {"full": [], "think": [], "streaming": [], "vq": [], "vq_think": [], "window": []}
         for h in range(self.num_kv_heads):
             kind, pr = self.kinds[layer][h], bool(self.prune[layer, h])
-            if kind == "streaming":
-                key = "streaming"
+            if kind in ("streaming", "window"):
+                key = kind
             elif kind == "vq":
                 key = "vq_think" if pr else "vq"
             else:
@@ -325,7 +357,8 @@ class CompressionConfig:
         parts = []
         for kind in KINDS:
             c = sum(row.count(kind) for row in self.kinds)
-            parts.append(f"{kind} {c}/{n}")
+            if c or kind != "window":  # sliding-window heads: only on hybrid models
+                parts.append(f"{kind} {c}/{n}")
         parts.append(f"pruned-keys {int(self.prune.sum())}/{n}")
         return ", ".join(parts)
 
@@ -339,6 +372,8 @@ class CompressionConfig:
         os.makedirs(directory, exist_ok=True)
         meta: dict = {"num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads,
                       "head_dim": self.head_dim, "num_q_heads": self.num_q_heads}
+        if self.windows is not None:
+            meta["windows"] = self.windows
         if self.duo is not None:
             d = self.duo
             meta["duo"] = {"sink": d.sink, "recent": d.recent, "pattern_file": "streaming_pattern.tsv"}
@@ -369,6 +404,7 @@ class CompressionConfig:
         with open(path) as f:
             meta = json.load(f)
         kw = {k: meta[k] for k in ("num_layers", "num_kv_heads", "head_dim", "num_q_heads")}
+        kw["windows"] = meta.get("windows")
         if "duo" in meta:
             d = meta["duo"]
             pat = read_pattern_tsv(os.path.join(directory, d["pattern_file"])) > 0.5

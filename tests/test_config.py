@@ -49,7 +49,8 @@ def test_policy_grid_composes_per_head():
     assert cfg.policy(0, 1).kind == "vq" and cfg.policy(0, 1).prune_keys
     assert cfg.policy(0, 2).kind == "full" and cfg.policy(0, 2).prune_keys
     assert cfg.policy(0, 3).kind == "full" and not cfg.policy(0, 3).prune_keys
-    assert cfg.layer_groups(1) == {"full": [3], "think": [2], "streaming": [0], "vq": [], "vq_think": [1]}
+    assert cfg.layer_groups(1) == {"full": [3], "think": [2], "streaming": [0], "vq": [], "vq_think": [1],
+                                   "window": []}
 
 
 @pytest.mark.parametrize("make,field", [

@@ -3,7 +3,9 @@
 ThinK picks key channels per request from the last ``window`` prompt queries. Servers that store
 keys narrower in fixed-size pages (kvcomp's vLLM backend) need the choice before the request, so
 this module averages ThinK's channel score (:func:`kvcomp.ref.think_channel_scores`, post-RoPE
-queries and keys) over calibration samples, each normalised to sum 1, and keeps the top channels.
+queries and keys, each layer with its own RoPE: :func:`kvcomp.arch.layer_rope`) over calibration
+samples, each normalised to sum 1, and keeps the top channels. Sliding-window layers are skipped
+(kvcomp leaves them uncompressed): their rows are placeholders, channels ``0..D_keep-1``.
 """
 
 from __future__ import annotations
@@ -24,22 +26,29 @@ def calibrate_think_channels(model, samples: list[torch.Tensor], prune_ratio: fl
     Raises:
         ValueError: no samples, or a sample not longer than ``window``.
     """
+    from ..arch import layer_rope, layer_windows
     from ..models import model_geometry
     from .vq import capture_qk
 
     if not samples:
         raise ValueError("samples: need at least one calibration sample")
     geo = model_geometry(model)
+    glob = [l for l, w in enumerate(layer_windows(model.config)) if w is None]
+    ropes = [layer_rope(model.config, l, geo["head_dim"]) for l in glob]
     total = None
     for s in samples:
         t = int(s.shape[1])
         if t <= window:
             raise ValueError(f"samples: a sample of {t} tokens is not longer than window={window}")
         keys, queries = capture_qk(model, [s], progress=progress)  # [L, t, H, D] pre-RoPE
-        cos, sin = rope_cos_sin(torch.arange(t), geo["inv_freq"], geo["attention_scaling"])
-        k = apply_rope(keys.permute(0, 2, 1, 3), cos, sin)  # [L, Hkv, t, D]
-        q = apply_rope(queries[:, -window:].permute(0, 2, 1, 3), cos[-window:], sin[-window:])
-        sc = think_channel_scores(q, k)  # layers as the batch: [L, Hkv, D]
+        cs = [rope_cos_sin(torch.arange(t), inv, scaling) for inv, scaling in ropes]
+        cos, sin = (torch.stack([c[i] for c in cs])[:, None] for i in (0, 1))  # [L_glob, 1, t, D]
+        k = apply_rope(keys[glob].permute(0, 2, 1, 3), cos, sin)  # [L_glob, Hkv, t, D]
+        q = apply_rope(queries[glob, -window:].permute(0, 2, 1, 3), cos[:, :, -window:], sin[:, :, -window:])
+        sc = think_channel_scores(q, k)  # layers as the batch: [L_glob, Hkv, D]
         sc = sc / sc.sum(dim=-1, keepdim=True).clamp_min(1e-30)
         total = sc if total is None else total + sc
-    return think_keep_channels(total, prune_ratio)
+    kept = think_keep_channels(total, prune_ratio)
+    out = torch.arange(kept.shape[-1]).expand(geo["num_layers"], geo["num_kv_heads"], -1).clone()
+    out[glob] = kept
+    return out

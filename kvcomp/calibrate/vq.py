@@ -143,7 +143,9 @@ def calibrate_codebooks(
     eval_samples: list[torch.Tensor] | None = None,
     progress: bool = True,
 ) -> dict:
-    """Fit A²ATS codebooks for every (layer, KV head).
+    """Fit A²ATS codebooks for every (layer, KV head) of the global layers (each with its own RoPE,
+    :func:`kvcomp.arch.layer_rope`); sliding-window layers are skipped (kvcomp leaves them exact):
+    their rows are placeholders (zero codebooks, identity whitening) no config uses.
 
     Args:
         model: Llama-like causal LM (run on its current device).
@@ -168,18 +170,21 @@ def calibrate_codebooks(
     if n_tok < n_codes:
         raise ValueError(f"{n_tok} calibration tokens are fewer than n_codes={n_codes}")
     t0 = time.perf_counter()
+    from ..arch import layer_rope, layer_windows
+
     geo = model_geometry(model)
     nl, hkv, g, d = geo["num_layers"], geo["num_kv_heads"], geo["group_size"], geo["head_dim"]
-    inv_freq = geo["inv_freq"]
+    glob = [l for l, w in enumerate(layer_windows(model.config)) if w is None]  # sliding layers stay exact
     device = next(model.parameters()).device
     keys, queries = capture_qk(model, samples, progress=progress)
-    codebook = torch.empty(nl, hkv, n_codes, d, dtype=torch.float32)
-    whiten = torch.empty(nl, hkv, d, d, dtype=torch.float32)
+    codebook = torch.zeros(nl, hkv, n_codes, d, dtype=torch.float32)  # sliding layers: placeholders, never used
+    whiten = torch.eye(d).expand(nl, hkv, d, d).clone()
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=nl * hkv, desc=f"vq k-means C={n_codes}", disable=not progress, dynamic_ncols=True)
-    for l in range(nl):
-        qw = windowed_rope_query(queries[l].to(device), inv_freq.to(device), rel_pos, geo["attention_scaling"])
+    bar = tqdm(total=len(glob) * hkv, desc=f"vq k-means C={n_codes}", disable=not progress, dynamic_ncols=True)
+    for l in glob:
+        inv_freq, scaling = layer_rope(model.config, l, d)
+        qw = windowed_rope_query(queries[l].to(device), inv_freq.to(device), rel_pos, scaling)
         for h in range(hkv):
             k = keys[l, :, h].to(device)
             q = qw[:, h * g:(h + 1) * g].reshape(-1, d)
@@ -189,10 +194,10 @@ def calibrate_codebooks(
             bar.update(1)
     bar.close()
     del queries
-    stats = {"calib": _stats(keys, codebook, whiten)}
+    stats = {"calib": _stats(keys[glob], codebook[glob], whiten[glob])}
     if eval_samples:
         ek, _ = capture_qk(model, eval_samples, progress=False)
-        stats["heldout"] = _stats(ek, codebook, whiten)
+        stats["heldout"] = _stats(ek[glob], codebook[glob], whiten[glob])
     return {"codebook": codebook, "whiten": whiten, "n_codes": n_codes, "rel_pos": rel_pos, "tokens": n_tok,
             "iters": iters, "seed": seed, "seconds": time.perf_counter() - t0, "stats": stats}
 

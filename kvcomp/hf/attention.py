@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..arch import layer_windows
 from ..config import CompressionConfig
 from .cache import KVCompCache, RopeInfo
 
@@ -15,7 +16,9 @@ def kvcomp_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
     """transformers attention interface: ``query [B,Hq,Tq,D]`` -> ``([B,Tq,Hq,D], None)``.
 
     ``key``/``value`` are the new tokens handed back by :class:`KVCompCache`'s ``update``; the
-    layer behind them attends over its compressed storage and commits the new tokens.
+    layer behind them attends over its compressed storage and commits the new tokens. The model's
+    ``sliding_window`` must be the one the config recorded for the layer (a sliding layer attends
+    with it, uncompressed); attention sinks and logit soft-capping are refused.
     """
     layer = getattr(key, "kvcomp_layer", None)
     if layer is None:
@@ -23,6 +26,15 @@ def kvcomp_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
                            "(build it with kvcomp.hf.compress(model, config))")
     if dropout:
         raise ValueError("kvcomp attention is inference-only (dropout must be 0)")
+    unsupported = [name for name, on in (("attention sinks (s_aux)", kwargs.get("s_aux") is not None),
+                                         ("logit soft-capping", bool(kwargs.get("softcap")))) if on]
+    if unsupported:
+        raise ValueError(f"kvcomp's HF path does not support {', '.join(unsupported)} (layer {layer.layer_idx})")
+    want = layer.cfg.window(layer.layer_idx)
+    if kwargs.get("sliding_window") != want:
+        raise ValueError(f"layer {layer.layer_idx}: the model attends with sliding window "
+                         f"{kwargs.get('sliding_window')}, the kvcomp config has {want} "
+                         "(build it with CompressionConfig.for_model(model, ...))")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = layer.attend(query, scale)
     return out.transpose(1, 2).contiguous(), None
@@ -62,11 +74,15 @@ def compress(model, config: CompressionConfig, *, pin_host: bool | None = None) 
     if (config.num_layers, config.num_kv_heads, config.head_dim) != (c.num_hidden_layers, hkv, d):
         raise ValueError(f"config is for {config.num_layers} layers x {config.num_kv_heads} KV heads x d={config.head_dim}, "
                          f"model has {c.num_hidden_layers} x {hkv} x d={d}")
+    windows = layer_windows(c)
+    if [config.window(l) for l in range(config.num_layers)] != windows:
+        raise ValueError(f"config's per-layer sliding windows {config.windows} differ from the model's {windows} "
+                         "(build the config with CompressionConfig.for_model(model, ...))")
     register()
     if getattr(model.config, "_attn_implementation", None) != ATTN_NAME:
         model._kvcomp_prev_attn = model.config._attn_implementation
         model.set_attn_implementation(ATTN_NAME)
-    return KVCompCache(config, RopeInfo.from_model(model), pin_host=pin_host)
+    return KVCompCache(config, RopeInfo.per_layer(model), pin_host=pin_host)
 
 
 def restore(model) -> None:

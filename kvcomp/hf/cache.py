@@ -21,6 +21,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .. import ref
+from ..arch import model_layer_ropes
 from ..config import CompressionConfig
 from ..methods.layout import Split, build_hf_layer
 from ..methods.step import Step
@@ -28,18 +29,16 @@ from ..methods.step import Step
 
 @dataclass
 class RopeInfo:
-    """The model's rotary embedding: ``inv_freq [D/2]`` and ``attention_scaling``."""
+    """A layer's rotary embedding: ``inv_freq [D/2]`` and ``attention_scaling``."""
 
     inv_freq: torch.Tensor
     attention_scaling: float = 1.0
 
     @classmethod
-    def from_model(cls, model) -> "RopeInfo":
-        for m in model.modules():
-            inv = getattr(m, "inv_freq", None)
-            if isinstance(inv, torch.Tensor):
-                return cls(inv.detach().float().cpu(), float(getattr(m, "attention_scaling", 1.0)))
-        raise ValueError("model has no rotary embedding module with `inv_freq`: kvcomp needs a RoPE model")
+    def per_layer(cls, model) -> list["RopeInfo"]:
+        """Every layer's RoPE, read from the model's rotary module(s) (:func:`kvcomp.arch.model_layer_ropes`:
+        Gemma 3's local and global tables differ)."""
+        return [cls(inv, scaling) for inv, scaling in model_layer_ropes(model)]
 
     def cos_sin(self, pos: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
         return ref.rope_cos_sin(pos.to(device), self.inv_freq.to(device), self.attention_scaling)
@@ -133,11 +132,14 @@ class KVCompCache(Cache):
     :meth:`kv_bytes` reports the bytes of the tensors really allocated, per tier.
     """
 
-    def __init__(self, config: CompressionConfig, rope: RopeInfo, pin_host: bool | None = None):
+    def __init__(self, config: CompressionConfig, rope: RopeInfo | list[RopeInfo], pin_host: bool | None = None):
         if pin_host is None:
             pin_host = torch.cuda.is_available()
         self.config = config
-        super().__init__(layers=[KVCompLayer(config, l, rope, pin_host) for l in range(config.num_layers)])
+        ropes = rope if isinstance(rope, list) else [rope] * config.num_layers
+        if len(ropes) != config.num_layers:
+            raise ValueError(f"{len(ropes)} RoPE tables for {config.num_layers} layers")
+        super().__init__(layers=[KVCompLayer(config, l, ropes[l], pin_host) for l in range(config.num_layers)])
 
     def kv_bytes(self) -> dict[str, int]:
         """Allocated bytes per tier (``device``: on the model's device; ``host``: offloaded)."""

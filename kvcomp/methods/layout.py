@@ -19,6 +19,7 @@ from .dense import Dense
 from .duo import DuoAttention, StreamingHeads
 from .step import Step, Store
 from .think import ThinK
+from .window import SlidingWindow
 
 __all__ = ["RequestChannels", "Split", "Store", "build_hf_layer", "build_layer", "code_view", "mirror_heads",
            "mirror_key_dim", "page_changes", "page_store", "ring_capacity", "ring_request"]
@@ -105,9 +106,11 @@ def mirror_key_dim(plan, head_size: int) -> int:
 
 
 def build_layer(plan, layer: int, num_heads: int, num_kv_heads: int, head_start: int, scale: float,
-                device, rope: tuple[torch.Tensor, float] | None = None):
+                device, rope: tuple[torch.Tensor, float] | None = None, window: int | None = None):
     """The method object of one layer on a rank holding global KV heads ``[head_start, head_start +
-    num_kv_heads)``."""
+    num_kv_heads)``; a sliding-window layer (``window``: the model's) stays exact, windowed."""
+    if window is not None:
+        return SlidingWindow(window, scale)
     g = num_heads // num_kv_heads
     paged = list(range(num_kv_heads))
     stream: list[int] = []
@@ -235,7 +238,8 @@ class Split:
 def build_hf_layer(cfg, layer: int, num_heads: int, scale: float, rope: tuple[torch.Tensor, float] | None,
                    device) -> Split:
     """The transformers cache's method objects of one layer of a
-    :class:`~kvcomp.config.CompressionConfig` (its head groups: full, think, streaming, vq, vq_think)."""
+    :class:`~kvcomp.config.CompressionConfig` (its head groups: full, think, streaming, vq, vq_think,
+    window: every head of a sliding-window layer)."""
     g = num_heads // cfg.num_kv_heads
     t = cfg.think
     parts = []
@@ -252,6 +256,8 @@ def build_hf_layer(cfg, layer: int, num_heads: int, scale: float, rope: tuple[to
             m = think
         elif name == "streaming":
             m = StreamingHeads(cfg.duo.sink, cfg.duo.recent, scale)
+        elif name == "window":
+            m = SlidingWindow(cfg.window(layer), scale)
         else:
             m = A2ATS(cfg.vq, layer, heads, rope[0], rope[1], scale, device, think=think)
         parts.append((heads, m))

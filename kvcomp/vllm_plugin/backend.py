@@ -13,7 +13,10 @@ Page layout. vLLM hands each layer a logical ``kv_cache [num_blocks, H, block_si
   (:mod:`.mirror`);
 * DuoAttention + A²ATS: code cells of the retrieval heads; the streaming heads' K/V in the mirror;
 * with ThinK besides (Duo + ThinK, ThinK + A²ATS, all three): narrow keys of the (retrieval) heads
-  in the pages or the mirror, ThinK's window in the ring (shared with the streaming heads').
+  in the pages or the mirror, ThinK's window in the ring (shared with the streaming heads');
+* a sliding-window layer (Gemma 3 local layers, Mistral, Qwen2): stock pages whatever the method
+  (vLLM's ``SlidingWindowSpec`` group frees the blocks behind the window), attended over the
+  window (:class:`kvcomp.methods.window.SlidingWindow`); the method runs on the global layers.
 
 vLLM's block count, and so its KV capacity, follows the page size. Writes happen in
 :meth:`KVCompAttentionImpl.do_kv_cache_update` (``forward_includes_kv_cache_update = False``): new
@@ -75,18 +78,27 @@ class KVCompAttentionBackend(C.AttentionBackend):
         return [C.MultipleOf(16)]
 
     @classmethod
+    def supports_sliding_window(cls) -> bool:
+        return True
+
+    @classmethod
     def get_supported_head_sizes(cls) -> list[int]:
         return list(SUPPORTED_HEAD_DIMS)
 
     @classmethod
     def customize_spec(cls, spec):
         """The page of each method (:func:`kvcomp.methods.layout.page_changes`)."""
-        plan = plan_from_env()
+        plan = layer_plan(getattr(spec, "sliding_window", None))
         plan.check_model(spec.head_size)
         elem = torch.empty((), dtype=spec.dtype).element_size()
         n_str = plan.rank_num_streaming(spec.num_kv_heads, *C.tp_rank_and_size())
         changes = layout.page_changes(plan, spec.num_kv_heads, spec.head_size, spec.head_size_v, elem, n_str)
         return C.replace_spec(spec, **changes) if changes else spec
+
+
+def layer_plan(sliding_window: int | None) -> Plan:
+    """A layer's plan: the configured one, or exact pages on a sliding-window layer (already bounded)."""
+    return plan_from_env() if sliding_window is None else Plan(source=f"sliding window {sliding_window}")
 
 
 #: per-step metadata: split into decode and multi-token rows once per step, shared by every layer
@@ -126,8 +138,6 @@ class KVCompAttentionImpl(C.AttentionImpl):
         unsupported = []
         if alibi_slopes is not None:
             unsupported.append("ALiBi")
-        if sliding_window is not None:
-            unsupported.append(f"sliding window {sliding_window}")
         if logits_soft_cap:
             unsupported.append(f"logits soft cap {logits_soft_cap}")
         if attn_type != C.AttentionType.DECODER:
@@ -148,20 +158,21 @@ class KVCompAttentionImpl(C.AttentionImpl):
             raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
-        self.sliding_window = None
+        self.sliding_window = sliding_window
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
-        self.plan: Plan = plan_from_env()
+        self.plan: Plan = layer_plan(sliding_window)
         if not self.plan.is_identity and kv_sharing_target_layer_name is not None:
             raise ValueError(f"kvcomp {self.plan.method}: layers reading another layer's KV cache "
                              f"({kv_sharing_target_layer_name}) are not supported")
         self.method = None  # the layer's method object, bound on the first call (the layer index is known then)
         self.ring_name: str | None = None  # DuoAttention's streaming heads or ThinK's full-width window
-        self._rope: tuple[torch.Tensor, float] | None = None  # A²ATS: (inv_freq, attention_scaling)
+        self._hf_config = None  # A²ATS: the model's HF config, for this layer's RoPE table
         self._mirror = None
         self._traced = False
 
     def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
-        """Register this layer's ring companion before vLLM collects KV specs; read A²ATS's RoPE."""
+        """Register this layer's ring companion before vLLM collects KV specs; keep the HF config
+        (A²ATS reads the layer's RoPE from it)."""
         p = self.plan
         n_str = p.rank_num_streaming(self.num_kv_heads, *C.tp_rank_and_size())
         req = layout.ring_request(p, self.num_kv_heads, self.head_size, n_str,
@@ -170,13 +181,14 @@ class KVCompAttentionImpl(C.AttentionImpl):
             heads, tokens, content = req
             self.ring_name = register_ring(self, act_dtype, num_heads=heads, capacity=tokens, content=content)
         if layout.mirror_heads(p, self.num_kv_heads):
-            self._rope = rope_from_hf_config(C.current_vllm_config().model_config.hf_config, self.head_size)
+            self._hf_config = C.current_vllm_config().model_config.hf_config
 
     # ------------------------------------------------------------------ per-layer setup
     def _setup_layer(self, layer, kv_cache: torch.Tensor) -> None:
         """Bind this layer's method object and host pages (the layer index is known only here)."""
         p = self.plan
         li = layer_index(getattr(layer, "layer_name", "model.layers.0"))
+        plan_from_env().check_window(li, self.sliding_window)
         start = 0
         if not p.is_identity:
             if p.num_kv_heads is None:
@@ -189,8 +201,9 @@ class KVCompAttentionImpl(C.AttentionImpl):
                                       num_heads=n_host, head_size=layout.mirror_key_dim(p, self.head_size),
                                       head_size_v=self.head_size,
                                       dtype=kv_cache.dtype, layers_in_process=p.num_layers)
+        rope = None if self._hf_config is None else rope_from_hf_config(self._hf_config, self.head_size, li)
         self.method = layout.build_layer(p, li, self.num_heads, self.num_kv_heads, start, self.scale,
-                                         kv_cache.device, self._rope)
+                                         kv_cache.device, rope, window=self.sliding_window)
 
     def _store(self, kv_cache: torch.Tensor, ring: bool) -> layout.Store:
         """This step's views of the layer's pages, ring and host pages."""
@@ -206,7 +219,8 @@ class KVCompAttentionImpl(C.AttentionImpl):
         path = os.environ.get(ENV_TRACE, "").strip()
         rec = {"pid": os.getpid(), "layer": getattr(layer, "layer_name", "?"),
                "kv_cache_shape": list(kv_cache.shape), "dtype": str(kv_cache.dtype),
-               "method": self.plan.method, "vllm": ".".join(map(str, C.VLLM_VERSION)),
+               "method": self.plan.method, "sliding_window": self.sliding_window,
+               "vllm": ".".join(map(str, C.VLLM_VERSION)),
                "ring": self.ring_name, "host_mirror_bytes": mirror_bytes(),
                "decode_ops": impl_for(kv_cache, "duo_decode")}
         logger.info("kvcomp attention backend active: %s", rec)

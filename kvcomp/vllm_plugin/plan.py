@@ -86,6 +86,8 @@ class Plan:
         vq: the ``kvcomp.config.VQRetrieval`` (codebook ``[L, Hkv, C, D]``, whiten, topk, sink,
             local, rel_pos), or None.
         source: where the plan came from (config path or ``"none"``), for messages.
+        windows: the model's sliding window per layer (None on global layers), or None: no
+            sliding layer. Sliding layers run uncompressed (the backend gives them an identity plan).
     """
 
     num_layers: int | None = None
@@ -100,6 +102,7 @@ class Plan:
     think_prune_ratio: float | None = None
     vq: object | None = None
     source: str = "none"
+    windows: tuple | None = None
 
     @property
     def num_streaming(self) -> int:
@@ -138,7 +141,8 @@ class Plan:
         counts = set()
         for r in range(size):
             start, end = kv_head_range(num_kv_heads_local, self.num_kv_heads, r, size)
-            counts |= {int(self.streaming[l, start:end].sum()) for l in range(self.streaming.shape[0])}
+            counts |= {int(self.streaming[l, start:end].sum()) for l in range(self.streaming.shape[0])
+                       if self.windows is None or self.windows[l] is None}
         if len(counts) != 1 or not 0 < next(iter(counts)) < num_kv_heads_local:
             raise ValueError(f"{ENV_CONFIG} ({self.source}): with tensor parallel size {size} each rank holds "
                              f"{num_kv_heads_local} KV heads; DuoAttention needs the same number (>0, <"
@@ -168,6 +172,17 @@ class Plan:
         used = [m for m, on in (("duo", self.streaming is not None), ("think", self.key_dim is not None),
                                 ("vq", self.vq is not None)) if on]
         return "+".join(used) or "off"
+
+    def check_window(self, layer: int, sliding_window: int | None) -> None:
+        """Fail unless the model's sliding window of ``layer`` is the one the config recorded.
+
+        Raises:
+            ValueError: they differ (a config made for another model, or without its windows).
+        """
+        want = None if self.windows is None else self.windows[layer]
+        if not self.is_identity and want != sliding_window:
+            raise ValueError(f"{ENV_CONFIG} ({self.source}): layer {layer} has sliding window {sliding_window} in the "
+                             f"model, {want} in the config (build it with CompressionConfig.for_model)")
 
     def check_model(self, head_size: int, num_kv_heads_total: int | None = None) -> None:
         """Fail unless the model layer matches the shape the config was built for.
@@ -208,15 +223,17 @@ def plan_from_config(cfg, source: str = "config") -> Plan:
             (retrieval) heads, DuoAttention with unequal streaming-head counts per layer, more
             codes than int16 cells hold.
     """
+    glob = torch.tensor([cfg.window(l) is None for l in range(cfg.num_layers)])  # sliding layers stay exact
     streaming = None
     if cfg.duo is not None:
-        streaming = cfg.duo.pattern.bool().cpu()
-        counts = streaming.sum(dim=1).tolist()
+        streaming = cfg.duo.pattern.bool().cpu() & glob[:, None]
+        counts = streaming[glob].sum(dim=1).tolist()
         if len(set(counts)) != 1 or not 0 < counts[0] < cfg.num_kv_heads:
             raise ValueError(f"{ENV_CONFIG} ({source}): vLLM pages are uniform per KV-cache group, so "
                              "DuoAttention needs the same number (>0, <Hkv) of streaming heads in every "
                              f"layer; got {counts} (threshold the gates per layer)")
     want = torch.ones(cfg.num_layers, cfg.num_kv_heads, dtype=torch.bool) if streaming is None else ~streaming
+    want &= glob[:, None]
     which = "retrieval " if streaming is not None else ""
     vq = None
     if cfg.vq is not None:
@@ -243,7 +260,8 @@ def plan_from_config(cfg, source: str = "config") -> Plan:
     return Plan(num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                 think_channels=channels, streaming=streaming, sink=int(cfg.duo.sink) if cfg.duo else 0,
                 recent=int(cfg.duo.recent) if cfg.duo else 0, think_window=window, think_keep=keep,
-                think_prune_ratio=ratio, vq=vq, source=source)
+                think_prune_ratio=ratio, vq=vq, source=source,
+                windows=None if cfg.windows is None else tuple(cfg.windows))
 
 
 def load_plan(path: str | os.PathLike | None) -> Plan:

@@ -146,8 +146,8 @@ def test_think_pages_and_attention():
 def test_unsupported_features_refused():
     from kvcomp.vllm_plugin.backend import KVCompAttentionImpl
 
-    with pytest.raises(ValueError, match="sliding window 128"):
-        KVCompAttentionImpl(HQ, D, 0.1, HKV, sliding_window=128)
+    with pytest.raises(ValueError, match="logits soft cap 30"):  # a sliding window is served (test_plugin_gemma3)
+        KVCompAttentionImpl(HQ, D, 0.1, HKV, logits_soft_cap=30.0)
     with pytest.raises(ValueError, match="kv_cache_dtype fp8"):
         KVCompAttentionImpl(HQ, D, 0.1, HKV, kv_cache_dtype="fp8")
 

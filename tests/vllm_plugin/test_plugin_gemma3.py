@@ -1,0 +1,120 @@
+"""A hybrid sliding-window model through kvcomp's vLLM backend (issue 12 point 4): a tiny random
+Gemma 3 (4 layers: local sliding-window layers 0 and 2, window 16, RoPE base 10K; global layers 1
+and 3, base 1M). vLLM gives the local layers their own KV-cache group (``SlidingWindowSpec``);
+kvcomp keeps them exact, attended over the window, and runs the method on the global layers.
+
+Engines (in-process, started together by the module fixture): stock vLLM, kvcomp off, DuoAttention
+(one streaming KV head per global layer, sink 4 + recent 12; 64-token chunked prefill) and A²ATS
+(random 32-code codebooks, prompts prefilled whole). References: HF transformers (stock) and
+kvcomp's HF path (``kvcomp.hf.compress``) with the same saved configs. The 37- and 150-token
+prompts outgrow both the window and the DuoAttention ring.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from _vllm_common import (MAX_TOKENS, cpu_ops, finish_engine, hf_greedy, kvcomp_hf_greedy, make_prompts,
+                          start_engine, vllm_python)
+
+WINDOW, D, HKV = 16, 64, 2
+LAYERS = ["sliding_attention", "full_attention"] * 2
+VQ_BYTES = 8 << 20
+
+
+def _tiny_gemma3(directory):
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=HKV, head_dim=D, sliding_window=WINDOW,
+                           layer_types=LAYERS, max_position_embeddings=4096, initializer_range=0.1,
+                           query_pre_attn_scalar=D, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                           pad_token_id=0)
+    model = Gemma3ForCausalLM(cfg).float().eval()
+    model.save_pretrained(str(directory))
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    py, why = vllm_python()
+    if py is None:
+        pytest.skip(why)
+    import torch
+
+    from kvcomp.config import CompressionConfig, DuoAttention, VQRetrieval
+
+    work = tmp_path_factory.mktemp("vllm_gemma3")
+    model = _tiny_gemma3(work / "model")
+    prompts = make_prompts()
+    (work / "prompts.json").write_text(json.dumps(prompts))
+    g = torch.Generator().manual_seed(7)
+    cfgs = {"duo": CompressionConfig.for_model(model, duo=DuoAttention(
+                pattern=torch.tensor([[False, True], [True, False]] * 2), sink=4, recent=12)),
+            "vq": CompressionConfig.for_model(model, vq=VQRetrieval(
+                codebook=torch.randn(4, HKV, 32, D, generator=g), whiten=torch.eye(D).expand(4, HKV, D, D).clone(),
+                topk=0.1, sink=4, local=8, rel_pos=128))}
+    for name, c in cfgs.items():
+        c.save(work / f"{name}_config")
+    specs = {"stock": dict(mode="stock"), "off": dict(mode="kvcomp"),
+             "duo": dict(mode="kvcomp", config=str(work / "duo_config"), prefix_caching=False),
+             "vq": dict(mode="kvcomp", config=str(work / "vq_config"),
+                        extra=("--max-num-batched-tokens", "256", "--kv-cache-bytes", str(VQ_BYTES)))}
+    procs = {}
+    for name, s in specs.items():
+        s = dict(s)
+        procs[name] = start_engine(py, work, name, work / "model", work / "prompts.json", MAX_TOKENS,
+                                   s.pop("mode"), trace=str(work / f"{name}.trace.jsonl"), inproc=True, **s)
+    ref = {"hf_full": hf_greedy(model, prompts, MAX_TOKENS)}
+    with cpu_ops():
+        ref["hf_off"] = kvcomp_hf_greedy(model, prompts, MAX_TOKENS, CompressionConfig.for_model(model))
+        for name, c in cfgs.items():
+            ref[f"hf_{name}"] = kvcomp_hf_greedy(model, prompts, MAX_TOKENS, c)
+    out = {"ref": ref}
+    for name, p in procs.items():
+        out[name] = finish_engine(*p, timeout=900)
+        trace = work / f"{name}.trace.jsonl"
+        out[name]["trace"] = ([json.loads(x) for x in trace.read_text().splitlines()] if trace.exists() else [])
+    return out
+
+
+def _by_layer(run) -> dict[int, dict]:
+    return {int(t["layer"].split(".")[2]): t for t in run["trace"]}
+
+
+def test_off_equals_stock_vllm_and_hf(runs):
+    ref = runs["ref"]
+    assert ref["hf_off"] == ref["hf_full"]
+    assert runs["stock"]["tokens"] == ref["hf_full"]
+    assert runs["off"]["tokens"] == ref["hf_full"]
+    layers = _by_layer(runs["off"])
+    assert {l: t["sliding_window"] for l, t in layers.items()} == {0: WINDOW, 1: None, 2: WINDOW, 3: None}
+    assert runs["off"]["log_kv_tokens"] == runs["stock"]["log_kv_tokens"]
+
+
+def test_duo_on_global_layers_equals_hf_path(runs):
+    r, ref = runs["duo"], runs["ref"]
+    assert ref["hf_duo"] != ref["hf_full"], "streaming changes nothing: the test could not fail"
+    assert r["tokens"] == ref["hf_duo"], f"vLLM {r['tokens']}\nkvcomp HF path {ref['hf_duo']}"
+    for l, t in _by_layer(r).items():
+        if LAYERS[l] == "sliding_attention":  # stock pages of both KV heads, no ring
+            assert (t["method"], t["ring"], t["kv_cache_shape"][1]) == ("off", None, HKV), t
+        else:  # retrieval head in the pages, the streaming head in its ring
+            assert (t["method"], t["kv_cache_shape"][1]) == ("duo", 1) and t["ring"], t
+    print(f"Gemma 3 DuoAttention on the global layers: vLLM KV cache size {runs['off']['log_kv_tokens']:,} -> "
+          f"{r['log_kv_tokens']:,} tokens")
+    assert r["log_kv_tokens"] > runs["off"]["log_kv_tokens"]
+
+
+def test_vq_on_global_layers_equals_hf_path(runs):
+    r, ref = runs["vq"], runs["ref"]
+    assert r["tokens"] == ref["hf_vq"], f"vLLM {r['tokens']}\nkvcomp HF path {ref['hf_vq']}"
+    for l, t in _by_layer(r).items():
+        want = "off" if LAYERS[l] == "sliding_attention" else "vq"
+        assert t["method"] == want, t
+    assert max(t["host_mirror_bytes"] for t in r["trace"]) > 0
