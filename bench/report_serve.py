@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_JSON = ROOT / "bench" / "results" / "serve-vllm-cpu.json"
 HEADER = ("| method | TTFT s (x stock) | decode tok/s (x stock) | e2e tok/s (x stock) | accuracy (HF path) "
-          "| KV capacity tokens | peak RSS GiB |")
+          "| KV capacity tokens | peak RSS GiB | load avg before → after |")
 LONG_LOADS = ((4, 4096), (8, 7680))
 # method -> decode tokens/s ratio to stock required at the long loads (issue 10)
 DECODE_TARGETS = {"off": 1.0, "duo": 1.2, "think": 1.05, "vq": 1.5, "duo+vq": 1.5}
@@ -36,7 +36,7 @@ def _x(v, ratio, spec=".1f") -> str:
 def _row(r: dict) -> str:
     if r.get("error") or r.get("skipped"):
         return f"| {r['method']} | {'skipped' if r.get('skipped') else 'error'}: {r.get('skipped') or r['error']} " \
-               + "| " * 5 + "|"
+               + "| " * 6 + "|"
     acc = f"{r['accuracy']:.2f}" + (f" ({r['hf_accuracy']:.2f})" if r.get("hf_accuracy") is not None else "")
     rss = r.get("peak_rss_bytes")
     return "| " + " | ".join([
@@ -44,7 +44,8 @@ def _row(r: dict) -> str:
         _x(r.get("decode_tokens_per_s"), r.get("decode_vs_stock")),
         _x(r.get("e2e_tokens_per_s"), r.get("e2e_vs_stock")), acc,
         f"{r['kv_capacity_tokens']:,}" if r.get("kv_capacity_tokens") else "–",
-        f"{rss / 2**30:.2f}" if rss else "–"]) + " |"
+        f"{rss / 2**30:.2f}" if rss else "–",
+        f"{r.get('loadavg_1m_before', '–')} → {r.get('loadavg_1m_after', '–')}"]) + " |"
 
 
 def targets(rows: list[dict]) -> list[str]:
@@ -98,7 +99,7 @@ def render(data: dict) -> str:
         "",
     ]
     for n, p in sorted({_load(r) for r in rows}, key=lambda x: (x[1], x[0])):
-        lines += [f"#### {n} requests x {p} prompt tokens", "", HEADER, "|---" * 7 + "|"]
+        lines += [f"#### {n} requests x {p} prompt tokens", "", HEADER, "|---" * 8 + "|"]
         lines += [_row(r) for r in rows if _load(r) == (n, p)] + [""]
     lines += ["#### Targets (issue 10, ratios to stock within this run)", ""] + targets(rows) + [""]
     return "\n".join(lines)

@@ -31,7 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-METHODS = ("stock", "off", "think", "duo", "vq", "duo+vq")
+METHODS = ("stock", "off", "think", "duo", "vq", "duo+vq", "duo+think", "think+vq", "all")
+RING_FREE = ("stock", "off", "vq", "duo+vq")  # no per-request ring: prefix caching stays on
 LOG_RE = re.compile(r"KV cache size: ([\d,]+) tokens, Maximum concurrency for ([\d,]+) tokens per request: ([\d.]+)x")
 
 
@@ -49,7 +50,7 @@ def run_engine(py: str, work: Path, name: str, model_dir: str, prompts_file: Pat
         cmd += ["--trace", str(trace)]
     if num_blocks:
         cmd += ["--num-blocks", str(num_blocks)]
-    if name.split("-")[-1] in ("think", "duo"):  # per-request rings
+    if name.split("-", 1)[-1] not in RING_FREE:  # per-request rings
         cmd.append("--no-prefix-caching")
     t0 = time.time()
     with open(log, "w") as fh:
@@ -126,7 +127,7 @@ def main() -> int:
     opts = MethodOptions()
     configs = {}
     for m in methods:
-        if m in ("duo", "think", "vq", "duo+vq"):
+        if m not in ("stock", "off"):
             configs[m] = build_vllm_method(m, model, tok, "smollm2-135m", opts)
             configs[m].save(work / f"{m}_config")
     runs = {}
@@ -143,7 +144,7 @@ def main() -> int:
         for m in methods:
             r = run_engine(a.vllm_python, work, f"long-{m}", model_dir, short, la,
                            str(work / f"{m}_config") if m in configs else "",
-                           num_blocks=host_blocks if "vq" in m else 0)
+                           num_blocks=host_blocks if ("vq" in m or m == "all") else 0)
             long.append({"method": m, "max_model_len": a.long_len, "kv_cache_memory_bytes": a.long_kv_bytes,
                          "kv_capacity_tokens": r["log_kv_tokens"], "max_concurrency": r["log_max_concurrency"],
                          "num_blocks": r["num_blocks"], "device_kv_bytes": r["device_kv_bytes"],
@@ -160,7 +161,7 @@ def main() -> int:
         print(f"[bench] merged long-context capacity into {a.out}")
         return 0
     for m in methods:
-        blocks = host_blocks if "vq" in m else 0
+        blocks = host_blocks if ("vq" in m or m == "all") else 0
         print(f"[bench] vLLM {m} ...", flush=True)
         runs[m] = run_engine(a.vllm_python, work, m, model_dir, prompts_file, a,
                              str(work / f"{m}_config") if m in configs else "", num_blocks=blocks)

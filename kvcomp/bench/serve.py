@@ -252,7 +252,9 @@ def run_serve(a, budget, rec, bar) -> int:
                     continue
                 try:
                     samples = prompts[(n, p)]
+                    row["loadavg_1m_before"] = round(os.getloadavg()[0], 2)
                     streams = run_load("127.0.0.1", a.port, model_dir, [ids for _, ids in samples], a.output_tokens)
+                    row["loadavg_1m_after"] = round(os.getloadavg()[0], 2)  # other work on the machine
                     row.update(metrics(streams))
                     row["accuracy"] = _accuracy(tok, [s for s, _ in samples], [s.token_ids for s in streams])
                     row["mean_prompt_tokens"] = sum(len(ids) for _, ids in samples) / n
