@@ -4,8 +4,9 @@ and 3, base 1M). vLLM gives the local layers their own KV-cache group (``Sliding
 kvcomp keeps them exact, attended over the window, and runs the method on the global layers.
 
 Engines (in-process, started together by the module fixture): stock vLLM, kvcomp off, DuoAttention
-(one streaming KV head per global layer, sink 4 + recent 12; 64-token chunked prefill) and A²ATS
-(random 32-code codebooks, prompts prefilled whole). References: HF transformers (stock) and
+(one streaming KV head per global layer, sink 4 + recent 12; 64-token chunked prefill), A²ATS
+(random 32-code codebooks), query-driven ThinK (channels per request) and all three combined
+(prompts prefilled whole; prefix caching off with per-request rings). References: HF transformers (stock) and
 kvcomp's HF path (``kvcomp.hf.compress``) with the same saved configs. The 37- and 150-token
 prompts outgrow both the window and the DuoAttention ring.
 """
@@ -47,24 +48,27 @@ def runs(tmp_path_factory):
         pytest.skip(why)
     import torch
 
-    from kvcomp.config import CompressionConfig, DuoAttention, VQRetrieval
+    from kvcomp.config import CompressionConfig, DuoAttention, ThinK, VQRetrieval
 
     work = tmp_path_factory.mktemp("vllm_gemma3")
     model = _tiny_gemma3(work / "model")
     prompts = make_prompts()
     (work / "prompts.json").write_text(json.dumps(prompts))
     g = torch.Generator().manual_seed(7)
-    cfgs = {"duo": CompressionConfig.for_model(model, duo=DuoAttention(
-                pattern=torch.tensor([[False, True], [True, False]] * 2), sink=4, recent=12)),
-            "vq": CompressionConfig.for_model(model, vq=VQRetrieval(
-                codebook=torch.randn(4, HKV, 32, D, generator=g), whiten=torch.eye(D).expand(4, HKV, D, D).clone(),
-                topk=0.1, sink=4, local=8, rel_pos=128))}
+    duo = DuoAttention(pattern=torch.tensor([[False, True], [True, False]] * 2), sink=4, recent=12)
+    vq = VQRetrieval(codebook=torch.randn(4, HKV, 32, D, generator=g), whiten=torch.eye(D).expand(4, HKV, D, D).clone(),
+                     topk=0.1, sink=4, local=8, rel_pos=128)
+    cfgs = {"duo": CompressionConfig.for_model(model, duo=duo), "vq": CompressionConfig.for_model(model, vq=vq),
+            "think": CompressionConfig.for_model(model, think=ThinK(prune_ratio=0.25, window=8)),
+            "all": CompressionConfig.for_model(model, duo=duo, think=ThinK(prune_ratio=0.25, window=8), vq=vq)}
     for name, c in cfgs.items():
         c.save(work / f"{name}_config")
+    whole, budget = ("--max-num-batched-tokens", "256"), ("--kv-cache-bytes", str(VQ_BYTES))
     specs = {"stock": dict(mode="stock"), "off": dict(mode="kvcomp"),
              "duo": dict(mode="kvcomp", config=str(work / "duo_config"), prefix_caching=False),
-             "vq": dict(mode="kvcomp", config=str(work / "vq_config"),
-                        extra=("--max-num-batched-tokens", "256", "--kv-cache-bytes", str(VQ_BYTES)))}
+             "vq": dict(mode="kvcomp", config=str(work / "vq_config"), extra=whole + budget),
+             "think": dict(mode="kvcomp", config=str(work / "think_config"), prefix_caching=False, extra=whole),
+             "all": dict(mode="kvcomp", config=str(work / "all_config"), prefix_caching=False, extra=whole + budget)}
     procs = {}
     for name, s in specs.items():
         s = dict(s)
@@ -111,10 +115,12 @@ def test_duo_on_global_layers_equals_hf_path(runs):
     assert r["log_kv_tokens"] > runs["off"]["log_kv_tokens"]
 
 
-def test_vq_on_global_layers_equals_hf_path(runs):
-    r, ref = runs["vq"], runs["ref"]
-    assert r["tokens"] == ref["hf_vq"], f"vLLM {r['tokens']}\nkvcomp HF path {ref['hf_vq']}"
+@pytest.mark.parametrize("method", ["vq", "think", "all"])
+def test_method_on_global_layers_equals_hf_path(runs, method):
+    r, ref = runs[method], runs["ref"]
+    assert r["tokens"] == ref[f"hf_{method}"], f"vLLM {r['tokens']}\nkvcomp HF path {ref[f'hf_{method}']}"
+    want = {"vq": "vq", "think": "think", "all": "duo+think+vq"}[method]
     for l, t in _by_layer(r).items():
-        want = "off" if LAYERS[l] == "sliding_attention" else "vq"
-        assert t["method"] == want, t
-    assert max(t["host_mirror_bytes"] for t in r["trace"]) > 0
+        assert t["method"] == ("off" if LAYERS[l] == "sliding_attention" else want), t
+    if "vq" in want:
+        assert max(t["host_mirror_bytes"] for t in r["trace"]) > 0
