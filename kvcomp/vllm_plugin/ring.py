@@ -96,13 +96,17 @@ def register_ring(impl, act_dtype: torch.dtype, *, num_heads: int, capacity: int
     Called from ``process_weights_after_loading`` (the vLLM config is current then).
 
     Raises:
-        ValueError: prefix caching is on (a cache hit would start a request with an empty ring).
+        ValueError: prefix caching is on (a cache hit would start a request with an empty ring: the
+            ring holds the streaming heads' K/V and ThinK's full-width keys, which no page keeps).
         RuntimeError: the Impl's layer is not in the forward context.
     """
     cfg = C.current_vllm_config()
     if cfg.cache_config.enable_prefix_caching:
-        raise ValueError("kvcomp rings (DuoAttention streaming heads, ThinK's full-width window) are per "
-                         "request and not prefix-cacheable: serve with --no-enable-prefix-caching")
+        raise ValueError(f"kvcomp {impl.plan.method}: its per-request ring (DuoAttention's streaming heads on "
+                         "exact pages, ThinK's full-width window) holds tokens the cached pages do not, so a prefix-"
+                         "cache hit would start a request with an empty ring; serve with --no-enable-prefix-caching "
+                         "(LLM(enable_prefix_caching=False)). A2ATS and DuoAttention + A2ATS keep every token in "
+                         "the pages and the host mirror and serve with prefix caching on")
     ctx = cfg.compilation_config.static_forward_context
     name = next((n for n, m in ctx.items() if getattr(m, "impl", None) is impl), None)
     if name is None:
