@@ -112,17 +112,16 @@ def test_sparse_attention_host_fullgraph(impl, monkeypatch):
     _compiled_equals_eager(fn, _r(g, B, HKV * G, D), _r(g, NB, BS, HKV, D), _r(g, NB, BS, HKV, D))
 
 
-def test_paged_writes_fullgraph():
+def test_paged_write_fullgraph():
     g = _gen(6)
-    slots = torch.tensor([12, -1, 19])
+    slots = torch.tensor([12, -1, 19])  # -1: vLLM's padding, skipped
 
-    def fn(k, v, kc, vc, ks, vs):
+    def fn(k, v, kc, vc):
         ops.triton_write_paged_kv(k, v, kc, vc, slots)
-        ops.triton_write_streaming_kv(k[:2], v[:2], ks, vs, QSL, LENS, sink=2)
-        return kc.sum() + ks.sum()
+        return kc.sum()
 
-    kc, vc, ks, vs = _r(g, NB, BS, HKV, D), _r(g, NB, BS, HKV, D), _r(g, B, HKV, 6, D), _r(g, B, HKV, 6, D)
-    _compiled_equals_eager(fn, _r(g, 3, HKV, D), _r(g, 3, HKV, D), kc, vc, ks, vs, state=(kc, vc, ks, vs))
+    kc, vc = _r(g, NB, BS, HKV, D), _r(g, NB, BS, HKV, D)
+    _compiled_equals_eager(fn, _r(g, 3, HKV, D), _r(g, 3, HKV, D), kc, vc, state=(kc, vc))
 
 
 def test_value_checks_stay_in_eager(monkeypatch):
