@@ -49,7 +49,12 @@ def kernels_section(data: dict) -> list[str]:
                 cells.append(f"{report._num(r.get('speedup_vs_dense'), '.2f')}x / "
                              f"{report._num(r.get('speedup_vs_sdpa'), '.2f')}x")
         out.append(f"| {label} | " + " | ".join(cells) + " |")
-    return out + ["", "Kernel targets (issue 10; every batch and dtype measured):", ""] + report.targets(data["results"])
+    out += ["", "Kernel targets (issue 10; every batch and dtype measured):", ""] + report.targets(data["results"])
+    limits = report.stages([r for r in rows if r.get("stage_ms")])
+    if limits:
+        out += ["", "Where an A²ATS decode step's time goes (batch 1, fp32; each stage timed alone; the sparse "
+                "attention reads the selected rows scattered over the host pages):", ""] + limits
+    return out
 
 
 def serve_section(data: dict) -> list[str]:
