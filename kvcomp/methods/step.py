@@ -94,7 +94,8 @@ class Step:
         if self._positions is None:
             qsl = self.query_start_loc.long()
             qlens = qsl[1:] - qsl[:-1]
-            req = torch.repeat_interleave(torch.arange(self.num_reqs, device=qsl.device), qlens)
+            req = torch.repeat_interleave(torch.arange(self.num_reqs, device=qsl.device), qlens,
+                                          output_size=self.num_actual_tokens)  # no host sync
             start = self.seq_lens.long() - qlens
             self._positions = start[req] + torch.arange(self.num_actual_tokens, device=qsl.device) - qsl[req]
         return self._positions
@@ -102,7 +103,8 @@ class Step:
     def token_requests(self) -> torch.Tensor:
         """Request index of every packed query row ``[num_actual_tokens]`` (int64)."""
         qsl = self.query_start_loc.long()
-        return torch.repeat_interleave(torch.arange(self.num_reqs, device=qsl.device), qsl[1:] - qsl[:-1])
+        return torch.repeat_interleave(torch.arange(self.num_reqs, device=qsl.device), qsl[1:] - qsl[:-1],
+                                       output_size=self.num_actual_tokens)
 
     def all_multi(self) -> "Step":
         """The same step with every request on the multi-token path (the per-request reference route)."""
