@@ -6,9 +6,11 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/StringUtil.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "kvcomp/host_mirror.h"
 
@@ -80,6 +82,59 @@ inline void check_token_ids(const index_t* ids, int64_t n, const char* name, boo
                   ", outside the cache's ", num_blocks, " blocks");
     }
   }
+}
+
+// Entry [i, j] of a 2-D (or [i] of a 1-D, j = 0) int32/int64 tensor, any strides.
+inline int64_t index_at(const at::Tensor& t, int64_t i, int64_t j) {
+  const int64_t off = i * t.stride(0) + j * (t.dim() > 1 ? t.stride(1) : 0);
+  return t.scalar_type() == at::kInt ? static_cast<int64_t>(t.const_data_ptr<int32_t>()[off])
+                                     : t.const_data_ptr<int64_t>()[off];
+}
+
+inline void check_index(const at::Tensor& t, const char* name, int64_t dim, const char* layout) {
+  check_cpu(t, name);
+  check_index_dtype(t, name);
+  check_dim(t, dim, name, layout);
+}
+
+// A K/V cache pair: CPU, 4-D, float dtype, equal dtypes and shapes, last dims contiguous.
+inline void check_kv_pair(const at::Tensor& k, const at::Tensor& v, const char* kn, const char* vn,
+                          const char* layout) {
+  check_cpu(k, kn);
+  check_cpu(v, vn);
+  check_dim(k, 4, kn, layout);
+  check_dim(v, 4, vn, layout);
+  check_float_dtype(k, kn);
+  TORCH_CHECK_VALUE(v.scalar_type() == k.scalar_type(), vn, " dtype ", v.scalar_type(), " differs from ", kn,
+                    " dtype ", k.scalar_type());
+  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), vn, " shape ", shape_str(v), " differs from ", kn, " shape ",
+                    shape_str(k));
+  check_last_dim_contiguous(k, kn);
+  check_last_dim_contiguous(v, vn);
+}
+
+// Reads the block ids each table row s with used[s] needs (ceil(seq_lens[s] / block_size)) into
+// ids [rows, width], width the most any used row needs (returned); checks width against the table's
+// columns and every id read against the cache's num_blocks (any table strides).
+inline int64_t read_block_ids(const at::Tensor& block_table, const int64_t* seq_lens, const std::vector<char>& used,
+                              int64_t block_size, int64_t num_blocks, std::vector<int64_t>& ids) {
+  const int64_t nseq = block_table.size(0), max_blocks = block_table.size(1);
+  int64_t width = 0;
+  for (int64_t s = 0; s < nseq; ++s) {
+    if (used[s]) width = std::max(width, (seq_lens[s] + block_size - 1) / block_size);
+  }
+  TORCH_CHECK_VALUE(width <= max_blocks, "seq_lens need up to ", width, " blocks but block_table has ", max_blocks,
+                    " columns");
+  ids.assign(nseq * width, 0);
+  for (int64_t s = 0; s < nseq; ++s) {
+    for (int64_t j = 0; used[s] && j * block_size < seq_lens[s]; ++j) {
+      const int64_t id = index_at(block_table, s, j);
+      TORCH_CHECK_VALUE(id >= 0 && id < num_blocks, "block_table[", s, ", ", j, "] = ", id, " is outside the cache's ",
+                        num_blocks, " blocks (seq_lens[", s, "] = ", seq_lens[s], ")");
+      ids[s * width + j] = id;
+    }
+  }
+  return width;
 }
 
 }  // namespace kvcomp::detail

@@ -3,8 +3,6 @@
 // the custom op kvcomp::duo_decode (reference: kvcomp/ref/duo.py::duo_decode_attention). Retrieval
 // KV heads are read straight from the paged cache through the block table; streaming heads from
 // their sink + window rings. With no streaming heads it is the plain dense paged decode.
-// torch.ops.kvcomp_C.paged_prefill runs the same machinery with one query row per packed query
-// token (causal varlen prefill over the pages; reference kvcomp/ref/attention.py::paged_attention).
 //
 // Work: phase 1 splits each query row's context into chunks; an item (row, chunk) walks its tokens
 // in tiles of kTile rows and, per retrieval KV head, computes the G x tile logits (each key row
@@ -75,7 +73,7 @@ struct Item {
   int64_t b, t0, t1;  // query row, context token range [t0, t1)
 };
 
-// A batch of query rows (decode: one per sequence; prefill: every packed query token), each
+// A batch of query rows (one decode query per sequence), each
 // attending to the first row_len[b] tokens of table row row_seq[b].
 struct Problem {
   int64_t rows, hq, hkv, g, d, n_ret, n_str, block_size, sink, window;
@@ -229,53 +227,16 @@ void with_kv_type(at::ScalarType st, F&& f) {
   }
 }
 
-inline int64_t index_at(const at::Tensor& t, int64_t i, int64_t j) {
-  const int64_t off = i * t.stride(0) + j * t.stride(1);
-  return t.scalar_type() == at::kInt ? static_cast<int64_t>(t.const_data_ptr<int32_t>()[off])
-                                     : t.const_data_ptr<int64_t>()[off];
-}
-
-void check_index(const at::Tensor& t, const char* name, int64_t dim, const char* layout) {
-  detail::check_cpu(t, name);
-  detail::check_index_dtype(t, name);
-  detail::check_dim(t, dim, name, layout);
-}
-
-void check_kv_pair(const at::Tensor& k, const at::Tensor& v, const char* kn, const char* vn, const char* layout) {
-  using namespace detail;
-  check_cpu(k, kn);
-  check_cpu(v, vn);
-  check_dim(k, 4, kn, layout);
-  check_dim(v, 4, vn, layout);
-  check_float_dtype(k, kn);
-  TORCH_CHECK_VALUE(v.scalar_type() == k.scalar_type(), vn, " dtype ", v.scalar_type(), " differs from ", kn,
-                    " dtype ", k.scalar_type());
-  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), vn, " shape ", shape_str(v), " differs from ", kn, " shape ",
-                    shape_str(k));
-  check_last_dim_contiguous(k, kn);
-  check_last_dim_contiguous(v, vn);
-}
+using detail::check_index;
+using detail::check_kv_pair;
+using detail::index_at;
 
 // Reads the block ids sequences need (seq_lens, only for those with a query row) into p.blocks,
 // checking each against the table width and the cache's block count.
 void check_blocks(Problem& p, const at::Tensor& block_table, const int64_t* seq_lens, int64_t num_blocks) {
-  const int64_t nseq = block_table.size(0), max_blocks = block_table.size(1);
-  std::vector<char> used(nseq, 0);
+  std::vector<char> used(block_table.size(0), 0);
   for (int64_t b = 0; b < p.rows; ++b) used[p.row_seq[b]] = 1;
-  for (int64_t s = 0; s < nseq; ++s) {
-    if (used[s]) p.blocks_per_seq = std::max(p.blocks_per_seq, (seq_lens[s] + p.block_size - 1) / p.block_size);
-  }
-  TORCH_CHECK_VALUE(p.blocks_per_seq <= max_blocks, "seq_lens need up to ", p.blocks_per_seq,
-                    " blocks but block_table has ", max_blocks, " columns");
-  p.blocks.assign(nseq * p.blocks_per_seq, 0);
-  for (int64_t s = 0; s < nseq; ++s) {
-    for (int64_t j = 0; used[s] && j * p.block_size < seq_lens[s]; ++j) {
-      const int64_t id = index_at(block_table, s, j);
-      TORCH_CHECK_VALUE(id >= 0 && id < num_blocks, "block_table[", s, ", ", j, "] = ", id, " is outside the cache's ",
-                        num_blocks, " blocks (seq_lens[", s, "] = ", seq_lens[s], ")");
-      p.blocks[s * p.blocks_per_seq + j] = id;
-    }
-  }
+  p.blocks_per_seq = detail::read_block_ids(block_table, seq_lens, used, p.block_size, num_blocks, p.blocks);
 }
 
 // Runs a validated problem: phase-1 items (every query row's context in chunks; automatic chunks
@@ -380,62 +341,6 @@ at::Tensor duo_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache, const 
 }
 
 
-// Causal varlen attention of packed queries over the pages (prefill / chunked prefill): q row i of
-// sequence b (rows query_start_loc[b] : query_start_loc[b+1], its last q_len tokens) sees the first
-// seq_lens[b] - q_len + (i - query_start_loc[b]) + 1 tokens. Each row is a decode row of the shared
-// machinery (keys straight from the pages, no gather copy). Reference: kvcomp.ref.attention.paged_attention.
-at::Tensor paged_prefill_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                             const at::Tensor& block_table, const at::Tensor& seq_lens,
-                             const at::Tensor& query_start_loc, double scale) {
-  using namespace detail;
-  check_cpu(q, "q");
-  check_dim(q, 3, "q", "[total_q, Hq, D] (packed queries)");
-  check_float_dtype(q, "q");
-  check_kv_pair(k_cache, v_cache, "k_cache", "v_cache", "[num_blocks, block_size, Hkv, D]");
-  check_index(block_table, "block_table", 2, "[B, max_blocks]");
-  check_index(seq_lens, "seq_lens", 1, "[B]");
-  check_index(query_start_loc, "query_start_loc", 1, "[B + 1]");
-  TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be finite, got ", scale);
-  Problem p;
-  p.rows = q.size(0);
-  p.hq = q.size(1);
-  p.d = q.size(2);
-  p.n_ret = p.hkv = k_cache.size(2);
-  p.n_str = p.sink = 0;
-  p.window = 1;
-  p.block_size = k_cache.size(1);
-  p.scale = static_cast<float>(scale);
-  TORCH_CHECK_VALUE(p.d >= 1 && k_cache.size(3) == p.d, "k_cache head dim ", k_cache.size(3), " must equal q's ",
-                    p.d, " (>= 1)");
-  TORCH_CHECK_VALUE(p.hkv > 0 && p.hq % p.hkv == 0, "q heads Hq=", p.hq, " must be a multiple of the KV heads Hkv=",
-                    p.hkv);
-  TORCH_CHECK_VALUE(p.block_size >= 1, "k_cache block_size must be >= 1, got ", shape_str(k_cache));
-  p.g = p.hq / p.hkv;
-  const int64_t nseq = seq_lens.size(0);
-  TORCH_CHECK_VALUE(block_table.size(0) == nseq && query_start_loc.size(0) == nseq + 1, "block_table must have B=",
-                    nseq, " rows and query_start_loc B+1 entries, got ", shape_str(block_table), " and ",
-                    shape_str(query_start_loc));
-  const at::Tensor lens = seq_lens.to(at::kLong).contiguous(), qsl = query_start_loc.to(at::kLong).contiguous();
-  const int64_t* lp = lens.const_data_ptr<int64_t>();
-  const int64_t* sp = qsl.const_data_ptr<int64_t>();
-  TORCH_CHECK_VALUE(sp[0] == 0 && sp[nseq] == p.rows, "query_start_loc must run from 0 to total_q=", p.rows,
-                    ", got ", sp[0], " .. ", sp[nseq]);
-  for (int64_t b = 0; b < nseq; ++b) {
-    const int64_t q_len = sp[b + 1] - sp[b];
-    TORCH_CHECK_VALUE(q_len >= 0 && q_len <= lp[b], "sequence ", b, ": query_start_loc gives ", q_len,
-                      " queries but seq_lens is ", lp[b], " (need 0 <= q_len <= seq_len, non-decreasing offsets)");
-    for (int64_t i = 0; i < q_len; ++i) {
-      p.row_len.push_back(lp[b] - q_len + i + 1);
-      p.row_seq.push_back(b);
-    }
-  }
-  check_blocks(p, block_table, lp, k_cache.size(0));
-  p.ret_kv.resize(p.hkv);
-  for (int64_t h = 0; h < p.hkv; ++h) p.ret_kv[h] = h;
-  const at::Tensor no_ring = at::empty({p.rows, 0, 1, p.d}, k_cache.options());
-  return run(p, q, k_cache, v_cache, no_ring, no_ring, 0);
-}
-
 }  // namespace
 }  // namespace kvcomp
 
@@ -443,12 +348,8 @@ TORCH_LIBRARY_FRAGMENT(kvcomp_C, m) {
   m.def(
       "duo_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor seq_lens, Tensor k_stream, "
       "Tensor v_stream, Tensor head_map, int sink, int window, float scale, int num_splits) -> Tensor");
-  m.def(
-      "paged_prefill(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor seq_lens, "
-      "Tensor query_start_loc, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kvcomp_C, CPU, m) {
   m.impl("duo_decode", &kvcomp::duo_decode_cpu);
-  m.impl("paged_prefill", &kvcomp::paged_prefill_cpu);
 }

@@ -3,7 +3,8 @@
 Storage: ``k [num_blocks, block_size, H, Dk]`` and ``v [num_blocks, block_size, H, Dv]`` page
 views (vLLM's pages permuted, or the transformers cache's one block per sequence). A one-token
 query attends through ``kvcomp::duo_decode`` with no streaming heads (Triton on the GPU, the native
-CPU kernel or the reference); multi-token rows gather each request's pages and run one causal
+CPU kernel or the reference); multi-token rows run one native varlen call over the pages on the CPU
+(:func:`kvcomp.ops.paged_prefill.paged_prefill`), else gather each request's pages and run one causal
 dense call (:func:`kvcomp.ops.prefill.dense_prefill`).
 """
 
@@ -12,6 +13,8 @@ from __future__ import annotations
 import torch
 
 from .. import ops
+from ..ops._dispatch import impl_for
+from ..ops.paged_prefill import paged_prefill
 from ..ops.prefill import dense_prefill
 from ..ref.attention import gather_paged
 from ..ref.duo import duo_head_map
@@ -52,8 +55,39 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> t
 
 def dense_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, md: Step, reqs: list[int],
                scale: float, output: torch.Tensor, heads: torch.Tensor | None = None) -> None:
-    """Full attention over the pages ``[blocks, block_size, H, D]`` (device pages, or A²ATS's host
-    mirror); writes ``output[rows, heads]`` (``heads``: the query heads ``q`` holds, default all)."""
+    """Full causal attention of the multi-token rows of requests ``reqs`` over the pages ``[blocks,
+    block_size, H, D]`` (device pages, or A²ATS's host mirror); writes ``output[rows, heads]``
+    (``heads``: the query heads ``q`` holds, default all).
+
+    When ``reqs`` are the step's multi-token requests (``md.rows()``), the pages are on the CPU (keys
+    and values of one width) and ``impl_for(q, "paged_prefill")`` is ``native``: one varlen call
+    straight over the pages (:func:`kvcomp.ops.paged_prefill.paged_prefill`, every request at once,
+    no gather copy). Otherwise, and when the only multi-token request is a whole prompt (there torch's
+    SDPA flash kernel measured as fast or faster: bench/prefill_cpu.py), :func:`dense_rows_loop`."""
+    multi = md.rows()[1]
+    if (multi is None or multi.reqs != reqs or k_cache.device.type != "cpu" or k_cache.shape != v_cache.shape
+            or _one_whole_prompt(md, reqs) or impl_for(q, "paged_prefill") != "native"):
+        dense_rows_loop(q, k_cache, v_cache, md, reqs, scale, output, heads)
+        return
+    o = paged_prefill(q.index_select(0, multi.rows), k_cache, v_cache, multi.block_table, multi.seq_lens,
+                      multi.query_start_loc, scale=scale).to(output.dtype)
+    if heads is None:
+        output.index_copy_(0, multi.rows, o)
+    else:
+        output.index_put_((multi.rows[:, None], heads[None, :]), o)
+
+
+def _one_whole_prompt(md: Step, reqs: list[int]) -> bool:
+    """One multi-token request whose queries are its whole context (no cached tokens before them)."""
+    qsl, lens = md.qsl_host(), md.seq_lens_host()
+    return len(reqs) == 1 and qsl[reqs[0] + 1] - qsl[reqs[0]] == lens[reqs[0]]
+
+
+def dense_rows_loop(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, md: Step, reqs: list[int],
+                    scale: float, output: torch.Tensor, heads: torch.Tensor | None = None) -> None:
+    """:func:`dense_rows` one request at a time: its pages gathered into a copy on q's device, then
+    one causal dense call (:func:`kvcomp.ops.prefill.dense_prefill`: ``flash_attn`` for CUDA
+    fp16/bf16 when installed, else torch SDPA)."""
     qsl, lens = md.qsl_host(), md.seq_lens_host()
     for b in reqs:
         s0, e0 = qsl[b], qsl[b + 1]

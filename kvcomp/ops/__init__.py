@@ -14,7 +14,7 @@ from kvcomp.ops.host_mirror import (
     sparse_attention_host,
     sparse_attention_host_torch,
 )
-from kvcomp.ops.prefill import dense_prefill, triton_streaming_attention, varlen_dense_prefill
+from kvcomp.ops.prefill import dense_prefill, triton_streaming_attention
 from kvcomp.ops.think import pack_pruned_keys_paged, think_decode
 from kvcomp.ops.vq import sparse_decode, topk_kmax, vq_encode, vq_encode_paged, vq_lut, vq_topk
 
@@ -34,7 +34,6 @@ __all__ = [
     "triton_streaming_attention",
     "triton_write_paged_kv",
     "triton_write_streaming_kv",
-    "varlen_dense_prefill",
     "vq_encode",
     "vq_encode_paged",
     "vq_lut",

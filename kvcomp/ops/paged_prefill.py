@@ -1,9 +1,10 @@
 """``paged_prefill``: causal varlen attention of packed queries straight over a paged KV cache.
 
 On CPU with the extension built this runs ``torch.ops.kvcomp_C.paged_prefill``
-(csrc/paged_decode_cpu.cpp: keys and values read from the pages through the block table, no
-per-request gather copy); otherwise, and on CUDA (no Triton kernel for this op), the reference
-``kvcomp.ref.attention.paged_attention``, which has the same signature. The choice is
+(csrc/paged_prefill_cpu.cpp: flash-attention tiles of keys and values copied out of the pages
+through the block table, GEMMs through ATen's CPU BLAS, no per-request gather copy); otherwise, and
+on CUDA (no Triton kernel for this op), the reference ``kvcomp.ref.attention.paged_attention``,
+which has the same signature. The choice is
 ``kvcomp.ops._dispatch.impl_for(q, "paged_prefill")``.
 """
 

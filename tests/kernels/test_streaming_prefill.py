@@ -150,25 +150,6 @@ def test_ops_streaming_prefill_with_positions():
         op(q, k, v, sink=sink, window=window, q_pos=q_pos)
 
 
-def test_varlen_dense_prefill_matches_reference():
-    from kvcomp.ops.prefill import varlen_dense_prefill
-
-    gen = torch.Generator().manual_seed(6)
-    lq, lk = [3, 0, 7], [10, 4, 7]
-    q = torch.randn(sum(lq), 4, 16, generator=gen)
-    k = torch.randn(sum(lk), 2, 16, generator=gen)
-    v = torch.randn(sum(lk), 2, 16, generator=gen)
-    cq = torch.tensor([0, 3, 3, 10], dtype=torch.int32)
-    ck = torch.tensor([0, 10, 14, 21], dtype=torch.int32)
-    out = varlen_dense_prefill(q, k, v, cq, ck)
-    for b in range(3):
-        if lq[b] == 0:
-            continue
-        ref = attention(q[cq[b]:cq[b + 1]].transpose(0, 1)[None], k[ck[b]:ck[b + 1]].transpose(0, 1)[None],
-                        v[ck[b]:ck[b + 1]].transpose(0, 1)[None])
-        assert_close(f"varlen seq{b}", ref[0].transpose(0, 1), out[cq[b]:cq[b + 1]], 1e-5)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_streaming_prefill_gpu_llama_shape(dtype):
