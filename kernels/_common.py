@@ -83,6 +83,16 @@ def kv_block_n(d: int, dtype: torch.dtype, num_warps: int = 4) -> int:
     return max(16, min(64, budget // (d * size)))
 
 
+def autotune(configs: list, key: list, prune=None):
+    """``triton.autotune`` over ``configs`` keyed by ``key`` (kernel argument names; Triton adds the
+    tensors' dtypes): the key must not name the batch size or a sequence length, so serving tunes once
+    per model geometry and never per batch. ``prune(configs, nargs, **meta)`` drops the configs that do
+    not fit a launch. Under the interpreter only the first config exists (no benchmark, no extra runs)."""
+    if interpreting():
+        return triton.autotune(configs=configs[:1], key=key)
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune} if prune else None)
+
+
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of ``device`` (a fixed 8 under the interpreter / on the CPU)."""
     if device.type == "cuda":

@@ -1,9 +1,16 @@
 """A²ATS key encoding: nearest centroid in the whitened metric ``||(k - c) L||^2``, as int16 codes.
 
 With ``xw = k L`` and ``cw = C L`` (precomputed once per call by the launcher, with ``|cw|^2``), the
-distance is ``|xw|^2 - 2 xw.cw + |cw|^2`` (the reference's formula and order); one program takes a
-tile of tokens of one KV head, computes ``xw`` with ``[T, D] x [D, D]`` dots (in K-chunks) and scans the codebook
-in chunks, keeping the first minimum (lower code on ties, like ``argmin``). Two addressing modes:
+distance is ``|xw|^2 - 2 xw.cw + |cw|^2`` (the reference's formula and order). The work is parallel over
+the codebook: a program takes a tile of tokens of one KV head and one split of the codebook (grid
+``(token tiles, Hkv, splits)``, splits sized for two programs per SM, so a decode step of a few tokens
+still fills the GPU), computes ``xw`` with IEEE fp32 ``[T, D] x [D, D]`` dots (in K-chunks), and the
+distances to its codes with ``[T, D] x [D, BLOCK_C]`` TF32 dots on the tensor cores (a matmul under
+the interpreter), keeping each token's two nearest (an argmin reduction, lower code on ties). A second
+kernel merges the splits' pairs in code order and re-ranks the final two exactly (IEEE fp32 distances,
+lower code on an exact tie, like ``argmin``); with one split the first kernel does that itself. The
+code equals the reference's argmin whenever the TF32 error is smaller than the gap between the second
+and third nearest centroid (always under the interpreter, where the dots are fp32). Two addressing modes:
 dense ``k [B, Hkv, T, D] -> codes [B, Hkv, T]`` (:func:`triton_vq_encode`, contract of
 :func:`kvcomp.ref.vq_encode`) and paged ``k_new [N, Hkv, D] -> code_cache [num_blocks, block_size, Hkv]``
 (:func:`triton_vq_encode_paged`, contract of :func:`kvcomp.ref.compressed_write.vq_encode_paged`).
@@ -20,32 +27,32 @@ from kvcomp.defaults import MAX_CODES
 from . import _common as C
 
 
-@triton.jit(do_not_specialize=["N", "B"])
-def _vq_encode_kernel(k_ptr, l_ptr, cw_ptr, c2_ptr, out_ptr, bt_ptr, sl_ptr, qsl_ptr,
-                      N, T, B, NC, D, BS, s_k0, s_k1, s_kh, s_o0, s_o1, s_oh, s_btb,
-                      PAGED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-                      BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
-    tb = tl.program_id(0)
-    # int64: h * s_kh (a dense [B, Hkv, T, D] input's head stride is T * D) passes 2^31 at 1M tokens x 16 heads
-    h = tl.program_id(1).to(tl.int64)
+@triton.jit
+def _rows(k_ptr, l_ptr, bt_ptr, sl_ptr, qsl_ptr, tb, h, N, T, B, D, BS, s_k0, s_k1, s_kh, s_o0, s_o1, s_btb,
+          PAGED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+          BLOCK_B: tl.constexpr, OUT: tl.constexpr):
+    """The tile's tokens: ``(tmask, out_off, xw [BLOCK_T, BLOCK_D] fp32)``, ``xw = k L`` by IEEE fp32 dots
+    in K-chunks; ``out_off`` (each token's code slot) only when ``OUT``."""
     tok = tb * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = tok < N
+    out_off = tl.zeros([BLOCK_T], dtype=tl.int64)
     if PAGED:
-        # each token's sequence: count query_start_loc[1:] <= tok, BLOCK_B entries at a time (a fixed tile:
-        # one compiled kernel for every batch size)
-        b = tl.zeros([BLOCK_T], dtype=tl.int32)
-        for b0 in range(0, B, BLOCK_B):
-            offs_b = b0 + tl.arange(0, BLOCK_B)
-            ends = tl.load(qsl_ptr + 1 + offs_b, mask=offs_b < B, other=2147483647)
-            b += tl.sum((ends[None, :] <= tok[:, None]).to(tl.int32), 1)
-        b = tl.where(tmask, b, 0)
-        q0 = tl.load(qsl_ptr + b, mask=tmask, other=0)
-        q1 = tl.load(qsl_ptr + b + 1, mask=tmask, other=0)
-        L = tl.load(sl_ptr + b, mask=tmask, other=0)
-        p = L - (q1 - q0) + (tok - q0)
-        blk = tl.load(bt_ptr + b * s_btb + p // BS, mask=tmask, other=0).to(tl.int64)
         in_off = tok.to(tl.int64) * s_k0
-        out_off = blk * s_o0 + (p % BS) * s_o1
+        if OUT:
+            # each token's sequence: count query_start_loc[1:] <= tok, BLOCK_B entries at a time (a fixed
+            # tile: one compiled kernel for every batch size)
+            b = tl.zeros([BLOCK_T], dtype=tl.int32)
+            for b0 in range(0, B, BLOCK_B):
+                offs_b = b0 + tl.arange(0, BLOCK_B)
+                ends = tl.load(qsl_ptr + 1 + offs_b, mask=offs_b < B, other=2147483647)
+                b += tl.sum((ends[None, :] <= tok[:, None]).to(tl.int32), 1)
+            b = tl.where(tmask, b, 0)
+            q0 = tl.load(qsl_ptr + b, mask=tmask, other=0)
+            q1 = tl.load(qsl_ptr + b + 1, mask=tmask, other=0)
+            L = tl.load(sl_ptr + b, mask=tmask, other=0)
+            p = L - (q1 - q0) + (tok - q0)
+            blk = tl.load(bt_ptr + b * s_btb + p // BS, mask=tmask, other=0).to(tl.int64)
+            out_off = blk * s_o0 + (p % BS) * s_o1
     else:
         bb = (tok // T).to(tl.int64)
         tt = (tok % T).to(tl.int64)
@@ -62,24 +69,107 @@ def _vq_encode_kernel(k_ptr, l_ptr, cw_ptr, c2_ptr, out_ptr, bt_ptr, sl_ptr, qsl
         lw = tl.load(l_ptr + h * D * D + kk[:, None] * D + offs_d[None, :], mask=(kk < D)[:, None] & dmask[None, :],
                      other=0.0)
         xw += tl.dot(x, lw, input_precision="ieee")
+    return tmask, out_off, xw
+
+
+@triton.jit
+def _merge(b1, i1, b2, i2, t1, j1, t2, j2):
+    """Best two of two ``(dist, index)`` pairs, each sorted; the ``t`` pair holds later codes, so it wins
+    only when strictly nearer (lower code on ties)."""
+    first = t1 < b1
+    n1 = tl.where(first, t1, b1)
+    k1 = tl.where(first, j1, i1)
+    n2 = tl.where(first, tl.where(b1 <= t2, b1, t2), tl.where(b2 <= t1, b2, t1))
+    k2 = tl.where(first, tl.where(b1 <= t2, i1, j2), tl.where(b2 <= t1, i2, j1))
+    return n1, k1, n2, k2
+
+
+@triton.jit
+def _rerank(xw, cw_ptr, c2_ptr, h, NC, D, i1, i2, b2, tmask, BLOCK_D: tl.constexpr):
+    """The exact (IEEE fp32) nearer of the two candidates, lower code on an exact tie."""
+    i2 = tl.where(b2 < float("inf"), i2, i1)  # fewer than two codes: the first one twice
+    offs_d = tl.arange(0, BLOCK_D)
+    m2 = tmask[:, None] & (offs_d < D)[None, :]
     x2 = tl.sum(xw * xw, 1)
-    best = tl.full([BLOCK_T], float("inf"), dtype=tl.float32)
-    best_i = tl.zeros([BLOCK_T], dtype=tl.int32)
+    c1 = tl.load(cw_ptr + (h * NC + i1[:, None]).to(tl.int64) * D + offs_d[None, :], mask=m2, other=0.0)
+    c2 = tl.load(cw_ptr + (h * NC + i2[:, None]).to(tl.int64) * D + offs_d[None, :], mask=m2, other=0.0)
+    d1 = (x2 - 2.0 * tl.sum(xw * c1, 1)) + tl.load(c2_ptr + h * NC + i1, mask=tmask, other=0.0)
+    d2 = (x2 - 2.0 * tl.sum(xw * c2, 1)) + tl.load(c2_ptr + h * NC + i2, mask=tmask, other=0.0)
+    return tl.where((d2 < d1) | ((d2 == d1) & (i2 < i1)), i2, i1)
+
+
+@triton.jit(do_not_specialize=["N", "B"])
+def _vq_encode_kernel(k_ptr, l_ptr, cw_ptr, c2_ptr, out_ptr, bt_ptr, sl_ptr, qsl_ptr, cand_ptr, cdist_ptr,
+                      N, T, B, NC, D, BS, CSPLIT, s_k0, s_k1, s_kh, s_o0, s_o1, s_oh, s_btb,
+                      PAGED: tl.constexpr, FINAL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+                      BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
+    tb = tl.program_id(0)
+    # int64: h * s_kh (a dense [B, Hkv, T, D] input's head stride is T * D) passes 2^31 at 1M tokens x 16 heads
+    h = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    tmask, out_off, xw = _rows(k_ptr, l_ptr, bt_ptr, sl_ptr, qsl_ptr, tb, h, N, T, B, D, BS, s_k0, s_k1, s_kh,
+                               s_o0, s_o1, s_btb, PAGED, BLOCK_T, BLOCK_D, BLOCK_K, BLOCK_B, FINAL)
+    x2 = tl.sum(xw * xw, 1)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    b1 = tl.full([BLOCK_T], float("inf"), dtype=tl.float32)
+    b2 = b1
+    i1 = tl.zeros([BLOCK_T], dtype=tl.int32)
+    i2 = i1
     offs_c = tl.arange(0, BLOCK_C)
-    for c0 in range(0, NC, BLOCK_C):
+    c_end = tl.minimum(split * CSPLIT + CSPLIT, NC)
+    for c0 in range(split * CSPLIT, c_end, BLOCK_C):
         cc = c0 + offs_c
-        cm = cc < NC
+        cm = cc < c_end
         cw = tl.load(cw_ptr + (h * NC + cc[:, None]).to(tl.int64) * D + offs_d[None, :],
                      mask=cm[:, None] & dmask[None, :], other=0.0)
         c2 = tl.load(c2_ptr + h * NC + cc, mask=cm, other=0.0)
-        dist = (x2[:, None] - 2.0 * tl.dot(xw, tl.trans(cw), input_precision="ieee")) + c2[None, :]
+        # candidate distances on the tensor cores (TF32; a matmul under the interpreter)
+        dist = (x2[:, None] - 2.0 * tl.dot(xw, tl.trans(cw), input_precision="tf32")) + c2[None, :]
         dist = tl.where(cm[None, :], dist, float("inf"))
-        dmin = tl.min(dist, 1)
-        imin = tl.argmin(dist, 1).to(tl.int32) + c0
-        upd = dmin < best
-        best_i = tl.where(upd, imin, best_i)
-        best = tl.where(upd, dmin, best)
-    tl.store(out_ptr + out_off + h * s_oh, best_i.to(tl.int16), mask=tmask)
+        j1 = tl.argmin(dist, 1).to(tl.int32)
+        t1 = tl.min(dist, 1)
+        rest = tl.where(offs_c[None, :] == j1[:, None], float("inf"), dist)
+        j2 = tl.argmin(rest, 1).to(tl.int32)
+        t2 = tl.min(rest, 1)
+        b1, i1, b2, i2 = _merge(b1, i1, b2, i2, t1, j1 + c0, t2, j2 + c0)
+    if FINAL:
+        code = _rerank(xw, cw_ptr, c2_ptr, h, NC, D, i1, i2, b2, tmask, BLOCK_D)
+        tl.store(out_ptr + out_off + h * s_oh, code.to(tl.int16), mask=tmask)
+    else:
+        tok = tb * BLOCK_T + tl.arange(0, BLOCK_T)
+        slot = ((split * tl.num_programs(1) + h) * N + tok) * 2
+        tl.store(cand_ptr + slot, i1, mask=tmask)
+        tl.store(cand_ptr + slot + 1, i2, mask=tmask)
+        tl.store(cdist_ptr + slot, b1, mask=tmask)
+        tl.store(cdist_ptr + slot + 1, b2, mask=tmask)
+
+
+@triton.jit(do_not_specialize=["N", "B"])
+def _vq_rerank_kernel(k_ptr, l_ptr, cw_ptr, c2_ptr, out_ptr, bt_ptr, sl_ptr, qsl_ptr, cand_ptr, cdist_ptr,
+                      N, T, B, NC, D, BS, NSPLIT, s_k0, s_k1, s_kh, s_o0, s_o1, s_oh, s_btb,
+                      PAGED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+                      BLOCK_B: tl.constexpr):
+    """Merges the splits' best two (in code order) and writes the exact nearer of the overall two."""
+    tb = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    tmask, out_off, xw = _rows(k_ptr, l_ptr, bt_ptr, sl_ptr, qsl_ptr, tb, h, N, T, B, D, BS, s_k0, s_k1, s_kh,
+                               s_o0, s_o1, s_btb, PAGED, BLOCK_T, BLOCK_D, BLOCK_K, BLOCK_B, True)
+    tok = tb * BLOCK_T + tl.arange(0, BLOCK_T)
+    b1 = tl.full([BLOCK_T], float("inf"), dtype=tl.float32)
+    b2 = b1
+    i1 = tl.zeros([BLOCK_T], dtype=tl.int32)
+    i2 = i1
+    for s in range(0, NSPLIT):
+        slot = ((s * tl.num_programs(1) + h) * N + tok) * 2
+        t1 = tl.load(cdist_ptr + slot, mask=tmask, other=float("inf"))
+        t2 = tl.load(cdist_ptr + slot + 1, mask=tmask, other=float("inf"))
+        j1 = tl.load(cand_ptr + slot, mask=tmask, other=0)
+        j2 = tl.load(cand_ptr + slot + 1, mask=tmask, other=0)
+        j2 = tl.where(t2 < float("inf"), j2, j1)
+        b1, i1, b2, i2 = _merge(b1, i1, b2, i2, t1, j1, t2, j2)
+    code = _rerank(xw, cw_ptr, c2_ptr, h, NC, D, i1, i2, b2, tmask, BLOCK_D)
+    tl.store(out_ptr + out_off + h * s_oh, code.to(tl.int16), mask=tmask)
 
 
 def _prepare(codebook: torch.Tensor, whiten: torch.Tensor, hkv: int, d: int):
@@ -98,13 +188,34 @@ def _prepare(codebook: torch.Tensor, whiten: torch.Tensor, hkv: int, d: int):
 
 def _blocks(nc: int, d: int):
     """(BLOCK_T, BLOCK_C, BLOCK_K, num_warps): big tiles for the interpreter (cost per operation),
-    register-sized ones on the GPU (no spills at D=128 on sm_90)."""
+    register-sized ones on the GPU (no spills on sm_90, checked by tests/kernels/test_sm90_compile.py)."""
     bd = C.next_pow2(d)
     if C.interpreting():
-        return 16, min(max(16, C.next_pow2(nc)), 256), bd, 4
-    if bd >= 256:  # D=256: 32-token tiles spill (~1.8 KB of stack per thread on sm_90)
-        return 16, 16, 16, 8
-    return 32, min(max(16, C.next_pow2(nc)), 32), min(bd, 32), 8
+        return 16, min(max(16, C.next_pow2(nc)), 64), bd, 4
+    if bd >= 256:
+        return 16, 32, 16, 8
+    return 32, 64, min(bd, 32), 8
+
+
+def _encode(k, lw, cw, c2, out, bt, sl, qsl, n, t, bsz, bs, strides, paged: bool) -> None:
+    """Launches the candidate kernel over (token tiles, KV heads, codebook splits) and, with more than
+    one split, the merge / re-rank kernel. Splits: enough programs for two per SM (a decode step has a
+    handful of token tiles), at least ``BLOCK_C`` codes each."""
+    hkv, nc, d = cw.shape
+    bt_, bc, bk, nw = _blocks(nc, d)
+    tiles = triton.cdiv(n, bt_)
+    want = max(1, triton.cdiv(2 * C.num_sms(k.device), tiles * hkv))
+    csplit = triton.cdiv(triton.cdiv(nc, min(want, triton.cdiv(nc, bc))), bc) * bc
+    nsplit = triton.cdiv(nc, csplit)
+    cand = torch.empty(nsplit if nsplit > 1 else 0, hkv, n, 2, dtype=torch.int32, device=k.device)
+    cdist = torch.empty(cand.shape, dtype=torch.float32, device=k.device)
+    common = dict(PAGED=paged, BLOCK_T=bt_, BLOCK_D=C.next_pow2(d), BLOCK_K=bk, BLOCK_B=32 if paged else 1,
+                  num_warps=nw)
+    _vq_encode_kernel[(tiles, hkv, nsplit)](k, lw, cw, c2, out, bt, sl, qsl, cand, cdist, n, t, bsz, nc, d, bs,
+                                             csplit, *strides, FINAL=nsplit == 1, BLOCK_C=bc, **common)
+    if nsplit > 1:
+        _vq_rerank_kernel[(tiles, hkv)](k, lw, cw, c2, out, bt, sl, qsl, cand, cdist, n, t, bsz, nc, d, bs, nsplit,
+                                        *strides, **common)
 
 
 def triton_vq_encode(k_pre: torch.Tensor, codebook: torch.Tensor, whiten: torch.Tensor) -> torch.Tensor:
@@ -127,11 +238,9 @@ def triton_vq_encode(k_pre: torch.Tensor, codebook: torch.Tensor, whiten: torch.
     n = b * t
     if n == 0:
         return out
-    bt_, bc, bk, nw = _blocks(cw.shape[1], d)
-    _vq_encode_kernel[(triton.cdiv(n, bt_), hkv)](
-        k_pre, lw, cw, c2, out, out, out, out, n, t, b, cw.shape[1], d, 1,
-        k_pre.stride(0), k_pre.stride(2), k_pre.stride(1), out.stride(0), out.stride(2), out.stride(1), 0,
-        PAGED=False, BLOCK_T=bt_, BLOCK_C=bc, BLOCK_D=C.next_pow2(d), BLOCK_K=bk, BLOCK_B=1, num_warps=nw)
+    _encode(k_pre, lw, cw, c2, out, out, out, out, n, t, b, 1, (k_pre.stride(0), k_pre.stride(2), k_pre.stride(1),
+                                                                 out.stride(0), out.stride(2), out.stride(1), 0),
+            paged=False)
     return out
 
 
@@ -170,11 +279,7 @@ def triton_vq_encode_paged(k_new: torch.Tensor, codebook: torch.Tensor, whiten: 
     lw, cw, c2 = _prepare(codebook, whiten, hkv, d)
     if n == 0:
         return code_cache
-    bt_, bc, bk, nw = _blocks(cw.shape[1], d)
-    _vq_encode_kernel[(triton.cdiv(n, bt_), hkv)](
-        k_new, lw, cw, c2, code_cache, block_table, seq_lens, query_start_loc, n, 1, bsz, cw.shape[1], d,
-        code_cache.shape[1], k_new.stride(0), 0, k_new.stride(1), code_cache.stride(0), code_cache.stride(1), code_cache.stride(2),
-        block_table.stride(0),
-        PAGED=True, BLOCK_T=bt_, BLOCK_C=bc, BLOCK_D=C.next_pow2(d), BLOCK_K=bk, BLOCK_B=32,
-        num_warps=nw)
+    _encode(k_new, lw, cw, c2, code_cache, block_table, seq_lens, query_start_loc, n, 1, bsz, code_cache.shape[1],
+            (k_new.stride(0), 0, k_new.stride(1), code_cache.stride(0), code_cache.stride(1), code_cache.stride(2),
+             block_table.stride(0)), paged=True)
     return code_cache

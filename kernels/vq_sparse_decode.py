@@ -17,6 +17,26 @@ from . import _common as C
 from .splitk import LOG2E, alloc_partials, online_update, pick_splits, splitk_combine, store_partial
 
 
+def _fits(configs, nargs, **meta):
+    """Configs whose ``[BLOCK_N, D]`` K/V tiles stay in registers on sm_90 (the budget of
+    :func:`C.kv_block_n`, without its 16-row floor: fp32 at D = 256 needs 8 warps for 16 rows)."""
+    dtype = nargs["q_ptr"].dtype
+    d = max(meta["BLOCK_D"], meta["BLOCK_DV"])
+    size = torch.finfo(dtype).bits // 8
+    return [c for c in configs
+            if c.kwargs["BLOCK_N"] * d * size <= (2048 * c.num_warps if dtype == torch.float32 else 16384)]
+
+
+# the first config is the interpreter's; (16, 8 warps) fits every dtype and head dim
+_CONFIGS = [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=3),
+            triton.Config({"BLOCK_N": 16}, num_warps=8, num_stages=2),
+            triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=2),
+            triton.Config({"BLOCK_N": 32}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=2)]
+
+
+# keyed by head dims and GQA group (and dtype): never by batch size, selected-token count or splits
+@C.autotune(_CONFIGS, key=["G", "D", "DV"], prune=_fits)
 @triton.jit(do_not_specialize=["PER", "NSPLIT"])
 def _sparse_decode_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, idx_ptr, cnt_ptr, m_ptr, l_ptr, acc_ptr,
@@ -69,8 +89,7 @@ def _sparse_decode_kernel(
 
 def triton_paged_sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                   block_table: torch.Tensor, idx: torch.Tensor, count: torch.Tensor, *,
-                                  scale: float | None = None, tokens_per_split: int | None = None,
-                                  block_n: int | None = None) -> torch.Tensor:
+                                  scale: float | None = None, tokens_per_split: int | None = None) -> torch.Tensor:
     """Sparse decode over pages (same contract as :func:`kvcomp.ref.paged_sparse_attention`).
 
     Args:
@@ -78,7 +97,8 @@ def triton_paged_sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cach
         block_table: ``[B, max_blocks]`` int32/int64.
         idx: ``[B, Hkv, Kmax]`` int32 contiguous token positions; count: ``[B, Hkv]`` int32 contiguous.
             Selected positions must map to valid blocks (not checked on device).
-        scale: default ``1/sqrt(D)``; tokens_per_split / block_n: split-K tuning (defaults fill the GPU).
+        scale: default ``1/sqrt(D)``; tokens_per_split: split-K tuning (default fills the GPU). The key
+            tile (``BLOCK_N``), warps and pipeline stages are autotuned per (G, D, Dv, dtype).
     Returns:
         ``[B, Hq, Dv]`` in ``q.dtype`` (zeros for a head with ``count == 0``).
     """
@@ -108,12 +128,10 @@ def triton_paged_sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     dv = v_cache.shape[3]
     kmax = idx.shape[2]
     sc = 1.0 / d ** 0.5 if scale is None else float(scale)
-    interp = C.interpreting()
-    bn = block_n or (16 if interp else C.kv_block_n(max(d, dv), q.dtype, num_warps=8))
-    if tokens_per_split is None:
-        nsplit, per = pick_splits(b * hkv, kmax, q.device, bn, min_tokens_per_split=128)
+    if tokens_per_split is None:  # a multiple of the largest autotuned key tile
+        nsplit, per = pick_splits(b * hkv, kmax, q.device, 64, min_tokens_per_split=128)
     else:
-        per = -(-int(tokens_per_split) // bn) * bn
+        per = -(-int(tokens_per_split) // 16) * 16
         nsplit = max(1, -(-kmax // per))
     m, l, acc = alloc_partials(b, hq, nsplit, dv, q.device)
     _sparse_decode_kernel[(b * hkv, nsplit)](
@@ -121,7 +139,7 @@ def triton_paged_sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cach
         sc * LOG2E, hkv, g, d, dv, bs, kmax, per, nsplit,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_table.stride(0),
-        BLOCK_H=max(16, C.next_pow2(g)), BLOCK_N=bn, BLOCK_D=C.next_pow2(d), BLOCK_DV=C.next_pow2(dv),
-        F32=C.dot_f32(q.device, q.dtype), num_warps=4 if interp else 8)
+        BLOCK_H=max(16, C.next_pow2(g)), BLOCK_D=C.next_pow2(d), BLOCK_DV=C.next_pow2(dv),
+        F32=C.dot_f32(q.device, q.dtype))
     out = torch.empty(b, hq, dv, dtype=q.dtype, device=q.device)
     return splitk_combine(m, l, acc, out)

@@ -57,6 +57,7 @@ def _install_aot(records: dict, launches: list):
     from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
+    from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction, create_function_from_signature
 
     from kvcomp.kernels import _common as C
@@ -91,6 +92,14 @@ def _install_aot(records: dict, launches: list):
         return None
 
     JITFunction.run = run
+
+    def tune_run(self, *args, **kwargs):  # an autotuned kernel: compile every config that fits the launch
+        self.nargs = dict(zip(self.arg_names, args))
+        for cfg in self.prune_configs(kwargs):
+            self.fn.run(*args, **kwargs, **cfg.all_kwargs())
+        self.nargs = None
+
+    Autotuner.run = tune_run
 
     # meta tensors stand in for a CUDA device: GPU tile choices, dots in the input dtype, an H100's SMs
     def dot_f32(device, dtype):
@@ -164,6 +173,10 @@ def _launch_all(dtype: str, d: int, tag: dict):
     codes = f(nb, bs, hkv, dtype=torch.int16)
     VE.triton_vq_encode_paged(k_new, cb, wh, codes, bt, sl, qsl)
     VE.triton_vq_encode_paged(f(13, hkv, d), cb, wh, codes, i32(13, mb), i32(13), i32(14))
+    # a prefill of paged keys (enough token tiles: one codebook split, the first kernel writes the codes) and
+    # a few dense keys (codebook splits + the merge / re-rank kernel): all four encode variants compile
+    VE.triton_vq_encode_paged(f(4096, hkv, d), cb, wh, codes, bt, sl, qsl)
+    VE.triton_vq_encode(f(1, hkv, 16, d), cb, wh)
     VL.triton_vq_lut(f(b, hq, d), cb)
     VL.triton_vq_lut(f(13, hq, d), cb)  # the LUT kernel loops over the batch's rows: same variant
     kmax = 4 * 256 + 8 + 64
@@ -214,19 +227,19 @@ def test_every_kernel_compiles_for_sm90_with_triton36():
     names = {r["kernel"] for r in recs}
     assert names >= {"_paged_write_kernel", "_stream_write_kernel", "_duo_split_kernel", "_duo_reduce_kernel",
                      "_streaming_prefill_kernel", "_think_decode_kernel", "_combine_kernel", "_think_write_kernel",
-                     "_vq_encode_kernel", "_vq_lut_kernel", "_sparse_decode_kernel", "_radix_kernel",
-                     "_threshold_kernel", "_select_kernel", "_pad_kernel"}, names
+                     "_vq_encode_kernel", "_vq_rerank_kernel", "_vq_lut_kernel", "_sparse_decode_kernel",
+                     "_radix_kernel", "_threshold_kernel", "_select_kernel", "_pad_kernel"}, names
     assert {(r["dtype"], r["d"]) for r in recs} == set(matrix)
     cpu = sum(float(ln[4:]) for out, _ in outs for ln in out.splitlines() if ln.startswith("CPU "))
     print(f"sm_90 compile: {len(recs)} kernels, {cpu:.0f} s CPU in two workers")
-    # batch-size independence: the launches at batch 1 / 4 / 13 compiled one variant (two for vq_encode:
-    # dense and paged)
+    # batch-size independence: the launches at batch 1 / 4 / 13 compiled one variant (vq_encode: dense and
+    # paged, each with one codebook split or several; its re-rank kernel: dense and paged)
     per = {}
     for r in recs:
         per.setdefault((r["kernel"], r["dtype"], r["d"]), []).append(r["constexprs"])
     for name, n in (("_duo_split_kernel", 1), ("_duo_reduce_kernel", 1), ("_think_decode_kernel", 1),
-                    ("_combine_kernel", 1), ("_think_write_kernel", 1), ("_vq_encode_kernel", 2),
-                    ("_vq_lut_kernel", 1)):
+                    ("_combine_kernel", 1), ("_think_write_kernel", 1), ("_vq_encode_kernel", 4),
+                    ("_vq_rerank_kernel", 2), ("_vq_lut_kernel", 1)):
         for dt, d in matrix:
             assert len(per[(name, dt, d)]) == n, f"{name} {dt} d={d}: {per[(name, dt, d)]}"
     bad = []

@@ -140,3 +140,51 @@ def test_vq_encode_paged_op_schema_and_fake():
     res = torch.library.opcheck(torch.ops.kvcomp.vq_encode_paged.default, args,
                                 test_utils=("test_schema", "test_faketensor"))
     assert set(res.values()) == {"SUCCESS"}
+
+
+@pytest.mark.parametrize("bsz", [1, 3, 8])
+def test_vq_encode_paged_decode_step_codebook_splits(bsz, nan_empty):
+    """A decode step (one token per sequence) over a 300-code codebook: few token tiles, so the codebook
+    is split over programs and the merge / re-rank kernel picks each token's code."""
+    from kvcomp.kernels import vq_encode as VE
+
+    gen = torch.Generator().manual_seed(bsz)
+    hkv, d, bs, nc = 2, 64, 8, 300
+    cb, lw = codebook(hkv, nc, d, seed=bsz)
+    lens = torch.randint(1, 30, (bsz,), generator=gen).to(torch.int32)
+    qsl = torch.arange(bsz + 1, dtype=torch.int32)
+    nb = bsz * 4
+    bt = torch.randperm(nb, generator=gen).view(bsz, 4).to(torch.int32)
+    k_new = torch.randn(bsz, hkv, d, generator=gen)
+    init = torch.full((nb, bs, hkv), -7, dtype=torch.int16)
+    ref = vq_encode_paged(k_new, cb, lw, init.clone(), bt, lens, qsl)
+    out = VE.triton_vq_encode_paged(k_new.to(dev()), cb.to(dev()), lw.to(dev()), init.clone().to(dev()),
+                                    bt.to(dev()), lens.to(dev()), qsl.to(dev())).cpu()
+    assert torch.equal(out == -7, ref == -7)
+    written = ref != -7
+    k_rows = torch.stack([k_new[:, h] for h in range(hkv)])  # [Hkv, N, D]
+    pos = lens.long() - 1
+    got = torch.stack([out[bt[i, pos[i] // bs].long(), pos[i] % bs] for i in range(bsz)]).T  # [Hkv, N]
+    exp = torch.stack([ref[bt[i, pos[i] // bs].long(), pos[i] % bs] for i in range(bsz)]).T
+    assert int(written.sum()) == bsz * hkv
+    check_codes(k_rows, cb, lw, exp, got)
+
+
+def test_vq_encode_duplicate_centroids_pick_the_lowest_code(nan_empty):
+    """Exact distance ties (duplicated centroids in different codebook splits, keys equal to a centroid):
+    the lowest code wins, as in the reference's argmin; every code equals the reference."""
+    from kvcomp.kernels.vq_encode import triton_vq_encode
+
+    hkv, d, nc = 2, 32, 260
+    cb, lw = codebook(hkv, nc, d, seed=8)
+    for lo, hi in ((10, 150), (10, 259), (90, 120), (3, 4)):
+        cb[:, hi] = cb[:, lo]
+    gen = torch.Generator().manual_seed(9)
+    pick = torch.tensor([10, 150, 259, 90, 120, 4, 3, 200, 10])
+    k = cb[:, pick].unsqueeze(0).clone()  # [1, Hkv, 9, D]: keys exactly on (duplicated) centroids
+    k = torch.cat([k, k + 1e-3 * torch.randn(k.shape, generator=gen)], 2)
+    ref = vq_encode(k, cb, lw)
+    out = triton_vq_encode(k.to(dev()), cb.to(dev()), lw.to(dev())).cpu()
+    lowest = torch.tensor([10, 10, 10, 90, 90, 3, 3, 200, 10]).repeat(2)
+    assert torch.equal(ref[0], lowest.expand(hkv, -1).to(torch.int16))
+    assert torch.equal(out, ref)

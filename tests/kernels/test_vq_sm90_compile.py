@@ -58,7 +58,7 @@ def _compile_all() -> list[tuple[str, str]]:
              dict(BLOCK_H=16, BLOCK_N=bn, BLOCK_DK=128, BLOCK_D=128, BLOCK_DV=128, F32=f32), 8)
         sig = {**p(["q_ptr", "k_ptr", "v_ptr"], "*" + dt), **p(["bt_ptr", "idx_ptr", "cnt_ptr"], "*i32"),
                **p(["m_ptr", "l_ptr", "acc_ptr"], "*fp32"), "qk_scale": "fp32"}
-        comp(f"sparse_decode/{dt}", VS._sparse_decode_kernel, sig,
+        comp(f"sparse_decode/{dt}", VS._sparse_decode_kernel.fn, sig,
              dict(BLOCK_H=16, BLOCK_N=bn, BLOCK_D=128, BLOCK_DV=128, F32=f32), 8)
         comp(f"combine/{dt}", SK._combine_kernel, {**p(["m_ptr", "l_ptr", "acc_ptr"], "*fp32"), "o_ptr": "*" + dt},
              dict(CHUNK_S=16, BLOCK_DV=128), 4)
@@ -69,10 +69,14 @@ def _compile_all() -> list[tuple[str, str]]:
              {**p(["k_ptr", "kp_ptr", "kr_ptr"], "*" + dt), **p(["chan_ptr", "bt_ptr", "sl_ptr", "qsl_ptr"], "*i32")},
              dict(BLOCK_B=64, BLOCK_H=8, BLOCK_DK=128, BLOCK_D=128), 4)
         for paged in (True, False):
-            comp(f"vq_encode/{dt}/{'paged' if paged else 'dense'}", VE._vq_encode_kernel,
-                 {"k_ptr": "*" + dt, **p(["l_ptr", "cw_ptr", "c2_ptr"], "*fp32"), "out_ptr": "*i16",
-                  **p(["bt_ptr", "sl_ptr", "qsl_ptr"], "*i32" if paged else "*i16")},
-                 dict(PAGED=paged, BLOCK_T=32, BLOCK_C=32, BLOCK_D=128, BLOCK_K=32, BLOCK_B=64 if paged else 1), 8)
+            pp = {"k_ptr": "*" + dt, **p(["l_ptr", "cw_ptr", "c2_ptr", "cdist_ptr"], "*fp32"), "out_ptr": "*i16",
+                  "cand_ptr": "*i32", **p(["bt_ptr", "sl_ptr", "qsl_ptr"], "*i32" if paged else "*i16")}
+            for final in (True, False):
+                comp(f"vq_encode/{dt}/{'paged' if paged else 'dense'}/{'final' if final else 'split'}",
+                     VE._vq_encode_kernel, pp, dict(PAGED=paged, FINAL=final, BLOCK_T=32, BLOCK_C=64, BLOCK_D=128,
+                                                    BLOCK_K=32, BLOCK_B=32 if paged else 1), 8)
+            comp(f"vq_encode/{dt}/{'paged' if paged else 'dense'}/rerank", VE._vq_rerank_kernel, pp,
+                 dict(PAGED=paged, BLOCK_T=32, BLOCK_D=128, BLOCK_K=32, BLOCK_B=32 if paged else 1), 8)
     for pas in range(4):
         comp(f"vq_radix/pass{pas}", VT._radix_kernel,
              {"lut_ptr": "*fp32", "code_ptr": "*i16", **p(["bt_ptr", "sl_ptr", "topk_ptr", "hist_ptr"], "*i32")},
@@ -98,7 +102,7 @@ def test_kernels_compile_for_sm90_without_spills():
     res = subprocess.run([sys.executable, __file__], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     lines = [ln for ln in res.stdout.splitlines() if "\t" in ln]
-    assert len(lines) == 30, res.stdout
+    assert len(lines) == 42, res.stdout
     for ln in lines:
         name, usage = ln.split("\t")
         if name.startswith(("think_decode", "sparse_decode", "vq_lut", "vq_encode")):
