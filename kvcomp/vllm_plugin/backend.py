@@ -40,6 +40,7 @@ import torch
 
 from ..defaults import SUPPORTED_HEAD_DIMS
 from ..methods import layout
+from ..methods.fp8 import Fp8Pages
 from ..methods.step import Step
 from ..ops._dispatch import impl_for
 from . import ENV_TRACE
@@ -58,7 +59,8 @@ class KVCompAttentionBackend(C.AttentionBackend):
 
     forward_includes_kv_cache_update: bool = False
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
-    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "float16", "bfloat16", "float32"]
+    # fp8: e4m3 pages with the layer's scales (kvcomp.methods.fp8), not with a per-request ring
+    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "float16", "bfloat16", "float32", "fp8", "fp8_e4m3"]
 
     @staticmethod
     def get_name() -> str:
@@ -169,6 +171,8 @@ class KVCompAttentionImpl(C.AttentionImpl):
         self._hf_config = None  # A²ATS: the model's HF config, for this layer's RoPE table
         self._mirror = None
         self._traced = False
+        self._act_dtype: torch.dtype | None = None  # the model's dtype (host mirror, dequantised fp8 pages)
+        self._fp8: Fp8Pages | None = None  # fp8 K/V pages: the method sees them dequantised
 
     def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
         """Register this layer's ring companion before vLLM collects KV specs; keep the HF config
@@ -177,6 +181,12 @@ class KVCompAttentionImpl(C.AttentionImpl):
         n_str = p.rank_num_streaming(self.num_kv_heads, *C.tp_rank_and_size())
         req = layout.ring_request(p, self.num_kv_heads, self.head_size, n_str,
                                   C.current_vllm_config().cache_config.block_size)
+        self._act_dtype = act_dtype
+        if req is not None and self.kv_cache_dtype.startswith("fp8"):
+            raise ValueError(f"kvcomp {p.method}: --kv-cache-dtype {self.kv_cache_dtype} is not supported with a "
+                             "per-request ring (DuoAttention's streaming heads on exact pages, ThinK's full-width "
+                             "window); serve it with --kv-cache-dtype auto, or use fp8 with compression off, A2ATS "
+                             "or DuoAttention + A2ATS")
         if req is not None:
             heads, tokens, content = req
             self.ring_name = register_ring(self, act_dtype, num_heads=heads, capacity=tokens, content=content)
@@ -200,10 +210,13 @@ class KVCompAttentionImpl(C.AttentionImpl):
             self._mirror = mirror_for(layer.layer_name, num_blocks=kv_cache.shape[0], block_size=kv_cache.shape[2],
                                       num_heads=n_host, head_size=layout.mirror_key_dim(p, self.head_size),
                                       head_size_v=self.head_size,
-                                      dtype=kv_cache.dtype, layers_in_process=p.num_layers)
+                                      dtype=self._act_dtype if kv_cache.dtype == torch.uint8 else kv_cache.dtype,
+                                      layers_in_process=p.num_layers)
         rope = None if self._hf_config is None else rope_from_hf_config(self._hf_config, self.head_size, li)
         self.method = layout.build_layer(p, li, self.num_heads, self.num_kv_heads, start, self.scale,
                                          kv_cache.device, rope, window=self.sliding_window)
+        if kv_cache.dtype == torch.uint8 and layout.page_store(p, kv_cache, self.head_size).k is not None:
+            self._fp8 = Fp8Pages(layer._k_scale_float, layer._v_scale_float, self._act_dtype)
 
     def _store(self, kv_cache: torch.Tensor, ring: bool) -> layout.Store:
         """This step's views of the layer's pages, ring and host pages."""
@@ -250,7 +263,9 @@ class KVCompAttentionImpl(C.AttentionImpl):
         k, v = key[:n], value[:n]
         if not bool(keep.all()):
             slots, k, v = slots[keep], k[keep], v[keep]
-        if slots.numel():
+        if slots.numel() and self._fp8 is not None:
+            self._fp8.write(self.method, self._store(kv_cache, ring=False), slots, k, v)
+        elif slots.numel():
             self.method.write(self._store(kv_cache, ring=False), slots, k, v)
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
@@ -275,5 +290,9 @@ class KVCompAttentionImpl(C.AttentionImpl):
         if not self._traced:
             self._trace(layer, kv_cache)
         n = attn_metadata.num_actual_tokens
-        self.method.attend(self._store(kv_cache, ring=True), query[:n], key[:n], value[:n], attn_metadata, output)
+        if self._fp8 is not None:
+            self._fp8.attend(self.method, self._store(kv_cache, ring=True), query[:n], key[:n], value[:n],
+                             attn_metadata, output)
+        else:
+            self.method.attend(self._store(kv_cache, ring=True), query[:n], key[:n], value[:n], attn_metadata, output)
         return output

@@ -1,7 +1,8 @@
-"""Run waves of prompts through one kvcomp engine (in-process, CPU) with prefix caching on.
+"""Run waves of prompts through one engine (in-process, CPU; kvcomp's backend unless --stock).
 
     python tests/vllm_plugin/_run_prefix.py --model DIR --waves waves.json --out result.json \
-        [--config KVCOMP_CONFIG_DIR] [--trace T] [--kv-cache-bytes N] [--no-prefix-caching]
+        [--config KVCOMP_CONFIG_DIR] [--trace T] [--kv-cache-bytes N] [--no-prefix-caching] \
+        [--kv-cache-dtype fp8] [--stock]
 
 ``waves.json`` is a list of waves, each a list of token-id prompts; a wave is one ``generate``
 call, run after the previous wave finished, so later waves can hit the blocks earlier ones cached.
@@ -28,12 +29,14 @@ def main() -> int:
     ap.add_argument("--kv-cache-bytes", type=int, default=1 << 20)
     ap.add_argument("--no-prefix-caching", action="store_true")
     ap.add_argument("--trace", default="", help="KVCOMP_VLLM_TRACE file")
+    ap.add_argument("--kv-cache-dtype", default="auto")
+    ap.add_argument("--stock", action="store_true", help="vLLM's own CPU backend (no kvcomp)")
     a = ap.parse_args()
 
     os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    os.environ["KVCOMP_VLLM_OVERRIDE_CPU"] = "1"
+    os.environ["KVCOMP_VLLM_OVERRIDE_CPU"] = "0" if a.stock else "1"
     for var, val in (("KVCOMP_CONFIG", a.config), ("KVCOMP_VLLM_TRACE", a.trace)):
         os.environ.pop(var, None)
         if val:
@@ -48,7 +51,7 @@ def main() -> int:
     llm = LLM(model=a.model, dtype="float32", enforce_eager=True, skip_tokenizer_init=True,
               max_model_len=a.max_model_len, max_num_batched_tokens=a.max_model_len, max_num_seqs=4, seed=0,
               enable_prefix_caching=not a.no_prefix_caching, distributed_executor_backend="uni",
-              kv_cache_memory_bytes=a.kv_cache_bytes)
+              kv_cache_memory_bytes=a.kv_cache_bytes, kv_cache_dtype=a.kv_cache_dtype)
     sp = SamplingParams(temperature=0.0, max_tokens=a.max_tokens, ignore_eos=True, detokenize=False)
     res = {"tokens": [], "num_cached_tokens": []}
     for wave in waves:

@@ -148,8 +148,8 @@ def test_unsupported_features_refused():
 
     with pytest.raises(ValueError, match="logits soft cap 30"):  # a sliding window is served (test_plugin_gemma3)
         KVCompAttentionImpl(HQ, D, 0.1, HKV, logits_soft_cap=30.0)
-    with pytest.raises(ValueError, match="kv_cache_dtype fp8"):
-        KVCompAttentionImpl(HQ, D, 0.1, HKV, kv_cache_dtype="fp8")
+    with pytest.raises(ValueError, match="kv_cache_dtype fp8_e5m2"):
+        KVCompAttentionImpl(HQ, D, 0.1, HKV, kv_cache_dtype="fp8_e5m2")
 
 
 @pytest.mark.parametrize("interpret", ["0", "1"], ids=["ops-ref", "triton-interp"])
