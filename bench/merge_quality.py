@@ -1,12 +1,19 @@
-"""Merge per-context-length `kvcomp eval` outputs into one results file and plot.
+"""One quality results source: merge `kvcomp eval` / peer runs into one JSON, the README table and the plot.
 
-    python bench/merge_quality.py bench/results/quality-smollm2-2048.json bench/results/quality-smollm2-4096.json \
-        --out bench/results/quality-smollm2.json --plot bench/results/quality-smollm2.png
+    python bench/merge_quality.py bench/results/quality-smollm2-2048-*.json \
+        --out bench/results/quality-smollm2.json --plot bench/results/quality-smollm2.png --readme README.md
 
-Each input was written by ``kvcomp eval`` (one process per context length, so they can run in
-parallel). Records keep their own run's commit; inputs from different commits are refused unless
-``--allow-mixed`` is given. Records of a tagged run (``--tag``) without their own full-cache row get
-``full_accuracy`` from the untagged full row of the same context length.
+Inputs are `kvcomp eval` outputs (one process per method or context length, so they can run in
+parallel), `bench/peers_kvpress.py` outputs, or an earlier merged file. Runs kept with
+``--keep-samples`` are pooled: their cells are re-summarized and paired with the full cache's
+records of the same prompts even when the full cache ran in another process. Every row names the
+run it came from (``source``: file, commit, machine line, command). A row measured again (same
+method, context length, task group, mode, turn and number of prompts) replaces the older one: rows
+of ``--out`` come first, then the inputs in the order given.
+
+With ``--readme`` the text between ``<!-- BEGIN quality-table -->`` and ``<!-- END quality-table -->``
+is replaced by the table built from the merged rows (for each cell the row with the most prompts);
+``--plot`` draws the same rows (accuracy vs device KV bytes per token).
 """
 
 from __future__ import annotations
@@ -18,62 +25,187 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-REQUIRED = ("method", "context_len", "accuracy", "full_accuracy", "kv_bytes_per_token", "full_kv_bytes_per_token",
-            "n_trials")
+PEER_PREFIX = "kvpress:"
+BEGIN, END = "<!-- BEGIN quality-table -->", "<!-- END quality-table -->"
+KEY = ("method", "context_len", "tasks", "mode", "turn", "n_prompts")
+ROW_FIELDS = ("method", "context_len", "tasks", "mode", "turn", "n_prompts", "accuracy", "ci95", "full_accuracy",
+              "accuracy_retained", "paired", "kv_bytes_per_token", "device_bytes_per_token", "host_bytes_per_token",
+              "full_kv_bytes_per_token", "bytes_fraction", "wall_s", "per_task", "config", "simulated",
+              "selected_fraction")
 
 
-def merge(paths: list[str], allow_mixed: bool = False) -> dict:
+def _source(path: str, run: dict) -> dict:
+    meta = run.get("meta") or {}
+    meta = meta if isinstance(meta, dict) else {}
+    machine = run.get("machine") or {}
+    return {"file": os.path.relpath(path), "commit": run.get("commit"), "machine_line": machine.get("line"),
+            "command": meta.get("command"), "seconds": meta.get("seconds")}
+
+
+def _row(r: dict, source: dict, tasks: str) -> dict:
+    from kvcomp.eval.stats import wilson
+
+    row = {k: r[k] for k in ROW_FIELDS if k in r}
+    row.setdefault("mode", "single")
+    row.setdefault("turn", "all")
+    row.setdefault("tasks", tasks)
+    row.setdefault("n_prompts", r.get("n_samples"))
+    if "ci95" not in row and row["n_prompts"]:
+        row["ci95"] = list(wilson(row["accuracy"], row["n_prompts"]))
+    if "selected_fraction" not in row and "selected_fraction" in r.get("stats", {}):
+        row["selected_fraction"] = r["stats"]["selected_fraction"]
+    if row["method"].startswith(PEER_PREFIX):
+        row["simulated"] = True  # kvpress: bytes are full x (1 - ratio), not allocated
+    row["source"] = r.get("source") or source
+    return row
+
+
+def _tasks(run: dict) -> str:
+    meta = run.get("meta") if isinstance(run.get("meta"), dict) else {}
+    t = meta.get("tasks") or []
+    if meta.get("mode") == "multi-query":
+        return f"niah_shared x{meta.get('queries')}"
+    return ",".join(t) if isinstance(t, list) else str(t)
+
+
+def merge(paths: list[str], existing: list[dict] | None = None) -> list[dict]:
+    """Rows of ``existing`` then of each input in order; a later row replaces an earlier one with the same KEY.
+
+    Records kept with ``--keep-samples`` are pooled over all inputs first (so a method is paired with a
+    full-cache run of another process); their rows take the place of the input they came from.
+    """
+    from kvcomp.eval.runner import compare_to_full, summarize
+
     runs = []
     for p in paths:
         with open(p) as f:
-            runs.append(json.load(f))
-    commits = sorted({r["commit"] for r in runs})
-    if len(commits) > 1 and not allow_mixed:
-        raise SystemExit(f"inputs come from different commits {commits}; rerun or pass --allow-mixed")
-    records, samples = [], []
-    for run in runs:
-        for rec in run["records"]:
-            sel = rec.get("stats", {}).get("selected_fraction")
-            extra = {} if sel is None else {"selected_fraction": sel}  # VQ: tokens attended per KV head
-            records.append(dict(rec, commit=run["commit"], machine_line=run["machine"].get("line"), **extra))
-        samples += run.get("samples", [])
-    full = {r["context_len"]: r for r in records if r["method"] == "full"}
-    for r in records:
-        f = full.get(r["context_len"])
-        if "full_accuracy" not in r and f is not None:
-            r["full_accuracy"] = f["accuracy"]
-            r["full_kv_bytes_per_token"] = f["kv_bytes_per_token"]
-            r["accuracy_retained"] = r["accuracy"] / f["accuracy"] if f["accuracy"] else None
-            r["bytes_fraction"] = r["kv_bytes_per_token"] / f["kv_bytes_per_token"]
-        missing = [k for k in REQUIRED if k not in r]
-        if missing:
-            raise SystemExit(f"record {r['method']}@{r['context_len']} lacks {missing}")
-    records.sort(key=lambda r: (r["context_len"], r["method"]))
-    return {"commit": commits[0] if len(commits) == 1 else commits, "machine": runs[0]["machine"],
-            "meta": [run["meta"] for run in runs], "records": records, "samples": samples}
+            runs.append((p, json.load(f)))
+    pooled, owner = [], {}
+    for p, run in runs:
+        if "rows" not in run and run.get("samples"):
+            for s in run["samples"]:
+                pooled.append(s)
+                owner[(s["method"], s["context_len"], s.get("mode", "single"))] = (p, _source(p, run), _tasks(run))
+    by_file: dict = {}
+    if pooled:
+        for r in compare_to_full(summarize(pooled), pooled):
+            p, src, tasks = owner[(r["method"], r["context_len"], r["mode"])]
+            by_file.setdefault(p, []).append(_row(r, src, tasks))
+    rows: dict = {}
+    for r in existing or []:
+        rows[tuple(r.get(k) for k in KEY)] = r
+    for p, run in runs:
+        if "rows" in run:  # an earlier merged file: its rows keep their own sources
+            new = [dict(r) for r in run["rows"]]
+        elif run.get("samples"):
+            new = by_file.get(p, [])
+        else:
+            new = [_row(r, _source(p, run), _tasks(run)) for r in run["records"]]
+        for r in new:
+            rows[tuple(r.get(k) for k in KEY)] = r
+    _unpaired_retention(list(rows.values()))
+    return sorted(rows.values(), key=lambda r: (r["mode"], r["context_len"], r["turn"], r["method"]))
+
+
+def _unpaired_retention(rows: list[dict]) -> None:
+    """Rows of runs without per-sample records (no pairing possible) get accuracy / full accuracy of the
+    full-cache row with the most prompts in the same cell, marked ``retention_unpaired``."""
+    full = {(r["context_len"], r["mode"], r["turn"], r.get("tasks")): r for r in best_rows(rows) if r["method"] == "full"}
+    for r in rows:
+        f = full.get((r["context_len"], r["mode"], r["turn"], r.get("tasks")))
+        if r.get("paired") or f is None or r is f:
+            continue
+        r["full_accuracy"] = f["accuracy"]
+        r["accuracy_retained"] = r["accuracy"] / f["accuracy"] if f["accuracy"] else None
+        r["full_kv_bytes_per_token"] = f["kv_bytes_per_token"]
+        r["bytes_fraction"] = r["kv_bytes_per_token"] / f["kv_bytes_per_token"]
+        r["retention_unpaired"] = True
+
+
+def best_rows(rows: list[dict]) -> list[dict]:
+    """For each (method, context, mode, turn) the row with the most prompts (ties: the later row)."""
+    best: dict = {}
+    for r in rows:
+        k = (r["method"], r["context_len"], r["mode"], r["turn"])
+        if k not in best or r["n_prompts"] >= best[k]["n_prompts"]:
+            best[k] = r
+    return list(best.values())
+
+
+def _ctx(c: int) -> str:
+    return f"{c // 1024}K" if c % 1024 == 0 else str(c)
+
+
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.0f}%"
+
+
+def table(rows: list[dict], out_name: str) -> str:
+    """Markdown of the chosen rows: one line per cell, with its interval, paired flips and run."""
+    lines = [f"Generated by `bench/merge_quality.py` from `{out_name}`; each row names its run (file @ commit).",
+             "Accuracy with its 95% Wilson interval; *kept* = accuracy / full-cache accuracy on the same prompts;",
+             "flips = prompts full got right and the method wrong / the reverse (*unpaired*: the run kept no",
+             "per-prompt records, so *kept* divides by the full-cache row). Peer rows (kvpress) are simulated:",
+             "kvpress masks or zeros entries instead of freeing them, so their bytes are the ratio's, not allocated.",
+             "",
+             "| method | context | mode | n | accuracy [95% CI] | kept | flips r→w / w→r | device B/token (of full) | run |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    order = {"all": 0, "first": 1, "later": 2}
+    for r in sorted(best_rows(rows), key=lambda r: (r["mode"] != "single", r["context_len"], order[r["turn"]],
+                                                     r["method"].startswith(PEER_PREFIX), r["method"])):
+        lo, hi = r.get("ci95") or (None, None)
+        p = r.get("paired") or {}
+        flips = f"{p['right_to_wrong']} / {p['wrong_to_right']}" if p else "unpaired"
+        frac = r.get("bytes_fraction")
+        mode = "single" if r["mode"] == "single" else f"shared, {r['turn']} q"
+        src = r["source"]
+        name = r["method"] + (" (simulated)" if r.get("simulated") else "")
+        ci = f" [{100 * lo:.0f}–{100 * hi:.0f}]" if lo is not None else ""
+        lines.append(f"| {name} | {_ctx(r['context_len'])} | {mode} | {r['n_prompts']} | {100 * r['accuracy']:.0f}%{ci} "
+                     f"| {_pct(r.get('accuracy_retained'))} | {flips} | {r['kv_bytes_per_token']:.0f} ({_pct(frac)}) "
+                     f"| `{os.path.basename(src['file'])}` @ {str(src.get('commit'))[:7]} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_readme(path: str, text: str) -> None:
+    with open(path) as f:
+        doc = f.read()
+    if doc.count(BEGIN) != 1 or doc.count(END) != 1 or doc.index(BEGIN) > doc.index(END):
+        raise SystemExit(f"{path} needs exactly one {BEGIN} ... {END} block")
+    head, rest = doc.split(BEGIN)
+    tail = rest.split(END)[1]
+    with open(path, "w") as f:
+        f.write(head + BEGIN + "\n" + text + END + tail)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("inputs", nargs="+")
-    p.add_argument("--out", required=True)
+    p.add_argument("inputs", nargs="*", help="kvcomp eval / peers / merged JSON files")
+    p.add_argument("--out", required=True, help="the merged JSON (read first when it exists, then rewritten)")
     p.add_argument("--plot", default=None)
-    p.add_argument("--allow-mixed", action="store_true")
+    p.add_argument("--readme", default=None, help="file with the quality-table markers to regenerate")
     a = p.parse_args(argv)
-    obj = merge(a.inputs, a.allow_mixed)
+    existing = []
+    if os.path.exists(a.out):
+        with open(a.out) as f:
+            old = json.load(f)
+        existing = old.get("rows", [])
+    rows = merge(a.inputs, existing)
+    if not rows:
+        raise SystemExit("no rows: give kvcomp eval outputs as inputs")
     with open(a.out, "w") as f:
-        json.dump(obj, f, indent=1)
-    print(f"{'method':>14} {'ctx':>5} {'acc':>6} {'full':>6} {'kept':>6} {'B/token':>9} {'of full':>8} {'sel':>6}")
-    for r in obj["records"]:
-        kept = r.get("accuracy_retained")
-        sel = r.get("selected_fraction")
-        print(f"{r['method']:>14} {r['context_len']:>5} {r['accuracy']:6.3f} {r['full_accuracy']:6.3f} "
-              f"{'' if kept is None else f'{kept:6.2f}':>6} {r['kv_bytes_per_token']:9.0f} "
-              f"{r['kv_bytes_per_token'] / r['full_kv_bytes_per_token']:8.3f} {'' if sel is None else f'{sel:6.3f}':>6}")
+        json.dump({"schema": 2, "about": __doc__.splitlines()[0], "rows": rows}, f, indent=1)
+        f.write("\n")
+    text = table(rows, os.path.relpath(a.out))
+    print(text)
+    if a.readme:
+        write_readme(a.readme, text)
     if a.plot:
         from kvcomp.eval.plot import plot_accuracy_vs_kv
 
-        plot_accuracy_vs_kv(obj["records"], a.plot, title="SmolLM2-135M: accuracy vs allocated KV bytes/token")
+        pts = [dict(r, method=r["method"] + ("" if r["mode"] == "single" else " (shared, later q)"))
+               for r in best_rows(rows) if r["turn"] in ("all", "later")]
+        plot_accuracy_vs_kv(pts, a.plot, title="SmolLM2-135M: accuracy vs device KV bytes/token")
     return 0
 
 

@@ -26,6 +26,9 @@ def no_model_load(monkeypatch):
     (["eval", "--haystacks", "noise,hay"], "--haystacks"),
     (["eval", "--trials", "0"], "--trials"),
     (["eval", "--methods", "full,duo+xx"], "--methods"),
+    (["eval", "--mode", "multi"], "--mode"),
+    (["eval", "--queries", "0"], "--queries"),
+    (["eval", "--batch-size", "0"], "--batch-size"),
     (["demo", "--methods", "duo+duo"], "--methods"),
     (["demo", "--sink", "2.5"], "--sink"),
     (["demo", "--sink", "-1"], "--sink"),
@@ -60,6 +63,8 @@ def test_list_arguments_parse_to_lists():
                                        "--methods", "full,duo+vq", "--topk", "64"])
     assert a.context_lens == [1024, 2048] and a.tasks == ["passkey"] and a.methods == ["full", "duo+vq"]
     assert a.topk == 64 and a.haystacks == ["prose"]
+    a = cli.build_parser().parse_args(["eval", "--mode", "multi-query", "--queries", "5", "--batch-size", "4"])
+    assert (a.mode, a.queries, a.batch_size) == ("multi-query", 5, 4)
 
 
 def _fail_loading(monkeypatch):

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The published quality run in one command: every method x 2K/4K/8K on >= 50 prompts per cell (TRIALS x 5 tasks),
+# the shared-context multi-query rows (MQ_TRIALS contexts x QUERIES questions), the kvpress peers when
+# .venv-kvpress exists (scripts/setup_kvpress.sh), then one merged JSON, the README quality table and the plot.
+# One process per (mode, context, method), JOBS at a time, each with nproc/JOBS threads; a finished output is
+# kept, so a rerun resumes. Outputs: $RUNS/*.json (per-sample records kept) -> bench/results/quality-smollm2.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${RUNS:-bench/results/quality-runs}
+TRIALS=${TRIALS:-10}
+MQ_TRIALS=${MQ_TRIALS:-50}
+QUERIES=${QUERIES:-4}
+CONTEXTS=${CONTEXTS:-"2048 4096 8192"}
+METHODS=${METHODS:-"full duo think vq all"}
+PEER_CONTEXTS=${PEER_CONTEXTS:-$CONTEXTS}
+JOBS=${JOBS:-2}
+export OMP_NUM_THREADS=$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))
+mkdir -p "$RUNS"
+jobs_file=$(mktemp)
+for ctx in $CONTEXTS; do
+  for m in $METHODS; do
+    echo "$RUNS/single-$ctx-$m.json .venv/bin/kvcomp eval --methods $m --context-lens $ctx --trials $TRIALS --haystacks prose --batch-size 4 --keep-samples" >> "$jobs_file"
+    echo "$RUNS/mq-$ctx-$m.json .venv/bin/kvcomp eval --mode multi-query --queries $QUERIES --methods $m --context-lens $ctx --trials $MQ_TRIALS --haystacks prose --keep-samples" >> "$jobs_file"
+  done
+done
+if [ -x .venv-kvpress/bin/python ]; then
+  for ctx in $PEER_CONTEXTS; do
+    echo "$RUNS/peers-$ctx.json .venv-kvpress/bin/python bench/peers_kvpress.py --context-lens $ctx --trials $TRIALS" >> "$jobs_file"
+  done
+fi
+t0=$(date +%s)
+# each line: OUTPUT COMMAND...; skipped when OUTPUT exists; the log sits next to it
+xargs -P "$JOBS" -L 1 sh -c 'out=$0; [ -f "$out" ] && exit 0; "$@" --out "$out" > "${out%.json}.log" 2>&1 \
+  || echo "[quality] FAILED: $* (log: ${out%.json}.log)"' < "$jobs_file"
+rm -f "$jobs_file"
+echo "[quality] runs finished in $(( $(date +%s) - t0 )) s"
+.venv/bin/python bench/merge_quality.py "$RUNS"/*.json --out bench/results/quality-smollm2.json \
+  --plot bench/results/quality-smollm2.png --readme README.md
