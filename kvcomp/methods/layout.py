@@ -239,7 +239,8 @@ def build_hf_layer(cfg, layer: int, num_heads: int, scale: float, rope: tuple[to
                    device) -> Split:
     """The transformers cache's method objects of one layer of a
     :class:`~kvcomp.config.CompressionConfig` (its head groups: full, think, streaming, vq, vq_think,
-    window: every head of a sliding-window layer)."""
+    window: every head of a sliding-window layer, kept as a ring of its last ``window`` tokens —
+    the bytes the layer needs, where vLLM's :class:`SlidingWindow` pages are freed by vLLM itself)."""
     g = num_heads // cfg.num_kv_heads
     t = cfg.think
     parts = []
@@ -256,8 +257,8 @@ def build_hf_layer(cfg, layer: int, num_heads: int, scale: float, rope: tuple[to
             m = think
         elif name == "streaming":
             m = StreamingHeads(cfg.duo.sink, cfg.duo.recent, scale)
-        elif name == "window":
-            m = SlidingWindow(cfg.window(layer), scale)
+        elif name == "window":  # the cache keeps the window only: a sink-0 streaming ring of W tokens
+            m = StreamingHeads(0, cfg.window(layer), scale)
         else:
             m = A2ATS(cfg.vq, layer, heads, rope[0], rope[1], scale, device, think=think)
         parts.append((heads, m))

@@ -131,9 +131,13 @@ def test_methods_run_on_global_layers_only(models, arch, method):
     tokens, cache = _run(m, cfg, ids)
     assert tokens.shape == off_tokens.shape
     want, got = _layer_bytes(off), _layer_bytes(cache)
+    c = m.config
+    d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    window_bytes = ids.shape[0] * 2 * c.num_key_value_heads * d * next(m.parameters()).element_size()
     for l, w in enumerate(windows):
         if w is not None:
             assert got[l] == want[l], (l, got, want)  # sliding layer: untouched
+            assert got[l]["device"] == w * window_bytes, (l, got)  # its last W tokens only, not the 33+
         else:
             assert got[l]["device"] < want[l]["device"], (l, got, want)  # global layer: the method's real saving
     if "vq" in method:
