@@ -116,15 +116,20 @@ void scatter_tokens_cpu(at::Tensor& cache, const at::Tensor& new_tokens, const a
 
   AT_DISPATCH_INDEX_TYPES(slots.scalar_type(), "scatter_tokens_cpu", [&] {
     const index_t* sl = slots.data_ptr<index_t>();
-    std::vector<uint8_t> seen(static_cast<size_t>(num_slots), 0);
+    // duplicates found by sorting the N slots (not a flag per cache slot: the cache may hold millions)
+    std::vector<int64_t> used;
+    used.reserve(static_cast<size_t>(n));
     for (int64_t i = 0; i < n; ++i) {
       const int64_t s = static_cast<int64_t>(sl[i]);
       if (s < 0) continue;
       TORCH_CHECK_VALUE(s < num_slots, "slots has an out-of-range slot ", s, " (the cache has ", num_slots,
                   paged ? " slots = num_blocks * block_size)" : " token positions)");
-      TORCH_CHECK_VALUE(!seen[s], "slots has the slot ", s, " more than once (which token wins would be undefined)");
-      seen[s] = 1;
+      used.push_back(s);
     }
+    std::sort(used.begin(), used.end());
+    const auto dup = std::adjacent_find(used.begin(), used.end());
+    TORCH_CHECK_VALUE(dup == used.end(), "slots has the slot ", dup == used.end() ? 0 : *dup,
+                      " more than once (which token wins would be undefined)");
     at::parallel_for(0, n * hkv, copy_grain(row_bytes), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t i = r / hkv, h = r % hkv;

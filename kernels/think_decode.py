@@ -4,8 +4,8 @@ Cache layout (one layer; ``W`` = full-width recent window, ``Dk`` = kept channel
 
 - ``kp_cache [num_blocks, block_size, Hkv, Dk]``: channel-pruned keys. Token ``p`` of sequence ``b``
   sits in slot ``p % block_size`` of block ``block_table[b, p // block_size]`` (the same pages and
-  block table as the values). Every appended token is written here (see
-  :mod:`kvcomp.kernels.think_write`), but decode reads it only for the pruned region ``p < T_p``.
+  block table as the values). Every appended token is written here (a slot write,
+  :func:`kvcomp.methods.dense.write_pages`), but decode reads it only for the pruned region ``p < T_p``.
 - ``chan_idx [B or 1, Hkv, Dk]``: kept channel ids per KV head (per request, or one static set per
   layer broadcast over the batch when the first dim is 1).
 - ``k_recent [B, Hkv, W, D]``: full-width ring; token ``p`` sits in slot ``p % W``. It holds the

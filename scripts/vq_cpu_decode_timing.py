@@ -21,9 +21,8 @@ import torch.nn.functional as F
 
 from kvcomp import ref
 from kvcomp._ext import ext_ops
-from kvcomp.ops import host_mirror as hm
 from kvcomp.ops.vq import topk_kmax
-from kvcomp.ref.think_paged import paged_vq_topk
+from kvcomp.ref.vq_paged import paged_vq_topk
 
 
 def timed(fn, reps: int) -> tuple[float, float, float]:
@@ -92,8 +91,7 @@ def main() -> None:
         idx, count = ops.vq_topk(lut, codes, table, seq_lens, topk_t, sink, local, kmax)
         t_lut = timed(lambda: ops.vq_lut(q, codebook, scale), args.reps)
         t_sel = timed(lambda: ops.vq_topk(lut, codes, table, seq_lens, topk_t, sink, local, kmax), args.reps)
-        t_att = timed(lambda: hm.sparse_attention_host(q, k, v, idx, count, block_table=table, scale=scale,
-                                                       impl="native"), args.reps)
+        t_att = timed(lambda: ops.sparse_attention(q, k, v, idx, count, table, scale), args.reps)
         total = t_lut[0] + t_sel[0] + t_att[0]
         mean_count = float(count.float().mean())
         print(f"\ntop-K {frac:.0%} per query head ({topk} tokens; {mean_count:.0f} per KV head after the union)")

@@ -25,15 +25,19 @@ def write_pages(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tenso
                 v: torch.Tensor) -> None:
     """Store ``k [n, H, Dk]`` / ``v [n, H, Dv]`` at slots ``block * block_size + offset`` (all valid),
     moved to the pages' device (e.g. host pages). Pages of equal key and value width on the new
-    tokens' device go through ``kvcomp::write_paged_kv`` (the Triton kernel on the GPU)."""
+    tokens' device go through ``kvcomp::write_paged_kv`` (the Triton kernel on the GPU); other pages
+    in host memory (A²ATS's host pages, ThinK's narrow key pages on the CPU) through
+    :func:`kvcomp.ops.scatter_tokens` (the native copy), other GPU pages by an indexed copy (no host
+    sync: a CUDA graph can hold it)."""
     if k.device == k_cache.device and k_cache.shape == v_cache.shape and k.shape == v.shape:
         ops.triton_write_paged_kv(k, v, k_cache, v_cache, slots)
         return
-    bs = k_cache.shape[1]
-    s = slots.to(k_cache.device, torch.long)
-    blk, off = s // bs, s % bs
-    k_cache[blk, off] = k.to(k_cache.device, k_cache.dtype)
-    v_cache[blk, off] = v.to(v_cache.device, v_cache.dtype)
+    for cache, x in ((k_cache, k), (v_cache, v)):
+        if cache.device.type == "cpu":
+            ops.scatter_tokens(cache, x.to(cache.device, cache.dtype), slots)
+        else:
+            s = slots.to(cache.device, torch.long)
+            cache[s // cache.shape[1], s % cache.shape[1]] = x.to(cache.device, cache.dtype)
 
 
 def head_map(paged: list[int], streaming: list[int], device) -> torch.Tensor:

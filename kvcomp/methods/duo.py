@@ -105,8 +105,6 @@ class StreamingHeads:
         qsl, lens = md.qsl_host(), md.seq_lens_host()
         if ring is None:
             mk, mv = store.mirror
-            bt = md.block_table.cpu()
-            bsz = mk.shape[1]
         else:
             blocks = store.ring_block.tolist()
         for b in reqs:
@@ -118,11 +116,10 @@ class StreamingHeads:
                 r = ring[blocks[b]]  # [n_str, capacity, D + Dv]
                 idx = torch.tensor([ring_slot(p, sink, recent) for p in old_pos], dtype=torch.long, device=r.device)
                 k_old, v_old = r[:, idx, :d], r[:, idx, d:]
-            else:
-                pos = torch.tensor(old_pos, dtype=torch.long)
-                blk, off = bt[b, pos // bsz].long(), pos % bsz
-                k_old = mk[blk, off].transpose(0, 1).to(q.device)
-                v_old = mv[blk, off].transpose(0, 1).to(q.device)
+            else:  # gathered from the host pages (zero-copy onto a GPU with the CUDA extension)
+                pos = torch.tensor(old_pos, dtype=torch.long, device=q.device).expand(mk.shape[2], -1)
+                k_old = ops.gather_tokens(mk, pos, block_table=md.block_table[b])
+                v_old = ops.gather_tokens(mv, pos, block_table=md.block_table[b])
             k = torch.cat([k_old, k_new[s0:e0].transpose(0, 1).to(k_old.dtype)], dim=1)[None].to(q.dtype)
             v = torch.cat([v_old, v_new[s0:e0].transpose(0, 1).to(v_old.dtype)], dim=1)[None].to(q.dtype)
             k_pos = torch.tensor(old_pos + list(range(ctx, seq_len)), device=q.device)

@@ -4,36 +4,23 @@ Importing this package registers the ``kvcomp::*`` torch.library custom ops (wit
 implementations for torch.compile / CUDA graphs); Triton itself is imported only when an op runs.
 """
 
-from kvcomp.ops.cache_write import triton_write_paged_kv, triton_write_streaming_kv
+from kvcomp.ops.cache_write import triton_write_paged_kv
 from kvcomp.ops.duo import triton_duo_decode_attention
-from kvcomp.ops.host_mirror import (
-    gather_tokens,
-    gather_tokens_torch,
-    scatter_tokens,
-    scatter_tokens_torch,
-    sparse_attention_host,
-    sparse_attention_host_torch,
-)
+from kvcomp.ops.host_mirror import gather_tokens, scatter_tokens, sparse_attention_host
 from kvcomp.ops.prefill import dense_prefill, triton_streaming_attention
-from kvcomp.ops.think import pack_pruned_keys_paged, think_decode
-from kvcomp.ops.vq import sparse_decode, topk_kmax, vq_encode, vq_encode_paged, vq_lut, vq_topk
+from kvcomp.ops.think import think_decode
+from kvcomp.ops.vq import topk_kmax, vq_encode, vq_encode_paged, vq_lut, vq_topk
 
 __all__ = [
     "dense_prefill",
     "gather_tokens",
-    "gather_tokens_torch",
-    "pack_pruned_keys_paged",
     "scatter_tokens",
-    "scatter_tokens_torch",
     "sparse_attention_host",
-    "sparse_attention_host_torch",
-    "sparse_decode",
     "think_decode",
     "topk_kmax",
     "triton_duo_decode_attention",
     "triton_streaming_attention",
     "triton_write_paged_kv",
-    "triton_write_streaming_kv",
     "vq_encode",
     "vq_encode_paged",
     "vq_lut",

@@ -68,8 +68,3 @@ def impl_for(t: torch.Tensor, op: str | None = None) -> str:
             warnings.warn(f"kvcomp: {why}; CPU ops run the PyTorch references (slow): {BUILD_HINT}",
                           RuntimeWarning, stacklevel=3)
     return "reference"
-
-
-def use_triton(t: torch.Tensor) -> bool:
-    """True when the op should launch its Triton kernel for tensors on ``t``'s device."""
-    return impl_for(t) == "triton"

@@ -1,9 +1,10 @@
-"""``kvcomp::write_paged_kv`` and ``kvcomp::write_streaming_kv``: in-place cache writes as custom ops.
+"""``kvcomp::write_paged_kv``: the in-place paged cache write as a custom op.
 
-Both mutate their cache arguments (declared in ``mutates_args``) and return nothing. They run the
-Triton kernels where :func:`kvcomp.ops._dispatch.impl_for` says so (CUDA, or the interpreter) and
-their references otherwise (an indexed copy: no native kernel is needed for it). Triton is imported
-lazily inside the ops.
+It mutates its cache arguments (declared in ``mutates_args``) and returns nothing. It runs the
+Triton kernel where :func:`kvcomp.ops._dispatch.impl_for` says so (CUDA, or the interpreter) and
+the reference otherwise (an indexed copy: no native kernel is needed for it). Triton is imported
+lazily inside the op. DuoAttention's streaming rings are written by their method
+(:meth:`kvcomp.methods.duo.StreamingHeads.ring_write`).
 """
 
 from __future__ import annotations
@@ -28,21 +29,6 @@ def _write_paged_kv_fake(key, value, k_cache, v_cache, slot_mapping):
     return None
 
 
-@torch.library.custom_op("kvcomp::write_streaming_kv", mutates_args=("k_buf", "v_buf"))
-def _write_streaming_kv_op(key: torch.Tensor, value: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
-                           query_start_loc: torch.Tensor, seq_lens: torch.Tensor, sink: int) -> None:
-    if impl_for(k_buf) != "triton":
-        from kvcomp.ref.cache_write import write_streaming_kv
-    else:
-        from kvcomp.kernels.cache_write import write_streaming_kv
-    write_streaming_kv(key, value, k_buf, v_buf, query_start_loc, seq_lens, sink=sink)
-
-
-@_write_streaming_kv_op.register_fake
-def _write_streaming_kv_fake(key, value, k_buf, v_buf, query_start_loc, seq_lens, sink):
-    return None
-
-
 def _check(name: str, t, ndim: int) -> None:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -60,16 +46,3 @@ def triton_write_paged_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch
         _check(name, t, nd)
     torch.ops.kvcomp.write_paged_kv(key, value, k_cache, v_cache, slot_mapping)
 
-
-def triton_write_streaming_kv(key: torch.Tensor, value: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
-                              query_start_loc: torch.Tensor, seq_lens: torch.Tensor, *, sink: int) -> None:
-    """Roll the streaming window: write packed ``key, value [total_new, n_str, D]`` into the rings
-    ``k_buf, v_buf [B, n_str, sink + window, D]`` in place (sink slots first, then the ring; of a chunk
-    longer than the window only the last ``window`` tokens land). Same contract as
-    ``kvcomp.ref.cache_write.write_streaming_kv``."""
-    for name, t, nd in (("key", key, 3), ("value", value, 3), ("k_buf", k_buf, 4), ("v_buf", v_buf, 4),
-                        ("query_start_loc", query_start_loc, 1), ("seq_lens", seq_lens, 1)):
-        _check(name, t, nd)
-    if isinstance(sink, bool) or not isinstance(sink, int) or sink < 0:
-        raise ValueError(f"sink must be a non-negative int, got {sink!r}")
-    torch.ops.kvcomp.write_streaming_kv(key, value, k_buf, v_buf, query_start_loc, seq_lens, sink)

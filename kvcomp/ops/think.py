@@ -1,15 +1,15 @@
-"""ThinK ops: ``kvcomp::think_decode`` and ``kvcomp::pack_pruned_keys`` (torch.library custom ops).
+"""ThinK op: ``kvcomp::think_decode`` (a torch.library custom op).
 
 Cache layout (see ``kernels/think_decode.py`` and :mod:`kvcomp.ref.think_paged`): pruned keys in pages
 ``kp_cache [num_blocks, block_size, Hkv, Dk]``, kept channels ``chan_idx [B or 1, Hkv, Dk]``, a
 full-width ring ``k_recent [B, Hkv, W, D]`` (token ``p`` in slot ``p % W``, the last ``min(L, W)``
 tokens), values in ordinary pages ``v_cache [num_blocks, block_size, Hkv, Dv]``.
 
-The ops run the Triton kernels on CUDA tensors (or on CPU tensors under ``TRITON_INTERPRET=1``);
-on CPU the native kernels ``torch.ops.kvcomp_C.think_decode`` / ``pack_pruned_keys`` when ``kvcomp._C``
-has them, the pure-PyTorch references otherwise (``kvcomp.ops._dispatch.impl_for``). Triton is imported
-lazily inside the ops; the fake implementations let ``torch.compile`` trace them and CUDA graphs
-capture them (no host sync).
+The op runs the Triton kernel on CUDA tensors (or on CPU tensors under ``TRITON_INTERPRET=1``);
+on CPU the native kernel ``torch.ops.kvcomp_C.think_decode`` when ``kvcomp._C`` has it, the
+pure-PyTorch reference otherwise (``kvcomp.ops._dispatch.impl_for``). Triton is imported lazily
+inside the op; the fake implementation lets ``torch.compile`` trace it and CUDA graphs capture it
+(no host sync). ThinK's page writes are plain slot writes (:func:`kvcomp.methods.dense.write_pages`).
 """
 
 from __future__ import annotations
@@ -45,29 +45,6 @@ def _think_decode_fake(q, kp_cache, chan_idx, k_recent, v_cache, block_table, se
     return q.new_empty(q.shape[0], q.shape[1], v_cache.shape[3])
 
 
-@torch.library.custom_op("kvcomp::pack_pruned_keys", mutates_args=("kp_cache", "k_recent"))
-def _pack_pruned_keys_op(k_new: torch.Tensor, chan_idx: torch.Tensor, kp_cache: torch.Tensor, k_recent: torch.Tensor,
-                         block_table: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor) -> None:
-    impl = impl_for(k_new, "pack_pruned_keys")
-    if impl == "native":
-        torch.ops.kvcomp_C.pack_pruned_keys(k_new, chan_idx, kp_cache, k_recent, block_table, seq_lens,
-                                            query_start_loc)
-        return
-    if impl == "reference":
-        from kvcomp.ref.compressed_write import pack_pruned_keys_paged as ref
-
-        ref(k_new, chan_idx, kp_cache, k_recent, block_table, seq_lens, query_start_loc)
-        return
-    from kvcomp.kernels.think_write import triton_pack_pruned_keys_paged
-
-    triton_pack_pruned_keys_paged(k_new, chan_idx, kp_cache, k_recent, block_table, seq_lens, query_start_loc)
-
-
-@_pack_pruned_keys_op.register_fake
-def _pack_pruned_keys_fake(k_new, chan_idx, kp_cache, k_recent, block_table, seq_lens, query_start_loc):
-    return None
-
-
 def think_decode(q: torch.Tensor, kp_cache: torch.Tensor, chan_idx: torch.Tensor, k_recent: torch.Tensor,
                  v_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, *,
                  scale: float | None = None, tokens_per_split: int | None = None,
@@ -94,16 +71,3 @@ def think_decode(q: torch.Tensor, kp_cache: torch.Tensor, chan_idx: torch.Tensor
     return torch.ops.kvcomp.think_decode(q, kp_cache, chan_idx, k_recent, v_cache, block_table, seq_lens, sc,
                                          tokens_per_split or 0, max_seq_len or 0)
 
-
-def pack_pruned_keys_paged(k_new: torch.Tensor, chan_idx: torch.Tensor, kp_cache: torch.Tensor,
-                           k_recent: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
-                           query_start_loc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Append new keys to a ThinK cache in place, through ``kvcomp::pack_pruned_keys``.
-
-    Same arguments and result as :func:`kvcomp.ref.compressed_write.pack_pruned_keys_paged`:
-    k_new ``[N, Hkv, D]`` packed by ``query_start_loc [B+1]``; the kept channels go to the pages, and
-    the tokens among the last ``W`` of their sequence also to the ring ``k_recent``. Returns
-    ``(kp_cache, k_recent)``.
-    """
-    torch.ops.kvcomp.pack_pruned_keys(k_new, chan_idx, kp_cache, k_recent, block_table, seq_lens, query_start_loc)
-    return kp_cache, k_recent

@@ -1,14 +1,14 @@
-"""A²ATS ops: ``kvcomp::vq_lut``, ``kvcomp::vq_topk``, ``kvcomp::sparse_decode``, ``kvcomp::vq_encode``,
-``kvcomp::vq_encode_paged`` (torch.library custom ops with fake implementations).
+"""A²ATS ops: ``kvcomp::vq_lut``, ``kvcomp::vq_topk``, ``kvcomp::vq_encode``, ``kvcomp::vq_encode_paged``
+(torch.library custom ops with fake implementations).
 
 A decode step is ``lut = vq_lut(q_wrope, codebook)`` -> ``idx, count = vq_topk(lut, code_cache, ...)``
--> ``o = sparse_decode(q, k_cache, v_cache, block_table, idx, count)``; new keys are encoded with
+-> ``o = sparse_attention_host(q, k, v, idx, count, block_table=...)`` (:mod:`kvcomp.ops.host_mirror`:
+native on the host pages, the Triton sparse decode over GPU pages); new keys are encoded with
 ``vq_encode_paged`` into the int16 code cache ``[num_blocks, block_size, Hkv]`` (same block table as
 the KV pages). Each op body picks its implementation with ``impl_for(tensor, "<native op>")``
 (:mod:`kvcomp.ops._dispatch`): the Triton kernel (CUDA, or CPU under ``TRITON_INTERPRET=1``), the
 native CPU kernel ``torch.ops.kvcomp_C.vq_lut|vq_topk|vq_encode|vq_encode_paged`` when ``kvcomp._C``
-has it, else the pure-PyTorch reference; Triton is imported lazily. ``sparse_decode`` has no native
-op here (the host mirror's ``sparse_attention_host`` is the CPU path).
+has it, else the pure-PyTorch reference; Triton is imported lazily.
 ``vq_topk`` returns a static ``Kmax`` (see :func:`topk_kmax`) so its output shape never depends on data.
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from kvcomp.ops._dispatch import impl_for, use_triton
+from kvcomp.ops._dispatch import impl_for
 
 
 def topk_kmax(topk, group: int, sink: int, local: int, capacity: int) -> int:
@@ -71,23 +71,6 @@ def _vq_topk_op(lut: torch.Tensor, code_cache: torch.Tensor, block_table: torch.
 def _vq_topk_fake(lut, code_cache, block_table, seq_lens, topk, sink, local, kmax):
     b, hkv = lut.shape[0], code_cache.shape[2]
     return (lut.new_empty(b, hkv, kmax, dtype=torch.int32), lut.new_empty(b, hkv, dtype=torch.int32))
-
-
-@torch.library.custom_op("kvcomp::sparse_decode", mutates_args=())
-def _sparse_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-                      idx: torch.Tensor, count: torch.Tensor, scale: float) -> torch.Tensor:
-    if not use_triton(q):
-        from kvcomp.ref import paged_sparse_attention
-
-        return paged_sparse_attention(q, k_cache, v_cache, block_table, idx, count, scale=scale)
-    from kvcomp.kernels.vq_sparse_decode import triton_paged_sparse_attention
-
-    return triton_paged_sparse_attention(q, k_cache, v_cache, block_table, idx, count, scale=scale)
-
-
-@_sparse_decode_op.register_fake
-def _sparse_decode_fake(q, k_cache, v_cache, block_table, idx, count, scale):
-    return q.new_empty(q.shape[0], q.shape[1], v_cache.shape[3])
 
 
 @torch.library.custom_op("kvcomp::vq_encode", mutates_args=())
@@ -200,15 +183,6 @@ def vq_topk(lut: torch.Tensor, code_cache: torch.Tensor, block_table: torch.Tens
     elif isinstance(kmax, bool) or not isinstance(kmax, int) or kmax < need:
         raise ValueError(f"kmax must be an int >= {need} (the largest possible count), got {kmax!r}")
     return torch.ops.kvcomp.vq_topk(lut, code_cache, block_table, seq_lens, topk_t, sink, local, kmax)
-
-
-def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-                  idx: torch.Tensor, count: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
-    """Attention over the selected tokens, via ``kvcomp::sparse_decode`` (contract of
-    :func:`kvcomp.ref.paged_sparse_attention`): q ``[B, Hq, D]`` -> ``[B, Hq, Dv]``."""
-    if not isinstance(q, torch.Tensor) or q.dim() != 3:
-        raise ValueError("q must be a [B, Hq, D] tensor")
-    return torch.ops.kvcomp.sparse_decode(q, k_cache, v_cache, block_table, idx, count, _scale(scale, q.shape[-1]))
 
 
 def vq_encode(k_pre: torch.Tensor, codebook: torch.Tensor, whiten: torch.Tensor) -> torch.Tensor:

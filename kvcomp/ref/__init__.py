@@ -8,8 +8,6 @@ from .attention import gather_paged as gather_paged
 from .attention import paged_attention as paged_attention
 from .cache_write import streaming_slot as streaming_slot
 from .cache_write import write_paged_kv as write_paged_kv
-from .cache_write import write_streaming_kv as write_streaming_kv
-from .compressed_write import pack_pruned_keys_paged as pack_pruned_keys_paged
 from .compressed_write import vq_encode_paged as vq_encode_paged
 from .duo import duo_decode_attention as duo_decode_attention
 from .duo import duo_head_map as duo_head_map
@@ -63,10 +61,8 @@ __all__ = [
     "ring_positions",
     "streaming_slot",
     "write_paged_kv",
-    "write_streaming_kv",
     "paged_pruned_key_attention",
     "gather_codes",
     "paged_vq_topk",
-    "pack_pruned_keys_paged",
     "vq_encode_paged",
 ]

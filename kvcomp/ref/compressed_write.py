@@ -1,11 +1,10 @@
-"""References for the cache writes of the compressed layouts (ThinK pruned keys, A²ATS codes).
+"""Reference for the cache write of A²ATS codes (``vq_encode_paged``).
 
 New tokens arrive packed like varlen queries: ``k_new [N, Hkv, D]`` with ``query_start_loc [B+1]``;
 sequence ``b`` owns rows ``query_start_loc[b]:query_start_loc[b+1]``, which are its last tokens, so
 row ``i`` has position ``p = seq_lens[b] - q_len_b + (i - query_start_loc[b])`` (``seq_lens`` counts
 the new tokens). Token ``p`` lives in slot ``p % block_size`` of block ``block_table[b, p // block_size]``.
-Layouts are described in :mod:`kvcomp.ref.think_paged`. Both writes update the caches in place and
-return them.
+The write updates the code cache in place and returns it.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ from __future__ import annotations
 import torch
 
 from . import _validate as V
-from .think import pack_pruned_keys
 from .vq import vq_encode
 
 
@@ -39,50 +37,6 @@ def _positions(k_new, block_table, seq_lens, query_start_loc, block_size, num_bl
         pos = torch.arange(lens[b] - (e - s), lens[b], device=k_new.device)
         blk = block_table[b].to(k_new.device).long()[pos // block_size]
         yield b, slice(s, e), pos, blk, pos % block_size
-
-
-def pack_pruned_keys_paged(k_new: torch.Tensor, chan_idx: torch.Tensor, kp_cache: torch.Tensor,
-                           k_recent: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
-                           query_start_loc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Append new keys to a ThinK cache: kept channels into the narrow pages, full width into the ring.
-
-    Every new token's ``k[chan_idx]`` is written to its page slot; a token also goes to ring slot
-    ``p % W`` of ``k_recent`` when it is among the last ``W`` tokens (``p >= seq_lens[b] - W``).
-
-    Args:
-        k_new: ``[N, Hkv, D]`` new (post-RoPE) keys.
-        chan_idx: ``[B or 1, Hkv, Dk]`` kept channels.
-        kp_cache: ``[num_blocks, block_size, Hkv, Dk]`` (updated in place).
-        k_recent: ``[B, Hkv, W, D]`` ring (updated in place; ``W`` may be 0).
-        block_table: ``[B, max_blocks]``; seq_lens: ``[B]`` including the new tokens;
-        query_start_loc: ``[B+1]``.
-    Returns:
-        ``(kp_cache, k_recent)``.
-    """
-    V.tensor("k_new", k_new, ndim=3, kind="float")
-    V.tensor("chan_idx", chan_idx, ndim=3, kind="int")
-    V.tensor("kp_cache", kp_cache, ndim=4, kind="float")
-    V.tensor("k_recent", k_recent, ndim=4, kind="float")
-    V.same_device(k_new=k_new, chan_idx=chan_idx, kp_cache=kp_cache, k_recent=k_recent)
-    n, hkv, d = k_new.shape
-    nb, bs, _, dk = kp_cache.shape
-    if kp_cache.shape[2] != hkv or chan_idx.shape[1:] != (hkv, dk):
-        raise ValueError(f"kp_cache [.., Hkv={hkv}, Dk] and chan_idx [B|1, Hkv, Dk] disagree: "
-                         f"{tuple(kp_cache.shape)}, {tuple(chan_idx.shape)}")
-    bsz = block_table.shape[0]
-    if k_recent.shape[0] != bsz or k_recent.shape[1] != hkv or k_recent.shape[3] != d:
-        raise ValueError(f"k_recent must be [B={bsz}, Hkv={hkv}, W, D={d}], got {tuple(k_recent.shape)}")
-    if chan_idx.shape[0] not in (1, bsz):
-        raise ValueError(f"chan_idx must have batch dim 1 or {bsz}, got {chan_idx.shape[0]}")
-    w = k_recent.shape[2]
-    for b, rows, pos, blk, slot in _positions(k_new, block_table, seq_lens, query_start_loc, bs, nb):
-        kb = k_new[rows].permute(1, 0, 2).unsqueeze(0)  # [1, Hkv, n_b, D]
-        ci = chan_idx[b if chan_idx.shape[0] > 1 else 0].unsqueeze(0)
-        kp_cache[blk, slot] = pack_pruned_keys(kb, ci)[0].permute(1, 0, 2).to(kp_cache.dtype)
-        if w:
-            keep = pos >= int(seq_lens[b]) - w
-            k_recent[b][:, pos[keep] % w] = kb[0][:, keep].to(k_recent.dtype)
-    return kp_cache, k_recent
 
 
 def vq_encode_paged(k_new: torch.Tensor, codebook: torch.Tensor, whiten: torch.Tensor, code_cache: torch.Tensor,

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-DUO = "duo_decode,streaming_prefill,write_paged_kv,write_streaming_kv"
+DUO = "duo_decode,streaming_prefill,write_paged_kv"
 
 
 def _run(*args):

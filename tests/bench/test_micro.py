@@ -74,7 +74,8 @@ def test_vq_lut_topk(benchmark):
 
 
 def test_a2ats_host_mirror_chain(benchmark):
-    from kvcomp.ops import sparse_attention_host_torch, vq_lut, vq_topk
+    from kvcomp.ops import vq_lut, vq_topk
+    from kvcomp.ref.host_mirror import sparse_attention_host
 
     x = vq.make_mirror_chain(P, P.hkv)
     benchmark.extra_info["impl"] = observed_impl(lambda: vq.run_mirror_chain(x), vq.CHAIN_OPS)[0]
@@ -82,7 +83,7 @@ def test_a2ats_host_mirror_chain(benchmark):
     lut = vq_lut(x["q_wrope"], x["codebook"])
     idx, count = vq_topk(lut, x["code_cache"], x["block_table"], x["seq_lens"], topk=x["topk"], sink=x["sink"],
                          local=x["local"])
-    _close(out, sparse_attention_host_torch(x["q_vq"], x["k"], x["v"], idx, count, block_table=x["block_table"]))
+    _close(out, sparse_attention_host(x["q_vq"], x["k"], x["v"], idx, count, block_table=x["block_table"]))
 
 
 def test_vq_encode(benchmark):

@@ -31,7 +31,7 @@ def test_import_kvcomp_does_not_load_native_or_triton():
 
 def test_load_ext_error_when_absent_is_clear():
     # sys.modules[name] = None makes `import kvcomp._C` raise ImportError, as when it was never built.
-    res = _py("import sys; sys.modules['kvcomp._C'] = None\n"
+    res = _py("import os, sys; sys.modules['kvcomp._C'] = None\n"
               "import torch\n"
               "from kvcomp import _ext\n"
               "from kvcomp.ops import gather_tokens\n"
@@ -39,12 +39,13 @@ def test_load_ext_error_when_absent_is_clear():
               "out = gather_tokens(torch.arange(6.).reshape(1, 6, 1), torch.tensor([[4, 1]]))\n"
               "assert out.flatten().tolist() == [4.0, 1.0], out\n"
               "try:\n"
-              "    gather_tokens(torch.zeros(1, 2, 1), torch.zeros(1, 1, dtype=torch.long), impl='native')\n"
+              "    os.environ['KVCOMP_OPS'] = 'native'\n"
+              "    gather_tokens(torch.zeros(1, 2, 1), torch.zeros(1, 1, dtype=torch.long))\n"
               "except RuntimeError as e:\n"
               "    print(e)\n"
               "_ext.load_ext()\n")
     assert res.returncode != 0
-    assert "kvcomp native extension not built" in res.stdout
+    assert "KVCOMP_OPS=native but kvcomp._C has no native 'gather_tokens' operator" in res.stdout
     assert "KVCOMP_BUILD_EXT=1 pip install --no-build-isolation -e ." in res.stdout
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("RuntimeError: kvcomp native extension not built: reinstall with KVCOMP_BUILD_EXT=1"), last

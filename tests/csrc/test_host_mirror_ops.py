@@ -1,4 +1,5 @@
-"""Host-mirror ops: pure-torch versions against naive loops, native kvcomp._C against the torch ones."""
+"""Host-mirror ops: the references (kvcomp.ref.host_mirror) against naive loops; each ops route
+(KVCOMP_OPS=reference / native / triton) against them."""
 
 from __future__ import annotations
 
@@ -9,10 +10,22 @@ import torch
 
 from kvcomp._ext import has_ext
 from kvcomp.ops import host_mirror as hm
+from kvcomp.ref import host_mirror as R
 from kvcomp.testing import assert_close, assert_equal
 
 native = pytest.mark.skipif(not has_ext(), reason="native extension not built (KVCOMP_BUILD_EXT=1, see setup.py)")
-IMPLS = ["torch", pytest.param("native", marks=native)]
+
+
+@pytest.fixture(params=["reference", pytest.param("native", marks=native)])
+def impl(request, monkeypatch):
+    """Run the test through one ops route (KVCOMP_OPS)."""
+    monkeypatch.setenv("KVCOMP_OPS", request.param)
+    return request.param
+
+
+@pytest.fixture
+def use_native(monkeypatch):
+    monkeypatch.setenv("KVCOMP_OPS", "native")
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -56,7 +69,6 @@ GATHER_CASES = [  # (Hkv, T, D, K, dtype)
 ]
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("hkv,t,d,k,dtype", GATHER_CASES, ids=lambda x: str(x).replace("torch.", ""))
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 def test_gather_dense(impl, hkv, t, d, k, dtype, index_dtype):
@@ -65,13 +77,12 @@ def test_gather_dense(impl, hkv, t, d, k, dtype, index_dtype):
     idx[:, 0] = idx[:, -1]  # duplicates
     ref = torch.stack([src[h, idx[h].long()] for h in range(hkv)])
     out = torch.full((hkv, k, d), float("nan"), dtype=dtype)
-    res = hm.gather_tokens(src, idx, out, impl=impl)
+    res = hm.gather_tokens(src, idx, out)
     assert res is out
     assert_equal("gather", ref, out)
-    assert_equal("gather (allocated)", ref, hm.gather_tokens(src, idx, impl=impl))
+    assert_equal("gather (allocated)", ref, hm.gather_tokens(src, idx))
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("with_table", [True, False], ids=["table", "slots"])
 def test_gather_paged(impl, with_table):
     hkv, t, d, bs, k = 3, 77, 24, 16, 19
@@ -80,14 +91,13 @@ def test_gather_paged(impl, with_table):
     pos = torch.randint(0, t, (hkv, k), generator=_gen(4))
     ref = torch.stack([dense[0, h, pos[h]] for h in range(hkv)])
     if with_table:
-        out = hm.gather_tokens(cache, pos.to(torch.int32), block_table=table[0], impl=impl)
+        out = hm.gather_tokens(cache, pos.to(torch.int32), block_table=table[0])
     else:
         slots = table[0].long()[pos // bs] * bs + pos % bs
-        out = hm.gather_tokens(cache, slots, impl=impl)
+        out = hm.gather_tokens(cache, slots)
     assert_equal("paged gather", ref, out)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 def test_gather_strided_views(impl):
     """A strided source view (time-sliced, heads not adjacent) and a strided out view."""
     big = torch.randn(50, 6, 40, generator=_gen(5))  # [T, Hkv, D] storage
@@ -95,33 +105,30 @@ def test_gather_strided_views(impl):
     idx = torch.randint(0, 35, (6, 9), generator=_gen(6))
     out_big = torch.full((6, 9, 50), float("nan"))
     out = out_big[:, :, 5:45]
-    hm.gather_tokens(src, idx, out, impl=impl)
+    hm.gather_tokens(src, idx, out)
     assert_equal("strided gather", torch.stack([src[h, idx[h]] for h in range(6)]), out)
     assert torch.isnan(out_big[:, :, :5]).all() and torch.isnan(out_big[:, :, 45:]).all()
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 def test_gather_errors(impl):
     src = torch.randn(2, 10, 4)
     with pytest.raises(ValueError, match="idx has an out-of-range token index 10"):
-        hm.gather_tokens(src, torch.tensor([[0, 10], [1, 2]]), impl=impl)
+        hm.gather_tokens(src, torch.tensor([[0, 10], [1, 2]]))
     with pytest.raises(ValueError, match="out-of-range token index -1"):
-        hm.gather_tokens(src, torch.tensor([[0, -1], [1, 2]]), impl=impl)
+        hm.gather_tokens(src, torch.tensor([[0, -1], [1, 2]]))
     with pytest.raises(ValueError, match="idx must be int32 or int64"):
-        hm.gather_tokens(src, torch.zeros(2, 3), impl=impl)
+        hm.gather_tokens(src, torch.zeros(2, 3))
     with pytest.raises(ValueError, match="idx has 3 heads but src has Hkv=2"):
-        hm.gather_tokens(src, torch.zeros(3, 1, dtype=torch.long), impl=impl)
+        hm.gather_tokens(src, torch.zeros(3, 1, dtype=torch.long))
     with pytest.raises(ValueError, match="out dtype"):
-        hm.gather_tokens(src, torch.zeros(2, 1, dtype=torch.long), torch.empty(2, 1, 4, dtype=torch.float16), impl=impl)
+        hm.gather_tokens(src, torch.zeros(2, 1, dtype=torch.long), torch.empty(2, 1, 4, dtype=torch.float16))
     with pytest.raises(ValueError, match="block_table is only valid with a paged src"):
-        hm.gather_tokens(src, torch.zeros(2, 1, dtype=torch.long), block_table=torch.zeros(1, dtype=torch.int32),
-                         impl=impl)
+        hm.gather_tokens(src, torch.zeros(2, 1, dtype=torch.long), block_table=torch.zeros(1, dtype=torch.int32))
     cache = torch.randn(4, 8, 2, 4)
     with pytest.raises(ValueError, match="block_table maps"):
-        hm.gather_tokens(cache, torch.tensor([[0], [9]]), block_table=torch.tensor([0, 7], dtype=torch.int32),
-                         impl=impl)
+        hm.gather_tokens(cache, torch.tensor([[0], [9]]), block_table=torch.tensor([0, 7], dtype=torch.int32))
     with pytest.raises(ValueError, match="out-of-range token index 32"):
-        hm.gather_tokens(cache, torch.tensor([[0], [32]]), impl=impl)
+        hm.gather_tokens(cache, torch.tensor([[0], [32]]))
 
 
 # ---------------------------------------------------------------------------------------- attention
@@ -148,30 +155,29 @@ def _attn_inputs(b, hkv, g, t, d, dv, k, dtype, seed):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: "B{}-Hkv{}-G{}-T{}-D{}-Dv{}-K{}".format(*c))
-def test_sparse_attention_torch_vs_naive(case, dtype):
+def test_sparse_attention_reference_vs_naive(case, dtype):
     q, k, v, idx, count = _attn_inputs(*case, dtype, seed=10)
     scale = 0.7 / math.sqrt(case[4])
     ref = _naive_attention(q, k, v, idx, count, scale)
-    out = hm.sparse_attention_host_torch(q, k, v, idx, count, scale=scale)
+    out = R.sparse_attention_host(q, k, v, idx, count, scale=scale)
     assert out.dtype == dtype
-    assert_close("sparse attention (torch)", ref, out, DTYPE_RATIO[dtype])
+    assert_close("sparse attention (reference)", ref, out, DTYPE_RATIO[dtype])
 
 
 @native
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: "B{}-Hkv{}-G{}-T{}-D{}-Dv{}-K{}".format(*c))
-def test_sparse_attention_native_vs_torch(case, dtype, index_dtype):
+def test_sparse_attention_native_vs_reference(case, dtype, index_dtype, use_native):
     q, k, v, idx, count = _attn_inputs(*case, dtype, seed=20)
     idx, count = idx.to(index_dtype), count.to(index_dtype)
-    ref = hm.sparse_attention_host_torch(q, k, v, idx, count)
-    out = hm.sparse_attention_host(q, k, v, idx, count, impl="native")
+    ref = R.sparse_attention_host(q, k, v, idx, count)
+    out = hm.sparse_attention_host(q, k, v, idx, count)
     assert out.dtype == dtype and out.shape == ref.shape
     assert_close("sparse attention (native)", ref, out, DTYPE_RATIO[dtype])
     assert_close("vs fp64", _naive_attention(q, k, v, idx, count, 1 / math.sqrt(case[4])), out, DTYPE_RATIO[dtype])
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 def test_sparse_attention_paged(impl):
     b, hkv, g, t, d, k, bs = 3, 2, 4, 90, 32, 21, 16
     q, kk, vv, idx, count = _attn_inputs(b, hkv, g, t, d, d, k, torch.bfloat16, seed=30)
@@ -179,12 +185,12 @@ def test_sparse_attention_paged(impl):
     vc, vtable = _paged(vv, bs, seed=31)  # same seed: same block permutation
     assert torch.equal(table, vtable)
     ref = _naive_attention(q, kk, vv, idx, count, 1 / math.sqrt(d))
-    out = hm.sparse_attention_host(q, kc, vc, idx.to(torch.int32), count, block_table=table, impl=impl)
+    out = hm.sparse_attention_host(q, kc, vc, idx.to(torch.int32), count, block_table=table)
     assert_close("paged sparse attention", ref, out, DTYPE_RATIO[torch.bfloat16])
 
 
 @native
-def test_sparse_attention_paged_many_sequences_threads():
+def test_sparse_attention_paged_many_sequences_threads(use_native):
     """Many (sequence, head) items over several threads, each sequence with its own block table."""
     b, hkv, g, t, d, k, bs = 9, 2, 2, 48, 16, 7, 8
     q, kk, vv, idx, count = _attn_inputs(b, hkv, g, t, d, d, k, torch.float32, seed=35)
@@ -196,13 +202,31 @@ def test_sparse_attention_paged_many_sequences_threads():
         for n in (2, 4):
             torch.set_num_threads(n)
             for _ in range(20):
-                out = hm.sparse_attention_host(q, kc, vc, idx, count, block_table=table, impl="native")
+                out = hm.sparse_attention_host(q, kc, vc, idx, count, block_table=table)
                 assert_close(f"paged attention, {n} threads", ref, out, 1e-5)
     finally:
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_sparse_attention_triton_route(paged, dtype, monkeypatch):
+    """KVCOMP_OPS=triton: the Triton sparse decode (kernels/vq_sparse_decode.py) reads dense K/V as
+    one page per sequence; int64 idx / count are converted; equal to the reference."""
+    monkeypatch.setenv("KVCOMP_OPS", "triton")
+    b, hkv, g, t, d, k, bs = 3, 2, 3, 45, 32, 13, 16
+    q, kk, vv, idx, count = _attn_inputs(b, hkv, g, t, d, d, k, dtype, seed=37)
+    kw = {}
+    if paged:
+        kk, table = _paged(kk, bs, seed=38)
+        vv, _ = _paged(vv, bs, seed=38)
+        kw["block_table"] = table
+    ref = R.sparse_attention_host(q, kk, vv, idx, count, scale=0.3, **kw)
+    out = hm.sparse_attention_host(q, kk, vv, idx, count, scale=0.3, **kw)
+    assert out.dtype == dtype
+    assert_close("sparse attention (triton)", ref, out, DTYPE_RATIO[dtype])
+
+
 def test_sparse_attention_strided_mirror(impl):
     """k/v as views of a larger [B, T, Hkv, D] buffer (token-major), padding entries ignored."""
     b, hkv, g, t, d = 2, 3, 2, 40, 16
@@ -214,37 +238,35 @@ def test_sparse_attention_strided_mirror(impl):
     count = torch.full((b, hkv), 6)
     idx[..., 6:] = 10_000  # beyond count: never read nor checked
     ref = _naive_attention(q, k, v, idx, count, 1 / math.sqrt(d))
-    assert_close("strided sparse attention", ref, hm.sparse_attention_host(q, k, v, idx, count, impl=impl), 1e-5)
+    assert_close("strided sparse attention", ref, hm.sparse_attention_host(q, k, v, idx, count), 1e-5)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 def test_sparse_attention_errors(impl):
     q, k, v, idx, count = _attn_inputs(2, 2, 2, 30, 8, 8, 5, torch.float32, seed=50)
     bad = idx.clone()
     bad[1, 0, 0] = 30
     count[1, 0] = 5
     with pytest.raises(ValueError, match="out-of-range token index 30"):
-        hm.sparse_attention_host(q, k, v, bad, count, impl=impl)
+        hm.sparse_attention_host(q, k, v, bad, count)
     with pytest.raises(ValueError, match=r"must be in \[1, K\]"):
-        hm.sparse_attention_host(q, k, v, idx, torch.zeros_like(count), impl=impl)
+        hm.sparse_attention_host(q, k, v, idx, torch.zeros_like(count))
     with pytest.raises(ValueError, match=r"must be in \[1, K\]"):
-        hm.sparse_attention_host(q, k, v, idx, count + 5, impl=impl)
+        hm.sparse_attention_host(q, k, v, idx, count + 5)
     with pytest.raises(ValueError, match="must be a multiple of the KV heads"):
-        hm.sparse_attention_host(q[:, :3], k, v, idx, count, impl=impl)
+        hm.sparse_attention_host(q[:, :3], k, v, idx, count)
     with pytest.raises(ValueError, match="share one dtype"):
-        hm.sparse_attention_host(q, k.half(), v, idx, count, impl=impl)
+        hm.sparse_attention_host(q, k.half(), v, idx, count)
     with pytest.raises(ValueError, match="q must be"):
-        hm.sparse_attention_host(q[:, :, None], k, v, idx, count, impl=impl)
+        hm.sparse_attention_host(q[:, :, None], k, v, idx, count)
     with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
-        hm.sparse_attention_host(q.double(), k.double(), v.double(), idx, count, impl=impl)
+        hm.sparse_attention_host(q.double(), k.double(), v.double(), idx, count)
     with pytest.raises(ValueError, match="idx must be"):
-        hm.sparse_attention_host(q, k, v, idx[:1], count, impl=impl)
+        hm.sparse_attention_host(q, k, v, idx[:1], count)
 
 
 # ------------------------------------------------------------------------------------------ scatter
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_scatter(impl, paged, dtype):
@@ -262,30 +284,24 @@ def test_scatter(impl, paged, dtype):
                 ref[s // 8, s % 8] = new[i]
             else:
                 ref[:, s] = new[i]
-    hm.scatter_tokens(cache, new, slots.to(torch.int32), impl=impl)
+    hm.scatter_tokens(cache, new, slots.to(torch.int32))
     assert_equal("scatter", ref, cache)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 def test_scatter_errors(impl):
     cache = torch.zeros(2, 4, 3, 8)
     new = torch.ones(3, 3, 8)
     with pytest.raises(ValueError, match="more than once"):
-        hm.scatter_tokens(cache, new, torch.tensor([1, 5, 1]), impl=impl)
+        hm.scatter_tokens(cache, new, torch.tensor([1, 5, 1]))
     with pytest.raises(ValueError, match="out-of-range slot 8"):
-        hm.scatter_tokens(cache, new, torch.tensor([1, 8, 2]), impl=impl)
+        hm.scatter_tokens(cache, new, torch.tensor([1, 8, 2]))
     with pytest.raises(ValueError, match="new_tokens must have shape"):
-        hm.scatter_tokens(cache, new[:, :2], torch.tensor([1, 2, 3]), impl=impl)
+        hm.scatter_tokens(cache, new[:, :2], torch.tensor([1, 2, 3]))
     with pytest.raises(ValueError, match="slots has 2 entries"):
-        hm.scatter_tokens(cache, new, torch.tensor([1, 2]), impl=impl)
+        hm.scatter_tokens(cache, new, torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="dtype"):
-        hm.scatter_tokens(cache, new.half(), torch.tensor([1, 2, 3]), impl=impl)
+        hm.scatter_tokens(cache, new.half(), torch.tensor([1, 2, 3]))
     assert not cache.any(), "a rejected scatter must not write"
-
-
-def test_impl_argument():
-    with pytest.raises(ValueError, match="impl must be"):
-        hm.gather_tokens(torch.zeros(1, 2, 3), torch.zeros(1, 1, dtype=torch.long), impl="cuda")
 
 
 # ----------------------------------------------------------------------------- GPU zero-copy gather
@@ -303,7 +319,7 @@ def _has_uva() -> bool:
 @pytest.mark.skipif(not _has_uva(), reason="needs CUDA and kvcomp._C built with KVCOMP_CUDA=1")
 @pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
 @pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 128), (torch.float32, 17), (torch.float16, 3)], ids=str)
-def test_gather_uva(paged, dtype, d):
+def test_gather_uva(paged, dtype, d, use_native):
     """Pinned host mirror -> GPU buffer, zero-copy; rows that are 16-byte aligned and ones that are not."""
     hkv, t, k, bs = 4, 300, 37, 16
     dense = torch.randn(1, hkv, t, d, generator=_gen(70)).to(dtype)
@@ -314,13 +330,13 @@ def test_gather_uva(paged, dtype, d):
         src, kw = cache.pin_memory(), {"block_table": table[0].cuda()}
     else:
         src, kw = dense[0].pin_memory(), {}
-    out = hm.gather_tokens(src, pos.to(torch.int32).cuda(), impl="native", **kw)
+    out = hm.gather_tokens(src, pos.to(torch.int32).cuda(), **kw)
     torch.cuda.synchronize()
     assert out.is_cuda
     assert_equal("uva gather", ref, out.cpu())
     bad = pos.clone().cuda()
     bad[1, 3] = 10_000
     with pytest.raises(ValueError, match="out-of-range"):
-        hm.gather_tokens(src, bad, impl="native", **kw)
+        hm.gather_tokens(src, bad, **kw)
     with pytest.raises(ValueError, match="pinned"):
-        hm.gather_tokens(src.clone(), pos.cuda(), impl="native", **kw)
+        hm.gather_tokens(src.clone(), pos.cuda(), **kw)

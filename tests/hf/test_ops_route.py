@@ -12,7 +12,7 @@ from kvcomp.hf import compress, restore
 
 L, HKV, D = 2, 2, 16
 DECODE_OPS = ("triton_duo_decode_attention", "think_decode", "vq_lut", "vq_topk", "vq_encode_paged",
-              "sparse_attention_host")
+              "sparse_attention_host", "scatter_tokens")
 
 
 def _model(device="cpu"):
@@ -50,9 +50,9 @@ def _generate(model, cfg, n=4):
 EXPECTED = {
     "off": {"triton_duo_decode_attention"},
     "duo": {"triton_duo_decode_attention", "sparse_attention_host"},
-    "think": {"think_decode"},
+    "think": {"think_decode", "scatter_tokens"},  # ThinK's narrow key pages (CPU): ops.scatter_tokens
     "vq": {"vq_lut", "vq_topk", "vq_encode_paged", "sparse_attention_host"},
-    "duo+think+vq": {"sparse_attention_host", "vq_lut", "vq_topk", "vq_encode_paged"},
+    "duo+think+vq": {"sparse_attention_host", "vq_lut", "vq_topk", "vq_encode_paged", "scatter_tokens"},
 }
 
 

@@ -116,24 +116,3 @@ def test_vq_sparse_decode(nan_empty):
             idx[b, h, len(picks):] = picks[-1]
     ref, out = both(lambda bt: triton_paged_sparse_attention(q, kc, vc, bt, idx.to(dev()), count.to(dev())))
     assert_close("sparse decode strided block table", ref, out, 1e-6)
-
-
-@pytest.mark.parametrize("dtype", [torch.int32, torch.int64], ids=["i32", "i64"])
-def test_think_write(dtype):
-    from kvcomp.kernels.think_write import triton_pack_pruned_keys_paged
-
-    hkv, d, dk, w = 2, 32, 20, 4
-    new = [13, 1, 3]
-    qsl, n = new_token_meta(new)
-    k_new = randn(n, hkv, d, seed=2)
-    chan = torch.stack([torch.randperm(d, generator=gen(h))[:dk].sort().values for h in range(hkv)])[None].to(dev())
-
-    def run(bt):
-        kp = torch.zeros(NB, BS, hkv, dk, device=dev())
-        kr = torch.zeros(B, hkv, w, d, device=dev())
-        return triton_pack_pruned_keys_paged(k_new, chan, kp, kr, bt, seq_lens(), qsl)
-
-    bt, strided = tables(dtype)
-    (rp, rr), (op, orr) = run(bt), run(strided)
-    assert rp.abs().sum() > 0
-    assert torch.equal(rp, op) and torch.equal(rr, orr)

@@ -1,4 +1,4 @@
-"""Paged KV write by slot mapping and streaming ring write (Triton) vs kvcomp.ref.cache_write (exact)."""
+"""Paged KV write by slot mapping (Triton) vs kvcomp.ref.cache_write (exact)."""
 
 import pytest
 import torch
@@ -39,48 +39,6 @@ def test_write_paged_kv(dtype, slot_dtype, nan_empty):
     same("v_cache", vc, vc2)
 
 
-# ragged steps of new tokens per sequence: prefill longer than sink + window, partial sink fills,
-# decode steps that wrap the ring, empty steps
-STEPS = [[2, 1, 12, 0], [1, 0, 1, 3], [6, 3, 1, 1], [1, 1, 20, 1], [0, 9, 1, 5]]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("sink, window", [(3, 5), (0, 4), (6, 1)], ids=["s3w5", "s0w4", "s6w1"])
-def test_write_streaming_kv(dtype, sink, window, nan_empty):
-    from kvcomp.ops.cache_write import triton_write_streaming_kv
-
-    gen = torch.Generator().manual_seed(1)
-    b, h, d = 4, 2, 16
-    kb = torch.full((b, h, sink + window, d), float("nan"), dtype=dtype, device=dev())
-    vb = kb.clone()
-    kb2, vb2 = kb.clone(), vb.clone()
-    lens = [0] * b
-    for step in STEPS:
-        lens = [x + s for x, s in zip(lens, step)]
-        qsl = torch.tensor([0] + list(torch.tensor(step).cumsum(0)), dtype=torch.int32, device=dev())
-        sl = torch.tensor(lens, dtype=torch.int32, device=dev())
-        key = torch.randn(sum(step), h, d, generator=gen).to(device=dev(), dtype=dtype)
-        val = torch.randn(sum(step), h, d, generator=gen).to(device=dev(), dtype=dtype)
-        R.write_streaming_kv(key, val, kb, vb, qsl, sl, sink=sink)
-        triton_write_streaming_kv(key, val, kb2, vb2, qsl, sl, sink=sink)
-        same(f"k_buf after {lens}", kb, kb2)
-        same(f"v_buf after {lens}", vb, vb2)
-
-
-def test_write_streaming_kv_keeps_last_window():
-    """A chunk longer than the window leaves exactly the sinks and the last `window` tokens."""
-    from kvcomp.kernels.cache_write import write_streaming_kv
-
-    sink, window, d, n = 2, 3, 16, 11
-    key = torch.arange(n, dtype=torch.float32).view(n, 1, 1).expand(n, 1, d).contiguous().to(dev())
-    kb = torch.full((1, 1, sink + window, d), -1.0, device=dev())
-    vb = kb.clone()
-    write_streaming_kv(key, key, kb, vb, torch.tensor([0, n], device=dev()), torch.tensor([n], device=dev()),
-                       sink=sink)
-    # tokens 0, 1 in the sinks; 8, 9, 10 in ring slots 2 + (p - 2) % 3 = 2 + [0, 1, 2]
-    assert kb[0, 0, :, 0].tolist() == [0.0, 1.0, 8.0, 9.0, 10.0]
-
-
 def test_write_paged_kv_rejects():
     from kvcomp.kernels.cache_write import write_paged_kv
 
@@ -94,17 +52,3 @@ def test_write_paged_kv_rejects():
         write_paged_kv(key.half(), key.half(), kc, kc.clone(), torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match="slot_mapping"):
         write_paged_kv(key, key, kc, kc.clone(), torch.tensor([0.0, 1.0, 2.0]))
-
-
-def test_write_streaming_kv_rejects():
-    from kvcomp.kernels.cache_write import write_streaming_kv
-
-    kb = torch.zeros(2, 1, 5, 16)
-    key = torch.zeros(3, 1, 16)
-    qsl = torch.tensor([0, 1, 3])
-    with pytest.raises(ValueError, match="window"):
-        write_streaming_kv(key, key, kb, kb.clone(), qsl, torch.tensor([1, 2]), sink=5)
-    with pytest.raises(ValueError, match="seq_lens"):
-        write_streaming_kv(key, key, kb, kb.clone(), qsl, torch.tensor([1, 1]), sink=2)
-    with pytest.raises(ValueError, match="query_start_loc"):
-        write_streaming_kv(key, key, kb, kb.clone(), torch.tensor([0, 1, 2]), torch.tensor([1, 2]), sink=2)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kvcomp.ref import attention, streaming_attention
+from kvcomp.ref import attention, streaming_attention, streaming_slot
 from kvcomp.ref.duo import duo_decode_attention as ref_decode
 from kvcomp.ref.duo import duo_head_map, ring_positions
 from kvcomp.testing import assert_close
@@ -80,9 +80,10 @@ def test_duo_decode_half(case, dtype, nan_empty):
 
 
 def test_duo_decode_matches_dense_history(nan_empty):
-    """Write a whole history with the Triton cache writes (a prefill chunk, then decode steps), decode
-    with the Triton kernel, and compare against attention / streaming_attention on the dense history."""
-    from kvcomp.ops.cache_write import triton_write_paged_kv, triton_write_streaming_kv
+    """Write a whole history (a prefill chunk, then decode steps: retrieval pages with the Triton cache
+    write, the streaming ring as StreamingHeads keeps it), decode with the Triton kernel, and compare
+    against attention / streaming_attention on the dense history."""
+    from kvcomp.ops.cache_write import triton_write_paged_kv
     from kvcomp.ops.duo import triton_duo_decode_attention
 
     torch.manual_seed(3)
@@ -108,10 +109,12 @@ def test_duo_decode_matches_dense_history(nan_empty):
                            for i, (a, e) in enumerate(new)])
         done = [e for _, e in new]
         seq_lens = torch.tensor(done, dtype=torch.int32, device=dev())
-        qsl = torch.tensor([0, step[0], step[0] + step[1]], dtype=torch.int32, device=dev())
         triton_write_paged_kv(key[:, :1], val[:, :1], kc, vc, slots)
-        triton_write_streaming_kv(key[:, 1:].contiguous(), val[:, 1:].contiguous(), ks, vs, qsl, seq_lens,
-                                  sink=sink)
+        for i, (a, e) in enumerate(new):  # the ring keeps the sinks and the last `window` tokens
+            for p in range(a, e):
+                if p < sink or p >= e - window:
+                    ks[i, :, streaming_slot(p, sink, window)] = k_full[i][1:, p]
+                    vs[i, :, streaming_slot(p, sink, window)] = v_full[i][1:, p]
     assert done == lens
     q = torch.randn(b, hkv * g, d, device=dev())
     out = triton_duo_decode_attention(q, kc, vc, bt, seq_lens, ks, vs, hm, sink=sink, window=window, num_splits=2)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import kvcomp.ops.cache_write  # noqa: F401  (registers kvcomp::write_*)
+import kvcomp.ops.cache_write  # noqa: F401  (registers kvcomp::write_paged_kv)
 import kvcomp.ops.duo  # noqa: F401  (registers kvcomp::duo_decode)
 import kvcomp.ops.prefill  # noqa: F401  (registers kvcomp::streaming_prefill)
 from kvcomp.ref.duo import duo_head_map
@@ -41,16 +41,12 @@ def test_opcheck_streaming_prefill():
     torch.library.opcheck(torch.ops.kvcomp.streaming_prefill.default, args, test_utils=UTILS)
 
 
-def test_opcheck_cache_writes():
+def test_opcheck_cache_write():
     g = torch.Generator().manual_seed(2)
     r = lambda *s: torch.randn(*s, generator=g).to(dev())  # noqa: E731
     slots = torch.tensor([3, -1, 17], device=dev())
     torch.library.opcheck(torch.ops.kvcomp.write_paged_kv.default,
                           (r(3, 1, D), r(3, 1, D), r(3, 8, 1, D), r(3, 8, 1, D), slots), test_utils=UTILS)
-    qsl = torch.tensor([0, 3], dtype=torch.int32, device=dev())
-    lens = torch.tensor([9], dtype=torch.int32, device=dev())
-    torch.library.opcheck(torch.ops.kvcomp.write_streaming_kv.default,
-                          (r(3, 1, D), r(3, 1, D), r(1, 1, 6, D), r(1, 1, 6, D), qsl, lens, 2), test_utils=UTILS)
 
 
 def test_fake_mode_shapes_without_running_kernels():
@@ -73,7 +69,6 @@ def test_fake_mode_shapes_without_running_kernels():
 
 
 def test_public_wrappers_reject_before_launch():
-    from kvcomp.ops.cache_write import triton_write_streaming_kv
     from kvcomp.ops.duo import triton_duo_decode_attention
 
     a = list(duo_args())
@@ -81,8 +76,6 @@ def test_public_wrappers_reject_before_launch():
         triton_duo_decode_attention(*a[:8], sink=2, window=4, num_splits=0)
     with pytest.raises(ValueError, match="k_stream"):
         triton_duo_decode_attention(*a[:8], sink=3, window=4)
-    with pytest.raises(ValueError, match="sink"):
-        triton_write_streaming_kv(a[1][0], a[1][0], a[5], a[6], a[4], a[4], sink=-1)
 
 
 def test_import_kvcomp_ops_does_not_import_triton():
@@ -96,26 +89,27 @@ def test_import_kvcomp_ops_does_not_import_triton():
 
 def test_decode_step_traces_fullgraph():
     """A decode step (paged write + ring write + duo decode) compiles with fullgraph=True (aot_eager:
-    dynamo + functionalization of the mutating ops through their fake impls) and matches eager."""
-    from kvcomp.ops.cache_write import triton_write_paged_kv, triton_write_streaming_kv
+    dynamo + functionalization of the mutating op through its fake impl) and matches eager."""
+    from kvcomp.ops.cache_write import triton_write_paged_kv
     from kvcomp.ops.duo import triton_duo_decode_attention
 
     q, kc, vc, bt, lens, ks, vs, hm = duo_args()[:8]
 
-    def step(q, knew, vnew, kc, vc, ks, vs, slots, qsl, lens):
+    def step(q, knew, vnew, kc, vc, ks, vs, slots, ring_slot, lens):
         triton_write_paged_kv(knew[:, :1], vnew[:, :1], kc, vc, slots)
-        triton_write_streaming_kv(knew[:, 1:], vnew[:, 1:], ks, vs, qsl, lens, sink=2)
+        ks[:, :, ring_slot] = knew[:, 1:]  # as StreamingHeads.ring_write
+        vs[:, :, ring_slot] = vnew[:, 1:]
         return triton_duo_decode_attention(q, kc, vc, bt, lens, ks, vs, hm, sink=2, window=4, num_splits=1)
 
     g = torch.Generator().manual_seed(3)
     knew = torch.randn(1, 2, D, generator=g).to(dev())
     vnew = torch.randn(1, 2, D, generator=g).to(dev())
     slots = torch.tensor([8], device=dev())  # token 8 -> block 1, offset 0
-    qsl = torch.tensor([0, 1], dtype=torch.int32, device=dev())
+    ring_slot = torch.tensor([2 + (8 - 2) % 4], device=dev())  # token 8 (sink 2, window 4)
     caches = [kc, vc, ks, vs]
     eager_caches = [c.clone() for c in caches]
-    want = step(q, knew, vnew, *eager_caches, slots, qsl, lens)
-    got = torch.compile(step, backend="aot_eager", fullgraph=True)(q, knew, vnew, *caches, slots, qsl, lens)
+    want = step(q, knew, vnew, *eager_caches, slots, ring_slot, lens)
+    got = torch.compile(step, backend="aot_eager", fullgraph=True)(q, knew, vnew, *caches, slots, ring_slot, lens)
     torch.testing.assert_close(got, want)
     for a, b in zip(caches, eager_caches):
         torch.testing.assert_close(a, b)

@@ -109,8 +109,8 @@ def _install_aot(records: dict, launches: list):
         return 132
 
     import kvcomp.kernels as K
-    for name in ("cache_write", "duo_decode", "streaming_prefill", "think_decode", "splitk", "think_write",
-                 "vq_encode", "vq_lut", "vq_sparse_decode", "vq_topk"):
+    for name in ("cache_write", "duo_decode", "streaming_prefill", "think_decode", "splitk", "vq_encode", "vq_lut",
+                 "vq_sparse_decode", "vq_topk"):
         __import__(f"kvcomp.kernels.{name}")
         mod = getattr(K, name)
         for attr, fn in (("dot_f32", dot_f32), ("num_sms", num_sms)):
@@ -128,7 +128,6 @@ def _launch_all(dtype: str, d: int, tag: dict):
     from kvcomp.kernels import duo_decode as DD
     from kvcomp.kernels import streaming_prefill as SP
     from kvcomp.kernels import think_decode as TD
-    from kvcomp.kernels import think_write as TW
     from kvcomp.kernels import vq_encode as VE
     from kvcomp.kernels import vq_lut as VL
     from kvcomp.kernels import vq_sparse_decode as VS
@@ -148,7 +147,6 @@ def _launch_all(dtype: str, d: int, tag: dict):
     bt, sl, qsl = i32(b, mb), i32(b), i32(b + 1)
     k_new = f(b, hkv, d)
     CW.write_paged_kv(k_new, k_new, f(nb, bs, hkv, d), f(nb, bs, hkv, d), f(b, dtype=torch.int64))
-    CW.write_streaming_kv(f(b, 4, d), f(b, 4, d), f(b, 4, 64 + 1024, d), f(b, 4, 64 + 1024, d), qsl, sl, sink=64)
     hm = i32(hkv, 2)
     DD.duo_decode_attention(f(b, hq, d), f(nb, bs, 4, d), f(nb, bs, 4, d), bt, sl, f(b, 4, 64 + 1024, d),
                             f(b, 4, 64 + 1024, d), hm, sink=64, window=1024)
@@ -162,10 +160,7 @@ def _launch_all(dtype: str, d: int, tag: dict):
     dk = round(0.6 * d)
     TD.triton_think_decode(f(b, hq, d), f(nb, bs, hkv, dk), i32(1, hkv, dk), f(b, hkv, 32, d),
                            f(nb, bs, hkv, d), bt, sl)
-    TW.triton_pack_pruned_keys_paged(k_new, i32(1, hkv, dk), f(nb, bs, hkv, dk), f(b, hkv, 32, d), bt, sl, qsl)
     # another batch size: the same compiled kernels (the test counts one variant per kernel)
-    TW.triton_pack_pruned_keys_paged(f(13, hkv, d), i32(1, hkv, dk), f(nb, bs, hkv, dk), f(13, hkv, 32, d),
-                                     i32(13, mb), i32(13), i32(14))
     TD.triton_think_decode(f(13, hq, d), f(nb, bs, hkv, dk), i32(1, hkv, dk), f(13, hkv, 32, d),
                            f(nb, bs, hkv, d), i32(13, mb), i32(13))
     cb, wh = f(hkv, nc, d, dtype=torch.float32), f(hkv, d, d, dtype=torch.float32)
@@ -225,8 +220,8 @@ def test_every_kernel_compiles_for_sm90_with_triton36():
     recs = [json.loads(ln[4:]) for out, _ in outs for ln in out.splitlines() if ln.startswith("REC ")]
     launches = [json.loads(ln[7:]) for out, _ in outs for ln in out.splitlines() if ln.startswith("LAUNCH ")]
     names = {r["kernel"] for r in recs}
-    assert names >= {"_paged_write_kernel", "_stream_write_kernel", "_duo_split_kernel", "_duo_reduce_kernel",
-                     "_streaming_prefill_kernel", "_think_decode_kernel", "_combine_kernel", "_think_write_kernel",
+    assert names >= {"_paged_write_kernel", "_duo_split_kernel", "_duo_reduce_kernel",
+                     "_streaming_prefill_kernel", "_think_decode_kernel", "_combine_kernel",
                      "_vq_encode_kernel", "_vq_rerank_kernel", "_vq_lut_kernel", "_sparse_decode_kernel",
                      "_radix_kernel", "_threshold_kernel", "_select_kernel", "_pad_kernel"}, names
     assert {(r["dtype"], r["d"]) for r in recs} == set(matrix)
@@ -238,7 +233,7 @@ def test_every_kernel_compiles_for_sm90_with_triton36():
     for r in recs:
         per.setdefault((r["kernel"], r["dtype"], r["d"]), []).append(r["constexprs"])
     for name, n in (("_duo_split_kernel", 1), ("_duo_reduce_kernel", 1), ("_think_decode_kernel", 1),
-                    ("_combine_kernel", 1), ("_think_write_kernel", 1), ("_vq_encode_kernel", 4),
+                    ("_combine_kernel", 1), ("_vq_encode_kernel", 4),
                     ("_vq_rerank_kernel", 2), ("_vq_lut_kernel", 1)):
         for dt, d in matrix:
             assert len(per[(name, dt, d)]) == n, f"{name} {dt} d={d}: {per[(name, dt, d)]}"

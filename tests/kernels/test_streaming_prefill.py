@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kvcomp.ref import attention, streaming_attention
+from kvcomp.ref import attention, streaming_attention, streaming_slot
 from kvcomp.ref.duo import ring_positions
 from kvcomp.testing import assert_close
 
@@ -70,7 +70,6 @@ def test_streaming_prefill_explicit_positions(nan_empty):
 def test_streaming_chunked_prefill_over_ring(prev, nan_empty):
     """Chunked prefill of a streaming head: keys = cat(ring after `prev` tokens, new chunk) with
     ring_positions; must equal streaming attention over the dense history."""
-    from kvcomp.kernels.cache_write import write_streaming_kv
     from kvcomp.kernels.streaming_prefill import streaming_prefill
 
     sink, window, d, hkv, g, chunk = 2, 7, 16, 1, 2, 12
@@ -81,10 +80,11 @@ def test_streaming_chunked_prefill_over_ring(prev, nan_empty):
     hist_v = [torch.randn(hkv, n, d, generator=gen).to(dev()) for n in total]
     kb = torch.full((b, hkv, sink + window, d), float("nan"), device=dev())
     vb = kb.clone()
-    qsl = torch.tensor([0, prev[0], sum(prev)], dtype=torch.int32, device=dev())
-    write_streaming_kv(torch.cat([h[:, :p].transpose(0, 1) for h, p in zip(hist_k, prev)]).contiguous(),
-                       torch.cat([h[:, :p].transpose(0, 1) for h, p in zip(hist_v, prev)]).contiguous(),
-                       kb, vb, qsl, torch.tensor(prev, dtype=torch.int32, device=dev()), sink=sink)
+    for i, p in enumerate(prev):  # the ring as StreamingHeads keeps it: the sinks and the last `window` tokens
+        for t in range(p):
+            if t < sink or t >= p - window:
+                kb[i, :, streaming_slot(t, sink, window)] = hist_k[i][:, t]
+                vb[i, :, streaming_slot(t, sink, window)] = hist_v[i][:, t]
     ring_pos = ring_positions(torch.tensor(prev, device=dev()), sink, window)
     q = torch.randn(b, hkv * g, chunk, d, generator=gen).to(dev())
     k = torch.cat([kb.nan_to_num(0.0), torch.stack([h[:, p:] for h, p in zip(hist_k, prev)])], dim=2)

@@ -76,9 +76,10 @@ def test_think_decode_half(dtype, nan_empty):
 
 
 def test_think_ops_write_then_decode_matches_dense(nan_empty):
-    """Prefill chunk + one decode token written with the pack op, then the decode op, against dense
-    pruned_key_attention on the full key history (the paged layout is a faithful encoding)."""
-    from kvcomp.ops.think import pack_pruned_keys_paged, think_decode
+    """A prefill chunk + one decode token stored as ThinK stores them (kept channels in the pages, the
+    last W keys full width in the ring), then the decode op, against dense pruned_key_attention on
+    the full key history (the paged layout is a faithful encoding)."""
+    from kvcomp.ops.think import think_decode
 
     gen = torch.Generator().manual_seed(3)
     b, hkv, g, d, dk, w, bs = 2, 2, 2, 32, 13, 4, 8
@@ -92,17 +93,13 @@ def test_think_ops_write_then_decode_matches_dense(nan_empty):
     kp = torch.empty(nb, bs, hkv, dk)
     kr = torch.empty(b, hkv, w, d)
     vc = torch.empty(nb, bs, hkv, d)
-    for i, n in enumerate(lens0):
-        for p in range(n + 1):
-            vc[bt[i, p // bs], p % bs] = vfull[i][:, p]
-    # prefill: all lens0 tokens of both sequences in one packed call
-    k_new = torch.cat([kf[:, :n].permute(1, 0, 2) for kf, n in zip(kfull, lens0)])
-    qsl = torch.tensor([0, lens0[0], sum(lens0)], dtype=torch.int32)
-    pack_pruned_keys_paged(k_new, chan, kp, kr, bt, torch.tensor(lens0, dtype=torch.int32), qsl)
-    # decode step: one token per sequence
     lens1 = torch.tensor([n + 1 for n in lens0], dtype=torch.int32)
-    k_step = torch.stack([kf[:, n] for kf, n in zip(kfull, lens0)])
-    pack_pruned_keys_paged(k_step, chan, kp, kr, bt, lens1, torch.arange(b + 1, dtype=torch.int32))
+    for i, n in enumerate(lens1.tolist()):
+        for p in range(n):
+            vc[bt[i, p // bs], p % bs] = vfull[i][:, p]
+            kp[bt[i, p // bs], p % bs] = kfull[i][:, p].gather(1, chan[0])
+        for p in range(max(n - w, 0), n):
+            kr[i, :, p % w] = kfull[i][:, p]
     q = torch.randn(b, hkv * g, d, generator=gen)
     out = think_decode(q, kp, chan, kr, vc, bt, lens1, max_seq_len=int(lens1.max()))
     for i, n in enumerate(lens1.tolist()):
@@ -163,18 +160,9 @@ def test_think_decode_gpu_long_bf16():
 
 def test_think_ops_cpu_fallback_is_the_reference(monkeypatch):
     """On CPU without the interpreter, KVCOMP_OPS=reference runs the references (else the native kernels)."""
-    from kvcomp.ops.think import pack_pruned_keys_paged as op_pack
     from kvcomp.ops.think import think_decode
-    from kvcomp.ref.compressed_write import pack_pruned_keys_paged as ref_pack
 
     args = [a.cpu() for a in build(2, 1, 2, 32, 8, 4, 8, [3, 11], torch.float32)]
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setenv("KVCOMP_OPS", "reference")
     assert torch.equal(think_decode(*args), paged_pruned_key_attention(*args))
-    kp, kr = torch.zeros(6, 8, 1, 8), torch.zeros(2, 1, 4, 32)
-    k_new = torch.randn(2, 1, 32)
-    sl, qsl = torch.tensor([3, 11], dtype=torch.int32), torch.tensor([0, 1, 2], dtype=torch.int32)
-    chan, bt = args[2], args[5]
-    rp, rr = ref_pack(k_new, chan, kp.clone(), kr.clone(), bt, sl, qsl)
-    op, orr = op_pack(k_new, chan, kp.clone(), kr.clone(), bt, sl, qsl)
-    assert torch.equal(rp, op) and torch.equal(rr, orr)

@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-NAMES = ["think_decode", "think_write", "vq_decode", "vq_topk"]
+NAMES = ["think_decode", "vq_decode", "vq_topk"]
 
 
 def test_bench_smoke_think_vq(tmp_path):

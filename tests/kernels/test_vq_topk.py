@@ -124,10 +124,11 @@ def test_vq_ops_topk_max_bounds_kmax(nan_empty):
 
 
 def test_vq_ops_pipeline_and_fake(nan_empty):
-    """ops.vq: lut -> topk (static Kmax) -> sparse decode, against the references; fake shapes."""
+    """ops: lut -> topk (static Kmax) -> sparse attention, against the references; fake shapes."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from kvcomp.ops.vq import sparse_decode, topk_kmax, vq_lut as op_lut, vq_topk
+    from kvcomp.ops import sparse_attention_host
+    from kvcomp.ops.vq import topk_kmax, vq_lut as op_lut, vq_topk
     from kvcomp.ref import paged_sparse_attention
 
     gen = torch.Generator().manual_seed(11)
@@ -142,7 +143,7 @@ def test_vq_ops_pipeline_and_fake(nan_empty):
     assert_equal("count", rc, count)
     kc = torch.randn(cc.shape[0], 16, 2, 32, generator=gen).to(dev())
     vc = torch.randn(cc.shape[0], 16, 2, 32, generator=gen).to(dev())
-    out = sparse_decode(q, kc, vc, bt, idx, count)
+    out = sparse_attention_host(q, kc, vc, idx, count, block_table=bt)
     assert_close("sparse", paged_sparse_attention(q, kc, vc, bt, ri, rc), out, 1e-5)  # kc, vc NaN-free
     with FakeTensorMode():
         fl = torch.ops.kvcomp.vq_lut(torch.empty(2, 8, 64), torch.empty(4, 4096, 64), 0.1)
@@ -208,7 +209,8 @@ def test_vq_ops_cpu_fallback_pads_like_the_kernel(monkeypatch):
 def test_vq_ops_encode_select_attend_end_to_end(nan_empty):
     """Codes written by the paged encode op, then LUT -> top-K -> sparse decode ops, against the dense
     reference chain vq_encode -> vq_scores -> vq_select -> mask_to_indices -> sparse_attention."""
-    from kvcomp.ops.vq import sparse_decode, vq_encode_paged, vq_lut as op_lut, vq_topk
+    from kvcomp.ops import sparse_attention_host
+    from kvcomp.ops.vq import vq_encode_paged, vq_lut as op_lut, vq_topk
     from kvcomp.ref import mask_to_indices, sparse_attention, vq_encode, vq_scores, vq_select
 
     gen = torch.Generator().manual_seed(21)
@@ -235,7 +237,7 @@ def test_vq_ops_encode_select_attend_end_to_end(nan_empty):
     q = torch.randn(b, hkv * g, d, generator=gen)
     qw = torch.randn(b, hkv * g, d, generator=gen)
     idx, count = vq_topk(op_lut(qw, cb), cc, bt, sl, topk=4, sink=1, local=3)
-    out = sparse_decode(q, kc, vc, bt, idx, count)
+    out = sparse_attention_host(q, kc, vc, idx, count, block_table=bt)
     codes = vq_encode(k_pre, cb, lw)
     for i, n in enumerate(lens):
         codes_i = cc[bt[i].long()].reshape(-1, hkv)[:n].T.unsqueeze(0)

@@ -33,12 +33,12 @@ def make_vq_decode(p: Problem) -> dict:
 
 
 def run_vq_decode(x):
-    from kvcomp.ops.vq import sparse_decode, vq_lut, vq_topk
+    from kvcomp.ops import sparse_attention_host, vq_lut, vq_topk
 
     lut = vq_lut(x["q_wrope"], x["codebook"])
     idx, count = vq_topk(lut, x["code_cache"], x["block_table"], x["seq_lens"], topk=x["topk"], sink=x["sink"],
                          local=x["local"])
-    return sparse_decode(x["q"], x["k_cache"], x["v_cache"], x["block_table"], idx, count)
+    return sparse_attention_host(x["q"], x["k_cache"], x["v_cache"], idx, count, block_table=x["block_table"])
 
 
 def ref_vq_decode(x):
