@@ -4,8 +4,9 @@
 
 Hybrid models (Gemma 3's local layers, Mistral, Qwen2 past ``max_window_layers``) bound these
 layers already; kvcomp's methods run on the global layers (:meth:`kvcomp.config.CompressionConfig.window`).
-Storage: exact K/V pages like :class:`~kvcomp.methods.dense.Dense` (vLLM frees the blocks that
-fall out of the window: ``SlidingWindowSpec``), read only inside the window: a one-token query
+Storage (vLLM): exact K/V pages like :class:`~kvcomp.methods.dense.Dense` (vLLM frees the blocks
+that fall out of the window: ``SlidingWindowSpec``), read only inside the window (the transformers
+cache keeps only the window instead: a sink-0 :class:`~kvcomp.methods.duo.StreamingHeads` ring): a one-token query
 through the sink-0 :func:`~kvcomp.methods.duo.streaming_selection` and ``ops.sparse_attention_host``,
 multi-token rows through ``ops.prefill.streaming_prefill`` with sink 0.
 """
@@ -18,7 +19,7 @@ from .. import ops
 from ..ops.prefill import streaming_prefill
 from .dense import write_pages
 from .duo import streaming_selection
-from .step import Step, grow
+from .step import Step
 
 
 class SlidingWindow:
@@ -30,11 +31,6 @@ class SlidingWindow:
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"sliding window must be a positive int, got {window!r}")
         self.window, self.scale = window, scale
-
-    def alloc(self, store, heads: int, batch: int, tokens: int, head_dim: int, dtype, device, pin: bool) -> None:
-        """One block of ``tokens`` slots per request (the transformers cache's layout)."""
-        store.k = grow(store.k, (batch, tokens, heads, head_dim), 1, dtype=dtype, device=device)
-        store.v = grow(store.v, (batch, tokens, heads, head_dim), 1, dtype=dtype, device=device)
 
     def write(self, store, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: Step | None = None) -> None:
         """New tokens' ``k, v [n, Hkv, D]`` into their page slots (before :meth:`attend`)."""
