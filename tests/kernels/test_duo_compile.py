@@ -39,8 +39,6 @@ SCRIPT = textwrap.dedent("""
                  "BLOCK_M": 64, "BLOCK_N": 64, "F32": f32})
         comp(cw._paged_write_kernel, {"k_ptr": p, "v_ptr": p, "kc_ptr": p, "vc_ptr": p, "slot_ptr": "*i64"},
              {"D": 128, "BLOCK_T": 16})
-        comp(cw._stream_write_kernel, {"k_ptr": p, "v_ptr": p, "kb_ptr": p, "vb_ptr": p, "qsl_ptr": "*i32",
-             "sl_ptr": "*i32"}, {"D": 128, "BLOCK_S": 64})
     print("compiled")
 """)
 

@@ -110,12 +110,6 @@ def _vq_problem(p: Problem, topk: float) -> Problem:
     return dataclasses.replace(p, extra={**p.extra, "n_codes": 256, "topk": topk, "sink": 8, "local": 64})
 
 
-def _attn_impl(q: torch.Tensor) -> str:
-    from kvcomp.ops._dispatch import impl_for
-
-    return "native" if impl_for(q, "sparse_attention") == "native" else "torch"
-
-
 def make_mirror_chain(p: Problem, n_vq: int) -> dict:
     """Paged host mirror K/V ``[num_blocks, 16, Hkv, D]`` of all KV heads (the first ``n_vq`` are A²ATS
     heads with int16 code pages and a codebook; the others streaming heads), permuted blocks."""
@@ -131,7 +125,6 @@ def make_mirror_chain(p: Problem, n_vq: int) -> dict:
     if n_vq < p.hkv:
         x.update(q_str=randn(p, g, p.batch, (p.hkv - n_vq) * gq, p.d), str_sink=p.get("duo_sink"),
                  str_recent=p.get("duo_recent"))
-    x["attn_impl"] = _attn_impl(x["q_vq"])
     return x
 
 
@@ -153,7 +146,7 @@ def _attend(x, idx, count):
 
     n = x["n_vq"]
     return sparse_attention_host(x["q_vq"], x["k"][:, :, :n], x["v"][:, :, :n], idx, count,
-                                 block_table=x["block_table"], impl=x["attn_impl"])
+                                 block_table=x["block_table"])
 
 
 def _streaming(x):
@@ -164,7 +157,7 @@ def _streaming(x):
     n = x["n_vq"]
     sidx, scount = streaming_selection(x["seq_lens"], x["k"].shape[2] - n, x["str_sink"], x["str_recent"])
     return sparse_attention_host(x["q_str"], x["k"][:, :, n:], x["v"][:, :, n:], sidx, scount,
-                                 block_table=x["block_table"], impl=x["attn_impl"])
+                                 block_table=x["block_table"])
 
 
 def run_mirror_chain(x):
