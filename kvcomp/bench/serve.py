@@ -77,6 +77,8 @@ def add_serve_args(p) -> None:
     p.add_argument("--startup-timeout", type=float, default=600.0)
     p.add_argument("--budget-s", type=float, default=None, help="stop cleanly after this many seconds")
     p.add_argument("--work", default="/tmp/kvcomp-bench-serve", help="configs, prompts and server logs")
+    p.add_argument("--append", action="store_true",
+                   help="keep --out's rows of other (method, load) pairs (e.g. 8x7.5K after 4x4K; pass the same --kv-bytes)")
     p.add_argument("--out", default=str(SERVE_OUT))
 
 
@@ -201,8 +203,8 @@ def run_serve(a, budget, rec, bar) -> int:
     per_token = c.num_hidden_layers * hkv * head_dim * 2 * 4  # stock's fp32 pages (bytes per token)
     need_tokens = max(max(n * (p + a.output_tokens) for n, p in loads), a.max_model_len)
     kv_bytes = a.kv_bytes or int(need_tokens * per_token * 1.25)
-    block = 16
-    vq_blocks = math.ceil(need_tokens * 1.25 / block) + 64
+    block = 128  # vLLM-CPU's block size for stock and A²ATS code pages (bench/results/vllm-cpu.json)
+    vq_blocks = kv_bytes // per_token // block  # A²ATS: as many tokens as stock's pages hold, K/V on the host
     prompts = _prompts(tok, loads)
     opts = MethodOptions()
     configs = {}
@@ -328,8 +330,19 @@ def cmd_serve(a) -> int:
             a.port = sock.getsockname()[1]
     # a timeout's SIGTERM unwinds like Ctrl-C, so every started server is stopped
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    keep, runs = [], []
+    if a.append and Path(a.out).exists():
+        import json
+
+        old = json.loads(Path(a.out).read_text())
+        done = {(m, n, p) for m in methods for n, p in loads}
+        keep = [r for r in old.get("results", []) if (r["method"], r["concurrency"], r["prompt_tokens"]) not in done]
+        runs = old.get("runs", [])
+    run = {"argv": sys.argv[1:], "commit": git_commit(), "loads": [f"{n}x{p}" for n, p in loads], "methods": methods}
     rec = Recorder(a.out, {"benchmark": "serve-vllm-cpu", "machine": machine_info(), "commit": git_commit(),
-                           "argv": sys.argv[1:], "loads": [f"{n}x{p}" for n, p in loads]})
+                           "argv": sys.argv[1:], "loads": sorted({*(f"{r['concurrency']}x{r['prompt_tokens']}"
+                                                                    for r in keep), *run["loads"]}),
+                           "runs": runs + [run]}, keep)
     with progress(len(methods) * len(loads), "bench serve") as bar:
         rc = run_serve(a, Budget(a.budget_s), rec, bar)
     print(f"[serve] wrote {a.out}")
