@@ -14,14 +14,10 @@ import torch
 
 from _decode_steps import METHODS, build, decode_inputs
 
-THINK_SCATTER = ("ThinK's narrow key pages are written through ops.scatter_tokens, whose GPU route "
-                 "(ref.scatter_tokens: boolean mask, int(max), unique) syncs with the host")
-CASES = [pytest.param(m, marks=pytest.mark.xfail(reason=THINK_SCATTER, strict=True)) if m == "think" else m
-         for m in METHODS]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("method", CASES)
+@pytest.mark.parametrize("method", METHODS)
 def test_method_decode_step_cuda_graph_replay(method):
     mirror = "cuda" if "vq" in method else None
     layer = build(method, "cuda", mirror_device=mirror)
