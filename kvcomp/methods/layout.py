@@ -22,7 +22,7 @@ from .think import ThinK
 from .window import SlidingWindow
 
 __all__ = ["RequestChannels", "Split", "Store", "build_hf_layer", "build_layer", "code_view", "mirror_heads",
-           "mirror_key_dim", "page_changes", "page_store", "ring_capacity", "ring_request"]
+           "mirror_key_dim", "page_changes", "page_store", "ring_capacity", "ring_id_cells", "ring_request"]
 
 
 def code_view(kv_cache: torch.Tensor) -> torch.Tensor:
@@ -94,6 +94,16 @@ def ring_request(plan, num_kv_heads: int, head_size: int, num_streaming: int,
     return None
 
 
+def ring_id_cells(plan, num_streaming: int) -> tuple[int, int, int] | None:
+    """``(first head, slot, elements)`` of the ring cells holding query-driven ThinK's kept channel
+    ids (:class:`RequestChannels`: slot ``window`` of ThinK's heads, which follow the streaming
+    heads in a ring they share), or None without them."""
+    if not plan.per_request_channels:
+        return None
+    first = num_streaming if plan.streaming is not None and plan.vq is None else 0
+    return first, plan.think_window, plan.key_dim
+
+
 def mirror_heads(plan, num_kv_heads: int) -> int:
     """KV heads a layer keeps in host pages (every local head with A²ATS, else 0)."""
     return num_kv_heads if plan.vq is not None else 0
@@ -120,7 +130,8 @@ def build_layer(plan, layer: int, num_heads: int, num_kv_heads: int, head_start:
     if plan.key_dim is not None:
         chan = plan.layer_channels(layer, head_start, head_start + num_kv_heads)
         chan = None if chan is None else chan[paged].to(device)
-        think = ThinK(chan, plan.think_window, scale, prune_ratio=plan.think_prune_ratio)
+        think = ThinK(chan, plan.think_window, scale, prune_ratio=plan.think_prune_ratio,
+                      multiple=plan.think_channel_multiple)
     if plan.vq is not None:
         if rope is None:
             raise RuntimeError("kvcomp A2ATS: the model's RoPE table was not read for this layer")
@@ -250,7 +261,7 @@ def build_hf_layer(cfg, layer: int, num_heads: int, scale: float, rope: tuple[to
         think = None
         if name in ("think", "vq_think"):
             chan = None if t.channels is None else t.channels[layer, heads].long().to(device)
-            think = ThinK(chan, t.window, scale, prune_ratio=t.prune_ratio)
+            think = ThinK(chan, t.window, scale, prune_ratio=t.prune_ratio, multiple=t.channel_multiple)
         if name == "full":
             m = Dense(len(heads), scale, device)
         elif name == "think":

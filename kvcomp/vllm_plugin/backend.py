@@ -59,7 +59,7 @@ class KVCompAttentionBackend(C.AttentionBackend):
 
     forward_includes_kv_cache_update: bool = False
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
-    # fp8: e4m3 pages with the layer's scales (kvcomp.methods.fp8), not with a per-request ring
+    # fp8: e4m3 pages and rings with the layer's scales (kvcomp.methods.fp8); not ThinK's ring beside A2ATS codes
     supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "float16", "bfloat16", "float32", "fp8", "fp8_e4m3"]
 
     @staticmethod
@@ -182,11 +182,11 @@ class KVCompAttentionImpl(C.AttentionImpl):
         req = layout.ring_request(p, self.num_kv_heads, self.head_size, n_str,
                                   C.current_vllm_config().cache_config.block_size)
         self._act_dtype = act_dtype
-        if req is not None and self.kv_cache_dtype.startswith("fp8"):
-            raise ValueError(f"kvcomp {p.method}: --kv-cache-dtype {self.kv_cache_dtype} is not supported with a "
-                             "per-request ring (DuoAttention's streaming heads on exact pages, ThinK's full-width "
-                             "window); serve it with --kv-cache-dtype auto, or use fp8 with compression off, A2ATS "
-                             "or DuoAttention + A2ATS")
+        if req is not None and p.vq is not None and self.kv_cache_dtype.startswith("fp8"):
+            raise ValueError(f"kvcomp {p.method}: --kv-cache-dtype {self.kv_cache_dtype} is not supported with ThinK's "
+                             "window ring beside A2ATS code pages (the ring would be fp8, the host mirror not); serve "
+                             "it with --kv-cache-dtype auto, or use fp8 with ThinK, DuoAttention + ThinK, A2ATS or "
+                             "DuoAttention + A2ATS")
         if req is not None:
             heads, tokens, content = req
             self.ring_name = register_ring(self, act_dtype, num_heads=heads, capacity=tokens, content=content)
@@ -216,7 +216,9 @@ class KVCompAttentionImpl(C.AttentionImpl):
         self.method = layout.build_layer(p, li, self.num_heads, self.num_kv_heads, start, self.scale,
                                          kv_cache.device, rope, window=self.sliding_window)
         if kv_cache.dtype == torch.uint8 and layout.page_store(p, kv_cache, self.head_size).k is not None:
-            self._fp8 = Fp8Pages(layer._k_scale_float, layer._v_scale_float, self._act_dtype)
+            n_str = p.rank_num_streaming(self.num_kv_heads, *C.tp_rank_and_size())
+            self._fp8 = Fp8Pages(layer._k_scale_float, layer._v_scale_float, self._act_dtype, key_width=self.head_size,
+                                 ids=layout.ring_id_cells(p, n_str))
 
     def _store(self, kv_cache: torch.Tensor, ring: bool) -> layout.Store:
         """This step's views of the layer's pages, ring and host pages."""

@@ -2,7 +2,9 @@
 page / ring / host-page layout (:mod:`kvcomp.methods.layout`) over permuted paged blocks, driven
 the way the backend drives it (``write`` without the step's metadata, then ``attend`` with the
 ring), against the transformers path's method objects (:func:`~kvcomp.methods.layout.build_hf_layer`)
-on the same queries, keys and values: prompts prefilled in one step, then decode steps.
+on the same queries, keys and values: prompts prefilled in one step, then decode steps. With
+``--kv-cache-dtype fp8`` (uint8 pages and ring, :class:`~kvcomp.methods.fp8.Fp8Pages`) against the
+transformers path on K/V rounded to e4m3 with the layer's scales (the reference that dequantises).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 
 from kvcomp.config import CompressionConfig, DuoAttention, ThinK, VQRetrieval
 from kvcomp.methods import layout
+from kvcomp.methods.fp8 import Fp8Pages
 from kvcomp.methods.step import Step
 from kvcomp.vllm_plugin.plan import plan_from_config
 
@@ -39,15 +42,16 @@ class VllmLayer:
     """One layer's storage as vLLM binds it (pages ``[blocks, H, block_size, C]``, a ring per
     request, host pages for A²ATS) and the backend's calls into the method object."""
 
-    def __init__(self, plan, rope):
+    def __init__(self, plan, rope, fp8: Fp8Pages | None = None):
         n_str = plan.num_streaming
-        changes = layout.page_changes(plan, HKV, D, D, 4, n_str)
+        elem, dtype = (1, torch.uint8) if fp8 is not None else (4, torch.float32)
+        changes = layout.page_changes(plan, HKV, D, D, elem, n_str)
         heads = changes.get("num_head_slots", HKV)
-        content = changes.get("state_content_bytes", 2 * D * 4) // 4
-        self.plan = plan
-        self.kv_cache = torch.zeros(NB, heads, BS, content)
+        content = changes.get("state_content_bytes", 2 * D * elem) // elem
+        self.plan, self.fp8 = plan, fp8
+        self.kv_cache = torch.zeros(NB, heads, BS, content, dtype=dtype)
         req = layout.ring_request(plan, HKV, D, n_str, BS)
-        self.ring = None if req is None else torch.zeros(RB, req[0], req[1], req[2])
+        self.ring = None if req is None else torch.zeros(RB, req[0], req[1], req[2], dtype=dtype)
         kd = layout.mirror_key_dim(plan, D)
         n_host = layout.mirror_heads(plan, HKV)
         self.mirror = torch.zeros(NB, BS, n_host, kd + D) if n_host else None
@@ -63,8 +67,12 @@ class VllmLayer:
         return st
 
     def step(self, q, k, v, md, ring_block):
-        self.method.write(self.store(ring_block, False), md.slot_mapping, k, v)
         out = torch.full_like(q, float("nan"))
+        if self.fp8 is not None:
+            self.fp8.write(self.method, self.store(ring_block, False), md.slot_mapping, k, v)
+            self.fp8.attend(self.method, self.store(ring_block, True), q, k, v, md, out)
+            return out
+        self.method.write(self.store(ring_block, False), md.slot_mapping, k, v)
         self.method.attend(self.store(ring_block, True), q, k, v, md, out)
         return out
 
@@ -79,18 +87,18 @@ def _vllm_step(tables, seen: list[int], new: list[int]) -> Step:
                 torch.tensor(lens, dtype=torch.int32), tables, torch.tensor(slots), qsl)
 
 
-@pytest.mark.parametrize("parts", ["duo+think", "think+vq", "duo+think+vq", "think", "duo+vq"])
-@pytest.mark.parametrize("query_driven", [False, True])
-def test_vllm_layout_equals_hf_path(parts, query_driven, monkeypatch):
-    if "think" not in parts and query_driven:
-        pytest.skip("no ThinK")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the CPU route (native kernels / references) in both paths
+def _compare(parts: str, query_driven: bool, fp8: bool = False) -> VllmLayer:
+    """Prompts prefilled in one step, then decode steps, through the vLLM layout and the HF path
+    (with ``fp8``: uint8 pages and ring, scales 0.5 / 0.25, the HF path on K/V rounded to e4m3)."""
     cfg = _config(parts, query_driven)
     plan = plan_from_config(cfg)
     assert plan.method == parts and plan.per_request_channels == query_driven
     inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
     rope = (inv_freq, 1.0)
-    vl = VllmLayer(plan, rope)
+    pages = None
+    if fp8:
+        pages = Fp8Pages(0.5, 0.25, torch.float32, key_width=D, ids=layout.ring_id_cells(plan, plan.num_streaming))
+    vl = VllmLayer(plan, rope, pages)
     hf = layout.build_hf_layer(cfg, 0, HQ, D ** -0.5, rope, "cpu")
     g = torch.Generator().manual_seed(5)
     perm = torch.randperm(NB, generator=g)
@@ -102,10 +110,33 @@ def test_vllm_layout_equals_hf_path(parts, query_driven, monkeypatch):
         new = list(PROMPTS) if step == 0 else [1] * batch
         n = sum(new)
         q, k, v = (torch.randn(n, h, D, generator=g) for h in (HQ, HKV, HKV))
+        k = k * 3  # keys beyond the values' range: the two scales matter
         got = vl.step(q, k, v, _vllm_step(tables, seen, new), ring_block)
+        if fp8:
+            k, v = pages.round(k, 0.5), pages.round(v, 0.25)
         want = hf.step(q, k, v, Step.uniform(batch, seen[0], new[0], seen[0] + new[0], "cpu"), head_dim=D, pin=False)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"{parts} step {step}")
         seen = [s + x for s, x in zip(seen, new)]
+    return vl
+
+
+@pytest.mark.parametrize("parts", ["duo+think", "think+vq", "duo+think+vq", "think", "duo+vq"])
+@pytest.mark.parametrize("query_driven", [False, True])
+def test_vllm_layout_equals_hf_path(parts, query_driven, monkeypatch):
+    if "think" not in parts and query_driven:
+        pytest.skip("no ThinK")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the CPU route (native kernels / references) in both paths
+    _compare(parts, query_driven)
+
+
+@pytest.mark.parametrize("parts,query_driven", [("duo", False), ("think", False), ("think", True),
+                                                ("duo+think", False), ("duo+think", True)])
+def test_fp8_pages_and_ring_equal_hf_path_over_rounded_kv(parts, query_driven, monkeypatch):
+    """fp8 e4m3 pages and ring (keys x/0.5, values x/0.25; query-driven channel ids as bytes):
+    attention equals the transformers path over the same K/V rounded to e4m3."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    vl = _compare(parts, query_driven, fp8=True)
+    assert vl.kv_cache.dtype == vl.ring.dtype == torch.uint8 and vl.kv_cache.any() and vl.ring.any()
 
 
 def test_query_driven_channels_kept_in_the_ring(monkeypatch):
