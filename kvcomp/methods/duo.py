@@ -70,7 +70,7 @@ class StreamingHeads:
     def attend(self, store, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: Step, out: torch.Tensor) -> None:
         single, multi = md.rows()
         if single is not None:
-            out[single.rows] = self.decode(store, q[single.rows], k[single.rows], v[single.rows], single).to(out.dtype)
+            single.put(out, self.decode(store, single.take(q), single.take(k), single.take(v), single))
         if multi is not None:
             self.prefill(store, q, k, v, md, multi.reqs, out)
 
@@ -198,8 +198,7 @@ class DuoAttention:
         ret, st = self.stores(store)
         if isinstance(self.inner, Dense):  # one decode op for both kinds of heads
             if single is not None:
-                out[single.rows] = self.decode(store, q[single.rows], k_str[single.rows], v_str[single.rows],
-                                               single).to(out.dtype)
+                single.put(out, self.decode(store, single.take(q), single.take(k_str), single.take(v_str), single))
             if multi is not None:
                 dense_rows(q.index_select(1, self.q_ret), store.k, store.v, md, multi.reqs, self.scale, out,
                            heads=self.q_ret)

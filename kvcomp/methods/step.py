@@ -25,6 +25,19 @@ class Rows:
     block_table: torch.Tensor
     seq_lens: torch.Tensor
     query_start_loc: torch.Tensor  # [len(reqs) + 1] (int32, on the device)
+    span: tuple[int, int] | None = None  # (first, end) when ``rows`` is that contiguous range
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``'s rows of this sub-batch: a view when they are a contiguous range (vLLM puts the
+        decodes first), else an indexed copy."""
+        return x[self.span[0]:self.span[1]] if self.span is not None else x[self.rows]
+
+    def put(self, out: torch.Tensor, o: torch.Tensor) -> None:
+        """``out[rows] = o`` (cast to ``out``'s dtype)."""
+        if self.span is not None:
+            out[self.span[0]:self.span[1]].copy_(o)
+        else:
+            out[self.rows] = o.to(out.dtype)
 
 
 def split_rows(num_reqs: int, qsl: list[int], block_table: torch.Tensor, seq_lens: torch.Tensor,
@@ -43,7 +56,11 @@ def split_rows(num_reqs: int, qsl: list[int], block_table: torch.Tensor, seq_len
         rows = torch.cat([torch.arange(qsl[b], qsl[b + 1]) for b in reqs]).to(device)
         starts = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
         idx = torch.tensor(reqs, device=device)
-        return Rows(reqs, idx, rows, block_table.index_select(0, idx), seq_lens.index_select(0, idx), starts)
+        first, end = qsl[reqs[0]], qsl[reqs[-1] + 1]
+        span = (first, end) if end - first == sum(lens) else None  # ascending reqs: no gap means contiguous
+        if reqs == list(range(num_reqs)):  # every request: the step's own tensors, no copies
+            return Rows(reqs, idx, rows, block_table, seq_lens, starts, span)
+        return Rows(reqs, idx, rows, block_table.index_select(0, idx), seq_lens.index_select(0, idx), starts, span)
 
     return part(single), part(multi)
 

@@ -2,8 +2,9 @@
 
 The op body picks its implementation with ``impl_for(q, "duo_decode")``: the Triton kernel (CUDA, or
 CPU under ``TRITON_INTERPRET=1``), the native CPU kernel ``torch.ops.kvcomp_C.duo_decode``
-(csrc/paged_decode_cpu.cpp), or the reference. Triton is imported lazily inside the op, so
-importing this module is cheap. The fake implementation lets ``torch.compile`` trace and CUDA
+(csrc/paged_decode_cpu.cpp), or the reference. Eager CPU calls that run the native kernel call it
+directly (the custom op's Python dispatch costs more than a short decode). Triton is imported
+lazily inside the op, so importing this module is cheap. The fake implementation lets ``torch.compile`` trace and CUDA
 graphs capture the decode step (the launcher never syncs with the host for CUDA tensors).
 """
 
@@ -59,5 +60,10 @@ def triton_duo_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
     scale = 1.0 / q.shape[-1] ** 0.5 if scale is None else float(scale)
-    return torch.ops.kvcomp.duo_decode(q, k_cache, v_cache, block_table, seq_lens, k_stream, v_stream,
+    op = torch.ops.kvcomp.duo_decode
+    if q.device.type == "cpu" and not torch.compiler.is_compiling() and impl_for(q, "duo_decode") == "native":
+        # eager CPU: the native operator itself, without the custom op's Python dispatch (~70 us a
+        # call, measured by bench/vllm_layer_decode.py: a vLLM decode step calls it once per layer)
+        op = torch.ops.kvcomp_C.duo_decode
+    return op(q, k_cache, v_cache, block_table, seq_lens, k_stream, v_stream,
                                        head_map, sink, window, scale, 0 if num_splits is None else num_splits)
