@@ -83,14 +83,41 @@ def kv_block_n(d: int, dtype: torch.dtype, num_warps: int = 4) -> int:
     return max(16, min(64, budget // (d * size)))
 
 
-def autotune(configs: list, key: list, prune=None):
+def autotune(configs: list, key: list, prune=None, restore: list | None = None):
     """``triton.autotune`` over ``configs`` keyed by ``key`` (kernel argument names; Triton adds the
     tensors' dtypes): the key must not name the batch size or a sequence length, so serving tunes once
     per model geometry and never per batch. ``prune(configs, nargs, **meta)`` drops the configs that do
-    not fit a launch. Under the interpreter only the first config exists (no benchmark, no extra runs)."""
+    not fit a launch. ``restore``: arguments a launch accumulates into (atomics), restored after each
+    benchmark run. Under the interpreter only the first config exists (no benchmark, no extra runs)."""
     if interpreting():
-        return triton.autotune(configs=configs[:1], key=key)
-    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune} if prune else None)
+        return triton.autotune(configs=configs[:1], key=key, restore_value=restore)
+    return triton.autotune(configs=configs, key=key, restore_value=restore,
+                           prune_configs_by={"early_config_prune": prune} if prune else None)
+
+
+SHARED_LIMIT = 232448  # bytes of shared memory a block may opt into on sm_90 (227 KB)
+
+
+def reg_budget(f32: bool, num_warps: int) -> int:
+    """Bytes of one streamed operand tile (e.g. ``[BLOCK_N, D]`` keys) that stay in registers on sm_90 next
+    to a kernel's accumulators (the budget of :func:`kv_block_n`): 16 KiB in 16-bit; fp32 dots run at IEEE
+    precision on the FMA units and need more registers, so 2 KiB per warp."""
+    return 2048 * num_warps if f32 else 16384
+
+
+def prune_sm90(tiles):
+    """An ``early_config_prune`` for :func:`autotune`. ``tiles(config, nargs, meta) -> (reg, smem, f32)``:
+    the bytes of the largest operand tile one loop step holds, the shared memory one pipeline stage needs
+    and whether the dots run in fp32. Keeps the configs with ``reg <= reg_budget(f32, warps)`` and
+    ``num_stages * smem <= SHARED_LIMIT`` (tests/kernels/test_sm90_compile.py compiles every kept config
+    and checks shared memory and spills). When none fits (a shape outside the tuned range), the config
+    with the smallest register tile."""
+    def prune(configs, nargs, **meta):
+        size = {c: tiles(c, nargs, meta) for c in configs}
+        kept = [c for c, (reg, smem, f32) in size.items()
+                if reg <= reg_budget(f32, c.num_warps) and c.num_stages * smem <= SHARED_LIMIT]
+        return kept or [min(configs, key=lambda c: size[c][0])]
+    return prune
 
 
 def num_sms(device: torch.device) -> int:

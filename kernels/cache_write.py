@@ -1,7 +1,8 @@
 """Cache write (Triton): paged KV by slot mapping.
 
 ``write_paged_kv``: vLLM ``reshape_and_cache`` semantics; grid ``(cdiv(N, BLOCK_T), Hkv)``, each program
-copies a ``[BLOCK_T, D]`` tile of one head to its slots (``slot == -1`` skips the token).
+copies a ``[BLOCK_T, D]`` tile of one head to its slots (``slot == -1`` skips the token). ``BLOCK_T`` and
+the warps are autotuned per (D, dtypes); ``N`` is not specialised (one compiled kernel for every step).
 """
 
 from __future__ import annotations
@@ -10,10 +11,18 @@ import torch
 import triton
 import triton.language as tl
 
-from kvcomp.kernels._common import check_device, check_float, check_head_dim, check_int, check_shape
+from kvcomp.kernels._common import autotune, check_device, check_float, check_head_dim, check_int, check_shape
+
+# a copy: the token tile and warps only (the first config is the interpreter's)
+_CONFIGS = [triton.Config({"BLOCK_T": 16}, num_warps=4),
+            triton.Config({"BLOCK_T": 8}, num_warps=2),
+            triton.Config({"BLOCK_T": 32}, num_warps=4),
+            triton.Config({"BLOCK_T": 64}, num_warps=8)]
 
 
-@triton.jit
+# keyed by head dim (and dtypes): never by the token count
+@autotune(_CONFIGS, key=["D"])
+@triton.jit(do_not_specialize=["N"])
 def _paged_write_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, N, page_size,
                         sk_n, sk_h, sv_n, sv_h, skc_b, skc_s, skc_h, svc_b, svc_s, svc_h,
                         D: tl.constexpr, BLOCK_T: tl.constexpr):
@@ -62,10 +71,9 @@ def write_paged_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor
         raise ValueError(f"slot_mapping values must be -1 or in [0, {nb * bs})")
     if n == 0 or h == 0:
         return
-    block_t = 16
-    _paged_write_kernel[(triton.cdiv(n, block_t), h)](
+    _paged_write_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_T"]), h)](
         key, value, k_cache, v_cache, slot_mapping.contiguous(), n, bs,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        D=d, BLOCK_T=block_t, num_warps=4)
+        D=d)

@@ -18,12 +18,31 @@ import torch
 import triton
 import triton.language as tl
 
-from kvcomp.kernels._common import (check_device, check_float, check_head_dim, check_int, dot, dot_f32,
-                             interpreting, kv_block_n, next_pow2, num_sms)
+from kvcomp.kernels._common import (autotune, check_device, check_float, check_head_dim, check_int, dot, dot_f32,
+                                    next_pow2, num_sms, prune_sm90)
 
 _LOG2E = 1.4426950408889634
+SPLIT_TILE = 64  # the largest tuned BLOCK_N: the split count (and so the scratch) never depends on the config
 
 
+def _tiles(c, nargs, meta):
+    """A ``[BLOCK_N, D]`` key tile in registers; keys and values staged per pipeline stage."""
+    size = nargs["q_ptr"].element_size()
+    tile = c.kwargs["BLOCK_N"] * meta["D"] * size
+    return tile, 2 * tile, meta["F32"]
+
+
+# the first config is the interpreter's; (16, 8 warps) fits every dtype and head dim (fp32 at D = 256)
+_CONFIGS = [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=3),
+            triton.Config({"BLOCK_N": 16}, num_warps=8, num_stages=2),
+            triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=2),
+            triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2),
+            triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=3)]
+_REDUCE_CONFIGS = [triton.Config({}, num_warps=4), triton.Config({}, num_warps=2), triton.Config({}, num_warps=8)]
+
+
+# keyed by head dim and GQA group (and dtypes): never by batch size, sequence length or split count
+@autotune(_CONFIGS, key=["D", "G"], prune=prune_sm90(_tiles))
 @triton.jit(do_not_specialize=["NUM_SPLITS"])
 def _duo_split_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, sl_ptr, ks_ptr, vs_ptr, hm_ptr, po_ptr, plse_ptr,
@@ -97,6 +116,7 @@ def _duo_split_kernel(
     tl.store(po_ptr + row[:, None] * D + offs_d[None, :], o, mask=g_mask[:, None])
 
 
+@autotune(_REDUCE_CONFIGS, key=["D"])
 @triton.jit(do_not_specialize=["NUM_SPLITS"])
 def _duo_reduce_kernel(po_ptr, plse_ptr, o_ptr, NUM_SPLITS, so_b, so_h, HQ,
                        D: tl.constexpr, BLOCK_S: tl.constexpr):
@@ -128,15 +148,16 @@ def default_num_splits(batch: int, n_ret: int, max_tokens: int, block_n: int, de
     """Splits per (sequence, KV head), sized from the *retrieval* heads (the streaming heads' rings hold
     ``sink + window`` tokens and their extra splits exit at once): ``batch * n_ret * splits`` >= 4
     programs per SM, at most one split per ``block_n`` tokens of capacity, at most 256. Depends only on
-    shapes (CUDA-graph safe). With no retrieval head the streaming heads are the work."""
+    shapes (CUDA-graph safe), never on the autotuned tile (the launcher passes :data:`SPLIT_TILE`; each
+    split rounds its slice up to its own ``BLOCK_N``). With no retrieval head the streaming heads are the work."""
     tiles = max(1, triton.cdiv(max_tokens, block_n))
     want = max(1, triton.cdiv(4 * num_sms(device), max(1, batch * n_ret)))
     return int(max(1, min(tiles, want, 256)))
 
 
 def duo_decode_attention(q, k_cache, v_cache, block_table, seq_lens, k_stream, v_stream, head_map, *,
-                         sink: int, window: int, scale: float | None = None, num_splits: int | None = None,
-                         block_n: int | None = None) -> torch.Tensor:
+                         sink: int, window: int, scale: float | None = None,
+                         num_splits: int | None = None) -> torch.Tensor:
     """DuoAttention decode step (Triton): same signature and result as ``kvcomp.ref.duo.duo_decode_attention``.
 
     Args:
@@ -146,9 +167,8 @@ def duo_decode_attention(q, k_cache, v_cache, block_table, seq_lens, k_stream, v
         k_stream, v_stream: ``[B, n_str, sink + window, D]`` streaming rings.
         head_map: ``[n_ret + n_str, 2]`` int ``(kind, index)``; kind 0 retrieval, 1 streaming.
         sink, window: streaming pattern; scale: default ``1/sqrt(D)``.
-        num_splits: KV splits per (sequence, KV head); default from shapes only (no host sync).
-        block_n: tokens per tile (power of two >= 16; default ``kv_block_n``: 64 at bf16 D=128; 16 under
-            the interpreter).
+        num_splits: KV splits per (sequence, KV head); default from shapes only (no host sync). The key
+            tile (``BLOCK_N``), warps and pipeline stages are autotuned per (D, G, dtypes).
     Returns:
         ``[B, Hq, D]`` in q's dtype.
 
@@ -169,16 +189,12 @@ def duo_decode_attention(q, k_cache, v_cache, block_table, seq_lens, k_stream, v
     check_int("head_map", head_map, 2)
     bsz, hq, d = q.shape
     check_head_dim("q", d)
-    if block_n is None:
-        block_n = 16 if interpreting() else kv_block_n(d, q.dtype)
-    if block_n < 16 or block_n & (block_n - 1):
-        raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
     if dev.type == "cpu":
         check_duo_values(head_map, block_table, seq_lens, n_ret, n_str, k_cache.shape[1], k_cache.shape[0])
     hkv = n_ret + n_str
     if num_splits is None:
         cap = max(block_table.shape[1] * k_cache.shape[1] if n_ret else 0, sink + window)
-        num_splits = default_num_splits(bsz, n_ret if n_ret else n_str, cap, block_n, dev)
+        num_splits = default_num_splits(bsz, n_ret if n_ret else n_str, cap, SPLIT_TILE, dev)
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
         raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
     scale = 1.0 / d ** 0.5 if scale is None else float(scale)
@@ -201,8 +217,7 @@ def duo_decode_attention(q, k_cache, v_cache, block_table, seq_lens, k_stream, v
         block_table.stride(0),
         k_stream.stride(0), k_stream.stride(1), k_stream.stride(2),
         v_stream.stride(0), v_stream.stride(1), v_stream.stride(2),
-        D=d, BLOCK_G=max(16, next_pow2(g)), BLOCK_N=block_n, F32=f32, num_warps=4,
+        D=d, BLOCK_G=max(16, next_pow2(g)), F32=f32,
     )
-    _duo_reduce_kernel[(bsz, hq)](po, plse, out, num_splits, out.stride(0), out.stride(1), hq,
-                                  D=d, BLOCK_S=16, num_warps=4)
+    _duo_reduce_kernel[(bsz, hq)](po, plse, out, num_splits, out.stride(0), out.stride(1), hq, D=d, BLOCK_S=16)
     return out

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import next_pow2
+from ._common import autotune, next_pow2
 
 LOG2E = 1.4426950408889634
 
@@ -48,6 +48,12 @@ def store_partial(m_ptr, l_ptr, acc_ptr, row0, S, split, m_i, l_i, acc, offs_h, 
     tl.store(ptrs, acc, mask=hmask[:, None] & (offs_dv[None, :] < DV))
 
 
+# the first config is the interpreter's
+_COMBINE_CONFIGS = [triton.Config({}, num_warps=4), triton.Config({}, num_warps=2), triton.Config({}, num_warps=8)]
+
+
+# keyed by the value width (and dtypes): never by batch size or part count
+@autotune(_COMBINE_CONFIGS, key=["DV"])
 @triton.jit(do_not_specialize=["S"])
 def _combine_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, S, DV, HQ, stride_ob, stride_oh,
                     CHUNK_S: tl.constexpr, BLOCK_DV: tl.constexpr):
@@ -93,8 +99,7 @@ def splitk_combine(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor, out: tor
     b, hq, s = m.shape
     dv = acc.shape[-1]
     _combine_kernel[(b * hq,)](m, l, acc, out, s, dv, hq, out.stride(0), out.stride(1),
-                               CHUNK_S=min(16, max(1, 2048 // next_pow2(dv))), BLOCK_DV=next_pow2(dv),
-                               num_warps=4)
+                               CHUNK_S=min(16, max(1, 2048 // next_pow2(dv))), BLOCK_DV=next_pow2(dv))
     return out
 
 

@@ -19,11 +19,29 @@ import torch
 import triton
 import triton.language as tl
 
-from kvcomp.kernels._common import (check_device, check_float, check_head_dim, dot, dot_f32, interpreting,
-                                    kv_block_n)
+from kvcomp.kernels._common import autotune, check_device, check_float, check_head_dim, dot, dot_f32, prune_sm90
 
 _LOG2E = 1.4426950408889634
 _BIG = 1 << 30
+
+
+def _tiles(c, nargs, meta):
+    """Registers: the ``[BLOCK_N, D]`` key tile, or the ``[BLOCK_M, D]`` query tile (with its fp32
+    accumulator) per 4 warps in 16-bit (8 warps hold twice the query rows; the fp32 budget already grows
+    with the warps); shared memory: keys, values and the query tile per pipeline stage."""
+    size = nargs["q_ptr"].element_size()
+    d, bm, bn = meta["D"], c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+    q_rows = bm if meta["F32"] else bm * 4 // c.num_warps
+    return max(bn, q_rows) * d * size, (2 * bn + bm) * d * size, meta["F32"]
+
+
+# the first config is the interpreter's; (16, 16, 8 warps) fits every dtype and head dim
+_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=2),
+            triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=8, num_stages=2),
+            triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=3),
+            triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+            triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2)]
+MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _CONFIGS)
 
 
 @triton.jit
@@ -53,6 +71,8 @@ def _tile(q, qp, m_i, l_i, acc, k_ptr, v_ptr, kpos_ptr, n0, Tk, sink, window, qk
     return m_new, l_i, acc
 
 
+# keyed by head dim, GQA group and the position mode (and dtypes): never by batch size or token counts
+@autotune(_CONFIGS, key=["D", "G", "HAS_QPOS", "HAS_KPOS"], prune=prune_sm90(_tiles))
 @triton.jit
 def _streaming_prefill_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, qpos_ptr, kpos_ptr,
@@ -135,8 +155,7 @@ def _positions(name: str, pos, b: int, t: int, device) -> torch.Tensor:
 
 def streaming_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sink: int, window: int,
                       scale: float | None = None, q_pos: torch.Tensor | None = None,
-                      k_pos: torch.Tensor | None = None, block_m: int | None = None,
-                      block_n: int | None = None) -> torch.Tensor:
+                      k_pos: torch.Tensor | None = None) -> torch.Tensor:
     """Sink + window causal attention (Triton); same contract as ``kvcomp.ref.streaming_attention``.
 
     Args:
@@ -146,8 +165,8 @@ def streaming_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sink
         q_pos: ``[Tq]`` or ``[B, Tq]`` int, default ``Tk - Tq + arange(Tq)`` (bottom-right).
         k_pos: ``[Tk]`` or ``[B, Tk]`` int, default ``arange(Tk)``; with explicit positions (any order)
             each KV tile's position range decides whether it is visited.
-        block_m, block_n: tile sizes (powers of two >= 16; default ``kv_block_n``: 64 at bf16 D=128; 16 under
-            the interpreter).
+    The query and key tiles (``BLOCK_M``, ``BLOCK_N``), warps and pipeline stages are autotuned per
+    (D, G, position mode, dtypes).
     Returns:
         ``[B, Hq, Tq, D]`` in q's dtype. A query row with no visible key is zero.
     """
@@ -176,24 +195,18 @@ def streaming_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sink
         raise ValueError(f"q: Tq={tq} > Tk={tk} needs explicit q_pos")
     qp = _positions("q_pos", q_pos, bsz, tq, dev) if q_pos is not None else None
     kp = _positions("k_pos", k_pos, bsz, tk, dev) if k_pos is not None else None
-    if block_m is None:
-        block_m = 16 if interpreting() else kv_block_n(d, q.dtype)
-    if block_n is None:
-        block_n = 16 if interpreting() else kv_block_n(d, q.dtype)
-    for name, x in (("block_m", block_m), ("block_n", block_n)):
-        if x < 16 or x & (x - 1):
-            raise ValueError(f"{name} must be a power of two >= 16, got {x}")
     scale = 1.0 / d ** 0.5 if scale is None else float(scale)
     out = torch.empty((bsz, hq, tq, d), device=dev, dtype=q.dtype)
     if out.numel() == 0:
         return out
+    prefill_grid(bsz, hq, tq, MIN_BLOCK_M)  # every config's grid fits (the smallest query tile has the most)
     dummy = torch.zeros(1, device=dev, dtype=torch.int32)
-    _streaming_prefill_kernel[prefill_grid(bsz, hq, tq, block_m)](
+    _streaming_prefill_kernel[lambda meta: prefill_grid(bsz, hq, tq, meta["BLOCK_M"])](
         q, k, v, out, qp if qp is not None else dummy, kp if kp is not None else dummy,
         scale * _LOG2E, sink, window, tq, tk, hq, hq // hkv,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         qp.stride(0) if qp is not None else 0, kp.stride(0) if kp is not None else 0,
         HAS_QPOS=qp is not None, HAS_KPOS=kp is not None,
-        D=d, BLOCK_M=block_m, BLOCK_N=block_n, F32=dot_f32(dev, q.dtype), num_warps=4)
+        D=d, F32=dot_f32(dev, q.dtype))
     return out

@@ -98,6 +98,25 @@ def _rerank(xw, cw_ptr, c2_ptr, h, NC, D, i1, i2, b2, tmask, BLOCK_D: tl.constex
     return tl.where((d2 < d1) | ((d2 == d1) & (i2 < i1)), i2, i1)
 
 
+def _tiles(c, nargs, meta):
+    """The fp32 ``[BLOCK_T, D]`` whitened keys and ``[BLOCK_C, D]`` centroid tile in registers: at most
+    6 KiB per warp (32 tokens x 64 codes at D = 128 with 8 warps); the centroid tile staged per stage."""
+    bd = meta["BLOCK_D"]
+    tile = (c.kwargs["BLOCK_T"] + c.kwargs["BLOCK_C"]) * bd * 4
+    return tile * 8 // (3 * c.num_warps), c.kwargs["BLOCK_C"] * bd * 4, False  # 16 KiB of budget = 6 KiB x 8 / 3
+
+
+# the first config is the interpreter's and fits every head dim (D = 256 with 8 warps)
+_CONFIGS = [triton.Config({"BLOCK_T": 16, "BLOCK_C": 32}, num_warps=8, num_stages=2),
+            triton.Config({"BLOCK_T": 32, "BLOCK_C": 64}, num_warps=8, num_stages=2),
+            triton.Config({"BLOCK_T": 64, "BLOCK_C": 32}, num_warps=8, num_stages=3)]
+# the launcher sizes the codebook splits (and their scratch) with these, never with the tuned tiles
+SPLIT_T, SPLIT_C = 32, 64
+
+
+# keyed by head dim, codebook size, addressing and whether the program writes the code (and dtypes): never
+# by the token count or batch size
+@C.autotune(_CONFIGS, key=["D", "NC", "PAGED", "FINAL"], prune=C.prune_sm90(_tiles))
 @triton.jit(do_not_specialize=["N", "B"])
 def _vq_encode_kernel(k_ptr, l_ptr, cw_ptr, c2_ptr, out_ptr, bt_ptr, sl_ptr, qsl_ptr, cand_ptr, cdist_ptr,
                       N, T, B, NC, D, BS, CSPLIT, s_k0, s_k1, s_kh, s_o0, s_o1, s_oh, s_btb,
@@ -186,15 +205,14 @@ def _prepare(codebook: torch.Tensor, whiten: torch.Tensor, hkv: int, d: int):
     return lw, cw, (cw * cw).sum(-1).contiguous()
 
 
-def _blocks(nc: int, d: int):
-    """(BLOCK_T, BLOCK_C, BLOCK_K, num_warps): big tiles for the interpreter (cost per operation),
-    register-sized ones on the GPU (no spills on sm_90, checked by tests/kernels/test_sm90_compile.py)."""
+def _blocks(d: int):
+    """(BLOCK_K, re-rank BLOCK_T): the K-chunk of ``k L`` (one chunk under the interpreter, whose cost is
+    per operation) and the re-rank kernel's token tile (register-sized on the GPU: no spills on sm_90,
+    checked by tests/kernels/test_sm90_compile.py); the candidate kernel's tiles are autotuned."""
     bd = C.next_pow2(d)
     if C.interpreting():
-        return 16, min(max(16, C.next_pow2(nc)), 64), bd, 4
-    if bd >= 256:
-        return 16, 32, 16, 8
-    return 32, 64, min(bd, 32), 8
+        return bd, 16
+    return (16, 16) if bd >= 256 else (min(bd, 32), 32)
 
 
 def _encode(k, lw, cw, c2, out, bt, sl, qsl, n, t, bsz, bs, strides, paged: bool) -> None:
@@ -202,20 +220,20 @@ def _encode(k, lw, cw, c2, out, bt, sl, qsl, n, t, bsz, bs, strides, paged: bool
     one split, the merge / re-rank kernel. Splits: enough programs for two per SM (a decode step has a
     handful of token tiles), at least ``BLOCK_C`` codes each."""
     hkv, nc, d = cw.shape
-    bt_, bc, bk, nw = _blocks(nc, d)
-    tiles = triton.cdiv(n, bt_)
-    want = max(1, triton.cdiv(2 * C.num_sms(k.device), tiles * hkv))
-    csplit = triton.cdiv(triton.cdiv(nc, min(want, triton.cdiv(nc, bc))), bc) * bc
+    bk, rerank_t = _blocks(d)
+    want = max(1, triton.cdiv(2 * C.num_sms(k.device), triton.cdiv(n, SPLIT_T) * hkv))
+    csplit = triton.cdiv(triton.cdiv(nc, min(want, triton.cdiv(nc, SPLIT_C))), SPLIT_C) * SPLIT_C
     nsplit = triton.cdiv(nc, csplit)
     cand = torch.empty(nsplit if nsplit > 1 else 0, hkv, n, 2, dtype=torch.int32, device=k.device)
     cdist = torch.empty(cand.shape, dtype=torch.float32, device=k.device)
-    common = dict(PAGED=paged, BLOCK_T=bt_, BLOCK_D=C.next_pow2(d), BLOCK_K=bk, BLOCK_B=32 if paged else 1,
-                  num_warps=nw)
-    _vq_encode_kernel[(tiles, hkv, nsplit)](k, lw, cw, c2, out, bt, sl, qsl, cand, cdist, n, t, bsz, nc, d, bs,
-                                             csplit, *strides, FINAL=nsplit == 1, BLOCK_C=bc, **common)
+    common = dict(PAGED=paged, BLOCK_D=C.next_pow2(d), BLOCK_K=bk, BLOCK_B=32 if paged else 1)
+    _vq_encode_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_T"]), hkv, nsplit)](
+        k, lw, cw, c2, out, bt, sl, qsl, cand, cdist, n, t, bsz, nc, d, bs, csplit, *strides, FINAL=nsplit == 1,
+        **common)
     if nsplit > 1:
-        _vq_rerank_kernel[(tiles, hkv)](k, lw, cw, c2, out, bt, sl, qsl, cand, cdist, n, t, bsz, nc, d, bs, nsplit,
-                                        *strides, **common)
+        _vq_rerank_kernel[(triton.cdiv(n, rerank_t), hkv)](k, lw, cw, c2, out, bt, sl, qsl, cand, cdist, n, t, bsz,
+                                                            nc, d, bs, nsplit, *strides, BLOCK_T=rerank_t,
+                                                            num_warps=4 if C.interpreting() else 8, **common)
 
 
 def triton_vq_encode(k_pre: torch.Tensor, codebook: torch.Tensor, whiten: torch.Tensor) -> torch.Tensor:

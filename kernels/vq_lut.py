@@ -16,6 +16,24 @@ import triton.language as tl
 from . import _common as C
 
 
+def _tiles(c, nargs, meta):
+    """The ``[BLOCK_C, D]`` codebook tile stays in registers for the whole row loop (in fp32, or the query
+    dtype): at most 8 KiB of it per warp (64 codes at D = 256 with 8 warps); shared memory: the codebook
+    and a query tile."""
+    size = 4 if meta["F32"] else nargs["q_ptr"].element_size()
+    tile = c.kwargs["BLOCK_C"] * meta["BLOCK_D"] * size
+    return tile * 2 // c.num_warps, tile + meta["BLOCK_R"] * meta["BLOCK_D"] * size, False
+
+
+# the first config is the interpreter's
+_CONFIGS = [triton.Config({"BLOCK_C": 64}, num_warps=4, num_stages=2),
+            triton.Config({"BLOCK_C": 32}, num_warps=4, num_stages=2),
+            triton.Config({"BLOCK_C": 64}, num_warps=8, num_stages=2),
+            triton.Config({"BLOCK_C": 128}, num_warps=8, num_stages=2)]
+
+
+# keyed by head dim and codebook size (and dtypes): never by batch size (the rows are a runtime loop bound)
+@C.autotune(_CONFIGS, key=["D", "NC"], prune=C.prune_sm90(_tiles))
 @triton.jit(do_not_specialize=["NR"])
 def _vq_lut_kernel(q_ptr, cb_ptr, lut_ptr, scale, NR, HQ, G, NC, D, s_qb, s_qh, s_cbh, s_cbc,
                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, F32: tl.constexpr):
@@ -77,13 +95,11 @@ def triton_vq_lut(q_wrope: torch.Tensor, codebook: torch.Tensor, *, scale: float
         return lut
     f32 = C.dot_f32(q_wrope.device, q_wrope.dtype) or codebook.dtype == torch.float32
     interp = C.interpreting()
-    block_c = max(16, min(C.next_pow2(nc), 64))  # sm_90, D=128: 64 codes x 8 warps, no spills
     # GPU: 16-row tiles (the smallest dot), one compiled kernel for every batch size; the interpreter
     # (cost per operation) takes all rows at once
     block_r = max(16, min(64, C.next_pow2(b * g))) if interp else 16
-    _vq_lut_kernel[(hkv, triton.cdiv(nc, block_c))](
+    _vq_lut_kernel[lambda meta: (hkv, triton.cdiv(nc, meta["BLOCK_C"]))](
         q_wrope, codebook, lut, sc, b * g, hq, g, nc, d, q_wrope.stride(0), q_wrope.stride(1),
         codebook.stride(0), codebook.stride(1),
-        BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_D=C.next_pow2(d), F32=f32,
-        num_warps=4 if interp else 8)
+        BLOCK_R=block_r, BLOCK_D=C.next_pow2(d), F32=f32)
     return lut

@@ -17,14 +17,15 @@ from . import _common as C
 from .splitk import LOG2E, alloc_partials, online_update, pick_splits, splitk_combine, store_partial
 
 
-def _fits(configs, nargs, **meta):
-    """Configs whose ``[BLOCK_N, D]`` K/V tiles stay in registers on sm_90 (the budget of
-    :func:`C.kv_block_n`, without its 16-row floor: fp32 at D = 256 needs 8 warps for 16 rows)."""
-    dtype = nargs["q_ptr"].dtype
-    d = max(meta["BLOCK_D"], meta["BLOCK_DV"])
-    size = torch.finfo(dtype).bits // 8
-    return [c for c in configs
-            if c.kwargs["BLOCK_N"] * d * size <= (2048 * c.num_warps if dtype == torch.float32 else 16384)]
+def _tiles(c, nargs, meta):
+    """The ``[BLOCK_N, D]`` K/V tiles in registers (the budget of :func:`C.kv_block_n`, without its 16-row
+    floor: fp32 at D = 256 needs 8 warps for 16 rows); keys and values staged per pipeline stage."""
+    size = nargs["q_ptr"].element_size()
+    n = c.kwargs["BLOCK_N"]
+    return n * max(meta["BLOCK_D"], meta["BLOCK_DV"]) * size, n * (meta["BLOCK_D"] + meta["BLOCK_DV"]) * size, meta["F32"]
+
+
+_fits = C.prune_sm90(_tiles)
 
 
 # the first config is the interpreter's; (16, 8 warps) fits every dtype and head dim

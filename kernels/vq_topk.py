@@ -43,6 +43,21 @@ import triton.language as tl
 from . import _common as C
 
 
+def _select_tiles(c, nargs, meta):
+    """The ``[BLOCK_H, BLOCK_T]`` int64 keys of the select kernel, per 4 warps."""
+    return meta["BLOCK_H"] * c.kwargs["BLOCK_T"] * 8 * 4 // c.num_warps, 0, False
+
+
+# token tiles and warps (the first config is the interpreter's); the chunk a program scans (the launcher's,
+# which sizes the per-chunk scratch) does not depend on the tile
+_RADIX_CONFIGS = [triton.Config({"BLOCK_T": 256}, num_warps=4, num_stages=2),
+                  triton.Config({"BLOCK_T": 512}, num_warps=4, num_stages=2),
+                  triton.Config({"BLOCK_T": 1024}, num_warps=8, num_stages=2)]
+_SELECT_CONFIGS = [triton.Config({"BLOCK_T": 256}, num_warps=4, num_stages=2),
+                   triton.Config({"BLOCK_T": 128}, num_warps=4, num_stages=2),
+                   triton.Config({"BLOCK_T": 512}, num_warps=8, num_stages=2)]
+
+
 @triton.jit
 def _key(s):
     """fp32 score -> int64 key in [0, 2^32), monotone, -0.0 keyed like +0.0."""
@@ -68,6 +83,9 @@ def _prefix(hist_ptr, rows, k, NROWS, NPASS: tl.constexpr):
     return prefix, kk
 
 
+# keyed by GQA group and codebook size (and dtypes), tuned on the first pass: never by batch size or length;
+# the histograms the benchmark runs add to are restored after each
+@C.autotune(_RADIX_CONFIGS, key=["G", "NC"], restore=["hist_ptr"])
 @triton.jit
 def _radix_kernel(lut_ptr, code_ptr, bt_ptr, sl_ptr, topk_ptr, hist_ptr, NROWS, HQ, G, NC, BS, CHUNK,
                   s_cn, s_cs, s_ch, s_btb, PASS: tl.constexpr, BLOCK_T: tl.constexpr):
@@ -112,6 +130,7 @@ def _threshold_kernel(hist_ptr, sl_ptr, topk_ptr, tau_ptr, need_ptr, NROWS, HQ, 
     tl.store(need_ptr + rows, need.to(tl.int32), mask=rmask)
 
 
+@C.autotune(_SELECT_CONFIGS, key=["G", "NC"], prune=C.prune_sm90(_select_tiles))
 @triton.jit
 def _select_kernel(lut_ptr, code_ptr, bt_ptr, sl_ptr, tau_ptr, need_ptr, eq_ptr, cnt_ptr, idx_ptr, count_ptr,
                    HKV, G, NC, BS, CHUNK, NCHUNK, SINK, LOCAL, KMAX, s_cn, s_cs, s_ch, s_btb,
@@ -245,9 +264,9 @@ def triton_vq_topk(lut: torch.Tensor, code_cache: torch.Tensor, block_table: tor
     elif not isinstance(topk, torch.Tensor) and kmax < need_kmax:
         raise ValueError(f"kmax must be >= {need_kmax} (the largest possible count), got {kmax}")
     interp = C.interpreting()
-    ch = int(chunk or (256 if interp else 4096))
-    block_t = min(256, C.next_pow2(ch)) if interp else 256
-    ch = -(-ch // block_t) * block_t
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+    ch = chunk or (256 if interp else 4096)
     nchunk = max(1, -(-cap // ch))
     # four radix passes over the 32-bit score keys, 8 bits (256 bins) each; pass p counts the digit p of
     # the tokens whose first p digits match the k-th largest key's (decided by passes < p)
@@ -255,7 +274,7 @@ def triton_vq_topk(lut: torch.Tensor, code_cache: torch.Tensor, block_table: tor
     for p in range(4):
         _radix_kernel[(b * hq, nchunk)](lut, code_cache, block_table, seq_lens, topk_t, hist, b * hq, hq, g, nc, bs,
                                         ch, code_cache.stride(0), code_cache.stride(1), code_cache.stride(2),
-                                        block_table.stride(0), PASS=p, BLOCK_T=block_t, num_warps=4)
+                                        block_table.stride(0), PASS=p)
     tau = torch.empty(b * hq, dtype=torch.int64, device=dev)
     need = torch.empty(b * hq, dtype=torch.int32, device=dev)
     block_r = min(64, C.next_pow2(b * hq)) if interp else 4
@@ -270,7 +289,7 @@ def triton_vq_topk(lut: torch.Tensor, code_cache: torch.Tensor, block_table: tor
             lut, code_cache, block_table, seq_lens, tau, need, eq, cnt, idx, count,
             hkv, g, nc, bs, ch, nchunk, sink, local, kmax,
             code_cache.stride(0), code_cache.stride(1), code_cache.stride(2), block_table.stride(0),
-            MODE=mode, BLOCK_H=C.next_pow2(g), BLOCK_T=block_t, BLOCK_CH=C.next_pow2(nchunk), num_warps=4)
+            MODE=mode, BLOCK_H=C.next_pow2(g), BLOCK_CH=C.next_pow2(nchunk))
     block_k = min(1024, C.next_pow2(kmax))
     _pad_kernel[(b * hkv, triton.cdiv(kmax, block_k))](idx, count, kmax, BLOCK_K=block_k, num_warps=4)
     return idx, count
