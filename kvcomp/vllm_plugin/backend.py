@@ -47,7 +47,7 @@ from . import ENV_TRACE
 from . import compat as C
 from .mirror import mirror_bytes, mirror_for
 from .plan import Plan, kv_head_range, layer_index, plan_from_env
-from .ring import register_ring, ring_of
+from .ring import layer_name, register_ring, ring_of
 from .rope import rope_from_hf_config
 
 # a child of "vllm" so that vLLM's log handler (and its level setting) prints it
@@ -179,6 +179,8 @@ class KVCompAttentionImpl(C.AttentionImpl):
         """Register this layer's ring companion before vLLM collects KV specs; keep the HF config
         (A²ATS reads the layer's RoPE from it)."""
         p = self.plan
+        # a config made without the model's sliding windows: refused here, before serving
+        plan_from_env().check_window(layer_index(layer_name(self)), self.sliding_window)
         n_str = p.rank_num_streaming(self.num_kv_heads, *C.tp_rank_and_size())
         req = layout.ring_request(p, self.num_kv_heads, self.head_size, n_str,
                                   C.current_vllm_config().cache_config.block_size)
@@ -237,11 +239,13 @@ class KVCompAttentionImpl(C.AttentionImpl):
     def _trace(self, layer, kv_cache: torch.Tensor) -> None:
         self._traced = True
         path = os.environ.get(ENV_TRACE, "").strip()
+        ring = None if self.ring_name is None else ring_of(self.ring_name)[0]
         rec = {"pid": os.getpid(), "layer": getattr(layer, "layer_name", "?"),
                "kv_cache_shape": list(kv_cache.shape), "dtype": str(kv_cache.dtype),
                "method": self.plan.method, "sliding_window": self.sliding_window,
                "vllm": ".".join(map(str, C.VLLM_VERSION)),
                "ring": self.ring_name, "host_mirror_bytes": mirror_bytes(),
+               "ring_view": None if ring is None else [list(ring.shape), str(ring.dtype)],
                "decode_ops": impl_for(kv_cache, "duo_decode")}
         logger.info("kvcomp attention backend active: %s", rec)
         if path:

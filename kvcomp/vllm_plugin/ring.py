@@ -90,6 +90,19 @@ class KVCompRingLayer(nn.Module, C.AttentionLayerBase):
         raise RuntimeError("ring layers are read and written by their attention layer's Impl")
 
 
+def layer_name(impl) -> str:
+    """Name of the attention layer whose Impl is ``impl`` (from ``process_weights_after_loading`` on).
+
+    Raises:
+        RuntimeError: the Impl's layer is not in the forward context.
+    """
+    ctx = C.current_vllm_config().compilation_config.static_forward_context
+    name = next((n for n, m in ctx.items() if getattr(m, "impl", None) is impl), None)
+    if name is None:
+        raise RuntimeError("kvcomp: attention layer of this Impl not found in the forward context")
+    return name
+
+
 def register_ring(impl, act_dtype: torch.dtype, *, num_heads: int, capacity: int, content: int) -> str:
     """Register the ring companion of ``impl``'s attention layer; returns the ring's layer name.
 
@@ -108,9 +121,7 @@ def register_ring(impl, act_dtype: torch.dtype, *, num_heads: int, capacity: int
                          "(LLM(enable_prefix_caching=False)). A2ATS and DuoAttention + A2ATS keep every token in "
                          "the pages and the host mirror and serve with prefix caching on")
     ctx = cfg.compilation_config.static_forward_context
-    name = next((n for n, m in ctx.items() if getattr(m, "impl", None) is impl), None)
-    if name is None:
-        raise RuntimeError("kvcomp: attention layer of this Impl not found in the forward context")
+    name = layer_name(impl)
     ring_name = name + "_kvcomp_ring"
     if ring_name not in ctx:
         dtype = getattr(ctx[name], "kv_cache_torch_dtype", act_dtype)

@@ -76,6 +76,38 @@ def build_tiny_llama(directory: Path, seed: int = 0, *, num_heads: int = 4, num_
     return model
 
 
+#: the tiny random models of other architectures (:func:`build_tiny_model`): shape of the tiny Llama,
+#: sliding window 16 where the architecture has one
+TINY_WINDOW = 16
+TINY_ARCHS = {
+    # local sliding-window layers 0 and 2 (RoPE base 10K), global layers 1 and 3 (base 1M)
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+               dict(num_hidden_layers=4, sliding_window=TINY_WINDOW, query_pre_attn_scalar=D,
+                    layer_types=["sliding_attention", "full_attention"] * 2)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(num_hidden_layers=2, sliding_window=TINY_WINDOW)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_hidden_layers=2, use_sliding_window=False)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(num_hidden_layers=2)),
+}
+
+
+def build_tiny_model(directory: Path, arch: str):
+    """Save a random fp32 model of architecture ``arch`` (:data:`TINY_ARCHS`: 4 query / 2 KV heads,
+    head_dim 64, the tiny Llama's widths) and return it with SDPA attention (the HF reference)."""
+    import torch
+    import transformers
+
+    cfg_name, model_name, extra = TINY_ARCHS[arch]
+    torch.manual_seed(0)
+    cfg = getattr(transformers, cfg_name)(
+        vocab_size=512, hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=HKV,
+        head_dim=D, max_position_embeddings=4096, initializer_range=0.1, tie_word_embeddings=False, bos_token_id=1,
+        eos_token_id=2, pad_token_id=0, **extra)
+    model = getattr(transformers, model_name)(cfg).float().eval()
+    model.save_pretrained(str(directory))
+    model.set_attn_implementation("sdpa")
+    return model
+
+
 def make_prompts(lengths=(5, 37, 150, 1), vocab: int = 512, seed: int = 1) -> list[list[int]]:
     """Random token-id prompts (ids >= 3, avoiding special ids). 150 tokens span two 128-token
     pages and, with ``max_num_batched_tokens=64``, are prefilled in chunks."""
@@ -260,4 +292,23 @@ def finish_engine(proc: subprocess.Popen, out: Path, log: Path, timeout: float =
     res["log_kv_tokens"] = int(m.group(1).replace(",", "")) if m else None
     res["log_max_concurrency"] = float(m.group(2)) if m else None
     res["log"] = text
+    return res
+
+
+def collect_engines(procs: dict, refused=(), timeout: float = 400) -> dict:
+    """Wait for every started run ``name -> (process, result_json, log_file)``: a served run's
+    :func:`finish_engine` result, a ``refused`` one's ``{"rc", "log"}`` (it is meant to fail at
+    start-up). Raises one AssertionError listing every served run that failed."""
+    res, errors = {}, []
+    for name, (proc, out, log) in procs.items():
+        if name in refused:
+            rc, text = wait_engine(proc, log, timeout)
+            res[name] = {"rc": rc, "log": text}
+            continue
+        try:
+            res[name] = finish_engine(proc, out, log, timeout)
+        except AssertionError as e:
+            errors.append(f"[{name}] {e}")
+    if errors:
+        raise AssertionError("\n".join(errors))
     return res

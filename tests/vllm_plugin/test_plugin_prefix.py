@@ -25,8 +25,8 @@ import json
 import pytest
 
 from _vllm_common import (DUO_PATTERN, HERE, HKV, KEEP, MAX_TOKENS, RECENT, SINK, D, L, _spawn, build_tiny_llama,
-                          finish_engine, hf_greedy, kvcomp_hf_greedy, make_prompts, think_channels, tiny_vq,
-                          vllm_python, wait_engine)
+                          collect_engines, hf_greedy, kvcomp_hf_greedy, make_prompts, think_channels, tiny_vq,
+                          vllm_python)
 
 PREFIX = 1024
 SUFFIXES = (37, 53, 20)
@@ -63,24 +63,14 @@ def prefix_runs(tmp_path_factory):
         cmd = [py, str(HERE / "_run_prefix.py"), "--model", str(work / "model"), "--waves", str(waves_file),
                "--out", str(out), "--config", str(work / f"{name}_config"), "--trace", str(trace),
                "--max-tokens", str(MAX_TOKENS)]
-        procs[name] = (_spawn(cmd, log), out, log, trace)
+        procs[name] = (_spawn(cmd, log), out, log)
     prompts = [a, b, c]
     ref = {name: kvcomp_hf_greedy(model, prompts, MAX_TOKENS, cfgs[name]) for name in SERVED}
     ref["full"] = hf_greedy(model, prompts, MAX_TOKENS)
-    res, errors = {"ref": ref}, []
-    for name, (proc, out, log, trace) in procs.items():
-        if name in REFUSED:
-            rc, text = wait_engine(proc, log)
-            res[name] = {"rc": rc, "log": text}
-            continue
-        try:
-            res[name] = finish_engine(proc, out, log)
-        except AssertionError as e:
-            errors.append(f"[{name}] {e}")
-            continue
+    res = {"ref": ref, **collect_engines(procs, REFUSED)}
+    for name in SERVED:
+        trace = work / f"{name}.trace.jsonl"
         res[name]["trace"] = [json.loads(x) for x in trace.read_text().splitlines()] if trace.exists() else []
-    if errors:
-        raise AssertionError("\n".join(errors))
     return res
 
 
