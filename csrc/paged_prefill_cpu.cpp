@@ -4,78 +4,27 @@
 // row i of sequence b (rows query_start_loc[b] : query_start_loc[b+1], its last q_len tokens) sees
 // the first seq_lens[b] - q_len + i + 1 tokens.
 //
-// Flash-attention tiling. A work item is (sequence, KV head, tile of query tokens); its M = tokens x G
-// query rows (the whole GQA group of that KV head, token-major) walk the causal key range in tiles of
-// kKTile tokens. Each key / value tile is copied out of the pages through the block table (converted
-// to fp32) into a thread-local contiguous buffer; the score tile S = Q K^T and the update O += P V are
-// GEMMs (ATen's CPU BLAS through at::cpu::mm_out / addmm_), the softmax is online in fp32. Items are
-// sorted by cost (rows x visible keys) and taken dynamically by the threads of at::parallel_for.
+// Flash-attention tiling (prefill_tiles.h). A work item is (sequence, KV head, tile of query tokens);
+// its M = tokens x G query rows walk the causal key range in tiles of kKTile tokens, each key / value
+// tile copied out of the pages through the block table. Items are sorted by cost (rows x visible
+// keys) and taken dynamically by the threads of at::parallel_for.
 // Only the last dim of q and the caches must be contiguous (vLLM page views, transposed tables).
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/addmm_cpu_dispatch.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
-#include <ATen/ops/mm_cpu_dispatch.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <limits>
 #include <vector>
 
 #include "checks.h"
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define KVCOMP_PP_X86 1
-#endif
+#include "prefill_tiles.h"
 
 namespace kvcomp {
 namespace {
 
-#ifdef KVCOMP_PP_X86
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-namespace avx2 {
-#define KVCOMP_PD_AVX2 1
-#include "paged_decode_kernels.inc"
-#include "paged_prefill_kernels.inc"
-#undef KVCOMP_PD_AVX2
-}  // namespace avx2
-#pragma GCC pop_options
-#endif
-namespace generic {
-#include "paged_decode_kernels.inc"
-#include "paged_prefill_kernels.inc"
-}  // namespace generic
-
-template <typename T>
-struct Kernels {
-  void (*to_float)(const T*, int64_t, float*);
-  void (*softmax)(float*, int64_t, int64_t, const int64_t*, float*, float*, float*);
-};
-
-// The loops for this CPU: AVX2+FMA+F16C when it has them, else the portable build.
-template <typename T>
-Kernels<T> kernels() {
-#ifdef KVCOMP_PP_X86
-  static const bool fast = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  }();
-  if (fast) return {&avx2::to_float<T>, &avx2::softmax_rows};
-#endif
-  return {&generic::to_float<T>, &generic::softmax_rows};
-}
-
-constexpr int64_t kKTile = 256;  // key tokens per tile
 constexpr int64_t kQRows = 192;  // query rows (tokens x G) per work item, at most
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 struct Work {
   int64_t b, h, i0, i1;  // sequence, KV head, query tokens [i0, i1) of the sequence's q_len
@@ -91,38 +40,18 @@ struct Problem {
   float* out;                           // [total_q, Hq, D] fp32, contiguous
 };
 
-// Thread-local tiles: Q, O [M, D], S [M, kKTile], K, V [kKTile, D], per-row m, l, alpha, valid.
-struct Buffers {
-  std::vector<float> q, o, s, k, v, m, l, alpha;
-  std::vector<int64_t> valid;
-  Buffers(int64_t rows, int64_t d)
-      : q(rows * d), o(rows * d), s(rows * kKTile), k(kKTile * d), v(kKTile * d), m(rows), l(rows), alpha(rows),
-        valid(rows) {}
-};
-
-inline at::Tensor mat(float* p, int64_t rows, int64_t cols) {
-  return at::from_blob(p, {rows, cols}, at::TensorOptions().dtype(at::kFloat));
-}
-
 template <typename T>
 void run_item(const Problem& p, const Work& w, const at::Tensor& k_cache, const at::Tensor& v_cache, Buffers& buf,
               const Kernels<T>& kn) {
   const int64_t d = p.d, g = p.g, nt = w.i1 - w.i0, rows = nt * g;
   const int64_t first = p.len[w.b] - p.q_len[w.b] + w.i0;  // position of the item's first query token
   const int64_t kend = first + nt;                           // keys its last token sees
-  for (int64_t t = 0; t < nt; ++t) {
-    const float* src = p.q + ((p.q0[w.b] + w.i0 + t) * p.hq + w.h * g) * d;
-    float* dst = buf.q.data() + t * g * d;
-    for (int64_t c = 0; c < g * d; ++c) dst[c] = src[c] * p.scale;
-  }
-  std::fill(buf.m.begin(), buf.m.begin() + rows, kNegInf);
-  std::fill(buf.l.begin(), buf.l.begin() + rows, 0.f);
-  std::fill(buf.o.begin(), buf.o.begin() + rows * d, 0.f);
+  const int64_t row0 = (p.q0[w.b] + w.i0) * p.hq + w.h * g;  // the item's first row of q and out
+  begin_rows(buf, p.q + row0 * d, p.hq * d, nt, g, d, p.scale);
   const T* kb = k_cache.const_data_ptr<T>() + w.h * k_cache.stride(2);
   const T* vb = v_cache.const_data_ptr<T>() + w.h * v_cache.stride(2);
   const int64_t k0 = k_cache.stride(0), k1 = k_cache.stride(1), v0 = v_cache.stride(0), v1 = v_cache.stride(1);
   const int64_t* blk = p.blocks.data() + w.b * p.bps;
-  at::Tensor qm = mat(buf.q.data(), rows, d), om = mat(buf.o.data(), rows, d);
   for (int64_t n0 = 0; n0 < kend; n0 += kKTile) {
     const int64_t nb = std::min(kKTile, kend - n0);
     for (int64_t j = 0; j < nb; ++j) {
@@ -130,26 +59,10 @@ void run_item(const Problem& p, const Work& w, const at::Tensor& k_cache, const 
       kn.to_float(kb + bid * k0 + off * k1, d, buf.k.data() + j * d);
       kn.to_float(vb + bid * v0 + off * v1, d, buf.v.data() + j * d);
     }
-    at::Tensor sm = mat(buf.s.data(), rows, nb);
-    at::cpu::mm_out(sm, qm, mat(buf.k.data(), nb, d).t());
     for (int64_t r = 0; r < rows; ++r) buf.valid[r] = first + r / g + 1 - n0;
-    kn.softmax(buf.s.data(), rows, nb, buf.valid.data(), buf.m.data(), buf.l.data(), buf.alpha.data());
-    for (int64_t r = 0; r < rows; ++r) {
-      const float a = buf.alpha[r];
-      if (a == 1.f) continue;
-      float* orow = buf.o.data() + r * d;
-      for (int64_t c = 0; c < d; ++c) orow[c] *= a;
-    }
-    at::cpu::addmm_(om, sm, mat(buf.v.data(), nb, d));
+    flash_step<T>(buf, rows, nb, d, kn);
   }
-  for (int64_t t = 0; t < nt; ++t) {
-    float* dst = p.out + ((p.q0[w.b] + w.i0 + t) * p.hq + w.h * g) * d;
-    for (int64_t i = 0; i < g; ++i) {
-      const float inv = 1.f / buf.l[t * g + i];
-      const float* orow = buf.o.data() + (t * g + i) * d;
-      for (int64_t c = 0; c < d; ++c) dst[i * d + c] = orow[c] * inv;
-    }
-  }
+  end_rows(buf, p.out + row0 * d, p.hq * d, nt, g, d);
 }
 
 template <typename T>
@@ -157,13 +70,8 @@ void run(const Problem& p, const std::vector<Work>& work, const at::Tensor& k_ca
   const Kernels<T> kn = kernels<T>();
   int64_t max_rows = 0;
   for (const Work& w : work) max_rows = std::max(max_rows, (w.i1 - w.i0) * p.g);
-  std::atomic<int64_t> next{0};
-  const int64_t n = static_cast<int64_t>(work.size());
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), n);
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    Buffers buf(max_rows, p.d);
-    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) run_item<T>(p, work[i], k_cache, v_cache, buf, kn);
-  });
+  for_items(static_cast<int64_t>(work.size()), max_rows, p.d,
+            [&](int64_t i, Buffers& buf) { run_item<T>(p, work[i], k_cache, v_cache, buf, kn); });
 }
 
 at::Tensor paged_prefill_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -228,11 +136,7 @@ at::Tensor paged_prefill_cpu(const at::Tensor& q, const at::Tensor& k_cache, con
     }
   }
   std::stable_sort(work.begin(), work.end(), [](const Work& a, const Work& b) { return a.cost > b.cost; });
-  switch (k_cache.scalar_type()) {
-    case at::kFloat: run<float>(p, work, k_cache, v_cache); break;
-    case at::kBFloat16: run<c10::BFloat16>(p, work, k_cache, v_cache); break;
-    default: run<c10::Half>(p, work, k_cache, v_cache); break;
-  }
+  by_kv_dtype(k_cache.scalar_type(), [&](auto t) { run<decltype(t)>(p, work, k_cache, v_cache); });
   return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
 }
 

@@ -1,6 +1,7 @@
-"""Prefill attention for DuoAttention: ``kvcomp::streaming_prefill`` (Triton, sink + window block-sparse,
-streaming heads) and the dense causal path for retrieval heads (``flash_attn`` when installed and the
-inputs are CUDA fp16/bf16, otherwise torch SDPA).
+"""Prefill attention for DuoAttention: :func:`streaming_prefill` for the streaming heads (sink + window:
+the Triton ``kvcomp::streaming_prefill`` on CUDA, the native ``torch.ops.kvcomp_C.streaming_prefill`` on
+CPU, csrc/streaming_prefill_cpu.cpp) and the dense causal path for retrieval heads (``flash_attn`` when
+installed and the inputs are CUDA fp16/bf16, otherwise torch SDPA).
 """
 
 from __future__ import annotations
@@ -9,6 +10,9 @@ import functools
 from typing import Optional
 
 import torch
+
+from kvcomp.defaults import SUPPORTED_HEAD_DIMS
+from kvcomp.ops._dispatch import impl_for
 
 
 @torch.library.custom_op("kvcomp::streaming_prefill", mutates_args=())
@@ -90,10 +94,13 @@ def streaming_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sink
                       k_pos: torch.Tensor | None = None) -> torch.Tensor:
     """Prefill of DuoAttention's streaming heads: each query sees the first ``sink`` keys and a
     ``window`` of recent keys (bottom-right causal positions, ``Tq <= Tk``, unless ``q_pos [Tq]``
-    and ``k_pos [Tk]`` give them: e.g. a ring's kept tokens followed by a chunk).
+    and ``k_pos [Tk]`` give them: e.g. a ring's kept tokens followed by a chunk, in any order).
 
-    CUDA: the Triton ``kvcomp::streaming_prefill`` kernel; elsewhere torch SDPA with the boolean
-    mask of ``kvcomp.ref.streaming_mask`` (the reference is ``kvcomp.ref.streaming_attention``).
+    CUDA: the Triton ``kvcomp::streaming_prefill`` kernel. CPU: the native
+    ``torch.ops.kvcomp_C.streaming_prefill`` (work per query O(sink + window)) when
+    ``impl_for(q, "streaming_prefill")`` is ``native`` and the head dim is one of
+    ``SUPPORTED_HEAD_DIMS``; otherwise torch SDPA with the boolean mask of
+    ``kvcomp.ref.streaming_mask`` (the reference is ``kvcomp.ref.streaming_attention``).
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
@@ -105,14 +112,30 @@ def streaming_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sink
         raise ValueError("q_pos and k_pos go together")
     if q.is_cuda:
         return triton_streaming_attention(q, k, v, sink=sink, window=window, scale=scale, q_pos=q_pos, k_pos=k_pos)
-    from ..ref.streaming import streaming_mask
-
     tq, tk = q.shape[2], k.shape[2]
     if q_pos is None:
         q_pos, k_pos = torch.arange(tk - tq, tk, device=q.device), torch.arange(tk, device=q.device)
     if q_pos.shape != (tq,) or k_pos.shape != (tk,):
         raise ValueError(f"q_pos must be [{tq}] and k_pos [{tk}], got {list(q_pos.shape)}, {list(k_pos.shape)}")
+    if q.shape[-1] in SUPPORTED_HEAD_DIMS and impl_for(q, "streaming_prefill") == "native":
+        return _native_streaming(q, k, v, sink, window, scale, q_pos, k_pos)
+    from ..ref.streaming import streaming_mask
+
     mask = streaming_mask(q_pos, k_pos, sink, window)
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask.reshape(tq, tk), scale=scale,
                                                             enable_gqa=q.shape[1] != k.shape[1])
 
+
+def _native_streaming(q, k, v, sink, window, scale, q_pos, k_pos) -> torch.Tensor:
+    """``[B, H, T, D]`` through the packed varlen ``torch.ops.kvcomp_C.streaming_prefill`` (a view, no
+    copy, for B = 1 with contiguous last dims: e.g. a request's rows of the step's queries)."""
+    b, hq, tq, d = q.shape
+    tk = k.shape[2]
+
+    def packed(t):
+        return t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3])
+
+    cu = torch.arange(b + 1, dtype=torch.long)
+    o = torch.ops.kvcomp_C.streaming_prefill(packed(q), packed(k), packed(v), q_pos.repeat(b), k_pos.repeat(b),
+                                             cu * tq, cu * tk, sink, window, scale)
+    return o.view(b, tq, hq, o.shape[-1]).transpose(1, 2)
