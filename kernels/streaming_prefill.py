@@ -38,7 +38,7 @@ def _tiles(c, nargs, meta):
 # the first config is the interpreter's; (16, 16, 8 warps) fits every dtype and head dim
 _CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=2),
             triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=8, num_stages=2),
-            triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=3),
+            triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2),
             triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
             triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2)]
 MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _CONFIGS)
