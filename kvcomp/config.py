@@ -34,6 +34,7 @@ from .patterns import read_pattern_tsv, threshold_pattern, write_pattern_tsv
 
 from . import defaults as DEF
 from .defaults import SUPPORTED_HEAD_DIMS  # noqa: F401  (re-exported)
+from .ref.think import think_kept_dim
 
 
 class ConfigError(ValueError):
@@ -121,7 +122,9 @@ class DuoAttention:
 class ThinK:
     """ThinK: query-driven key channel pruning per KV head.
 
-    ``prune_ratio`` = fraction λ of channels removed (floor(λ·D)). The last ``window`` tokens
+    ``prune_ratio`` = fraction λ of channels removed (floor(λ·D)), the kept count then rounded up to a
+    multiple of ``channel_multiple`` with the next-best channels (``kvcomp.ref.think_kept_dim``: λ=0.4
+    keeps 80 of 128). The last ``window`` tokens
     keep all channels and the last ``window`` prompt queries score the channels. ``heads``
     ([L, Hkv] bool) restricts pruning (default: every non-streaming head). ``channels``
     ([L, Hkv, D_keep] int) are static kept channels (calibrated offline); None = chosen per
@@ -132,6 +135,7 @@ class ThinK:
     window: int = DEF.THINK_WINDOW
     heads: torch.Tensor | None = None
     channels: torch.Tensor | None = None
+    channel_multiple: int = DEF.THINK_CHANNEL_MULTIPLE
 
     def __post_init__(self):
         self.validate()
@@ -139,9 +143,10 @@ class ThinK:
     def validate(self) -> None:
         _real("think.prune_ratio", self.prune_ratio, 0.0, 1.0, hi_open=True)
         self.window = _int("think.window", self.window, 1)
+        self.channel_multiple = _int("think.channel_multiple", self.channel_multiple, 1)
 
     def kept_dim(self, head_dim: int) -> int:
-        return head_dim - int(self.prune_ratio * head_dim)
+        return think_kept_dim(head_dim, float(self.prune_ratio), self.channel_multiple)
 
     def save_channels(self, path: str | os.PathLike) -> None:
         from safetensors.torch import save_file
@@ -149,7 +154,8 @@ class ThinK:
         if self.channels is None:
             raise ConfigError("think.channels", "no static channels to save (query-driven ThinK)")
         save_file({"channels": self.channels.to(torch.int32).contiguous()}, str(path),
-                  metadata={"prune_ratio": repr(self.prune_ratio), "window": str(self.window)})
+                  metadata={"prune_ratio": repr(self.prune_ratio), "window": str(self.window),
+                            "channel_multiple": str(self.channel_multiple)})
 
     @staticmethod
     def load_channels(path: str | os.PathLike) -> torch.Tensor:
@@ -382,7 +388,7 @@ class CompressionConfig:
                 write_pattern_tsv(os.path.join(directory, "full_attention_heads.tsv"), d.alphas)
         if self.think is not None:
             t = self.think
-            meta["think"] = {"prune_ratio": t.prune_ratio, "window": t.window,
+            meta["think"] = {"prune_ratio": t.prune_ratio, "window": t.window, "channel_multiple": t.channel_multiple,
                              "heads": None if t.heads is None else t.heads.int().tolist()}
             if t.channels is not None:
                 t.save_channels(os.path.join(directory, "think_channels.safetensors"))
@@ -415,7 +421,8 @@ class CompressionConfig:
             t = meta["think"]
             ch = ThinK.load_channels(os.path.join(directory, t["channels_file"])) if t.get("channels_file") else None
             heads = None if t.get("heads") is None else torch.tensor(t["heads"], dtype=torch.bool)
-            kw["think"] = ThinK(prune_ratio=t["prune_ratio"], window=t["window"], heads=heads, channels=ch)
+            kw["think"] = ThinK(prune_ratio=t["prune_ratio"], window=t["window"], heads=heads, channels=ch,
+                                channel_multiple=t.get("channel_multiple", 1))  # saved before rounding: 1
         if "vq" in meta:
             v = meta["vq"]
             heads = None if v.get("heads") is None else torch.tensor(v["heads"], dtype=torch.bool)

@@ -15,6 +15,11 @@ DUO_RECENT = 256  # recent window a streaming head keeps (counting the query its
 # ---- ThinK
 THINK_PRUNE_RATIO = 0.4  # λ: fraction of key channels pruned
 THINK_WINDOW = 32  # observation window / full-width recent keys
+#: kept key channels are rounded up to a multiple of this (the next-best channels by score fill the extra
+#: slots; capped at the head dim): λ=0.4 keeps 80 of 128 channels (37.5% pruned), 48 of 64 (25%), 160 of
+#: 256 (37.5%); 1 keeps exactly D - floor(λ·D). A multiple of 16 makes a pruned key row whole 16-channel
+#: vectors (aligned, unmasked loads in the Triton kernel; no tail in the native CPU kernel)
+THINK_CHANNEL_MULTIPLE = 16
 
 # ---- A²ATS (VQ retrieval)
 #: top-K per query head (fraction of the context < 1, or a count). A²ATS uses 0.03 on Llama-3.1-8B;

@@ -78,19 +78,35 @@ def test_bad_configs_name_the_field(make, field):
 def test_save_load_roundtrip(tmp_path):
     g = torch.Generator().manual_seed(1)
     alphas = torch.rand(L, H, generator=g)
-    kd = D - int(0.4 * D)
+    kd = 12  # 16 - floor(0.4 * 16) = 10, rounded up to a multiple of 4
     ch = torch.stack([torch.randperm(D, generator=g)[:kd].sort().values for _ in range(L * H)]).view(L, H, kd)
     cfg = CompressionConfig(L, H, D, num_q_heads=8, duo=DuoAttention.from_alphas(alphas, 0.25, sink=4, recent=16),
-                            think=ThinK(prune_ratio=0.4, window=8, channels=ch), vq=_vq(topk=5, local=8))
+                            think=ThinK(prune_ratio=0.4, window=8, channels=ch, channel_multiple=4),
+                            vq=_vq(topk=5, local=8))
     cfg.save(tmp_path / "c")
     back = CompressionConfig.load(tmp_path / "c")
     assert torch.equal(back.duo.pattern, cfg.duo.pattern) and back.duo.sink == 4 and back.duo.recent == 16
     assert torch.allclose(back.duo.alphas, alphas)
-    assert torch.equal(back.think.channels, ch) and back.think.window == 8
+    assert torch.equal(back.think.channels, ch) and back.think.window == 8 and back.think.channel_multiple == 4
     assert torch.equal(back.vq.codebook, cfg.vq.codebook) and torch.equal(back.vq.whiten, cfg.vq.whiten)
     assert back.vq.topk == 5 and back.kinds == cfg.kinds and torch.equal(back.prune, cfg.prune)
     with pytest.raises(ConfigError):
         CompressionConfig.load(tmp_path / "missing")
+
+
+def test_config_saved_before_channel_rounding_loads_unrounded(tmp_path):
+    """A config.json without ``channel_multiple`` (saved before ThinK rounded its kept count) loads with
+    multiple 1, so its static channels keep their width (10 of 16 at λ = 0.4)."""
+    import json
+
+    ch = torch.arange(10).expand(L, H, 10).clone()
+    CompressionConfig(L, H, D, think=ThinK(prune_ratio=0.4, channels=ch, channel_multiple=1)).save(tmp_path)
+    meta = json.loads((tmp_path / "config.json").read_text())
+    del meta["think"]["channel_multiple"]
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    back = CompressionConfig.load(tmp_path)
+    assert back.think.channel_multiple == 1 and torch.equal(back.think.channels, ch)
+    assert ThinK(prune_ratio=0.4).kept_dim(D) == 16 and ThinK(prune_ratio=0.4).kept_dim(128) == 80
 
 
 def test_threshold_pattern_per_layer():
@@ -121,6 +137,8 @@ def test_threshold_pattern_per_layer():
     (lambda: ThinK(prune_ratio="0.4"), "think.prune_ratio"),
     (lambda: ThinK(prune_ratio=True), "think.prune_ratio"),
     (lambda: ThinK(prune_ratio=float("nan")), "think.prune_ratio"),
+    (lambda: ThinK(channel_multiple=0), "think.channel_multiple"),
+    (lambda: ThinK(channel_multiple=16.0), "think.channel_multiple"),
     (lambda: _vq(topk="0.1"), "vq.topk"),
     (lambda: _vq(topk=True), "vq.topk"),
     (lambda: _vq(topk=0), "vq.topk"),

@@ -12,17 +12,20 @@ from __future__ import annotations
 
 import torch
 
+from ..defaults import THINK_CHANNEL_MULTIPLE
 from ..ref import apply_rope, rope_cos_sin, think_channel_scores, think_keep_channels
 
 
 def calibrate_think_channels(model, samples: list[torch.Tensor], prune_ratio: float, *, window: int = 32,
-                             progress: bool = False) -> torch.Tensor:
+                             multiple: int = THINK_CHANNEL_MULTIPLE, progress: bool = False) -> torch.Tensor:
     """Kept channels ``[L, Hkv, D_keep]`` int64 (ascending) for ``model`` on ``samples``.
 
     Args:
         samples: ``[1, t]`` token tensors (each ``t > window``).
         prune_ratio: fraction of key channels removed, as :class:`kvcomp.config.ThinK`.
         window: observation queries per sample (ThinK's 32).
+        multiple: the kept count is rounded up to a multiple of it with the next-best channels
+            (:func:`kvcomp.ref.think_kept_dim`).
     Raises:
         ValueError: no samples, or a sample not longer than ``window``.
     """
@@ -48,7 +51,7 @@ def calibrate_think_channels(model, samples: list[torch.Tensor], prune_ratio: fl
         sc = think_channel_scores(q, k)  # layers as the batch: [L_glob, Hkv, D]
         sc = sc / sc.sum(dim=-1, keepdim=True).clamp_min(1e-30)
         total = sc if total is None else total + sc
-    kept = think_keep_channels(total, prune_ratio)
+    kept = think_keep_channels(total, prune_ratio, multiple)
     out = torch.arange(kept.shape[-1]).expand(geo["num_layers"], geo["num_kv_heads"], -1).clone()
     out[glob] = kept
     return out

@@ -31,6 +31,7 @@ class MethodOptions:
     recent: int = DEF.DUO_RECENT             # DuoAttention streaming recent window
     prune_ratio: float = DEF.THINK_PRUNE_RATIO      # ThinK: fraction of key channels pruned
     think_window: int = DEF.THINK_WINDOW        # ThinK: observation window / full-width recent keys
+    think_channel_multiple: int = DEF.THINK_CHANNEL_MULTIPLE  # ThinK: kept channels rounded up to a multiple
     think_channels: str = "static"  # vLLM layout: "static" (calibrated once) or "query" (chosen per request)
     topk: float = DEF.VQ_TOPK             # VQ: per-query-head top-K (fraction or count). A²ATS uses 0.03 on
                                    # Llama-3.1-8B; SmolLM2-135M's diffuse attention needs ~0.1 (README)
@@ -137,7 +138,8 @@ def build_method(name: str, model, tokenizer, model_name: str, opts: MethodOptio
         kw["duo"] = DuoAttention.from_tsv(duo_pattern_path(model_name, opts), sparsity=opts.sparsity,
                                           sink=opts.sink, recent=opts.recent)
     if "think" in parts:
-        kw["think"] = ThinK(prune_ratio=opts.prune_ratio, window=opts.think_window)
+        kw["think"] = ThinK(prune_ratio=opts.prune_ratio, window=opts.think_window,
+                            channel_multiple=opts.think_channel_multiple)
     if "vq" in parts:
         import torch
 
@@ -159,16 +161,19 @@ def static_think_channels(model, tokenizer, model_name: str, opts: MethodOptions
     from ..models import cache_root
 
     path = os.path.join(cache_root(), "think_channels",
-                        f"{model_key(model_name)}-p{opts.prune_ratio:g}-w{opts.think_window}.safetensors")
+                        f"{model_key(model_name)}-p{opts.prune_ratio:g}-w{opts.think_window}"
+                        f"-m{opts.think_channel_multiple}.safetensors")
     if os.path.exists(path):
         return load_file(path)["channels"].long()
     from ..calibrate.data import make_text_samples
     from ..calibrate.think import calibrate_think_channels
 
     samples = make_text_samples(tokenizer, 4096, sample_len=1024, uuid_fraction=0.2, seed=1)
-    ch = calibrate_think_channels(model, samples, opts.prune_ratio, window=opts.think_window)
+    ch = calibrate_think_channels(model, samples, opts.prune_ratio, window=opts.think_window,
+                                  multiple=opts.think_channel_multiple)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    ThinK(prune_ratio=opts.prune_ratio, window=opts.think_window, channels=ch).save_channels(path + ".tmp")
+    ThinK(prune_ratio=opts.prune_ratio, window=opts.think_window, channels=ch,
+          channel_multiple=opts.think_channel_multiple).save_channels(path + ".tmp")
     os.replace(path + ".tmp", path)
     return ch
 
@@ -205,6 +210,7 @@ def build_vllm_method(name: str, model, tokenizer, model_name: str, opts: Method
     if "think" in parts:
         static = opts.think_channels == "static"
         kw["think"] = ThinK(prune_ratio=opts.prune_ratio, window=opts.think_window,
+                            channel_multiple=opts.think_channel_multiple,
                             channels=static_think_channels(model, tokenizer, model_name, opts) if static else None)
     if "vq" in parts:
         c = model.config

@@ -1,6 +1,8 @@
 """ThinK: query-driven pruning of key channels, with the pruned keys stored narrower.
 
 Storage per (layer, KV head): pages hold ``D_keep`` key channels + the full value of every token
+(``D_keep`` rounded up to a multiple of ``kvcomp.defaults.THINK_CHANNEL_MULTIPLE`` with the next-best
+channels by ThinK's score, :func:`kvcomp.ref.think_kept_dim`: 80 of 128 at λ=0.4)
 (``k [blocks, block_size, Hkv, D_keep]``, ``v [..., Dv]``); the last ``window`` keys before the
 current step also stay at full width in a per-request ring (``ring [blocks, Hkv, >= window, D]``,
 position ``p`` in slot ``p % window``). Attention scores ``q[kept] . k_kept`` for the older keys
@@ -12,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops, ref
+from ..defaults import THINK_CHANNEL_MULTIPLE
 from ..ref.attention import gather_paged
 from .dense import attend, write_pages
 from .step import Rows, Step, grow
@@ -40,14 +43,17 @@ def full_width_tail(k_new: torch.Tensor, ring: torch.Tensor | None, ring_block: 
 class ThinK:
     """Kept key channels per KV head of a layer: static ``channels [Hkv, D_keep]`` (ascending, e.g.
     calibrated), or None: chosen per request from its own prompt (ThinK's observation window of
-    the last ``window`` queries, pruning ``prune_ratio`` of the channels) into ``store.chan``."""
+    the last ``window`` queries, pruning ``prune_ratio`` of the channels, the kept count rounded up to a
+    multiple of ``multiple``) into ``store.chan``."""
 
     name = "think"
 
-    def __init__(self, channels: torch.Tensor | None, window: int, scale: float, prune_ratio: float | None = None):
+    def __init__(self, channels: torch.Tensor | None, window: int, scale: float, prune_ratio: float | None = None,
+                 multiple: int = THINK_CHANNEL_MULTIPLE):
         if channels is None and prune_ratio is None:
             raise ValueError("ThinK: give static channels or a prune_ratio to choose them per request")
         self.chan, self.window, self.scale, self.prune_ratio = channels, window, scale, prune_ratio
+        self.multiple = multiple
 
     def channels(self, store) -> torch.Tensor:
         """``[num_reqs or 1, Hkv, D_keep]`` kept channels."""
@@ -64,7 +70,7 @@ class ThinK:
             qb, kb = q[qsl[b]:qsl[b + 1]].transpose(0, 1)[None], k[qsl[b]:qsl[b + 1]].transpose(0, 1)[None]
             w = min(self.window, qb.shape[2])
             scores = ref.think_channel_scores(qb[:, :, -w:], kb)
-            chans.append(ref.think_keep_channels(scores, self.prune_ratio)[0])
+            chans.append(ref.think_keep_channels(scores, self.prune_ratio, self.multiple)[0])
         store.chan = torch.stack(chans).contiguous()
 
     def alloc(self, store, heads: int, batch: int, tokens: int, head_dim: int, dtype, device, pin: bool) -> None:

@@ -26,6 +26,7 @@ from .think import pack_pruned_keys as pack_pruned_keys
 from .think import pruned_key_attention as pruned_key_attention
 from .think import think_channel_scores as think_channel_scores
 from .think import think_keep_channels as think_keep_channels
+from .think import think_kept_dim as think_kept_dim
 from .vq import mask_to_indices as mask_to_indices
 from .vq import paged_sparse_attention as paged_sparse_attention
 from .vq import sparse_attention as sparse_attention
@@ -43,6 +44,7 @@ __all__ = [
     "paged_streaming_attention",
     "think_channel_scores",
     "think_keep_channels",
+    "think_kept_dim",
     "pack_pruned_keys",
     "pruned_key_attention",
     "rope_cos_sin",

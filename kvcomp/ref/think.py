@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from ..defaults import THINK_CHANNEL_MULTIPLE
 from . import _validate as V
 from .attention import chunked, softmax_av
 
@@ -42,22 +43,39 @@ def think_channel_scores(q_obs: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return qe * ke
 
 
-def think_keep_channels(scores: torch.Tensor, prune_ratio: float) -> torch.Tensor:
-    """Channels to keep: the ``D_keep = D - floor(prune_ratio * D)`` highest scores per KV head.
+def think_kept_dim(d: int, prune_ratio: float, multiple: int = THINK_CHANNEL_MULTIPLE) -> int:
+    """Key channels ThinK keeps of ``d``: ``d - floor(prune_ratio * d)`` rounded up to a multiple of
+    ``multiple``, capped at ``d`` (λ=0.4: 80 of 128 and 48 of 64 at the default 16, 77 and 39 at 1).
+
+    Rounding up keeps the next-best channels by score in the extra slots (no zero padding), so a
+    stored pruned key row is a whole number of 16-channel vectors for the kernels.
+
+    Raises:
+        ValueError: ``prune_ratio`` outside ``[0, 1)``, ``multiple < 1``, or no channel left.
+    """
+    if isinstance(prune_ratio, bool) or not isinstance(prune_ratio, (int, float)) or not 0.0 <= prune_ratio < 1.0:
+        raise ValueError(f"prune_ratio must be a float in [0, 1), got {prune_ratio!r}")
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise ValueError(f"multiple must be an int >= 1, got {multiple!r}")
+    keep = d - math.floor(prune_ratio * d)
+    if keep < 1:
+        raise ValueError(f"prune_ratio={prune_ratio} leaves no channel of D={d}")
+    return min(d, -(-keep // multiple) * multiple)
+
+
+def think_keep_channels(scores: torch.Tensor, prune_ratio: float,
+                        multiple: int = THINK_CHANNEL_MULTIPLE) -> torch.Tensor:
+    """Channels to keep: the :func:`think_kept_dim` highest scores per KV head.
 
     Args:
         scores: ``[B, Hkv, D]`` from :func:`think_channel_scores`.
-        prune_ratio: fraction of channels to drop, ``0 <= prune_ratio`` and ``D_keep >= 1``.
+        prune_ratio: fraction of channels to drop, ``0 <= prune_ratio < 1`` (before rounding).
+        multiple: the kept count is rounded up to a multiple of it (capped at ``D``).
     Returns:
         ``[B, Hkv, D_keep]`` int64, ascending. Equal scores prefer the lower channel index.
     """
     V.tensor("scores", scores, ndim=3, kind="float")
-    d = scores.shape[-1]
-    if isinstance(prune_ratio, bool) or not isinstance(prune_ratio, (int, float)) or not 0.0 <= prune_ratio < 1.0:
-        raise ValueError(f"prune_ratio must be a float in [0, 1), got {prune_ratio!r}")
-    d_keep = d - math.floor(prune_ratio * d)
-    if d_keep < 1:
-        raise ValueError(f"prune_ratio={prune_ratio} leaves no channel of D={d}")
+    d_keep = think_kept_dim(scores.shape[-1], prune_ratio, multiple)
     if not torch.isfinite(scores).all():
         raise ValueError("scores must be finite")
     order = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices

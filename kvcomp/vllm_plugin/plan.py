@@ -33,7 +33,7 @@ from functools import lru_cache
 
 import torch
 
-from ..defaults import MAX_CODES
+from ..defaults import MAX_CODES, THINK_CHANNEL_MULTIPLE
 from . import ENV_CONFIG
 
 
@@ -83,6 +83,7 @@ class Plan:
             unpruned), and its observation window (queries that choose per-request channels).
         think_keep, think_prune_ratio: query-driven ThinK (no static channels): kept channels per
             KV head and the pruning ratio that chooses them per request; None otherwise.
+        think_channel_multiple: the kept count is a multiple of it (``ThinK.channel_multiple``).
         vq: the ``kvcomp.config.VQRetrieval`` (codebook ``[L, Hkv, C, D]``, whiten, topk, sink,
             local, rel_pos), or None.
         source: where the plan came from (config path or ``"none"``), for messages.
@@ -100,6 +101,7 @@ class Plan:
     think_window: int = 0
     think_keep: int | None = None
     think_prune_ratio: float | None = None
+    think_channel_multiple: int = THINK_CHANNEL_MULTIPLE
     vq: object | None = None
     source: str = "none"
     windows: tuple | None = None
@@ -245,14 +247,14 @@ def plan_from_config(cfg, source: str = "config") -> Plan:
                              f"{int(want.sum())} (build it with vq_dense_layers=0)")
         if vq.n_codes > MAX_CODES:
             raise ValueError(f"{ENV_CONFIG} ({source}): {vq.n_codes} VQ codes do not fit the int16 code pages")
-    channels, keep, ratio, window = None, None, None, 0
+    channels, keep, ratio, window, multiple = None, None, None, 0, THINK_CHANNEL_MULTIPLE
     if cfg.think is not None:
         t = cfg.think
         if not torch.equal(cfg.prune.cpu(), want):
             raise ValueError(f"{ENV_CONFIG} ({source}): vLLM pages are uniform per KV-cache group, so ThinK "
                              f"must prune every {which}(layer, KV head); think.heads prunes "
                              f"{int(cfg.prune.sum())}/{int(want.sum())} (leave think.heads unset)")
-        window = int(t.window)
+        window, multiple = int(t.window), int(t.channel_multiple)
         if t.channels is None:  # query-driven: chosen per request (their ids kept in its ring)
             keep, ratio = t.kept_dim(cfg.head_dim), float(t.prune_ratio)
         else:
@@ -260,7 +262,7 @@ def plan_from_config(cfg, source: str = "config") -> Plan:
     return Plan(num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                 think_channels=channels, streaming=streaming, sink=int(cfg.duo.sink) if cfg.duo else 0,
                 recent=int(cfg.duo.recent) if cfg.duo else 0, think_window=window, think_keep=keep,
-                think_prune_ratio=ratio, vq=vq, source=source,
+                think_prune_ratio=ratio, think_channel_multiple=multiple, vq=vq, source=source,
                 windows=None if cfg.windows is None else tuple(cfg.windows))
 
 

@@ -19,12 +19,12 @@ def test_shape_order_and_dead_channels_pruned(model):
     with torch.no_grad():
         w = model.model.layers[1].self_attn.k_proj.weight
         w[[3, 3 + d // 2]] = 0.0
-    ch = calibrate_think_channels(model, _samples(), 0.25, window=16)
-    keep = ThinK(prune_ratio=0.25).kept_dim(d)
+    ch = calibrate_think_channels(model, _samples(), 0.25, window=16, multiple=4)
+    keep = ThinK(prune_ratio=0.25, channel_multiple=4).kept_dim(d)  # D - D/4, a multiple of 4 already
     assert ch.shape == (2, 2, keep) and ch.dtype == torch.int64
     assert torch.equal(ch, ch.sort(dim=-1).values)
     assert 3 not in ch[1, 0].tolist() and 3 + d // 2 not in ch[1, 0].tolist()
-    assert torch.equal(ch, calibrate_think_channels(model, _samples(), 0.25, window=16))  # deterministic
+    assert torch.equal(ch, calibrate_think_channels(model, _samples(), 0.25, window=16, multiple=4))  # deterministic
 
 
 def test_bad_samples_refused(model):

@@ -65,6 +65,10 @@ CASES = [
     ("b1-g4-long", 1, 8, 4, 128, 77, W, 16, [2 * 1024 + 333], True),
     ("b5-g2-dk1-dkfull", 5, 1, 2, 64, 1, 7, 16, [300, 1, 8, 9, 64], False),
     ("b2-g2-unpruned", 2, 2, 2, 64, 64, 7, 16, [100, 6], True),
+    # ThinK's stored widths (kept count rounded up to 16: no tail in the AVX2 dot), odd tiles and odd G
+    ("b3-g3-dk48-of-64", 3, 2, 3, 64, 48, W, 16, [W + 1, 333, 70], False),
+    ("b2-g4-dk80-of-128", 2, 2, 4, 128, 80, W, 16, [333, 5], True),
+    ("b1-g5-dk160-of-256", 1, 2, 5, 256, 160, W, 16, [301], False),
 ]
 
 

@@ -113,7 +113,7 @@ def _method_config(model, method: str) -> CompressionConfig:
         pat[:, 0] = True
         kw["duo"] = DuoAttention(pattern=pat, sink=2, recent=6)
     if "think" in method:
-        kw["think"] = ThinK(prune_ratio=0.5, window=4)
+        kw["think"] = ThinK(prune_ratio=0.5, window=4, channel_multiple=8)  # 8 of 16 channels
     if "vq" in method:
         kw["vq"] = VQRetrieval(codebook=torch.randn(L, H, 8, D, generator=g),
                                whiten=torch.eye(D).expand(L, H, D, D).clone(), topk=6, sink=2, local=4)
@@ -238,7 +238,7 @@ def test_calibration_skips_sliding_layers(models):
         sliding = w is not None
         assert bool((fit["codebook"][l] == 0).all()) == sliding  # sliding layers: placeholders, not fitted
         assert torch.equal(fit["whiten"][l], torch.eye(16).expand(2, 16, 16)) == sliding
-    ch = calibrate_think_channels(m, samples, 0.5, window=4)
+    ch = calibrate_think_channels(m, samples, 0.5, window=4, multiple=8)
     assert ch.shape == (4, 2, 8) and torch.equal(ch[0], torch.arange(8).expand(2, 8))
-    cfg = CompressionConfig.for_model(m, think=ThinK(prune_ratio=0.5, window=4, channels=ch))
+    cfg = CompressionConfig.for_model(m, think=ThinK(prune_ratio=0.5, window=4, channels=ch, channel_multiple=8))
     assert cfg.prune[[1, 3]].all() and not cfg.prune[[0, 2]].any()

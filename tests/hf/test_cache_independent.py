@@ -16,7 +16,7 @@ Definitions simulated (per KV head ``h``, query heads ``h*G .. h*G+G-1``, absolu
   in the prompt too;
 * ThinK: the prompt's last ``window`` queries score channel ``c`` as
   ``(sum over the group of mean_t q[t, c]^2) * mean_j k[j, c]^2`` over the prompt's keys; the
-  ``D - floor(ratio * D)`` best channels are kept. At a decode step with ``n`` cached tokens, keys
+  ``D - floor(ratio * D)`` best channels, rounded up to a multiple of ``MULT`` (the next-best), are kept. At a decode step with ``n`` cached tokens, keys
   at positions ``< n - window`` contribute only their kept channels to ``q . k``;
 * A²ATS (VQ): a key's code is its nearest centroid in ``||(k_pre - c) L||^2`` (``k_pre`` = key with
   RoPE undone at its position, lower code on ties). At decode, query head ``h`` scores token ``t``
@@ -37,7 +37,7 @@ from kvcomp.testing import assert_close
 L, HQ, HKV, D = 2, 8, 2, 16
 G = HQ // HKV
 SINK, RECENT = 2, 5  # DuoAttention
-RATIO, WINDOW = 0.5, 4  # ThinK
+RATIO, WINDOW, MULT = 0.6, 4, 4  # ThinK: 16 - floor(9.6) = 7 channels, rounded up to 8
 NC, TOPK, VQ_SINK, VQ_LOCAL, REL_POS = 16, 3, 1, 4, 7  # A²ATS (local >= ThinK window on vq+think heads)
 PROMPT, STEPS, BATCH = 23, 9, 2
 SIM = "kvcomp_independent_sim"
@@ -69,7 +69,7 @@ def make_config(model, case):
     if kind("streaming").any():
         kw["duo"] = DuoAttention(pattern=kind("streaming"), sink=SINK, recent=RECENT)
     if prune.any():
-        kw["think"] = ThinK(prune_ratio=RATIO, window=WINDOW, heads=prune)
+        kw["think"] = ThinK(prune_ratio=RATIO, window=WINDOW, heads=prune, channel_multiple=MULT)
     if kind("vq").any():
         whiten = torch.eye(D) + 0.3 * torch.randn(L, HKV, D, D, generator=gen).tril()
         kw["vq"] = VQRetrieval(codebook=torch.randn(L, HKV, NC, D, generator=gen), whiten=whiten, topk=TOPK,
@@ -143,7 +143,7 @@ class Simulation:
     def think_channels(self, q_prompt, k_prompt):
         obs = q_prompt[:, :, -WINDOW:]  # [B, G, W, D]: the last WINDOW prompt queries of the group
         score = obs.pow(2).mean(2).sum(1) * k_prompt.pow(2).mean(1)  # [B, D]
-        keep = D - int(RATIO * D)
+        keep = 8  # D - floor(RATIO * D) = 7, rounded up to a multiple of MULT
         top = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, :keep]
         return torch.zeros(score.shape, dtype=torch.bool).scatter_(1, top, True)
 

@@ -29,7 +29,8 @@ def _setup(hkv, g, kinds, prune, topk=3):
     if pattern.any():
         kw["duo"] = DuoAttention(pattern=pattern, sink=SINK, recent=RECENT)
     if any(prune):
-        kw["think"] = ThinK(prune_ratio=0.5, window=W, heads=torch.tensor([prune]))
+        # 16 - floor(0.6 * 16) = 7 kept channels, rounded up to 8 (a multiple of 4) with the next-best one
+        kw["think"] = ThinK(prune_ratio=0.6, window=W, heads=torch.tensor([prune]), channel_multiple=4)
     if vq_heads.any():
         kw["vq"] = VQRetrieval(codebook=torch.randn(1, hkv, 12, D, generator=gen),
                                whiten=torch.eye(D).expand(1, hkv, D, D).clone(), topk=topk, sink=2, local=W,
@@ -52,7 +53,7 @@ def _simulate(cfg, rope, qs, ks, vs, scale):
     for h in range(hkv):
         if cfg.prune[0, h]:
             sc = ref.think_channel_scores(qs[0][:, h * g:(h + 1) * g, -W:], ks[0][:, h:h + 1])
-            chans[h] = ref.think_keep_channels(sc, cfg.think.prune_ratio)
+            chans[h] = ref.think_keep_channels(sc, cfg.think.prune_ratio, cfg.think.channel_multiple)
     seen = 0
     for q in qs:
         tq = q.shape[2]
@@ -151,6 +152,29 @@ def _check_bytes(layer, cfg, b, t):
     nvt = len(groups["vq_think"])
     host = b * (len(groups["vq"]) * 2 * t * D + nvt * (t * kd + W * D + t * D)) * f + b * nvt * kd * 8
     assert got["host"] == host
+
+
+@pytest.mark.parametrize("d, kept", [(64, 48), (128, 80), (256, 160)])
+def test_think_layer_bytes_per_token_at_its_stored_width(d, kept):
+    """λ = 0.4 keeps D - floor(0.4 D) channels rounded up to 16: a ThinK layer's allocated tensors grow by
+    ``kept`` key + ``d`` value elements per KV head and token (two lengths: the ring and channel ids cancel)."""
+    from kvcomp.hf.cache import tensor_bytes
+
+    hkv, g = 2, 2
+    cfg = CompressionConfig(1, hkv, d, num_q_heads=hkv * g, think=ThinK(prune_ratio=0.4, window=W))
+    assert cfg.think.kept_dim(d) == kept
+    rope = RopeInfo(1.0 / (10000 ** (torch.arange(0, d, 2).float() / d)))
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, h, 40, d, generator=gen) for h in (hkv * g, hkv, hkv))
+
+    def held(t):
+        layer = KVCompLayer(cfg, 0, rope)
+        layer.update(k[:, :, :t], v[:, :, :t])
+        layer.attend(q[:, :, :t], d ** -0.5)
+        assert layer.split.methods()[0].channels(layer.split.stores[0]).shape[-1] == kept
+        return tensor_bytes(layer.tensors())["device"]
+
+    assert held(40) - held(24) == 16 * hkv * (kept + d) * 4
 
 
 def test_vq_topk_covering_everything_is_exact_attention():

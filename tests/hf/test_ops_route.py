@@ -28,7 +28,7 @@ def _config(model, method):
     if "duo" in method:
         kw["duo"] = DuoAttention(pattern=torch.tensor([[True, False]] * L), sink=2, recent=8)
     if "think" in method:
-        kw["think"] = ThinK(prune_ratio=0.5, window=4)
+        kw["think"] = ThinK(prune_ratio=0.5, window=4, channel_multiple=8)  # 8 of 16 channels
     if "vq" in method:
         kw["vq"] = VQRetrieval(codebook=torch.randn(L, HKV, 8, D, generator=g),
                                whiten=torch.eye(D).expand(L, HKV, D, D).clone(), topk=4, sink=2, local=4)

@@ -131,6 +131,7 @@ def _launch_all(dtype: str, d: int, tag: dict):
     from kvcomp.kernels import duo_decode as DD
     from kvcomp.kernels import streaming_prefill as SP
     from kvcomp.kernels import think_decode as TD
+    from kvcomp.ref.think import think_kept_dim
     from kvcomp.kernels import vq_encode as VE
     from kvcomp.kernels import vq_lut as VL
     from kvcomp.kernels import vq_sparse_decode as VS
@@ -160,7 +161,7 @@ def _launch_all(dtype: str, d: int, tag: dict):
     SP.streaming_prefill(q, kv, kv, sink=64, window=1024, q_pos=i32(4096), k_pos=i32(4096))
     # B * Hq > 65535 query rows (checks the grid, compiles nothing new)
     SP.streaming_prefill(f(4096, hq, 16, d), f(4096, hkv, 16, d), f(4096, hkv, 16, d), sink=4, window=8)
-    dk = round(0.6 * d)
+    dk = think_kept_dim(d, 0.4)  # as ThinK stores them: 48 / 80 / 160 of 64 / 128 / 256
     TD.triton_think_decode(f(b, hq, d), f(nb, bs, hkv, dk), i32(1, hkv, dk), f(b, hkv, 32, d),
                            f(nb, bs, hkv, d), bt, sl)
     # another batch size: the same compiled kernels (the test counts one variant per kernel)
@@ -240,8 +241,8 @@ def test_every_kernel_compiles_for_sm90_with_triton36():
         tuned.setdefault(r["kernel"], set()).add(r["autotuned"])
         counts[r["kernel"]] = counts.get(r["kernel"], 0) + 1
     print("sm_90 variants per kernel:", json.dumps(counts, sort_keys=True))
-    for name, n in (("_duo_split_kernel", 1), ("_duo_reduce_kernel", 1), ("_think_decode_kernel", 1),
-                    ("_paged_write_kernel", 1), ("_combine_kernel", 1), ("_vq_encode_kernel", 4),
+    for name, n in (("_duo_split_kernel", 1), ("_duo_reduce_kernel", 1), ("_paged_write_kernel", 1),
+                    ("_combine_kernel", 1), ("_vq_encode_kernel", 4),
                     ("_vq_rerank_kernel", 2), ("_vq_lut_kernel", 1)):
         for dt, d in matrix:
             assert len(per[(name, dt, d)]) == n, f"{name} {dt} d={d}: {per[(name, dt, d)]}"
@@ -250,6 +251,12 @@ def test_every_kernel_compiles_for_sm90_with_triton36():
                  "_combine_kernel", "_vq_encode_kernel", "_vq_lut_kernel", "_sparse_decode_kernel",
                  "_radix_kernel", "_select_kernel"):
         assert tuned[name] == {True}, name
+    # autotuned kernels: one variant per config, whatever the batch size (a batch-dependent specialisation
+    # would compile a config twice)
+    for dt, d in matrix:
+        cfgs = [(json.dumps(r["constexprs"], sort_keys=True), r["num_warps"], r["num_stages"]) for r in recs
+                if r["kernel"] == "_think_decode_kernel" and (r["dtype"], r["d"]) == (dt, d)]
+        assert cfgs and len(cfgs) == len(set(cfgs)), f"_think_decode_kernel {dt} d={d}: {cfgs}"
     bad = []
     for r in recs:
         what = f"{r['kernel']} {r['dtype']} d={r['d']} {r['constexprs']} warps={r['num_warps']}"

@@ -50,7 +50,41 @@ CASES = [
     ("b3-g4-shared-chan", 3, 1, 4, 32, 9, 6, 8, [7, 16, 17], True, 32),
     ("b2-g3-no-window", 2, 1, 3, 32, 16, 0, 16, [1, 30], False, 16),
     ("b2-g1-window-gt-len", 2, 2, 1, 16, 16, 40, 8, [12, 39], False, 16),
+    # ThinK's stored widths (kept count rounded up to 16): unmasked two-tile loads (48 = 32 + 16, 80 = 64 + 16,
+    # 160 = 128 + 32), whole-vector mask (112 = 64 + 48 of 64), one tile (64), a ragged tail (77 = 64 + 13)
+    ("b2-g4-d64-dk48", 2, 2, 4, 64, 48, 8, 16, [5, 70], False, 32),
+    ("b2-g2-d128-dk80", 2, 2, 2, 128, 80, 8, 16, [40, 9], False, 16),
+    ("b1-g2-d128-dk112", 1, 2, 2, 128, 112, 4, 8, [37], True, 16),
+    ("b1-g1-d128-dk64", 1, 1, 1, 128, 64, 4, 8, [30], False, 16),
+    ("b1-g2-d128-dk77", 1, 2, 2, 128, 77, 4, 8, [30], False, 16),
+    ("b1-g2-d256-dk160", 1, 1, 2, 256, 160, 4, 16, [33], False, 16),
 ]
+
+
+def test_dk_tiles():
+    """Two power-of-two tiles cover the kept width; masked only where they pass it."""
+    from kvcomp.kernels.think_decode import dk_tiles
+
+    assert [dk_tiles(dk) for dk in (48, 80, 160, 64, 112, 77, 9, 16, 256)] == [
+        (32, 16), (64, 16), (128, 32), (64, 0), (64, 64), (64, 16), (16, 0), (16, 0), (256, 0)]
+
+
+def test_think_decode_autotune_key_and_configs():
+    """Tuned per (G, D, Dk, Dv, dtype), never per batch or length; configs within sm_90's register budget."""
+    from kvcomp.kernels import _common as C
+    from kvcomp.kernels import think_decode as TD
+
+    tuner = TD._think_decode_kernel
+    assert tuner.keys == ["G", "D", "DK", "DV"]
+    assert C.interpreting() and len(tuner.configs) == 1 and tuner.configs[0].kwargs == {"BLOCK_N": 16}
+
+    def fits(dtype, d):
+        kept = TD._fits(TD._CONFIGS, {"q_ptr": torch.empty(1, 1, d, dtype=dtype)}, BLOCK_D=d, BLOCK_DV=d)
+        return [(c.kwargs["BLOCK_N"], c.num_warps) for c in kept]
+
+    assert fits(torch.bfloat16, 128) == [(16, 4), (16, 8), (32, 4), (32, 8), (64, 8)]
+    assert fits(torch.float32, 256) == [(16, 8)]
+    assert max(c.kwargs["BLOCK_N"] for c in TD._CONFIGS) == TD._MAX_BLOCK_N
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
@@ -152,7 +186,7 @@ def test_think_decode_rejects_bad_inputs(bad):
 def test_think_decode_gpu_long_bf16():
     from kvcomp.kernels.think_decode import triton_think_decode
 
-    args = build(2, 8, 4, 128, 77, 32, 16, [3000, 5017], torch.bfloat16, seed=5)
+    args = build(2, 8, 4, 128, 80, 32, 16, [3000, 5017], torch.bfloat16, seed=5)
     ref = paged_pruned_key_attention(*args)
     out = triton_think_decode(*args)
     assert_close("think_decode_gpu", ref.float(), out.float(), RATIO[torch.bfloat16])

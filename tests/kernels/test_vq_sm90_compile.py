@@ -63,8 +63,8 @@ def _compile_all() -> list[tuple[str, str]]:
         f32, bn = dt == "fp32", (32 if dt == "fp32" else 64)
         sig = {**p(["q_ptr", "kp_ptr", "kr_ptr", "v_ptr"], "*" + dt), **p(["chan_ptr", "bt_ptr", "sl_ptr"], "*i32"),
                **p(["m_ptr", "l_ptr", "acc_ptr"], "*fp32"), "qk_scale": "fp32"}
-        comp(f"think_decode/{dt}", TD._think_decode_kernel, sig,
-             dict(BLOCK_H=16, BLOCK_N=bn, BLOCK_DK=128, BLOCK_D=128, BLOCK_DV=128, F32=f32), 8)
+        comp(f"think_decode/{dt}", TD._think_decode_kernel.fn, sig,  # 80 kept channels of 128: 64 + 16
+             dict(DK=80, DK_A=64, BLOCK_B=16, BLOCK_H=16, BLOCK_N=bn, BLOCK_D=128, BLOCK_DV=128, F32=f32), 8)
         sig = {**p(["q_ptr", "k_ptr", "v_ptr"], "*" + dt), **p(["bt_ptr", "idx_ptr", "cnt_ptr"], "*i32"),
                **p(["m_ptr", "l_ptr", "acc_ptr"], "*fp32"), "qk_scale": "fp32"}
         comp(f"sparse_decode/{dt}", VS._sparse_decode_kernel, sig,

@@ -29,19 +29,43 @@ def test_channel_scores_frobenius_identity(b, hq, hkv, tobs, t, d):
     assert_close("think scores", ref, s, 1e-5)
 
 
+@pytest.mark.parametrize("multiple", [1, 16], ids=lambda m: f"m{m}")
 @pytest.mark.parametrize("ratio", [0.0, 0.4, 0.5, 0.29, 0.99], ids=lambda r: f"r{r}")
 @pytest.mark.parametrize("d", [7, 64, 128], ids=lambda d: f"D{d}")
-def test_keep_channels_count_order_and_ties(ratio, d):
+def test_keep_channels_count_order_and_ties(ratio, d, multiple):
     g = torch.Generator().manual_seed(1)
     s = torch.randint(0, 4, (2, 3, d), generator=g).float()  # many ties
-    idx = R.think_keep_channels(s, ratio)
-    keep = d - math.floor(ratio * d)
+    idx = R.think_keep_channels(s, ratio, multiple)
+    keep = min(d, math.ceil((d - math.floor(ratio * d)) / multiple) * multiple)
     assert idx.shape == (2, 3, keep) and idx.dtype == torch.int64
     for b in range(2):
         for h in range(3):
             vals = s[b, h].tolist()
             want = sorted(sorted(range(d), key=lambda c: (-vals[c], c))[:keep])
             assert idx[b, h].tolist() == want
+
+
+def test_kept_dim_rounds_up_to_whole_16_channel_vectors():
+    assert [R.think_kept_dim(d, 0.4) for d in (64, 128, 256)] == [48, 80, 160]  # pruned 25%, 37.5%, 37.5%
+    assert [R.think_kept_dim(d, 0.4, 1) for d in (64, 128, 256)] == [39, 77, 154]
+    assert R.think_kept_dim(128, 0.0) == 128 and R.think_kept_dim(128, 0.99) == 16
+    assert R.think_kept_dim(24, 0.25) == 24 and R.think_kept_dim(7, 0.4) == 7  # capped at D
+    assert R.think_kept_dim(128, 0.4, 32) == 96
+    for bad in (0, True, 1.5):
+        with pytest.raises(ValueError, match="multiple"):
+            R.think_kept_dim(128, 0.4, bad)
+
+
+def test_rounded_up_channels_are_the_next_best_by_score():
+    """The slots added by rounding 77 up to 80 hold the channels ranked 78-80: real channels, no padding."""
+    s = torch.rand(2, 3, 128, generator=torch.Generator().manual_seed(4))
+    exact, wide = R.think_keep_channels(s, 0.4, 1), R.think_keep_channels(s, 0.4)
+    assert exact.shape[-1] == 77 and wide.shape[-1] == 80
+    for b in range(2):
+        for h in range(3):
+            order = s[b, h].argsort(descending=True).tolist()
+            assert set(wide[b, h].tolist()) == set(order[:80])
+            assert set(wide[b, h].tolist()) - set(exact[b, h].tolist()) == set(order[77:80])
 
 
 def test_keep_channels_validation():
@@ -58,7 +82,7 @@ def test_keep_channels_validation():
 def test_pack_pruned_keys_gathers_channels():
     g = torch.Generator().manual_seed(2)
     k = torch.randn(2, 3, 9, 16, generator=g)
-    idx = R.think_keep_channels(torch.rand(2, 3, 16, generator=g), 0.4)
+    idx = R.think_keep_channels(torch.rand(2, 3, 16, generator=g), 0.4, 1)  # 10 of 16
     kp = R.pack_pruned_keys(k, idx)
     assert kp.shape == (2, 3, 9, idx.shape[-1])
     for b in range(2):
@@ -85,7 +109,7 @@ def test_pruned_key_attention_matches_brute(case):
     q = torch.randn(b, hq, tq, d, generator=g)
     k = torch.randn(b, hkv, tp + tf, d, generator=g)
     v = torch.randn(b, hkv, tp + tf, dv, generator=g)
-    idx = R.think_keep_channels(torch.rand(b, hkv, d, generator=g), ratio)
+    idx = R.think_keep_channels(torch.rand(b, hkv, d, generator=g), ratio, 1)  # D <= 24: unrounded
     kp = R.pack_pruned_keys(k[:, :, :tp], idx)
     out = R.pruned_key_attention(q, kp, idx, k[:, :, tp:], v)
     # brute: zero the pruned channels of the first T_p keys; the scale stays 1/sqrt(D)

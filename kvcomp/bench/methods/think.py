@@ -4,18 +4,19 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 
 from kvcomp.bench.core import (Baseline, Bench, CpuCase, Problem, generator, pages, randn, register, register_cpu,
                                seq_lens)
 from kvcomp.bench.methods.dense import decode_len, full_attention_baselines
+from kvcomp.ref.think import think_kept_dim
 
 
 def think_dk(p: Problem) -> int:
-    """Kept key channels ``D - floor(prune_ratio * D)``."""
-    return p.d - math.floor(p.get("prune_ratio") * p.d)
+    """Kept key channels as ThinK stores them: ``D - floor(prune_ratio * D)`` rounded up to a multiple of
+    16 (:func:`kvcomp.ref.think_kept_dim`: 80 of 128 at λ = 0.4)."""
+    return think_kept_dim(p.d, p.get("prune_ratio"))
 
 
 def _chan_idx(p: Problem, g: torch.Generator, dk: int) -> torch.Tensor:
