@@ -24,8 +24,6 @@
 namespace kvcomp {
 namespace {
 
-constexpr int64_t kQRows = 192;  // query rows (tokens x G) per work item, at most
-
 struct Work {
   int64_t b, h, i0, i1;  // sequence, KV head, query tokens [i0, i1) of the sequence's q_len
   int64_t cost;          // query rows x keys the last token sees

@@ -65,7 +65,10 @@ Kernels<T> kernels() {
   return {&generic::to_float<T>, &generic::softmax_rows};
 }
 
-constexpr int64_t kKTile = 256;  // key tokens per tile
+// Tile sizes near those of torch's CPU flash attention (256 query x 512 key rows): GEMMs big enough
+// for the BLAS, scores of a tile (512 KiB) within L2.
+constexpr int64_t kQRows = 256;  // query rows (tokens x G) per work item, at most
+constexpr int64_t kKTile = 512;  // key tokens per tile
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // Thread-local tiles: Q, O [M, D], S [M, kKTile], K, V [kKTile, D], per-row m, l, alpha, first, valid.

@@ -29,8 +29,6 @@
 namespace kvcomp {
 namespace {
 
-constexpr int64_t kQRows = 192;  // query rows (tokens x G) per work item, at most
-
 struct Work {
   int64_t b, h, i0, i1;  // request, KV head, query tokens [i0, i1) of the request
 };

@@ -48,7 +48,7 @@ CASES = [  # (seq_lens, q_lens, Hkv, G, D, block_size, dtype)
     ([260, 33], [7, 33], 3, 3, 40, 8, torch.float32),
     ([300, 17, 1], [300, 2, 1], 2, 4, 128, 16, torch.bfloat16),
     ([129, 64], [64, 64], 4, 2, 64, 32, torch.float16),
-    # query tiles (192 rows / G tokens) and key tiles (256) that do not divide the lengths
+    # query tiles (256 rows / G tokens) and key tiles (512) that do not divide the lengths
     ([601], [601], 1, 1, 64, 16, torch.float32),
     ([700, 515], [389, 515], 3, 3, 64, 16, torch.float32),
     ([1000], [257], 1, 8, 32, 16, torch.float32),

@@ -60,6 +60,9 @@ CASES = [  # (per request (tq, tk, ring?), Hkv, G, D, sink, window, dtype)
     ([(300, 300, False), (20, 90, True)], 2, 3, 64, 5, 1, torch.float32),
     ([(257, 257, False)], 1, 4, 16, 0, 1, torch.float32),
     ([(50, 50, False), (30, 60, True)], 1, 1, 256, 64, 8, torch.float32),
+    # sink and window runs longer than a key tile (512), query tiles (256 rows / G) not dividing
+    ([(700, 1300, True)], 1, 2, 64, 520, 600, torch.float32),
+    ([(900, 900, False)], 1, 1, 32, 0, 700, torch.float32),
 ]
 
 
