@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
+from ..ops._dispatch import impl_for
 from ..ops.prefill import streaming_prefill
 from ..ref.cache_write import streaming_slot as ring_slot
 from .a2ats import A2ATS
@@ -74,18 +75,28 @@ class StreamingHeads:
         if multi is not None:
             self.prefill(store, q, k, v, md, multi.reqs, out)
 
-    def ring_write(self, store, rb: torch.Tensor, seq_lens: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor):
-        """Put one token per request (``k_new, v_new [d, n, D]`` at ``seq_lens - 1``) into the rings
-        ``rb [d]``; returns the rings' kept rows ``[d, n, sink + recent, D + Dv]``."""
+    def ring_write(self, store, r: Rows, k_new: torch.Tensor, v_new: torch.Tensor):
+        """Put one token per request of ``r`` (``k_new, v_new [d, n, D]`` at ``seq_lens - 1``) into
+        its ring; returns the rings' kept rows ``[d, n, sink + recent, D + Dv]``."""
         ring, d = store.ring, k_new.shape[-1]
-        slot = ring_slot(seq_lens.long() - 1, self.sink, self.recent)
-        ring[rb, :, slot, :d] = k_new.to(ring.dtype)
-        ring[rb, :, slot, d:] = v_new.to(ring.dtype)
-        return ring.index_select(0, rb)[:, :, : self.sink + self.recent]
+
+        def index():  # once per step (every layer's rings share the block ids)
+            rb = store.ring_block.index_select(0, r.req_index)
+            slot = ring_slot(r.seq_lens.long() - 1, self.sink, self.recent)
+            return rb, slot, (rb.long() * ring.shape[2] + slot).contiguous()
+
+        rb, slot, flat = r.memo(("duo ring", self.sink, self.recent, ring.shape[2]), store.ring_block, index)
+        if ring.device.type == "cpu" and impl_for(ring, "scatter_tokens") == "native":
+            pages = ring.permute(0, 2, 1, 3)  # each ring a page of `capacity` slots: the native slot copy
+            write_pages(pages[..., :d], pages[..., d:], flat, k_new, v_new)
+        else:
+            ring[rb, :, slot, :d] = k_new.to(ring.dtype)
+            ring[rb, :, slot, d:] = v_new.to(ring.dtype)
+        return ring[:, :, : self.sink + self.recent].index_select(0, rb)
 
     def decode(self, store, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, r: Rows) -> torch.Tensor:
         """One token per request over its ring (ring slots seen as one page per request)."""
-        rows = self.ring_write(store, store.ring_block.index_select(0, r.req_index), r.seq_lens, k_new, v_new)
+        rows = self.ring_write(store, r, k_new, v_new)
         d = k_new.shape[-1]
         n = rows.shape[1]
         slots, count = streaming_selection(r.seq_lens, n, self.sink, self.recent)
@@ -194,7 +205,7 @@ class DuoAttention:
         own; the step's streaming keys then stay in the ring."""
         single, multi = md.rows()
         k_str, v_str = k.index_select(1, self.kv_str), v.index_select(1, self.kv_str)
-        q_str = q.index_select(1, self.q_str)
+        q_str = None if isinstance(self.inner, Dense) and multi is None else q.index_select(1, self.q_str)
         ret, st = self.stores(store)
         if isinstance(self.inner, Dense):  # one decode op for both kinds of heads
             if single is not None:
@@ -224,7 +235,7 @@ class DuoAttention:
         """One op call for both kinds of heads: retrieval heads over their pages, streaming heads over
         their ring, which takes this step's ``k_new, v_new [d, n_str, D]`` first."""
         s = self.streaming
-        rows = s.ring_write(store, store.ring_block.index_select(0, r.req_index), r.seq_lens, k_new, v_new)
+        rows = s.ring_write(store, r, k_new, v_new)
         d = k_new.shape[-1]
         return ops.triton_duo_decode_attention(q, store.k, store.v, r.block_table, r.seq_lens, rows[..., :d],
                                                rows[..., d:], self.hm, sink=s.sink, window=s.recent, scale=self.scale)

@@ -26,6 +26,15 @@ class Rows:
     seq_lens: torch.Tensor
     query_start_loc: torch.Tensor  # [len(reqs) + 1] (int32, on the device)
     span: tuple[int, int] | None = None  # (first, end) when ``rows`` is that contiguous range
+    _memo: dict = field(default_factory=dict, repr=False)
+
+    def memo(self, key, anchor: torch.Tensor, fn):
+        """``fn()``, computed once per step for ``key`` and the tensor ``anchor`` it derives from (e.g.
+        the rings' block ids): the step's layers share it instead of rebuilding index tensors."""
+        hit = self._memo.get(key)
+        if hit is None or hit[0] is not anchor:
+            hit = self._memo[key] = (anchor, fn())
+        return hit[1]
 
     def take(self, x: torch.Tensor) -> torch.Tensor:
         """``x``'s rows of this sub-batch: a view when they are a contiguous range (vLLM puts the

@@ -20,23 +20,29 @@ from .dense import attend, write_pages
 from .step import Rows, Step, grow
 
 
+def tail_source(seq_lens: torch.Tensor, window: int) -> torch.Tensor:
+    """``[d, window + 1]``: for each slot of :func:`full_width_tail`'s output, its source among the
+    ring's ``window`` slots followed by this step's key (index ``window``)."""
+    last = seq_lens.long()[:, None] - 1
+    first = last - window
+    s = torch.arange(window + 1, device=seq_lens.device)[None, :]
+    p = first + torch.remainder(s - first, window + 1)  # the position slot s holds
+    return torch.where(p == last, window, torch.remainder(p, window))  # negative p: never read
+
+
 def full_width_tail(k_new: torch.Tensor, ring: torch.Tensor | None, ring_block: torch.Tensor | None,
-                    seq_lens: torch.Tensor, window: int) -> torch.Tensor:
+                    seq_lens: torch.Tensor, window: int, src: torch.Tensor | None = None) -> torch.Tensor:
     """ThinK's full-width keys of a decode step, ``[d, Hkv, window + 1, D]`` in the layout of
     :func:`kvcomp.ops.think_decode` (token ``p`` in slot ``p % (window + 1)``).
 
     The ring (slot ``p % window``) gives the ``window`` keys before this step, ``k_new [d, Hkv, D]``
-    this step's key.
+    this step's key; ``src``: :func:`tail_source` when already made for the step.
     """
     if window == 0:
         return k_new.unsqueeze(2)
     old = ring.index_select(0, ring_block)[:, :, :window]  # [d, Hkv, window, D]
     ext = torch.cat([old, k_new.unsqueeze(2).to(old.dtype)], dim=2)
-    last = seq_lens.long()[:, None] - 1
-    first = last - window
-    s = torch.arange(window + 1, device=k_new.device)[None, :]
-    p = first + torch.remainder(s - first, window + 1)  # the position slot s holds
-    src = torch.where(p == last, window, torch.remainder(p, window))  # negative p: never read
+    src = tail_source(seq_lens.to(k_new.device), window) if src is None else src
     return ext.gather(2, src[:, None, :, None].expand(-1, ext.shape[1], -1, ext.shape[3]))
 
 
@@ -99,15 +105,24 @@ class ThinK:
     def decode(self, store, q: torch.Tensor, k_new: torch.Tensor, r: Rows, max_seq_len: int) -> torch.Tensor:
         """Keys before the last ``window + 1`` read pruned from the pages, the rest at full width;
         then this step's key enters the ring (slot ``p % window``)."""
-        w = self.window
-        rb = None if not w else store.ring_block.index_select(0, r.req_index)
-        tail = full_width_tail(k_new, store.ring, rb, r.seq_lens, w).to(q.dtype)
+        w, ring = self.window, store.ring
+        rb = src = flat = None
+        if w:
+            def index():  # once per step (every layer's rings share the block ids)
+                b = store.ring_block.index_select(0, r.req_index)
+                slot = torch.remainder(r.seq_lens.long() - 1, w)
+                return b, tail_source(r.seq_lens, w), slot, (b.long() * ring.shape[2] + slot).contiguous()
+
+            rb, src, slot, flat = r.memo(("think ring", w, ring.shape[2]), store.ring_block, index)
+        tail = full_width_tail(k_new, ring, rb, r.seq_lens, w, src).to(q.dtype)
         c = self.channels(store)
         c = c if c.shape[0] == 1 else c.index_select(0, r.req_index)
         o = ops.think_decode(q, store.k, c, tail, store.v, r.block_table, r.seq_lens, scale=self.scale,
                              max_seq_len=max_seq_len)
-        if w:
-            store.ring[rb, :, torch.remainder(r.seq_lens.long() - 1, w)] = k_new.to(store.ring.dtype)
+        if w and ring.device.type == "cpu":  # each ring a page of `capacity` slots: the (native) slot copy
+            ops.scatter_tokens(ring.permute(0, 2, 1, 3), k_new.to(ring.dtype), flat)
+        elif w:
+            ring[rb, :, slot] = k_new.to(ring.dtype)
         return o
 
     def prefill(self, store, q: torch.Tensor, k_new: torch.Tensor, md: Step, reqs: list[int],

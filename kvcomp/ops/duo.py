@@ -56,14 +56,17 @@ def triton_duo_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
     ``k_stream, v_stream [B, n_str, sink + window, D]``; ``head_map [n_ret + n_str, 2]`` = (kind, index).
     Returns ``[B, Hq, D]`` in q's dtype. ``num_splits=None`` picks a shape-only default.
     """
-    check_duo_inputs(q, k_cache, v_cache, block_table, seq_lens, k_stream, v_stream, head_map, sink, window)
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
-    scale = 1.0 / q.shape[-1] ** 0.5 if scale is None else float(scale)
     op = torch.ops.kvcomp.duo_decode
-    if q.device.type == "cpu" and not torch.compiler.is_compiling() and impl_for(q, "duo_decode") == "native":
-        # eager CPU: the native operator itself, without the custom op's Python dispatch (~70 us a
-        # call, measured by bench/vllm_layer_decode.py: a vLLM decode step calls it once per layer)
+    if (isinstance(q, torch.Tensor) and q.device.type == "cpu" and not torch.compiler.is_compiling()
+            and impl_for(q, "duo_decode") == "native"):
+        # eager CPU: the native operator itself, which checks its inputs (shapes, dtypes, devices,
+        # strides, block ids) in C++; no custom-op Python dispatch (~70 us a call, measured by
+        # bench/vllm_layer_decode.py: a vLLM decode step calls it once per layer)
         op = torch.ops.kvcomp_C.duo_decode
+    else:
+        check_duo_inputs(q, k_cache, v_cache, block_table, seq_lens, k_stream, v_stream, head_map, sink, window)
+    scale = 1.0 / q.shape[-1] ** 0.5 if scale is None else float(scale)
     return op(q, k_cache, v_cache, block_table, seq_lens, k_stream, v_stream,
                                        head_map, sink, window, scale, 0 if num_splits is None else num_splits)

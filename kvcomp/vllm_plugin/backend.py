@@ -270,9 +270,9 @@ class KVCompAttentionImpl(C.AttentionImpl):
             self._setup_layer(layer, kv_cache)
         n = slot_mapping.shape[0]
         slots = slot_mapping.to(torch.long)
-        keep = slots >= 0
         k, v = key[:n], value[:n]
-        if not bool(keep.all()):
+        if n and int(slots.min()) < 0:  # padding slots: dropped (one reduction when there are none)
+            keep = slots >= 0
             slots, k, v = slots[keep], k[keep], v[keep]
         if slots.numel() and self._fp8 is not None:
             self._fp8.write(self.method, self._store(kv_cache, ring=False), slots, k, v)
