@@ -25,7 +25,7 @@ Storage width: ThinK keeps ``Dk`` channels rounded up to a multiple of 16 (80 of
 aligned in 16-bit storage. ``Dk`` is a constexpr, read as two power-of-two tiles (:func:`dk_tiles`): the
 largest power of two ``<= Dk``, then the rest padded to a power of two; every width that is a sum of two
 powers of two >= 16 (48, 80, 96, 160, ... ; every multiple of 16 up to 96) loads without a mask, the other
-multiples of 16 (112, 208, 224, 240) mask whole 16-channel vectors, and any other width (a config with
+multiples of 16 (112, 176, 208, 224, 240) mask whole 16-channel vectors, and any other width (a config with
 ``channel_multiple`` 1, e.g. 77) stays correct with a ragged mask in its second tile.
 
 The key tile (``BLOCK_N``), warps and pipeline stages are autotuned per ``(G, D, Dk, Dv, dtype)``: never per
