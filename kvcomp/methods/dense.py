@@ -72,11 +72,12 @@ def dense_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, md
     When ``reqs`` are the step's multi-token requests (``md.rows()``), the pages are on the CPU (keys
     and values of one width) and ``impl_for(q, "paged_prefill")`` is ``native``: one varlen call
     straight over the pages (:func:`kvcomp.ops.paged_prefill.paged_prefill`, every request at once,
-    no gather copy). Otherwise, and when the only multi-token request is a whole prompt (there torch's
-    SDPA flash kernel measured as fast or faster: bench/prefill_cpu.py), :func:`dense_rows_loop`."""
+    no gather copy). Otherwise, and when the only multi-token request is a whole prompt longer than
+    :data:`LOOP_PROMPT_TOKENS` (there torch's SDPA flash kernel measured faster: bench/prefill_cpu.py),
+    :func:`dense_rows_loop`."""
     multi = md.rows()[1]
     if (multi is None or multi.reqs != reqs or k_cache.device.type != "cpu" or k_cache.shape != v_cache.shape
-            or _one_whole_prompt(md, reqs) or impl_for(q, "paged_prefill") != "native"):
+            or _one_long_prompt(md, reqs) or impl_for(q, "paged_prefill") != "native"):
         dense_rows_loop(q, k_cache, v_cache, md, reqs, scale, output, heads)
         return
     o = paged_prefill(q.index_select(0, multi.rows), k_cache, v_cache, multi.block_table, multi.seq_lens,
@@ -87,10 +88,19 @@ def dense_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, md
         output.index_put_((multi.rows[:, None], heads[None, :]), o)
 
 
-def _one_whole_prompt(md: Step, reqs: list[int]) -> bool:
-    """One multi-token request whose queries are its whole context (no cached tokens before them)."""
-    qsl, lens = md.qsl_host(), md.seq_lens_host()
-    return len(reqs) == 1 and qsl[reqs[0] + 1] - qsl[reqs[0]] == lens[reqs[0]]
+#: A step whose only multi-token request is a whole prompt of more tokens than this runs the gather +
+#: SDPA loop: bench/results/prefill-cpu.json (2-core machine) has the native paged_prefill 2.3x faster
+#: at 1K, 1.1x at Llama's 2K, even at 4K, and 0.83-0.91x at 8K for one prompt.
+LOOP_PROMPT_TOKENS = 4096
+
+
+def _one_long_prompt(md: Step, reqs: list[int]) -> bool:
+    """One multi-token request whose queries are its whole context (no cached tokens before them) of
+    more than :data:`LOOP_PROMPT_TOKENS` tokens."""
+    if len(reqs) != 1:
+        return False
+    qsl, lens, b = md.qsl_host(), md.seq_lens_host(), reqs[0]
+    return qsl[b + 1] - qsl[b] == lens[b] > LOOP_PROMPT_TOKENS
 
 
 def dense_rows_loop(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, md: Step, reqs: list[int],

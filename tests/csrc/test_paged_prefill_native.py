@@ -193,14 +193,17 @@ def test_dense_attend_runs_native(monkeypatch):
     torch.testing.assert_close(out, paged_attention(q, kc, vc, bt, sl, qsl, scale=0.125), rtol=1e-5, atol=1e-5)
 
 
-def test_dense_rows_whole_single_prompt_keeps_the_loop(monkeypatch):
-    """One whole prompt alone in the step runs the gather + SDPA loop (measured as fast or faster)."""
-    from kvcomp.methods.dense import dense_rows
+@pytest.mark.parametrize("limit, native", [(4096, True), (76, False)])
+def test_dense_rows_whole_single_prompt_route(monkeypatch, limit, native):
+    """One whole prompt alone in the step runs the native op up to ``LOOP_PROMPT_TOKENS`` tokens and
+    the gather + SDPA loop beyond (measured faster there); both equal the reference."""
+    from kvcomp.methods import dense
 
     calls = _count_native(monkeypatch)
+    monkeypatch.setattr(dense, "LOOP_PROMPT_TOKENS", limit)
     q, kc, vc, bt, sl, qsl = _inputs([77], [77], 2, 2, 32, 16, torch.float32, seed=3)
     md = _step([77], [77], bt)
     out = torch.empty_like(q)
-    dense_rows(q, kc, vc, md, [0], 0.2, out)
-    assert not calls
+    dense.dense_rows(q, kc, vc, md, [0], 0.2, out)
+    assert len(calls) == int(native)
     torch.testing.assert_close(out, paged_attention(q, kc, vc, bt, sl, qsl, scale=0.2), rtol=1e-5, atol=1e-5)
