@@ -38,7 +38,7 @@ _CONFIGS = [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=3),
             triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=2),
             triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2),
             triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=3)]
-_REDUCE_CONFIGS = [triton.Config({}, num_warps=4), triton.Config({}, num_warps=2), triton.Config({}, num_warps=8)]
+_REDUCE_CONFIGS = [triton.Config({}, num_warps=4), triton.Config({}, num_warps=8)]  # 2 warps spill at fp32 D=128
 
 
 # keyed by head dim and GQA group (and dtypes): never by batch size, sequence length or split count
