@@ -108,7 +108,7 @@ def test_kernels_compile_for_sm90_without_spills():
     res = subprocess.run([sys.executable, __file__], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     lines = [ln for ln in res.stdout.splitlines() if "\t" in ln]
-    assert len(lines) == 39, res.stdout
+    assert len(lines) == 90, res.stdout  # every kept autotune config of the tuned kernels
     for ln in lines:
         name, usage = ln.split("\t")
         if name.startswith(("think_decode", "sparse_decode", "vq_lut", "vq_encode")):
