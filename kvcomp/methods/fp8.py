@@ -14,9 +14,15 @@ into that copy) and of the step's rings, and the step's keys and values rounded 
 hold; after the method ran it stores the blocks that took new tokens and the rings back as fp8 (a
 dequantised fp8 value requantises to itself, so untouched tokens are unchanged). Every K/V the
 attention reads is then the e4m3 value of its page or ring: attention equals the reference over
-dequantised pages (:func:`kvcomp.ref.fp8.paged_attention_fp8`). Code pages (A²ATS) are not
-wrapped: a code is an int16 in a 2-byte cell whatever the page dtype, and the host mirror keeps the
-activation dtype.
+dequantised pages (:func:`kvcomp.ref.fp8.paged_attention_fp8`).
+
+Code pages (A²ATS) hold no K/V: a code is an int16 in a 2-byte cell whatever the page dtype, and
+the host mirror keeps the model dtype (its bytes are not fp8). Without a ring (A²ATS, DuoAttention
++ A²ATS) such a layer is not wrapped: nothing it reads is fp8, so nothing is rounded. With ThinK's
+window ring beside the codes (ThinK + A²ATS, all three) the ring is e4m3 like any ring, and the
+wrapper hands the method the step's K/V rounded to e4m3 for the host pages too: every K/V the
+attention reads (ring, host pages, the step's own) is then an e4m3 value, as with the other ring
+methods, held in the model dtype on the host.
 """
 
 from __future__ import annotations
@@ -90,7 +96,11 @@ class Fp8Pages:
         return out
 
     def write(self, method, pages: Store, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """``method.write`` of ``k, v`` at ``slots`` (all valid) into the fp8 ``pages``."""
+        """``method.write`` of ``k, v`` at ``slots`` (all valid) into the fp8 ``pages`` (code pages:
+        the host pages take ``k, v`` rounded to e4m3)."""
+        if pages.k is None:
+            method.write(pages, slots, self.round(k, self.k_scale), self.round(v, self.v_scale))
+            return
         empty = torch.empty(0, dtype=torch.long, device=slots.device)
         store, new_id, used, local = self._compact(pages, empty, slots)
         method.write(store, self._slots(slots, new_id, pages.k.shape[1]), k, v)
@@ -99,18 +109,22 @@ class Fp8Pages:
     def attend(self, method, pages: Store, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step,
                out: torch.Tensor) -> None:
         """``method.attend`` over the dequantised blocks and rings of ``step`` with the step's K/V
-        rounded to fp8; blocks it wrote and the rings go back as fp8."""
-        store, new_id, used, local = self._compact(pages, step.block_table, step.slot_mapping)
-        bt = new_id[step.block_table.long().clamp(0, pages.k.shape[0] - 1)].to(step.block_table.dtype)
-        compact = Step(step.num_reqs, step.num_actual_tokens, step.max_query_len, step.max_seq_len,
-                       step.query_start_loc, step.seq_lens, bt,
-                       self._slots(step.slot_mapping, new_id, pages.k.shape[1]), step.query_start_loc_host)
+        rounded to fp8; blocks it wrote and the rings go back as fp8 (code pages: used as they are)."""
+        if pages.k is None:
+            store, compact = Store(codes=pages.codes), step
+        else:
+            store, new_id, used, local = self._compact(pages, step.block_table, step.slot_mapping)
+            bt = new_id[step.block_table.long().clamp(0, pages.k.shape[0] - 1)].to(step.block_table.dtype)
+            compact = Step(step.num_reqs, step.num_actual_tokens, step.max_query_len, step.max_seq_len,
+                           step.query_start_loc, step.seq_lens, bt,
+                           self._slots(step.slot_mapping, new_id, pages.k.shape[1]), step.query_start_loc_host)
         store.mirror, store.chan = pages.mirror, pages.chan
         ring_used = None
         if pages.ring is not None:
             ring_used, store.ring_block = torch.unique(pages.ring_block.long(), return_inverse=True)
             store.ring = self.ring_in(pages.ring[ring_used])
         method.attend(store, q, self.round(k, self.k_scale), self.round(v, self.v_scale), compact, out)
-        self._store_back(pages, store, used, local)
+        if pages.k is not None:
+            self._store_back(pages, store, used, local)
         if ring_used is not None:
             pages.ring[ring_used] = self.ring_out(store.ring)

@@ -21,7 +21,7 @@ from .step import Step, Store
 from .think import ThinK
 from .window import SlidingWindow
 
-__all__ = ["RequestChannels", "Split", "Store", "build_hf_layer", "build_layer", "code_view", "mirror_heads",
+__all__ = ["RequestChannels", "Split", "Store", "build_hf_layer", "build_layer", "code_cell_bytes", "code_view", "mirror_heads",
            "mirror_key_dim", "page_changes", "page_store", "ring_capacity", "ring_id_cells", "ring_request"]
 
 
@@ -39,6 +39,12 @@ def page_store(plan, kv_cache: torch.Tensor, head_size: int) -> Store:
     return Store(k=kv[..., :dk], v=kv[..., dk:])
 
 
+def code_cell_bytes(elem: int) -> int:
+    """Bytes of one A²ATS code cell (an int16) in a page of ``elem``-byte elements: one element, or
+    two of fp8's 1-byte elements."""
+    return max(2, elem)
+
+
 def page_changes(plan, num_kv_heads: int, head_size: int, head_size_v: int, elem: int, num_streaming: int) -> dict:
     """Changes to vLLM's attention spec: retrieval heads only (DuoAttention: ``num_head_slots``),
     ``D_keep + Dv`` elements (ThinK), one int16 code cell per KV head (A²ATS)."""
@@ -46,7 +52,7 @@ def page_changes(plan, num_kv_heads: int, head_size: int, head_size_v: int, elem
     if plan.streaming is not None:
         changes["num_head_slots"] = num_kv_heads - num_streaming
     if plan.vq is not None:
-        changes["state_content_bytes"] = max(2, elem)
+        changes["state_content_bytes"] = code_cell_bytes(elem)
     elif plan.key_dim is not None:
         changes["state_content_bytes"] = (plan.key_dim + head_size_v) * elem
     return changes
@@ -70,8 +76,8 @@ def ring_capacity(tokens: int, ring_heads: int, page_heads: int, block_size: int
     return -(-tokens // step) * step
 
 
-def ring_request(plan, num_kv_heads: int, head_size: int, num_streaming: int,
-                 block_size: int | None) -> tuple[int, int, int] | None:
+def ring_request(plan, num_kv_heads: int, head_size: int, num_streaming: int, block_size: int | None,
+                 elem: int) -> tuple[int, int, int] | None:
     """``(heads, slots, content elements)`` of the per-request ring a layer needs, or None:
     DuoAttention's streaming heads keep ``sink + recent`` tokens of K and V (not with A²ATS: they
     read the host pages) in a ring of whole pages (:func:`ring_capacity`); ThinK's heads (every
@@ -80,7 +86,9 @@ def ring_request(plan, num_kv_heads: int, head_size: int, num_streaming: int,
     one ring: streaming heads first (``sink + recent`` slots of K and V), then ThinK's heads (their
     window in the first ``head_size`` elements of each slot). ThinK's ring is rounded to whole
     pages too: one larger than a code page (A²ATS) or a narrow page and not a multiple of it would
-    pad every page (measured: think+vq 4.5x fewer tokens than vq alone)."""
+    pad every page (measured: think+vq 4.5x fewer tokens than vq alone). ``elem``: bytes of one
+    element of the pages and the ring (the page dtype: 1 with ``--kv-cache-dtype fp8``); a code
+    cell takes :func:`code_cell_bytes`, so 2 ring elements with fp8."""
     n_page = num_kv_heads - num_streaming
     think = 0 if plan.key_dim is None else plan.think_window + int(plan.per_request_channels)
     if plan.streaming is not None and plan.vq is None:
@@ -89,7 +97,8 @@ def ring_request(plan, num_kv_heads: int, head_size: int, num_streaming: int,
                                                 2 * head_size, plan.key_dim + head_size), 2 * head_size)
         return num_streaming, ring_capacity(plan.sink + plan.recent, num_streaming, n_page, block_size), 2 * head_size
     if think:
-        page = 1 if plan.vq is not None else plan.key_dim + head_size  # elements per head slot of a page
+        # elements (of the ring's dtype, the page's) per head slot of a page: an int16 code cell, or D_keep + Dv
+        page = code_cell_bytes(elem) // elem if plan.vq is not None else plan.key_dim + head_size
         return n_page, ring_capacity(think, n_page, n_page, block_size, head_size, page), head_size
     return None
 

@@ -47,7 +47,7 @@ from . import ENV_TRACE
 from . import compat as C
 from .mirror import mirror_bytes, mirror_for
 from .plan import Plan, kv_head_range, layer_index, plan_from_env
-from .ring import layer_name, register_ring, ring_of
+from .ring import layer_name, page_dtype, register_ring, ring_of
 from .rope import rope_from_hf_config
 
 # a child of "vllm" so that vLLM's log handler (and its level setting) prints it
@@ -59,7 +59,7 @@ class KVCompAttentionBackend(C.AttentionBackend):
 
     forward_includes_kv_cache_update: bool = False
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
-    # fp8: e4m3 pages and rings with the layer's scales (kvcomp.methods.fp8); not ThinK's ring beside A2ATS codes
+    # fp8: e4m3 pages and rings with the layer's scales (kvcomp.methods.fp8); A2ATS codes stay int16 cells
     supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "float16", "bfloat16", "float32", "fp8", "fp8_e4m3"]
 
     @staticmethod
@@ -182,14 +182,10 @@ class KVCompAttentionImpl(C.AttentionImpl):
         # a config made without the model's sliding windows: refused here, before serving
         plan_from_env().check_window(layer_index(layer_name(self)), self.sliding_window)
         n_str = p.rank_num_streaming(self.num_kv_heads, *C.tp_rank_and_size())
+        elem = torch.empty((), dtype=page_dtype(self, act_dtype)).element_size()  # of the pages and the ring
         req = layout.ring_request(p, self.num_kv_heads, self.head_size, n_str,
-                                  C.current_vllm_config().cache_config.block_size)
+                                  C.current_vllm_config().cache_config.block_size, elem)
         self._act_dtype = act_dtype
-        if req is not None and p.vq is not None and self.kv_cache_dtype.startswith("fp8"):
-            raise ValueError(f"kvcomp {p.method}: --kv-cache-dtype {self.kv_cache_dtype} is not supported with ThinK's "
-                             "window ring beside A2ATS code pages (the ring would be fp8, the host mirror not); serve "
-                             "it with --kv-cache-dtype auto, or use fp8 with ThinK, DuoAttention + ThinK, A2ATS or "
-                             "DuoAttention + A2ATS")
         if req is not None:
             heads, tokens, content = req
             self.ring_name = register_ring(self, act_dtype, num_heads=heads, capacity=tokens, content=content)
@@ -218,7 +214,9 @@ class KVCompAttentionImpl(C.AttentionImpl):
         rope = None if self._hf_config is None else rope_from_hf_config(self._hf_config, self.head_size, li)
         self.method = layout.build_layer(p, li, self.num_heads, self.num_kv_heads, start, self.scale,
                                          kv_cache.device, rope, window=self.sliding_window)
-        if kv_cache.dtype == torch.uint8 and layout.page_store(p, kv_cache, self.head_size).k is not None:
+        # fp8 K/V pages, or ThinK's fp8 ring beside A2ATS codes (the host pages then take e4m3 values)
+        if kv_cache.dtype == torch.uint8 and (layout.page_store(p, kv_cache, self.head_size).k is not None
+                                              or self.ring_name is not None):
             n_str = p.rank_num_streaming(self.num_kv_heads, *C.tp_rank_and_size())
             self._fp8 = Fp8Pages(layer._k_scale_float, layer._v_scale_float, self._act_dtype, key_width=self.head_size,
                                  ids=layout.ring_id_cells(p, n_str))

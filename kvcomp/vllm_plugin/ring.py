@@ -103,6 +103,13 @@ def layer_name(impl) -> str:
     return name
 
 
+def page_dtype(impl, act_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of ``impl``'s layer's pages, which its ring takes too (``uint8`` with
+    ``--kv-cache-dtype fp8``; ``act_dtype`` where vLLM names none)."""
+    ctx = C.current_vllm_config().compilation_config.static_forward_context
+    return getattr(ctx[layer_name(impl)], "kv_cache_torch_dtype", act_dtype)
+
+
 def register_ring(impl, act_dtype: torch.dtype, *, num_heads: int, capacity: int, content: int) -> str:
     """Register the ring companion of ``impl``'s attention layer; returns the ring's layer name.
 
@@ -124,8 +131,8 @@ def register_ring(impl, act_dtype: torch.dtype, *, num_heads: int, capacity: int
     name = layer_name(impl)
     ring_name = name + "_kvcomp_ring"
     if ring_name not in ctx:
-        dtype = getattr(ctx[name], "kv_cache_torch_dtype", act_dtype)
-        ctx[ring_name] = KVCompRingLayer(ring_name, num_heads, impl.head_size, capacity, dtype, content)
+        ctx[ring_name] = KVCompRingLayer(ring_name, num_heads, impl.head_size, capacity, page_dtype(impl, act_dtype),
+                                         content)
     return ring_name
 
 

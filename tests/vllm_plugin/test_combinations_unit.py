@@ -50,7 +50,7 @@ class VllmLayer:
         content = changes.get("state_content_bytes", 2 * D * elem) // elem
         self.plan, self.fp8 = plan, fp8
         self.kv_cache = torch.zeros(NB, heads, BS, content, dtype=dtype)
-        req = layout.ring_request(plan, HKV, D, n_str, BS)
+        req = layout.ring_request(plan, HKV, D, n_str, BS, elem)
         self.ring = None if req is None else torch.zeros(RB, req[0], req[1], req[2], dtype=dtype)
         kd = layout.mirror_key_dim(plan, D)
         n_host = layout.mirror_heads(plan, HKV)
@@ -130,10 +130,13 @@ def test_vllm_layout_equals_hf_path(parts, query_driven, monkeypatch):
 
 
 @pytest.mark.parametrize("parts,query_driven", [("duo", False), ("think", False), ("think", True),
-                                                ("duo+think", False), ("duo+think", True)])
+                                                ("duo+think", False), ("duo+think", True), ("think+vq", False),
+                                                ("think+vq", True), ("duo+think+vq", False),
+                                                ("duo+think+vq", True)])
 def test_fp8_pages_and_ring_equal_hf_path_over_rounded_kv(parts, query_driven, monkeypatch):
-    """fp8 e4m3 pages and ring (keys x/0.5, values x/0.25; query-driven channel ids as bytes):
-    attention equals the transformers path over the same K/V rounded to e4m3."""
+    """fp8 e4m3 pages and ring (keys x/0.5, values x/0.25; query-driven channel ids as bytes; A²ATS:
+    int16 codes in 2-byte cells, ThinK's ring in e4m3, the host pages holding the e4m3 values in
+    the model dtype): attention equals the transformers path over the same K/V rounded to e4m3."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     vl = _compare(parts, query_driven, fp8=True)
     assert vl.kv_cache.dtype == vl.ring.dtype == torch.uint8 and vl.kv_cache.any() and vl.ring.any()
@@ -162,18 +165,22 @@ def test_layouts_of_the_combinations():
     """Page, ring and host-page shapes vLLM is asked for."""
     p = plan_from_config(_config("duo+think", False))
     assert layout.page_changes(p, HKV, D, D, 4, 1) == {"num_head_slots": 1, "state_content_bytes": (KEEP + D) * 4}
-    heads, cap, content = layout.ring_request(p, HKV, D, 1, BS)
+    heads, cap, content = layout.ring_request(p, HKV, D, 1, BS, 4)
     assert (heads, content) == (HKV, 2 * D) and cap >= SINK + RECENT
     assert (heads * cap * content) % (1 * BS * (KEEP + D)) == 0  # a whole number of pages
     p = plan_from_config(_config("think+vq", True))
     assert layout.page_changes(p, HKV, D, D, 4, 0) == {"state_content_bytes": 4}
-    assert layout.ring_request(p, HKV, D, 0, BS) == (HKV, WINDOW + 1, D)
-    assert layout.ring_request(p, HKV, D, 0, 128) == (HKV, WINDOW + 2, D)  # 5 code pages of 128 tokens, no padding
+    assert layout.ring_request(p, HKV, D, 0, BS, 4) == (HKV, WINDOW + 1, D)
+    assert layout.ring_request(p, HKV, D, 0, 128, 4) == (HKV, WINDOW + 2, D)  # 5 code pages of 128 tokens, no padding
+    # fp8: 1-byte ring elements beside 2-byte code cells: 3 code pages of 128 tokens, no padding
+    assert layout.page_changes(p, HKV, D, D, 1, 0) == {"state_content_bytes": 2}
+    assert layout.ring_request(p, HKV, D, 0, 128, 1) == (HKV, WINDOW + 4, D)
+    assert (HKV * (WINDOW + 4) * D) % (HKV * 128 * 2) == 0
     assert layout.mirror_heads(p, HKV) == HKV and layout.mirror_key_dim(p, D) == KEEP
     p = plan_from_config(_config("duo+think+vq", False))
     assert layout.page_changes(p, HKV, D, D, 4, 1) == {"num_head_slots": 1, "state_content_bytes": 4}
-    assert layout.ring_request(p, HKV, D, 1, BS) == (1, WINDOW, D)  # ThinK's window of the retrieval head
+    assert layout.ring_request(p, HKV, D, 1, BS, 4) == (1, WINDOW, D)  # ThinK's window of the retrieval head
     p = plan_from_config(_config("think", False))
-    heads, cap, content = layout.ring_request(p, HKV, D, 0, 128)
+    heads, cap, content = layout.ring_request(p, HKV, D, 0, 128, 4)
     assert (heads, content) == (HKV, D) and cap >= WINDOW and heads * cap * content % (HKV * 128 * (KEEP + D)) == 0
     assert layout.mirror_key_dim(p, D) == D  # the streaming head beside it needs full keys

