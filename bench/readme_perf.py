@@ -5,8 +5,10 @@
 Replaces the text between ``<!-- BEGIN perf (bench/readme_perf.py) -->`` and ``<!-- END perf -->``
 with: the CPU kernel summary (``bench/results/kernels-cpu.json``, batch 1 fp32: speedup over
 kvcomp's dense paged decode / over torch SDPA per context, and every issue-10 kernel target met or
-missed) and the vLLM-CPU serving summary (``bench/results/serve-vllm-cpu.json``: decode tokens/s and
-TTFT against stock per load, and the serving targets). ``--check`` exits 1 when the README differs.
+missed), the vLLM-CPU serving summary (``bench/results/serve-vllm-cpu.json``: decode tokens/s and
+TTFT against stock per load, and the serving targets) and the vLLM-CPU capacity / accuracy table
+(``bench/results/vllm-cpu.json``, ``bench/vllm_cpu.py``: one row per method and ``<method>@fp8``).
+``--check`` exits 1 when the README differs.
 """
 
 from __future__ import annotations
@@ -27,6 +29,11 @@ KERNEL_ROWS = (("off", "dense paged decode (off) vs SDPA"), ("duo50", "DuoAttent
                ("vq3", "A²ATS top-K 3%"), ("vq10", "A²ATS top-K 10%"), ("duo50+vq3", "DuoAttention 50% + A²ATS 3%"))
 SERVE_NAMES = {"stock": "stock vLLM (CPU_ATTN)", "off": "kvcomp, compression off", "duo": "DuoAttention 50%",
                "think": "ThinK λ=0.4", "vq": "A²ATS top-K 10%", "duo+vq": "DuoAttention + A²ATS"}
+
+
+METHOD_NAMES = {"stock": "stock vLLM (CPU_ATTN)", "off": "kvcomp, compression off", "think": "ThinK",
+                "duo": "DuoAttention", "vq": "A²ATS", "duo+vq": "DuoAttention + A²ATS", "duo+think": "DuoAttention + ThinK",
+                "think+vq": "ThinK + A²ATS", "all": "DuoAttention + ThinK + A²ATS"}
 
 
 def kernels_section(data: dict) -> list[str]:
@@ -82,6 +89,40 @@ def serve_section(data: dict) -> list[str]:
     return out + ["", "Serving targets (issue 10):", ""] + report_serve.targets(rows)
 
 
+def _row_name(row: str) -> str:
+    method, _, dtype = row.partition("@")
+    return METHOD_NAMES.get(method, method) + (f", {dtype} KV" if dtype else "")
+
+
+def vllm_cpu_section(data: dict) -> list[str]:
+    long = {x["method"]: x for x in data.get("long_context_capacity", [])}
+    ll = next(iter(long.values()), {}).get("max_model_len")
+    out = [f"vLLM-CPU capacity and accuracy (`bench/vllm_cpu.py`: the bundled SmolLM2 {data['dtype']}, every method "
+           f"at the same {data['kv_cache_memory_bytes'] / 2**20:g} MiB device KV budget (A²ATS: the blocks whose host "
+           f"mirror fits), {data['samples']} passkey prompts of {data['context_len']} tokens, {data['max_tokens']} "
+           "greedy tokens; capacity from vLLM's \"KV cache size\" log line; x stock against stock vLLM with its "
+           "default KV dtype; *same answers*: vLLM's answers equal to kvcomp's HF path on the same config "
+           "(`@fp8` rows: with K/V rounded to e4m3 where the pages or rings hold fp8; A²ATS's fp8 pages hold only "
+           f"int16 codes), {data['machine']['line']}):", "",
+           "| method | KV cache (tokens) | x stock | max concurrency | device KV MiB | host mirror GiB | tokens/s | "
+           "passkey vLLM | passkey HF path | same answers |" + (f" KV cache @{ll // 1024}K (tokens) | x stock @{ll // 1024}K |"
+                                                                 if ll else ""),
+           "|---" * (10 + 2 * bool(ll)) + "|"]
+    for r in data["records"]:
+        dev, host = r.get("device_kv_bytes"), r.get("host_mirror_bytes") or 0
+        cells = [_row_name(r["method"]), f"{r['kv_capacity_tokens']:,}",
+                 "–" if r.get("capacity_ratio") is None else f"x{r['capacity_ratio']}",
+                 f"{r['max_concurrency']}", "–" if dev is None else f"{dev / 2**20:.1f}", f"{host / 2**30:.1f}",
+                 f"{r['tokens_per_s']}", f"{r['vllm_accuracy']:.3f}",
+                 "–" if r.get("hf_accuracy") is None else f"{r['hf_accuracy']:.3f}",
+                 "–" if r.get("same_answers_as_hf") is None else f"{r['same_answers_as_hf']}/{data['samples']}"]
+        if ll:
+            x = long.get(r["method"])
+            cells += ["–", "–"] if x is None else [f"{x['kv_capacity_tokens']:,}", f"x{x['capacity_ratio']}"]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
 def section() -> str:
     res = ROOT / "bench" / "results"
     lines = [BEGIN, ""]
@@ -92,6 +133,9 @@ def section() -> str:
         lines += serve_section(json.loads(s.read_text())) + [""]
     else:
         lines += ["vLLM-CPU end to end (`kvcomp bench serve`): not measured yet.", ""]
+    v = res / "vllm-cpu.json"
+    if v.exists():
+        lines += vllm_cpu_section(json.loads(v.read_text())) + [""]
     return "\n".join(lines + [END])
 
 

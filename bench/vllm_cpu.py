@@ -9,30 +9,49 @@ are the quality harness's passkey samples (prose haystack); each method's vLLM a
 and compared with kvcomp's HF path on the same samples and the same config
 (``kvcomp.methods.build_vllm_method``).
 
-    .venv/bin/python bench/vllm_cpu.py --vllm-python .venv-vllm/bin/python \\
+``--fp8`` adds a ``<method>@fp8`` row per method (or name rows so in ``--methods``): the same engine
+with ``--kv-cache-dtype fp8`` (vllm-cpu: x86 with AVX-512 or AMX). Its HF reference is the kvcomp
+HF path with every K/V rounded to e4m3 at vLLM's scale 1.0 (``kvcomp.hf.fp8.rounded_kv``; off: a
+config without methods), except A²ATS and DuoAttention + A²ATS, whose fp8 pages hold only int16
+codes (nothing rounded: the plain HF path). ``hf_reference`` names which.
+
+    .venv/bin/python bench/vllm_cpu.py --vllm-python .venv-vllm/bin/python --fp8 \\
         --out bench/results/vllm-cpu.json
 
-Writes ``records`` (one per method: ``method``, ``kv_capacity_tokens``, ``stock_kv_capacity_tokens``,
+Writes ``records`` (one per method: ``method``, ``kv_cache_dtype``, ``kv_capacity_tokens``, ``stock_kv_capacity_tokens``,
 ``capacity_ratio``, ``max_concurrency``, ``stock_max_concurrency``, ``num_blocks``,
-``tokens_per_s``, ``vllm_accuracy``, ``hf_accuracy``, ``same_answers_as_hf``) plus the machine line.
+``tokens_per_s``, ``vllm_accuracy``, ``hf_accuracy``, ``same_answers_as_hf``, ``hf_reference``) plus
+the machine line.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+# no sys.path entry for ROOT: its kernels/ folder would shadow Hugging Face's `kernels` package
+# (transformers imports it); kvcomp comes from the editable install
 
 METHODS = ("stock", "off", "think", "duo", "vq", "duo+vq", "duo+think", "think+vq", "all")
 RING_FREE = ("stock", "off", "vq", "duo+vq")  # no per-request ring: prefix caching stays on
+CODES_ONLY = ("vq", "duo+vq")  # with fp8: only int16 code cells in the pages, no K/V rounded
+KV_DTYPES = ("fp8",)  # a row "<method>@fp8" runs with --kv-cache-dtype fp8
+
+
+def split_row(name: str) -> tuple[str, str]:
+    """``(method, kv-cache dtype suffix)`` of a row name ``method[@fp8]``."""
+    method, sep, dtype = name.partition("@")
+    if method not in METHODS or (sep and dtype not in KV_DTYPES):
+        raise SystemExit(f"unknown row {name!r}: a method of {METHODS}, optionally with @fp8")
+    return method, dtype
+FIT_RE = re.compile(r"--num-gpu-blocks-override (\d+)")
 LOG_RE = re.compile(r"KV cache size: ([\d,]+) tokens, Maximum concurrency for ([\d,]+) tokens per request: ([\d.]+)x")
 
 
@@ -40,22 +59,30 @@ def run_engine(py: str, work: Path, name: str, model_dir: str, prompts_file: Pat
                num_blocks: int = 0) -> dict:
     out, log, trace = work / f"{name}.json", work / f"{name}.log", work / f"{name}.trace.jsonl"
     trace.unlink(missing_ok=True)
+    method, dtype = split_row(name.removeprefix("long-"))
     cmd = [py, "-m", "kvcomp.vllm_plugin.run_engine", "--model", model_dir, "--prompts", str(prompts_file),
-           "--max-tokens", str(a.max_tokens), "--mode", "stock" if name == "stock" else "kvcomp", "--out", str(out),
+           "--max-tokens", str(a.max_tokens), "--mode", "stock" if method == "stock" else "kvcomp", "--out", str(out),
+           "--kv-cache-dtype", dtype or "auto",
            "--inproc", "--kv-cache-bytes", str(a.kv_bytes), "--max-model-len", str(a.max_model_len),
            "--max-num-batched-tokens", str(a.batched_tokens), "--max-num-seqs", str(a.max_num_seqs)]
     if config:
         cmd += ["--config", config]
-    if name.split("-")[-1] != "stock":
+    if method != "stock":
         cmd += ["--trace", str(trace)]
     if num_blocks:
         cmd += ["--num-blocks", str(num_blocks)]
-    if name.split("-", 1)[-1] not in RING_FREE:  # per-request rings
+    if method not in RING_FREE:  # per-request rings
         cmd.append("--no-prefix-caching")
     t0 = time.time()
     with open(log, "w") as fh:
         rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=str(ROOT))
     text = log.read_text(errors="replace")
+    fit = FIT_RE.search(text)
+    if rc != 0 and fit and 0 < int(fit.group(1)) < num_blocks:
+        # A²ATS pages enlarged past 128 tokens (ThinK's ring is a whole number of code pages): the
+        # blocks whose host mirror fits, as the backend's start-up error says
+        print(f"[bench]   {name}: host mirror fits {fit.group(1)} blocks, not {num_blocks}: rerun", flush=True)
+        return run_engine(py, work, name, model_dir, prompts_file, a, config, int(fit.group(1)))
     if rc != 0:
         raise RuntimeError(f"{name}: vLLM run failed (rc={rc}):\n{text[-3000:]}")
     res = json.loads(out.read_text())
@@ -66,11 +93,14 @@ def run_engine(py: str, work: Path, name: str, model_dir: str, prompts_file: Pat
     res["log_max_concurrency"] = float(m.group(3))
     res["active"] = "kvcomp attention backend active" in text
     recs = [json.loads(x) for x in trace.read_text().splitlines()] if trace.exists() else []
-    # bytes of the page views vLLM bound to the layers (fp32), and the host mirror, from the trace
-    res["device_kv_bytes"] = sum(4 * _prod(r["kv_cache_shape"]) for r in recs) or None
+    # bytes of the page views vLLM bound to the layers (fp32, or uint8 with fp8), and the host mirror, from the trace
+    res["device_kv_bytes"] = sum(ELEM_BYTES[r["dtype"]] * _prod(r["kv_cache_shape"]) for r in recs) or None
     res["host_mirror_bytes"] = max((r["host_mirror_bytes"] for r in recs), default=0)
     res["wall_s"] = round(time.time() - t0, 1)
     return res
+
+
+ELEM_BYTES = {"torch.float32": 4, "torch.bfloat16": 2, "torch.float16": 2, "torch.uint8": 1}
 
 
 def _prod(xs) -> int:
@@ -85,7 +115,8 @@ def main() -> int:
     ap.add_argument("--vllm-python", default=os.environ.get("KVCOMP_VLLM_PYTHON", ""),
                     help="interpreter of the vllm-cpu venv (scripts/setup_vllm_cpu.sh)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "vllm-cpu.json"))
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(METHODS), help="rows: methods, each optionally <method>@fp8")
+    ap.add_argument("--fp8", action="store_true", help="also a <method>@fp8 row (--kv-cache-dtype fp8) per method")
     ap.add_argument("--samples", type=int, default=12)
     ap.add_argument("--context", type=int, default=1024, help="passkey prompt + answer tokens")
     ap.add_argument("--max-tokens", type=int, default=16)
@@ -106,8 +137,10 @@ def main() -> int:
         ap.error("--vllm-python (or $KVCOMP_VLLM_PYTHON) is required")
     import torch
 
+    from kvcomp.config import CompressionConfig
     from kvcomp.eval.score import string_match_all
     from kvcomp.eval.tasks import make_sample
+    from kvcomp.hf.fp8 import rounded_kv
     from kvcomp.hf.generate import generate, sample_input_ids
     from kvcomp.methods import MethodOptions, build_vllm_method
     from kvcomp.models import load_model, model_folder
@@ -124,9 +157,11 @@ def main() -> int:
     prompts_file = work / "prompts.json"
     prompts_file.write_text(json.dumps(ids))
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    if a.fp8:
+        methods += [f"{m}@fp8" for m in methods if "@" not in m and f"{m}@fp8" not in methods]
     opts = MethodOptions()
     configs = {}
-    for m in methods:
+    for m in dict.fromkeys(split_row(r)[0] for r in methods):
         if m not in ("stock", "off"):
             configs[m] = build_vllm_method(m, model, tok, "smollm2-135m", opts)
             configs[m].save(work / f"{m}_config")
@@ -142,9 +177,10 @@ def main() -> int:
         la = argparse.Namespace(**{**vars(a), "kv_bytes": a.long_kv_bytes, "max_model_len": a.long_len,
                                    "max_tokens": 1, "batched_tokens": 2048})
         for m in methods:
+            base = split_row(m)[0]
             r = run_engine(a.vllm_python, work, f"long-{m}", model_dir, short, la,
-                           str(work / f"{m}_config") if m in configs else "",
-                           num_blocks=host_blocks if ("vq" in m or m == "all") else 0)
+                           str(work / f"{base}_config") if base in configs else "",
+                           num_blocks=host_blocks if ("vq" in base or base == "all") else 0)
             long.append({"method": m, "max_model_len": a.long_len, "kv_cache_memory_bytes": a.long_kv_bytes,
                          "kv_capacity_tokens": r["log_kv_tokens"], "max_concurrency": r["log_max_concurrency"],
                          "num_blocks": r["num_blocks"], "device_kv_bytes": r["device_kv_bytes"],
@@ -161,19 +197,21 @@ def main() -> int:
         print(f"[bench] merged long-context capacity into {a.out}")
         return 0
     for m in methods:
-        blocks = host_blocks if ("vq" in m or m == "all") else 0
+        base = split_row(m)[0]
+        blocks = host_blocks if ("vq" in base or base == "all") else 0
         print(f"[bench] vLLM {m} ...", flush=True)
         runs[m] = run_engine(a.vllm_python, work, m, model_dir, prompts_file, a,
-                             str(work / f"{m}_config") if m in configs else "", num_blocks=blocks)
+                             str(work / f"{base}_config") if base in configs else "", num_blocks=blocks)
         print(f"[bench]   KV cache {runs[m]['log_kv_tokens']:,} tokens, x{runs[m]['log_max_concurrency']} "
               f"concurrency, {runs[m]['generate_s']} s", flush=True)
     stock = runs.get("stock")
-    records = []
+    records, hf_runs = [], {}
     for m in methods:
         r = runs[m]
+        base, dtype = split_row(m)
         answers = [tok.decode(t, skip_special_tokens=True) for t in r["tokens"]]
         acc = sum(string_match_all(p, s.answers) for p, s in zip(answers, samples)) / len(samples)
-        rec = {"method": m, "kv_capacity_tokens": r["log_kv_tokens"],
+        rec = {"method": m, "kv_cache_dtype": dtype or "auto", "kv_capacity_tokens": r["log_kv_tokens"],
                "stock_kv_capacity_tokens": stock["log_kv_tokens"] if stock else None,
                "capacity_ratio": round(r["log_kv_tokens"] / stock["log_kv_tokens"], 3) if stock else None,
                "max_concurrency": r["log_max_concurrency"],
@@ -183,11 +221,16 @@ def main() -> int:
                "tokens_per_s": round(r["generated_tokens"] / r["generate_s"], 2),
                "generate_s": r["generate_s"], "engine_start_s": r["engine_start_s"],
                "kvcomp_backend_ran": r["active"], "vllm_accuracy": acc}
-        if m != "stock":
-            cfg = configs.get(m)
+        if base != "stock":
+            rounded = dtype == "fp8" and base not in CODES_ONLY
+            rec["hf_reference"] = "kvcomp HF path, K/V rounded to e4m3 (scale 1.0)" if rounded else "kvcomp HF path"
+            cfg = configs.get(base, CompressionConfig.for_model(model) if rounded else None)
             t0 = time.time()
-            hf = [generate(model, tok, sample_input_ids(tok, s), cfg, max_new_tokens=a.max_tokens).text
-                  for s in samples]
+            if (base, rounded) not in hf_runs:
+                with rounded_kv() if rounded else contextlib.nullcontext():
+                    hf_runs[base, rounded] = [generate(model, tok, sample_input_ids(tok, s), cfg,
+                                                       max_new_tokens=a.max_tokens).text for s in samples]
+            hf = hf_runs[base, rounded]
             rec["hf_accuracy"] = sum(string_match_all(p, s.answers) for p, s in zip(hf, samples)) / len(samples)
             rec["same_answers_as_hf"] = sum(x.strip() == y.strip() for x, y in zip(answers, hf))
             rec["hf_generate_s"] = round(time.time() - t0, 1)

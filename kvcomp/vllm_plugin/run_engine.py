@@ -38,6 +38,7 @@ def main() -> int:
     ap.add_argument("--kv-space-gib", default="1")
     ap.add_argument("--kv-cache-bytes", type=int, default=0,
                     help="device KV budget in bytes (overrides --kv-space-gib; A2ATS runs size the host mirror by it)")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="vLLM's --kv-cache-dtype (fp8: e4m3 pages)")
     ap.add_argument("--no-prefix-caching", action="store_true", help="(DuoAttention rings need it)")
     ap.add_argument("--inproc", action="store_true",
                     help="engine core and worker in this process (one vLLM import instead of three)")
@@ -78,6 +79,7 @@ def main() -> int:
     llm = LLM(model=a.model, dtype="float32", enforce_eager=True, skip_tokenizer_init=True,
               max_model_len=a.max_model_len, max_num_batched_tokens=a.max_num_batched_tokens,
               max_num_seqs=a.max_num_seqs, seed=0, tensor_parallel_size=a.tp, enable_prefix_caching=not a.no_prefix_caching,
+              kv_cache_dtype=a.kv_cache_dtype,
               **({"distributed_executor_backend": "uni"} if a.inproc else {}),
               **({"kv_cache_memory_bytes": a.kv_cache_bytes} if a.kv_cache_bytes else {}),
               **({"num_gpu_blocks_override": a.num_blocks} if a.num_blocks else {}))
