@@ -32,12 +32,12 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# no sys.path entry for ROOT: its kernels/ folder would shadow Hugging Face's `kernels` package
-# (transformers imports it); kvcomp comes from the editable install
+sys.path.insert(0, str(ROOT))
 
 METHODS = ("stock", "off", "think", "duo", "vq", "duo+vq", "duo+think", "think+vq", "all")
 RING_FREE = ("stock", "off", "vq", "duo+vq")  # no per-request ring: prefix caching stays on
