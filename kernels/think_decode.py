@@ -43,13 +43,21 @@ from .splitk import LOG2E, alloc_partials, online_update, pick_splits, splitk_co
 
 
 def _fits(configs, nargs, **meta):
-    """Configs whose ``[BLOCK_N, D]`` K/V tiles stay in registers on sm_90 (the budget of :func:`C.kv_block_n`,
-    without its 16-row floor: fp32 at D = 256 needs 8 warps for 16 rows)."""
+    """Configs whose ``[BLOCK_N, D]`` K/V tiles stay in registers on sm_90 (the budget of :func:`C.reg_budget`).
+    fp32 tiles must stay strictly under it: a step holds a key tile of each part (pruned and full-width), and
+    the two fp32 configs at exactly the budget spilled with Triton 3.6 (D = 64 at 32 rows x 4 warps, D = 128
+    at 16 rows x 4 warps). When none fits (fp32 at D = 256), 16 rows on 8 warps (compiled without spills)."""
     dtype = nargs["q_ptr"].dtype
     d = max(meta["BLOCK_D"], meta["BLOCK_DV"])
+    f32 = dtype == torch.float32
     size = torch.finfo(dtype).bits // 8
-    return [c for c in configs
-            if c.kwargs["BLOCK_N"] * d * size <= (2048 * c.num_warps if dtype == torch.float32 else 16384)]
+
+    def fits(c):
+        tile, budget = c.kwargs["BLOCK_N"] * d * size, C.reg_budget(f32, c.num_warps)
+        return tile < budget if f32 else tile <= budget
+
+    kept = [c for c in configs if fits(c)]
+    return kept or [c for c in configs if c.kwargs["BLOCK_N"] == 16 and c.num_warps == 8]
 
 
 # the first config is the interpreter's; (16, 8 warps) fits every dtype and head dim
