@@ -2,7 +2,8 @@
 // torch.ops.kvcomp_C.duo_decode: one decode step of DuoAttention on the CPU, the native version of
 // the custom op kvcomp::duo_decode (reference: kvcomp/ref/duo.py::duo_decode_attention). Retrieval
 // KV heads are read straight from the paged cache through the block table; streaming heads from
-// their sink + window rings. With no streaming heads it is the plain dense paged decode.
+// their rings in place (ring_block[b]: request b's ring, e.g. vLLM's ring pages; absent: ring b), the
+// min(len, sink + window) valid slots. With no streaming heads it is the plain dense paged decode.
 //
 // Work: phase 1 splits each query row's context into chunks; an item (row, chunk) walks its tokens
 // in tiles of kTile rows and, per retrieval KV head, computes the G x tile logits (each key row
@@ -22,6 +23,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <vector>
 
 #include "checks.h"
@@ -83,6 +85,7 @@ struct Problem {
   std::vector<int64_t> row_seq;    // [rows] block-table row of each query row
   std::vector<int64_t> ret_kv;     // retrieval cache head r -> KV head
   std::vector<int64_t> str_kv;     // ring head s -> KV head
+  std::vector<int64_t> row_ring;   // [rows] ring of each query row (validated; empty without streaming heads)
   std::vector<int64_t> blocks;     // [table rows, blocks_per_seq] block ids actually used (validated)
   int64_t blocks_per_seq = 0;
   std::vector<Item> items;         // phase-1 items, grouped by query row
@@ -176,8 +179,9 @@ void streaming_head(const Problem& p, const at::Tensor& k_stream, const at::Tens
   std::fill(l, l + p.g + gd, 0.f);
   const int64_t h = p.str_kv[si];
   load_q(p, b, h, qs);
-  const T* kb = k_stream.const_data_ptr<T>() + b * k_stream.stride(0) + si * k_stream.stride(1);
-  const T* vb = v_stream.const_data_ptr<T>() + b * v_stream.stride(0) + si * v_stream.stride(1);
+  const int64_t r = p.row_ring[b];
+  const T* kb = k_stream.const_data_ptr<T>() + r * k_stream.stride(0) + si * k_stream.stride(1);
+  const T* vb = v_stream.const_data_ptr<T>() + r * v_stream.stride(0) + si * v_stream.stride(1);
   const int64_t ks = k_stream.stride(2), vs = v_stream.stride(2);
   const int64_t n_sink = std::min(len, p.sink);
   const int64_t n_win = std::min(p.window, std::max<int64_t>(0, len - p.sink));
@@ -276,13 +280,13 @@ at::Tensor run(Problem& p, const at::Tensor& q, const at::Tensor& k_cache, const
 at::Tensor duo_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                           const at::Tensor& block_table, const at::Tensor& seq_lens, const at::Tensor& k_stream,
                           const at::Tensor& v_stream, const at::Tensor& head_map, int64_t sink, int64_t window,
-                          double scale, int64_t num_splits) {
+                          double scale, int64_t num_splits, const std::optional<at::Tensor>& ring_block) {
   using namespace detail;
   check_cpu(q, "q");
   check_dim(q, 3, "q", "[B, Hq, D] (one decode query per sequence)");
   check_float_dtype(q, "q");
   check_kv_pair(k_cache, v_cache, "k_cache", "v_cache", "[num_blocks, block_size, n_ret, D]");
-  check_kv_pair(k_stream, v_stream, "k_stream", "v_stream", "[B, n_str, sink + window, D]");
+  check_kv_pair(k_stream, v_stream, "k_stream", "v_stream", "[num_rings, n_str, capacity, D]");
   check_index(block_table, "block_table", 2, "[B, max_blocks]");
   check_index(seq_lens, "seq_lens", 1, "[B]");
   check_index(head_map, "head_map", 2, "[n_ret + n_str, 2]");
@@ -303,9 +307,16 @@ at::Tensor duo_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache, const 
   p.scale = static_cast<float>(scale);
   TORCH_CHECK_VALUE(p.d >= 1, "q head dim must be >= 1, got ", shape_str(q));
   TORCH_CHECK_VALUE(k_cache.size(3) == p.d, "k_cache head dim ", k_cache.size(3), " differs from q head dim ", p.d);
-  TORCH_CHECK_VALUE(k_stream.size(0) == p.rows && k_stream.size(2) == sink + window && k_stream.size(3) == p.d,
-                    "k_stream must be [B=", p.rows, ", n_str, sink+window=", sink + window, ", D=", p.d, "], got ",
-                    shape_str(k_stream));
+  TORCH_CHECK_VALUE(k_stream.size(2) >= 1 && k_stream.size(3) == p.d, "k_stream must be [num_rings, n_str, ",
+                    "capacity >= 1, D=", p.d, "], got ", shape_str(k_stream));
+  if (ring_block.has_value()) {
+    check_index(*ring_block, "ring_block", 1, "[B] (each request's ring)");
+    TORCH_CHECK_VALUE(ring_block->size(0) == p.rows, "ring_block has ", ring_block->size(0), " entries but q has B=",
+                      p.rows);
+  } else {
+    TORCH_CHECK_VALUE(k_stream.size(0) == p.rows, "k_stream must have one ring per request without ring_block: [B=",
+                      p.rows, ", n_str, capacity, D], got ", shape_str(k_stream));
+  }
   TORCH_CHECK_VALUE(head_map.size(0) == p.hkv && head_map.size(1) == 2, "head_map must be [n_ret + n_str = ", p.hkv,
                     ", 2], got ", shape_str(head_map));
   TORCH_CHECK_VALUE(p.hkv > 0 && p.hq % p.hkv == 0, "q heads Hq=", p.hq, " must be a multiple of the KV heads ",
@@ -337,6 +348,17 @@ at::Tensor duo_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache, const 
     p.row_seq.push_back(b);
   }
   if (p.n_ret) check_blocks(p, block_table, lp, k_cache.size(0));
+  // each request's ring: an existing one, with a slot for each kept token
+  for (int64_t b = 0; p.n_str && b < p.rows; ++b) {
+    const int64_t r = ring_block.has_value() ? index_at(*ring_block, b, 0) : b;
+    TORCH_CHECK_VALUE(r >= 0 && r < k_stream.size(0), "ring_block[", b, "] = ", r, " is outside k_stream's ",
+                      k_stream.size(0), " rings");
+    const int64_t kept = std::min(lp[b], sink + window);
+    TORCH_CHECK_VALUE(kept <= k_stream.size(2), "k_stream has ", k_stream.size(2), " ring slots but request ", b,
+                      " (seq_lens[", b, "] = ", lp[b], ") keeps min(seq_len, sink + window = ", sink + window, ") = ",
+                      kept, " tokens");
+    p.row_ring.push_back(r);
+  }
   return run(p, q, k_cache, v_cache, k_stream, v_stream, num_splits);
 }
 
@@ -347,7 +369,8 @@ at::Tensor duo_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache, const 
 TORCH_LIBRARY_FRAGMENT(kvcomp_C, m) {
   m.def(
       "duo_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor seq_lens, Tensor k_stream, "
-      "Tensor v_stream, Tensor head_map, int sink, int window, float scale, int num_splits) -> Tensor");
+      "Tensor v_stream, Tensor head_map, int sink, int window, float scale, int num_splits, Tensor? ring_block=None) "
+      "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kvcomp_C, CPU, m) {

@@ -1,8 +1,9 @@
 """DuoAttention paged decode, head-split, split-K (flash-decoding) — Triton.
 
 One launch serves a batch: each KV head of the layer is either a *retrieval* head (full paged KV,
-``[num_blocks, block_size, n_ret, D]`` + block table) or a *streaming* head (compact ring
-``[B, n_str, sink + window, D]``), chosen per KV head by ``head_map [Hkv, 2] = (kind, index)``.
+``[num_blocks, block_size, n_ret, D]`` + block table) or a *streaming* head (rings
+``[num_rings, n_str, capacity, D]``, read in place: request ``b``'s ring is ``ring_block[b]``), chosen per
+KV head by ``head_map [Hkv, 2] = (kind, index)``.
 
 Stage 1 (``_duo_split_kernel``, grid ``(B, Hkv, num_splits)``): a program owns one KV head of one
 sequence and all ``G`` query heads reading it (GQA: K/V are loaded once per group), and one slice of
@@ -45,7 +46,7 @@ _REDUCE_CONFIGS = [triton.Config({}, num_warps=4), triton.Config({}, num_warps=8
 @autotune(_CONFIGS, key=["D", "G"], prune=prune_sm90(_tiles))
 @triton.jit(do_not_specialize=["NUM_SPLITS"])
 def _duo_split_kernel(
-    q_ptr, kc_ptr, vc_ptr, bt_ptr, sl_ptr, ks_ptr, vs_ptr, hm_ptr, po_ptr, plse_ptr,
+    q_ptr, kc_ptr, vc_ptr, bt_ptr, sl_ptr, ks_ptr, vs_ptr, rb_ptr, hm_ptr, po_ptr, plse_ptr,
     qk_scale, buf_slots, page_size, G, NUM_SPLITS,
     sq_b, sq_h,
     skc_n, skc_s, skc_h,
@@ -81,8 +82,11 @@ def _duo_split_kernel(
     acc = tl.zeros([BLOCK_G, D], tl.float32)
     ret_k = kc_ptr + idx * skc_h
     ret_v = vc_ptr + idx * svc_h
-    str_k = ks_ptr + pid_b.to(tl.int64) * sks_b + idx * sks_h
-    str_v = vs_ptr + pid_b.to(tl.int64) * svs_b + idx * svs_h
+    ring = pid_b.to(tl.int64)
+    if kind != 0:  # a streaming head reads its request's ring (rb_ptr is not read without one)
+        ring = tl.load(rb_ptr + pid_b).to(tl.int64)
+    str_k = ks_ptr + ring * sks_b + idx * sks_h
+    str_v = vs_ptr + ring * svs_b + idx * svs_h
     # the head kind as a [BLOCK_N] mask: Triton 3.9's interpreter refuses a scalar bool in a mask
     ret_n = (tl.zeros([BLOCK_N], dtype=tl.int32) + kind) == 0
     for n0 in range(start, end, BLOCK_N):
@@ -157,40 +161,47 @@ def default_num_splits(batch: int, n_ret: int, max_tokens: int, block_n: int, de
 
 def duo_decode_attention(q, k_cache, v_cache, block_table, seq_lens, k_stream, v_stream, head_map, *,
                          sink: int, window: int, scale: float | None = None,
-                         num_splits: int | None = None) -> torch.Tensor:
+                         num_splits: int | None = None, ring_block: torch.Tensor | None = None) -> torch.Tensor:
     """DuoAttention decode step (Triton): same signature and result as ``kvcomp.ref.duo.duo_decode_attention``.
 
     Args:
         q: ``[B, Hq, D]``.
         k_cache, v_cache: ``[num_blocks, block_size, n_ret, D]`` retrieval heads (paged).
         block_table: ``[B, max_blocks]`` int32/int64; seq_lens: ``[B]`` int (incl. the new token, >= 1).
-        k_stream, v_stream: ``[B, n_str, sink + window, D]`` streaming rings.
+        k_stream, v_stream: ``[num_rings, n_str, capacity, D]`` streaming rings, read in place (each
+            request its ``min(seq_len, sink + window, capacity)`` first slots: on CUDA a ring too short
+            is never read past its end; on the CPU it is an error, as in the reference).
         head_map: ``[n_ret + n_str, 2]`` int ``(kind, index)``; kind 0 retrieval, 1 streaming.
         sink, window: streaming pattern; scale: default ``1/sqrt(D)``.
         num_splits: KV splits per (sequence, KV head); default from shapes only (no host sync). The key
             tile (``BLOCK_N``), warps and pipeline stages are autotuned per (D, G, dtypes).
+        ring_block: ``[B]`` int, request ``b``'s ring index in ``k_stream`` (``None``: ring ``b``).
     Returns:
         ``[B, Hq, D]`` in q's dtype.
 
-    Shape/dtype/device checks always run; value checks (head_map, block ids, lengths) run only for
+    Shape/dtype/device checks always run; value checks (head_map, block and ring ids, lengths) run only for
     CPU tensors, so the CUDA path never syncs and can be captured in a CUDA graph.
     """
     from kvcomp.ref.duo import check_duo_inputs, check_duo_values
 
     g, n_ret, n_str = check_duo_inputs(q, k_cache, v_cache, block_table, seq_lens, k_stream, v_stream,
-                                       head_map, sink, window)
+                                       head_map, sink, window, ring_block)
+    rings = {} if ring_block is None else {"ring_block": ring_block}
     dev = check_device(q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table, seq_lens=seq_lens,
-                       k_stream=k_stream, v_stream=v_stream, head_map=head_map)
+                       k_stream=k_stream, v_stream=v_stream, head_map=head_map, **rings)
     check_float("q", q)
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k_stream", k_stream), ("v_stream", v_stream)):
         check_float(name, t, q.dtype)
     check_int("block_table", block_table, 2)
     check_int("seq_lens", seq_lens, 1)
     check_int("head_map", head_map, 2)
+    if ring_block is not None:
+        check_int("ring_block", ring_block, 1)
     bsz, hq, d = q.shape
     check_head_dim("q", d)
     if dev.type == "cpu":
-        check_duo_values(head_map, block_table, seq_lens, n_ret, n_str, k_cache.shape[1], k_cache.shape[0])
+        check_duo_values(head_map, block_table, seq_lens, n_ret, n_str, k_cache.shape[1], k_cache.shape[0],
+                         ring_block, (k_stream.shape[0], k_stream.shape[2]), sink, window)
     hkv = n_ret + n_str
     if num_splits is None:
         cap = max(block_table.shape[1] * k_cache.shape[1] if n_ret else 0, sink + window)
@@ -201,6 +212,12 @@ def duo_decode_attention(q, k_cache, v_cache, block_table, seq_lens, k_stream, v
     block_table = block_table.contiguous()
     seq_lens = seq_lens.contiguous()
     head_map = head_map.to(torch.int32).contiguous()
+    if ring_block is not None:
+        ring_block = ring_block.to(torch.int32).contiguous()
+    elif n_str:  # ring b
+        ring_block = torch.arange(bsz, device=dev, dtype=torch.int32)
+    else:  # no streaming head: never read, any int32 pointer
+        ring_block = head_map
     po = torch.empty((bsz, hq, num_splits, d), device=dev, dtype=torch.float32)
     plse = torch.empty((bsz, hq, num_splits), device=dev, dtype=torch.float32)
     out = torch.empty_like(q)
@@ -209,8 +226,8 @@ def duo_decode_attention(q, k_cache, v_cache, block_table, seq_lens, k_stream, v
     f32 = dot_f32(dev, q.dtype)
     # zero-head caches still need a valid pointer; strides of an empty dim are harmless (never read)
     _duo_split_kernel[(bsz, hkv, num_splits)](
-        q, k_cache, v_cache, block_table, seq_lens, k_stream, v_stream, head_map, po, plse,
-        scale * _LOG2E, sink + window, k_cache.shape[1], g, num_splits,
+        q, k_cache, v_cache, block_table, seq_lens, k_stream, v_stream, ring_block, head_map, po, plse,
+        scale * _LOG2E, min(sink + window, k_stream.shape[2]), k_cache.shape[1], g, num_splits,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),

@@ -38,3 +38,19 @@ def assert_equal(name: str, ref: torch.Tensor, out: torch.Tensor) -> None:
     if ref.shape != out.shape or not torch.equal(ref.cpu(), out.cpu()):
         bad = (ref.cpu() != out.cpu()).sum().item() if ref.shape == out.shape else "shape"
         raise AssertionError(f"{name}: not equal ({bad} differing)")
+
+
+def ring_pool(k_stream: torch.Tensor, v_stream: torch.Tensor, *, capacity: int, spare_rings: int, seed: int = 0,
+              fill: float = float("nan")) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One ring per request ``k_stream, v_stream [B, n, S, D]`` moved into a pool as vLLM's ring pages
+    hold them: K and V side by side in one ``[B + spare_rings, n, capacity, 2D]`` tensor, request ``b``'s
+    ring at a permuted id, ``fill`` in the spare rings and in slots past ``S`` (``capacity < S``
+    keeps the first ``capacity`` slots: a ring not filled yet). Returns ``(k view, v view, ring ids
+    [B] int32)`` (views with a ``2D`` slot stride)."""
+    b, n, s, d = k_stream.shape
+    ids = torch.randperm(b + spare_rings, generator=torch.Generator().manual_seed(seed))[:b].to(k_stream.device)
+    pool = torch.full((b + spare_rings, n, capacity, 2 * d), fill, dtype=k_stream.dtype, device=k_stream.device)
+    keep = min(s, capacity)
+    pool[ids, :, :keep, :d] = k_stream[:, :, :keep]
+    pool[ids, :, :keep, d:] = v_stream[:, :, :keep]
+    return pool[..., :d], pool[..., d:], ids.to(torch.int32)

@@ -56,6 +56,7 @@ class StreamingHeads:
 
     def __init__(self, sink: int, recent: int, scale: float):
         self.sink, self.recent, self.scale = sink, recent, scale
+        self._hm = None  # head map of the decode op (every head streaming), built on first use
 
     def alloc(self, store, heads: int, batch: int, tokens: int, head_dim: int, dtype, device, pin: bool) -> None:
         """A ring per request, of the kept tokens so far (at most ``sink + recent``: slot ``p`` holds
@@ -75,9 +76,9 @@ class StreamingHeads:
         if multi is not None:
             self.prefill(store, q, k, v, md, multi.reqs, out)
 
-    def ring_write(self, store, r: Rows, k_new: torch.Tensor, v_new: torch.Tensor):
+    def ring_write(self, store, r: Rows, k_new: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor:
         """Put one token per request of ``r`` (``k_new, v_new [d, n, D]`` at ``seq_lens - 1``) into
-        its ring; returns the rings' kept rows ``[d, n, sink + recent, D + Dv]``."""
+        its ring; returns the requests' ring ids ``[d]`` (``store.ring`` is read in place)."""
         ring, d = store.ring, k_new.shape[-1]
 
         def index():  # once per step (every layer's rings share the block ids)
@@ -92,19 +93,19 @@ class StreamingHeads:
         else:
             ring[rb, :, slot, :d] = k_new.to(ring.dtype)
             ring[rb, :, slot, d:] = v_new.to(ring.dtype)
-        return ring[:, :, : self.sink + self.recent].index_select(0, rb)
+        return rb
 
     def decode(self, store, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, r: Rows) -> torch.Tensor:
-        """One token per request over its ring (ring slots seen as one page per request)."""
-        rows = self.ring_write(store, r, k_new, v_new)
-        d = k_new.shape[-1]
-        n = rows.shape[1]
-        slots, count = streaming_selection(r.seq_lens, n, self.sink, self.recent)
-        slots = ring_slot(slots.long(), self.sink, self.recent).to(torch.int32)
-        pages = rows.permute(0, 2, 1, 3)  # [d, sink + recent, n, D + Dv]: request b's ring is block b
-        table = torch.arange(rows.shape[0], dtype=torch.int32, device=rows.device)[:, None]
-        return ops.sparse_attention_host(q, pages[..., :d], pages[..., d:], slots, count, block_table=table,
-                                         scale=self.scale)
+        """One token per request over its ring, read in place: ``kvcomp::duo_decode`` with every head
+        streaming."""
+        rb = self.ring_write(store, r, k_new, v_new)
+        ring, d = store.ring, k_new.shape[-1]
+        if self._hm is None or self._hm.shape[0] != ring.shape[1] or self._hm.device != ring.device:
+            self._hm = head_map([], list(range(ring.shape[1])), ring.device)
+        none = ring.new_empty(0, 1, 0, d)  # no retrieval head
+        return ops.triton_duo_decode_attention(q, none, none, r.block_table, r.seq_lens, ring[..., :d],
+                                               ring[..., d:2 * d], self._hm, sink=self.sink, window=self.recent,
+                                               scale=self.scale, ring_block=rb)
 
     def prefill(self, store, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, md: Step, reqs: list[int],
                 output: torch.Tensor, heads: torch.Tensor | None = None) -> None:
@@ -235,7 +236,8 @@ class DuoAttention:
         """One op call for both kinds of heads: retrieval heads over their pages, streaming heads over
         their ring, which takes this step's ``k_new, v_new [d, n_str, D]`` first."""
         s = self.streaming
-        rows = s.ring_write(store, r, k_new, v_new)
-        d = k_new.shape[-1]
-        return ops.triton_duo_decode_attention(q, store.k, store.v, r.block_table, r.seq_lens, rows[..., :d],
-                                               rows[..., d:], self.hm, sink=s.sink, window=s.recent, scale=self.scale)
+        rb = s.ring_write(store, r, k_new, v_new)
+        ring, d = store.ring, k_new.shape[-1]
+        return ops.triton_duo_decode_attention(q, store.k, store.v, r.block_table, r.seq_lens, ring[..., :d],
+                                               ring[..., d:2 * d], self.hm, sink=s.sink, window=s.recent,
+                                               scale=self.scale, ring_block=rb)

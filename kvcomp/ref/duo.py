@@ -3,7 +3,11 @@
 Storage (see docs/kernels.md):
 - retrieval ("full") KV heads: paged cache ``[num_blocks, block_size, n_ret, D]`` + ``block_table`` /
   ``seq_lens``;
-- streaming KV heads: compact ring ``[B, n_str, sink + window, D]`` (see ``kvcomp.ref.cache_write``);
+- streaming KV heads: rings ``[num_rings, n_str, capacity, D]``, request ``b``'s ring at
+  ``ring_block[b]`` (default: ring ``b``), position ``p`` in slot ``streaming_slot(p)`` (see
+  ``kvcomp.ref.cache_write``); read in place (vLLM's ring pages, the transformers cache's rings), the
+  valid slots ``[0, min(seq_len, sink + window))`` only, so ``capacity`` may exceed ``sink + window``
+  (vLLM's page-size unification) or fall short of it while no request has filled it;
 - ``head_map [Hkv, 2] int32``: row ``h`` = ``(kind, index)`` of KV head ``h`` — kind 0 = retrieval
   (index into the paged cache's heads), kind 1 = streaming (index into the ring's heads). Query head
   ``q`` reads KV head ``q // G``.
@@ -41,7 +45,8 @@ def streaming_positions(seq_len: int, sink: int, window: int) -> tuple[list[int]
     return slots, pos
 
 
-def check_duo_inputs(q, k_cache, v_cache, block_table, seq_lens, k_stream, v_stream, head_map, sink, window):
+def check_duo_inputs(q, k_cache, v_cache, block_table, seq_lens, k_stream, v_stream, head_map, sink, window,
+                     ring_block=None):
     """Shape/dtype checks shared by the reference and the kernel launcher; returns ``(G, n_ret, n_str)``."""
     V.tensor("q", q, ndim=3, kind="float")
     V.tensor("k_cache", k_cache, ndim=4, kind="float")
@@ -60,12 +65,20 @@ def check_duo_inputs(q, k_cache, v_cache, block_table, seq_lens, k_stream, v_str
     if tuple(v_cache.shape) != (nb, bs, n_ret, dk):
         raise ValueError(f"v_cache shape {tuple(v_cache.shape)} != k_cache shape {tuple(k_cache.shape)}")
     V.dim_eq("k_cache", dk, d, "head dim (last) equal to q's")
-    n_str = k_stream.shape[1]
-    want = (bsz, n_str, sink + window, d)
-    for name, t in (("k_stream", k_stream), ("v_stream", v_stream)):
-        if tuple(t.shape) != want:
-            raise ValueError(f"{name} must have shape [B={bsz}, n_str, sink+window={sink + window}, D={d}], "
-                             f"got {list(t.shape)}")
+    rings, n_str, cap, ds = k_stream.shape
+    if tuple(v_stream.shape) != (rings, n_str, cap, ds):
+        raise ValueError(f"v_stream shape {tuple(v_stream.shape)} != k_stream shape {tuple(k_stream.shape)}")
+    V.dim_eq("k_stream", ds, d, "head dim (last) equal to q's")
+    if cap < 1:
+        raise ValueError(f"k_stream must have >= 1 ring slot (shape [num_rings, n_str, capacity, D]), got "
+                         f"{list(k_stream.shape)}")
+    if ring_block is None:
+        if rings != bsz:
+            raise ValueError(f"k_stream must have one ring per request without ring_block: shape [B={bsz}, n_str, "
+                             f"capacity, D], got {list(k_stream.shape)}")
+    else:
+        V.tensor("ring_block", ring_block, ndim=1, kind="int")
+        V.dim_eq("ring_block", ring_block.shape[0], bsz, "length (batch)")
     hkv = n_ret + n_str
     if tuple(head_map.shape) != (hkv, 2):
         raise ValueError(f"head_map must have shape [n_ret + n_str = {hkv}, 2], got {list(head_map.shape)}")
@@ -75,8 +88,11 @@ def check_duo_inputs(q, k_cache, v_cache, block_table, seq_lens, k_stream, v_str
     return g, n_ret, n_str
 
 
-def check_duo_values(head_map, block_table, seq_lens, n_ret, n_str, block_size, num_blocks):
-    """Value checks (host sync): head_map is a bijection onto both head sets, lengths and blocks fit."""
+def check_duo_values(head_map, block_table, seq_lens, n_ret, n_str, block_size, num_blocks, ring_block=None,
+                     ring_shape=(0, 0), sink=0, window=1):
+    """Value checks (host sync): head_map is a bijection onto both head sets, lengths and blocks fit,
+    and (with streaming heads) each request's ring id is one of the ``ring_shape = (num_rings,
+    capacity)`` rings, with a slot for each of its ``min(seq_len, sink + window)`` kept tokens."""
     hm = head_map.cpu().long()
     kinds, idx = hm[:, 0], hm[:, 1]
     if ((kinds != RETRIEVAL) & (kinds != STREAMING)).any():
@@ -85,26 +101,38 @@ def check_duo_values(head_map, block_table, seq_lens, n_ret, n_str, block_size, 
         got = sorted(idx[kinds == kind].tolist())
         if got != list(range(n)):
             raise ValueError(f"head_map indices of kind {kind} must be a permutation of range({n}) ({what}), got {got}")
+    rings, cap = ring_shape
+    blocks = None if ring_block is None or not n_str else ring_block.tolist()
     for b, length in enumerate(int(x) for x in seq_lens.tolist()):
         if length < 1:
             raise ValueError(f"seq_lens[{b}]={length}: decode needs at least the new token")
         if n_ret:
             V.check_blocks(block_table, b, length, block_size, num_blocks)
+        if blocks is not None and not 0 <= blocks[b] < rings:
+            raise ValueError(f"ring_block[{b}] = {blocks[b]} is outside k_stream's {rings} rings")
+        if n_str and min(length, sink + window) > cap:
+            raise ValueError(f"k_stream has {cap} ring slots but request {b} (seq_lens[{b}] = {length}) keeps "
+                             f"min(seq_len, sink + window = {sink + window}) = {min(length, sink + window)} tokens")
 
 
 def duo_decode_attention(q, k_cache, v_cache, block_table, seq_lens, k_stream, v_stream, head_map, *,
-                         sink: int, window: int, scale: float | None = None, num_splits: int | None = None):
+                         sink: int, window: int, scale: float | None = None, num_splits: int | None = None,
+                         ring_block: torch.Tensor | None = None):
     """One decode step of DuoAttention (reference).
 
     Args:
         q: ``[B, Hq, D]`` the new token's queries (position ``seq_lens[b] - 1``).
         k_cache, v_cache: ``[num_blocks, block_size, n_ret, D]`` retrieval heads, paged.
         block_table: ``[B, max_blocks]`` int; seq_lens: ``[B]`` int (tokens incl. the new one, >= 1).
-        k_stream, v_stream: ``[B, n_str, sink + window, D]`` streaming rings (new token already written).
+        k_stream, v_stream: ``[num_rings, n_str, capacity, D]`` streaming rings (new token already
+            written; position ``p`` in slot ``streaming_slot(p, sink, window)``), read in place: each
+            request reads its ``min(seq_len, sink + window)`` kept slots, so ``capacity`` is at least that.
         head_map: ``[n_ret + n_str, 2]`` int ``(kind, index)`` per KV head.
         sink, window: streaming pattern (window counts the token itself).
         scale: softmax scale, default ``1/sqrt(D)``.
         num_splits: ignored (kernel tuning knob, kept for the shared signature).
+        ring_block: ``[B]`` int, request ``b``'s ring ``k_stream[ring_block[b]]`` (vLLM's ring block
+            ids); ``None``: ring ``b`` (``num_rings == B``).
     Returns:
         ``[B, Hq, D]`` in q's dtype.
     """
@@ -112,11 +140,13 @@ def duo_decode_attention(q, k_cache, v_cache, block_table, seq_lens, k_stream, v
     from kvcomp.ref.streaming import streaming_attention
 
     g, n_ret, n_str = check_duo_inputs(q, k_cache, v_cache, block_table, seq_lens, k_stream, v_stream,
-                                       head_map, sink, window)
-    check_duo_values(head_map, block_table, seq_lens, n_ret, n_str, k_cache.shape[1], k_cache.shape[0])
+                                       head_map, sink, window, ring_block)
+    check_duo_values(head_map, block_table, seq_lens, n_ret, n_str, k_cache.shape[1], k_cache.shape[0], ring_block,
+                     (k_stream.shape[0], k_stream.shape[2]), sink, window)
     scale = V.scale_or_default(scale, q.shape[-1])
     out = torch.empty_like(q)
     hm = head_map.cpu().tolist()
+    rings = list(range(q.shape[0])) if ring_block is None else ring_block.tolist()
     for b, length in enumerate(int(x) for x in seq_lens.tolist()):
         full_k = gather_paged(k_cache, block_table, length, b) if n_ret else None
         full_v = gather_paged(v_cache, block_table, length, b) if n_ret else None
@@ -128,8 +158,8 @@ def duo_decode_attention(q, k_cache, v_cache, block_table, seq_lens, k_stream, v
             if kind == RETRIEVAL:
                 o = attention(qh, full_k[idx][None, None], full_v[idx][None, None], scale=scale, causal=True)
             else:
-                ks = k_stream[b, idx, slot_t][None, None]
-                vs = v_stream[b, idx, slot_t][None, None]
+                ks = k_stream[rings[b], idx, slot_t][None, None]
+                vs = v_stream[rings[b], idx, slot_t][None, None]
                 o = streaming_attention(qh, ks, vs, sink=sink, window=window, scale=scale,
                                         q_pos=torch.tensor([length - 1], device=q.device), k_pos=pos_t)
             out[b, h * g:(h + 1) * g] = o[0, :, 0].to(q.dtype)

@@ -10,6 +10,7 @@ import torch
 from kvcomp._ext import has_ext
 from kvcomp.ops.duo import triton_duo_decode_attention
 from kvcomp.ref.duo import duo_decode_attention, duo_head_map
+from kvcomp.testing import ring_pool
 
 pytestmark = pytest.mark.skipif(not has_ext(), reason="native extension not built (KVCOMP_BUILD_EXT=1, see setup.py)")
 
@@ -86,6 +87,63 @@ def test_native_strided_pages_int64_tables_and_mixed_dtypes(dtype):
     assert out.dtype == torch.float32
     tol = TOL[dtype]
     torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+
+
+# (B, G, n_ret, n_str, D, seq_lens, sink, window, ring capacity, spare rings, dtype)
+RING_CASES = [
+    (1, 1, 1, 1, 64, [40], 4, 8, 15, 2, torch.float32),  # wider rings (vLLM's page unification)
+    (3, 4, 2, 2, 64, [1, 3, 6], 4, 16, 6, 1, torch.float32),  # rings not filled yet: 6 < 20 slots
+    (4, 8, 0, 1, 128, [1, 17, 333, 20], 4, 16, 20, 4, torch.float32),  # every head streaming
+    (2, 2, 3, 1, 72, [333, 5], 3, 7, 12, 0, torch.bfloat16),
+    (5, 3, 1, 2, 40, [1, 2, 3, 333, 17], 0, 5, 5, 3, torch.float16),
+]
+
+
+@pytest.mark.parametrize("int64", [False, True], ids=["rb32", "rb64"])
+@pytest.mark.parametrize("case", RING_CASES, ids=[f"B{c[0]}-G{c[1]}-str{c[3]}-cap{c[8]}-{str(c[10])[6:]}"
+                                                  for c in RING_CASES])
+def test_native_reads_rings_in_place(case, int64):
+    """Rings read through ``ring_block`` from a pool (permuted ids, spare rings, wider or partly filled
+    rings, K/V views of one tensor) = the reference over one ring per request; NaN in every slot no
+    kept token holds."""
+    bsz, g, n_ret, n_str, d, lens, sink, window, cap, spare, dtype = case
+    args = _inputs(bsz, g, n_ret, n_str, d, lens, 16, sink, window, dtype, seed=bsz + d)
+    ref = duo_decode_attention(*args, sink=sink, window=window, scale=0.2)
+    ks, vs, rb = ring_pool(args[5], args[6], capacity=cap, spare_rings=spare, seed=bsz)
+    rb = rb.long() if int64 else rb
+    out = torch.ops.kvcomp_C.duo_decode(*args[:5], ks, vs, args[7], sink, window, 0.2, 0, rb)
+    tol = TOL[dtype]
+    torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
+    ref_in_place = duo_decode_attention(*args[:5], ks, vs, args[7], sink=sink, window=window, scale=0.2, ring_block=rb)
+    torch.testing.assert_close(ref_in_place.float(), ref.float(), rtol=tol, atol=tol)
+
+
+def _pooled_bad(rb=None, cap=20, lens=(17, 40)):
+    args = _inputs(2, 2, 2, 1, 64, list(lens), 16, 4, 16, torch.float32, seed=2)
+    ks, vs, ids = ring_pool(args[5], args[6], capacity=cap, spare_rings=1)
+    return [*args[:5], ks, vs, args[7]], ids if rb is None else rb
+
+
+@pytest.mark.parametrize("name, rb, cap, match", [
+    ("id past the pool", torch.tensor([0, 3], dtype=torch.int32), 20, "ring_block\\[1\\] = 3 is outside"),
+    ("negative id", torch.tensor([-1, 0]), 20, "ring_block\\[0\\] = -1 is outside"),
+    ("length", torch.tensor([0], dtype=torch.int32), 20, "ring_block has 1 entries"),
+    ("float ids", torch.tensor([0.0, 1.0]), 20, "ring_block"),
+    ("2-D ids", torch.tensor([[0, 1]], dtype=torch.int32), 20, "ring_block"),
+    ("ring too short", None, 19, "19 ring slots but request 1"),
+], ids=lambda x: x if isinstance(x, str) else "")
+def test_native_rejects_bad_rings(name, rb, cap, match):
+    args, ids = _pooled_bad(rb, cap)
+    with pytest.raises(ValueError, match=match):
+        torch.ops.kvcomp_C.duo_decode(*args, 4, 16, 0.125, 0, ids)
+    with pytest.raises(ValueError):  # the reference refuses them too
+        duo_decode_attention(*args, sink=4, window=16, ring_block=ids)
+
+
+def test_native_rings_without_ids_must_be_one_per_request():
+    args, _ = _pooled_bad()
+    with pytest.raises(ValueError, match="one ring per request"):
+        torch.ops.kvcomp_C.duo_decode(*args, 4, 16, 0.125, 0)
 
 
 def test_ops_entry_runs_native(monkeypatch):

@@ -39,7 +39,7 @@ SCRIPT = textwrap.dedent("""
     for dt in DTYPES:
         p, f32 = "*" + dt, dt == "fp32"
         comp(dd._duo_split_kernel, {"q_ptr": p, "kc_ptr": p, "vc_ptr": p, "bt_ptr": "*i32", "sl_ptr": "*i32",
-             "ks_ptr": p, "vs_ptr": p, "hm_ptr": "*i32", "po_ptr": "*fp32", "plse_ptr": "*fp32",
+             "ks_ptr": p, "vs_ptr": p, "rb_ptr": "*i32", "hm_ptr": "*i32", "po_ptr": "*fp32", "plse_ptr": "*fp32",
              "qk_scale": "fp32"}, {"D": 128, "BLOCK_G": 16, "F32": f32})
         comp(dd._duo_reduce_kernel, {"po_ptr": "*fp32", "plse_ptr": "*fp32", "o_ptr": p}, {"D": 128, "BLOCK_S": 16})
         for pos in () if DECODE_ONLY else (False, True):

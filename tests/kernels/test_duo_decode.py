@@ -6,7 +6,7 @@ import torch
 from kvcomp.ref import attention, streaming_attention, streaming_slot
 from kvcomp.ref.duo import duo_decode_attention as ref_decode
 from kvcomp.ref.duo import duo_head_map, ring_positions
-from kvcomp.testing import assert_close
+from kvcomp.testing import assert_close, ring_pool
 
 RATIO = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
 
@@ -79,6 +79,40 @@ def test_duo_decode_half(case, dtype, nan_empty):
     assert_close("duo_decode", ref.float(), out.float(), RATIO[dtype])
 
 
+def in_pool(args, *, capacity, spare_rings, seed=0):
+    """``args`` with their rings in a pool (:func:`kvcomp.testing.ring_pool`); returns ``(args, ring_block)``."""
+    ks, vs, rb = ring_pool(args[5], args[6], capacity=capacity, spare_rings=spare_rings, seed=seed)
+    return (*args[:5], ks, vs, args[7]), rb
+
+
+# (id, streaming pattern, G, D, block_size, sink, window, seq_lens, capacity, spare rings)
+POOL_CASES = [
+    ("b1-g1-wide", [True, False], 1, 16, 8, 2, 5, [9], 11, 2),
+    ("b3-g4-partial", [True, False, True], 4, 16, 8, 4, 6, [1, 3, 5], 5, 1),  # ring not filled: 5 < 10 slots
+    ("b2-g8-exact", [True, True], 8, 32, 16, 3, 4, [4, 23], 7, 0),
+    ("b4-g2-all-streaming", [True, True, True], 2, 16, 8, 0, 3, [1, 2, 7, 3], 4, 3),
+]
+
+
+@pytest.mark.parametrize("int64", [False, True], ids=["rb32", "rb64"])
+@pytest.mark.parametrize("case", POOL_CASES, ids=[c[0] for c in POOL_CASES])
+def test_duo_decode_ring_in_place(case, int64, nan_empty):
+    """Rings read in place through ``ring_block`` (permuted ids, spare rings, wider or partly filled
+    rings, K/V views of one tensor, a transposed block table) = the reference over one ring per request."""
+    from kvcomp.ops.duo import triton_duo_decode_attention
+
+    _, pattern, g, d, bs, sink, window, lens, cap, spare = case
+    args = build(pattern, g, d, bs, sink, window, lens, torch.float32, seed=4)
+    want = ref_decode(*args, sink=sink, window=window)
+    pooled, rb = in_pool(args, capacity=cap, spare_rings=spare, seed=5)
+    rb = rb.long() if int64 else rb
+    pooled = list(pooled)
+    pooled[3] = pooled[3].t().contiguous().t()  # non-contiguous block table
+    assert_close("duo_decode ref in place", want, ref_decode(*pooled, sink=sink, window=window, ring_block=rb), 1e-6)
+    out = triton_duo_decode_attention(*pooled, sink=sink, window=window, num_splits=2, ring_block=rb)
+    assert_close("duo_decode in place", want, out, RATIO[torch.float32])
+
+
 def test_duo_decode_matches_dense_history(nan_empty):
     """Write a whole history (a prefill chunk, then decode steps: retrieval pages with the Triton cache
     write, the streaming ring as StreamingHeads keeps it), decode with the Triton kernel, and compare
@@ -140,7 +174,10 @@ def _args(d=16, dtype=torch.float32):
     (lambda a: a.__setitem__(3, torch.full_like(a[3], 99)), "block ids"),
     (lambda a: a.__setitem__(4, torch.zeros_like(a[4])), "at least"),
     (lambda a: a.__setitem__(5, a[5][:, :, :-1]), "k_stream"),
-], ids=["q-f64", "cache-f16", "noncontig", "head_map-shape", "head_map-dup", "block-oob", "len0", "ring-size"])
+    (lambda a: [a.__setitem__(i, a[i][:, :, :4]) for i in (5, 6)], "4 ring slots but request 0"),
+    (lambda a: [a.__setitem__(i, torch.cat([a[i], a[i]])) for i in (5, 6)], "one ring per request"),
+], ids=["q-f64", "cache-f16", "noncontig", "head_map-shape", "head_map-dup", "block-oob", "len0", "ring-size",
+        "ring-short", "rings-no-ids"])
 def test_duo_decode_rejects_bad_input(mutate, match):
     from kvcomp.kernels.duo_decode import duo_decode_attention
 
@@ -148,6 +185,22 @@ def test_duo_decode_rejects_bad_input(mutate, match):
     mutate(a)
     with pytest.raises(ValueError, match=match):
         duo_decode_attention(*a, sink=2, window=4)
+
+
+@pytest.mark.parametrize("ring_block, match", [
+    (torch.tensor([2], dtype=torch.int32), "outside k_stream's 2 rings"),
+    (torch.tensor([-1]), "outside k_stream's 2 rings"),
+    (torch.tensor([0, 1], dtype=torch.int32), "ring_block"),
+    (torch.tensor([0.0]), "integer"),
+], ids=["oob", "negative", "length", "float"])
+def test_duo_decode_rejects_bad_ring_block(ring_block, match):
+    """Bad ring ids fail before any read, in the reference and the Triton launcher alike."""
+    from kvcomp.kernels.duo_decode import duo_decode_attention
+
+    args, _ = in_pool(_args(), capacity=6, spare_rings=1)
+    for fn in (ref_decode, duo_decode_attention):
+        with pytest.raises(ValueError, match=match):
+            fn(*args, sink=2, window=4, ring_block=ring_block.to(args[0].device))
 
 
 @pytest.mark.parametrize("d", [48, 8, 512])

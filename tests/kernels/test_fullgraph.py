@@ -56,6 +56,20 @@ def test_duo_decode_fullgraph():
                            _r(g, B, 1, 6, D), _r(g, B, 1, 6, D))
 
 
+def test_duo_decode_ring_in_place_fullgraph():
+    """The rings read in place from a pool through their ids (vLLM's ring pages: K/V views of one
+    tensor, permuted ids, more slots than sink + window) trace too."""
+    g = _gen(2)
+    hm = duo_head_map(torch.tensor([True, False]))
+    ring_block = torch.tensor([2, 0], dtype=torch.int32)
+
+    def fn(q, kc, vc, ring):
+        return ops.triton_duo_decode_attention(q, kc, vc, BT, LENS, ring[..., :D], ring[..., D:], hm, sink=2,
+                                               window=4, ring_block=ring_block)
+
+    _compiled_equals_eager(fn, _r(g, B, HKV * G, D), _r(g, NB, BS, 1, D), _r(g, NB, BS, 1, D), _r(g, 3, 1, 9, 2 * D))
+
+
 def test_think_decode_fullgraph():
     g = _gen(1)
     chan = torch.stack([torch.randperm(D, generator=g)[:9].sort().values for _ in range(HKV)])[None]

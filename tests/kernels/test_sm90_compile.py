@@ -152,8 +152,9 @@ def _launch_all(dtype: str, d: int, tag: dict):
     k_new = f(b, hkv, d)
     CW.write_paged_kv(k_new, k_new, f(nb, bs, hkv, d), f(nb, bs, hkv, d), f(b, dtype=torch.int64))
     hm = i32(hkv, 2)
-    DD.duo_decode_attention(f(b, hq, d), f(nb, bs, 4, d), f(nb, bs, 4, d), bt, sl, f(b, 4, 64 + 1024, d),
-                            f(b, 4, 64 + 1024, d), hm, sink=64, window=1024)
+    ring = f(b + 3, 4, 64 + 1024 + 8, 2 * d)  # vLLM's ring pages: K/V side by side, read through the ring ids
+    DD.duo_decode_attention(f(b, hq, d), f(nb, bs, 4, d), f(nb, bs, 4, d), bt, sl, ring[..., :d], ring[..., d:],
+                            hm, sink=64, window=1024, ring_block=i32(b))
     DD.duo_decode_attention(f(1, hq, d), f(mb, bs, 4, d), f(mb, bs, 4, d), i32(1, mb), i32(1),
                             f(1, 4, 64 + 1024, d), f(1, 4, 64 + 1024, d), hm, sink=64, window=1024)
     q, kv = f(1, hq, 4096, d), f(1, hkv, 4096, d)
