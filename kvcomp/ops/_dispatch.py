@@ -7,6 +7,9 @@
 
 ``KVCOMP_OPS=reference|native|triton`` forces one implementation for CPU tensors (tests and
 benchmarks use it to compare them); CUDA tensors always run Triton.
+
+A decode step asks several times per layer: the choice for CPU tensors is remembered per op and
+raw values of the two environment variables (changing either, as tests do, chooses again).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 IMPLS = ("triton", "native", "reference")
 ENV = "KVCOMP_OPS"
 _warned = False
+_chosen: dict[tuple, str] = {}  # (op, KVCOMP_OPS, TRITON_INTERPRET) -> the CPU implementation
 
 
 def _forced() -> str | None:
@@ -43,9 +47,19 @@ def impl_for(t: torch.Tensor, op: str | None = None) -> str:
     ``op`` names the native operator (``torch.ops.kvcomp_C.<op>``); ops without one (``None``)
     choose between Triton and the reference only.
     """
-    global _warned
     if t.device.type == "cuda":
         return "triton"
+    env = os.environ
+    key = (op, env.get(ENV), env.get("TRITON_INTERPRET"))
+    impl = _chosen.get(key)
+    if impl is None:
+        impl = _chosen[key] = _cpu_impl(op)
+    return impl
+
+
+def _cpu_impl(op: str | None) -> str:
+    """:func:`impl_for` for CPU tensors, from the environment as it is now."""
+    global _warned
     forced = _forced()
     if forced == "native":
         if op is None or not has_native(op):
@@ -66,5 +80,5 @@ def impl_for(t: torch.Tensor, op: str | None = None) -> str:
 
             why = f"kvcomp._C has no {op!r} operator (an old build)" if has_ext() else "kvcomp._C is not built"
             warnings.warn(f"kvcomp: {why}; CPU ops run the PyTorch references (slow): {BUILD_HINT}",
-                          RuntimeWarning, stacklevel=3)
+                          RuntimeWarning, stacklevel=4)
     return "reference"

@@ -110,3 +110,26 @@ def test_cpu_only_wheel_ships_kvcomp_and_its_kernels(tmp_path):
     assert not [n for n in names if n.startswith("kernels/")]  # no top-level package clashing with HF kernels
     assert "kvcomp/patterns_data/smollm2-135m/full_attention_heads.tsv" in names
     assert not [n for n in names if n.endswith((".so", ".pyd"))]
+
+
+def test_dispatch_follows_the_environment(monkeypatch):
+    """impl_for remembers its CPU choice per op and environment, and chooses again when either
+    variable changes (tests and benchmarks switch them within one process)."""
+    from kvcomp.ops._dispatch import has_native, impl_for
+
+    t = torch.empty(1)
+    monkeypatch.setenv("KVCOMP_OPS", "reference")
+    assert impl_for(t, "duo_decode") == "reference"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("KVCOMP_OPS")
+    assert impl_for(t, "duo_decode") == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert impl_for(t, "duo_decode") == ("native" if has_native("duo_decode") else "reference")
+    monkeypatch.setenv("KVCOMP_OPS", "bogus")
+    with pytest.raises(ValueError, match="KVCOMP_OPS must be one of"):
+        impl_for(t, "duo_decode")
+    monkeypatch.setenv("KVCOMP_OPS", "native")
+    with pytest.raises(RuntimeError, match="no native 'no_such_op' operator"):
+        impl_for(t, "no_such_op")
+    with pytest.raises(RuntimeError, match="no native 'no_such_op' operator"):  # an error is never remembered
+        impl_for(t, "no_such_op")
