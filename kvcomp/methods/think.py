@@ -30,20 +30,53 @@ def tail_source(seq_lens: torch.Tensor, window: int) -> torch.Tensor:
     return torch.where(p == last, window, torch.remainder(p, window))  # negative p: never read
 
 
+def ring_rows(ring: torch.Tensor) -> torch.Tensor:
+    """``ring [blocks, H, capacity, D]`` seen as rows ``[N, D]`` (a view, no copy): slot ``s`` of head
+    ``h`` of block ``b`` is row ``b * (stride(0) / stride(2)) + h * (stride(1) / stride(2)) + s``
+    (vLLM's ring pages and their head / element slices, the transformers cache's rings).
+
+    Raises:
+        ValueError: a layout without such rows (last dim strided, or block / head strides that are
+            not whole slots).
+    """
+    s0, s1, s2, s3 = ring.stride()
+    if s3 != 1 or s2 < ring.shape[3] or s0 % s2 or s1 % s2:
+        raise ValueError(f"ThinK ring of shape {list(ring.shape)} and strides {list(ring.stride())}: "
+                         "needs a contiguous last dim and block / head strides that are whole slots")
+    n = ((ring.shape[0] - 1) * s0 + (ring.shape[1] - 1) * s1) // s2 + ring.shape[2]
+    return ring.as_strided((n, ring.shape[3]), (s2, 1))
+
+
+def tail_index(ring: torch.Tensor, ring_block: torch.Tensor, seq_lens: torch.Tensor,
+               window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(rows [d * H * (window + 1)], requests [d], new [d])`` for :func:`full_width_tail`: the
+    :func:`ring_rows` row of each output slot (the ring slot of an older key; the new key's slot reads
+    any row, then takes the key) and the slot of each request's new key."""
+    dev, s2 = ring.device, ring.stride(2)
+    lens = seq_lens.to(dev)
+    src = tail_source(lens, window).clamp(max=window - 1)
+    heads = torch.arange(ring.shape[1], device=dev)[None, :, None] * (ring.stride(1) // s2)
+    rows = ring_block.to(dev).long()[:, None, None] * (ring.stride(0) // s2) + heads + src[:, None, :]
+    new = torch.remainder(lens.long() - 1, window + 1)
+    return rows.flatten(), torch.arange(len(lens), device=dev), new
+
+
 def full_width_tail(k_new: torch.Tensor, ring: torch.Tensor | None, ring_block: torch.Tensor | None,
-                    seq_lens: torch.Tensor, window: int, src: torch.Tensor | None = None) -> torch.Tensor:
+                    seq_lens: torch.Tensor, window: int, index: tuple | None = None) -> torch.Tensor:
     """ThinK's full-width keys of a decode step, ``[d, Hkv, window + 1, D]`` in the layout of
     :func:`kvcomp.ops.think_decode` (token ``p`` in slot ``p % (window + 1)``).
 
-    The ring (slot ``p % window``) gives the ``window`` keys before this step, ``k_new [d, Hkv, D]``
-    this step's key; ``src``: :func:`tail_source` when already made for the step.
+    The ring (slot ``p % window``) gives the ``window`` keys before this step (one row gather from
+    :func:`ring_rows`), ``k_new [d, Hkv, D]`` this step's key; ``index``: :func:`tail_index` when
+    already made for the step.
     """
     if window == 0:
         return k_new.unsqueeze(2)
-    old = ring.index_select(0, ring_block)[:, :, :window]  # [d, Hkv, window, D]
-    ext = torch.cat([old, k_new.unsqueeze(2).to(old.dtype)], dim=2)
-    src = tail_source(seq_lens.to(k_new.device), window) if src is None else src
-    return ext.gather(2, src[:, None, :, None].expand(-1, ext.shape[1], -1, ext.shape[3]))
+    rows, reqs, new = tail_index(ring, ring_block, seq_lens, window) if index is None else index
+    d, h = k_new.shape[:2]
+    tail = ring_rows(ring).index_select(0, rows).view(d, h, window + 1, ring.shape[3])
+    tail[reqs, :, new] = k_new.to(tail.dtype)
+    return tail
 
 
 class ThinK:
@@ -106,15 +139,15 @@ class ThinK:
         """Keys before the last ``window + 1`` read pruned from the pages, the rest at full width;
         then this step's key enters the ring (slot ``p % window``)."""
         w, ring = self.window, store.ring
-        rb = src = flat = None
+        rb = tix = flat = None
         if w:
-            def index():  # once per step (every layer's rings share the block ids)
+            def index():  # once per step (every layer's rings share the block ids and strides)
                 b = store.ring_block.index_select(0, r.req_index)
                 slot = torch.remainder(r.seq_lens.long() - 1, w)
-                return b, tail_source(r.seq_lens, w), slot, (b.long() * ring.shape[2] + slot).contiguous()
+                return b, tail_index(ring, b, r.seq_lens, w), slot, (b.long() * ring.shape[2] + slot).contiguous()
 
-            rb, src, slot, flat = r.memo(("think ring", w, ring.shape[2]), store.ring_block, index)
-        tail = full_width_tail(k_new, ring, rb, r.seq_lens, w, src).to(q.dtype)
+            rb, tix, slot, flat = r.memo(("think ring", w, tuple(ring.shape), ring.stride()), store.ring_block, index)
+        tail = full_width_tail(k_new, ring, rb, r.seq_lens, w, tix).to(q.dtype)
         c = self.channels(store)
         c = c if c.shape[0] == 1 else c.index_select(0, r.req_index)
         o = ops.think_decode(q, store.k, c, tail, store.v, r.block_table, r.seq_lens, scale=self.scale,

@@ -144,13 +144,18 @@ def test_streaming_selection_matches_streaming_positions():
         assert set(idx[b, 0].tolist()) <= set(pos)
 
 
-def test_full_width_tail_layout():
+@pytest.mark.parametrize("layout", ["contiguous", "ring-page-view"])
+def test_full_width_tail_layout(layout):
     """Slot s of the tail holds position p with p % (w + 1) == s among the last w + 1 tokens: the
-    ring's w keys (slot p % w) and this step's key."""
+    ring's w keys (slot p % w) and this step's key; read from a contiguous ring and from a view like
+    vLLM's shared ring (other heads first, wider slots, more slots than the window)."""
     from kvcomp.methods.think import full_width_tail
 
     w, hkv = 3, 2
-    ring = torch.zeros(4, hkv, w, 1)
+    if layout == "contiguous":
+        ring = torch.zeros(4, hkv, w, 1)
+    else:
+        ring = torch.full((4, hkv + 1, w + 2, 3), -1.0)[:, 1:, :, 1:2]
     lens = torch.tensor([9, 2], dtype=torch.int32)
     for blk, n in zip([2, 0], lens.tolist()):
         for p in range(max(0, n - 1 - w), n - 1):
@@ -161,3 +166,11 @@ def test_full_width_tail_layout():
     for b, n in enumerate(lens.tolist()):
         for p in range(max(0, n - 1 - w), n):
             assert float(tail[b, 0, p % (w + 1), 0]) == p
+
+
+def test_full_width_tail_refuses_rings_without_rows():
+    from kvcomp.methods.think import full_width_tail
+
+    ring = torch.zeros(4, 2, 6, 2)[..., ::2]  # strided last dim
+    with pytest.raises(ValueError, match="contiguous last dim"):
+        full_width_tail(torch.zeros(1, 2, 1), ring, torch.tensor([0]), torch.tensor([5]), 3)
