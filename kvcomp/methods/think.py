@@ -11,6 +11,8 @@ and ``q . k`` for the window and the step's own keys, as ThinK does.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import ops, ref
@@ -30,21 +32,29 @@ def tail_source(seq_lens: torch.Tensor, window: int) -> torch.Tensor:
     return torch.where(p == last, window, torch.remainder(p, window))  # negative p: never read
 
 
+def _row_steps(ring: torch.Tensor) -> tuple[int, int, int, int]:
+    """``(unit, block, head, slot)``: the row stride of :func:`ring_rows` (the gcd of the strides of the
+    ring's block / head / slot dims that have more than one entry) and each dim's stride in rows."""
+    if ring.stride(3) != 1:
+        raise ValueError(f"ThinK ring of shape {list(ring.shape)} and strides {list(ring.stride())}: "
+                         "needs a contiguous last dim")
+    used = [ring.stride(i) for i in range(3) if ring.shape[i] > 1]
+    unit = math.gcd(*used) if used else ring.shape[3]
+    return (unit,) + tuple(ring.stride(i) // unit if ring.shape[i] > 1 else 0 for i in range(3))
+
+
 def ring_rows(ring: torch.Tensor) -> torch.Tensor:
-    """``ring [blocks, H, capacity, D]`` seen as rows ``[N, D]`` (a view, no copy): slot ``s`` of head
-    ``h`` of block ``b`` is row ``b * (stride(0) / stride(2)) + h * (stride(1) / stride(2)) + s``
-    (vLLM's ring pages and their head / element slices, the transformers cache's rings).
+    """``ring [blocks, H, capacity, D]`` seen as rows ``[N, D]`` (a view, no copy; rows may overlap in
+    memory, they are only read): slot ``s`` of head ``h`` of block ``b`` is row ``b * block + h * head +
+    s * slot`` in the steps of :func:`_row_steps` (vLLM's ring pages, slot-major with the value beside the
+    key, and their head / element slices; the transformers cache's rings).
 
     Raises:
-        ValueError: a layout without such rows (last dim strided, or block / head strides that are
-            not whole slots).
+        ValueError: a ring whose last dim is strided.
     """
-    s0, s1, s2, s3 = ring.stride()
-    if s3 != 1 or s2 < ring.shape[3] or s0 % s2 or s1 % s2:
-        raise ValueError(f"ThinK ring of shape {list(ring.shape)} and strides {list(ring.stride())}: "
-                         "needs a contiguous last dim and block / head strides that are whole slots")
-    n = ((ring.shape[0] - 1) * s0 + (ring.shape[1] - 1) * s1) // s2 + ring.shape[2]
-    return ring.as_strided((n, ring.shape[3]), (s2, 1))
+    unit, sb, sh, ss = _row_steps(ring)
+    n = (ring.shape[0] - 1) * sb + (ring.shape[1] - 1) * sh + (ring.shape[2] - 1) * ss + 1
+    return ring.as_strided((n, ring.shape[3]), (unit, 1))
 
 
 def tail_index(ring: torch.Tensor, ring_block: torch.Tensor, seq_lens: torch.Tensor,
@@ -52,11 +62,12 @@ def tail_index(ring: torch.Tensor, ring_block: torch.Tensor, seq_lens: torch.Ten
     """``(rows [d * H * (window + 1)], requests [d], new [d])`` for :func:`full_width_tail`: the
     :func:`ring_rows` row of each output slot (the ring slot of an older key; the new key's slot reads
     any row, then takes the key) and the slot of each request's new key."""
-    dev, s2 = ring.device, ring.stride(2)
+    dev = ring.device
+    _, sb, sh, ss = _row_steps(ring)
     lens = seq_lens.to(dev)
     src = tail_source(lens, window).clamp(max=window - 1)
-    heads = torch.arange(ring.shape[1], device=dev)[None, :, None] * (ring.stride(1) // s2)
-    rows = ring_block.to(dev).long()[:, None, None] * (ring.stride(0) // s2) + heads + src[:, None, :]
+    heads = torch.arange(ring.shape[1], device=dev)[None, :, None] * sh
+    rows = ring_block.to(dev).long()[:, None, None] * sb + heads + src[:, None, :] * ss
     new = torch.remainder(lens.long() - 1, window + 1)
     return rows.flatten(), torch.arange(len(lens), device=dev), new
 

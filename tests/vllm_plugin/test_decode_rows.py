@@ -144,16 +144,19 @@ def test_streaming_selection_matches_streaming_positions():
         assert set(idx[b, 0].tolist()) <= set(pos)
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "ring-page-view"])
+@pytest.mark.parametrize("layout", ["contiguous", "ring-page-view", "slot-major", "slot-major-one-head"])
 def test_full_width_tail_layout(layout):
     """Slot s of the tail holds position p with p % (w + 1) == s among the last w + 1 tokens: the
     ring's w keys (slot p % w) and this step's key; read from a contiguous ring and from a view like
-    vLLM's shared ring (other heads first, wider slots, more slots than the window)."""
+    vLLM's shared ring (other heads first, wider slots, more slots than the window), and slot-major
+    pages whose head stride is below the slot stride (vLLM's ring page: every head's key and value in a slot)."""
     from kvcomp.methods.think import full_width_tail
 
-    w, hkv = 3, 2
+    w, hkv = 3, 1 if layout == "slot-major-one-head" else 2
     if layout == "contiguous":
         ring = torch.zeros(4, hkv, w, 1)
+    elif layout.startswith("slot-major"):  # vLLM's ring page [blocks, slots, H, key | value], heads inside a slot
+        ring = torch.full((4, w + 2, hkv, 2), -1.0).permute(0, 2, 1, 3)[..., :1]
     else:
         ring = torch.full((4, hkv + 1, w + 2, 3), -1.0)[:, 1:, :, 1:2]
     lens = torch.tensor([9, 2], dtype=torch.int32)
