@@ -79,6 +79,8 @@ def main(argv=None) -> int:
     p.add_argument("--context-lens", default="2048")
     p.add_argument("--trials", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="model weights and KV cache, as kvcomp eval's --dtype")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     presses = parse_presses(a.presses)
@@ -95,11 +97,12 @@ def main(argv=None) -> int:
     commit, machine = git_commit(), machine_info()
     folder = model_folder(a.model)
     tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    dtype = getattr(torch, a.dtype)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
     c = model.config
     hkv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
     d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    full_bpt = 2 * c.num_hidden_layers * hkv * d * 4  # K and V, fp32, every layer and KV head
+    full_bpt = 2 * c.num_hidden_layers * hkv * d * dtype.itemsize  # K and V, every layer and KV head
     samples = build_samples(tok, tasks=a.tasks.split(","), context_lens=[int(x) for x in a.context_lens.split(",")],
                             n_trials=a.trials, haystacks=a.haystacks.split(","), seed=a.seed, chat=True)
     print(f"[peers] {len(samples)} samples x {len(presses)} presses, model {folder}")
@@ -135,7 +138,7 @@ def main(argv=None) -> int:
     import transformers
 
     meta = {"model": a.model, "folder": folder, "tasks": a.tasks.split(","), "haystacks": a.haystacks,
-            "trials": a.trials, "seed": a.seed, "command": " ".join(sys.argv), "kvpress": kvpress.__version__
+            "trials": a.trials, "seed": a.seed, "dtype": a.dtype, "command": " ".join(sys.argv), "kvpress": kvpress.__version__
             if hasattr(kvpress, "__version__") else "0.5.5", "transformers": transformers.__version__,
             "simulated": True, "note": "kvpress masks/drops entries of a dense cache: bytes are full x (1 - ratio), "
             "not allocated", "method_seconds": method_seconds, "seconds": round(time.perf_counter() - t_start, 1)}

@@ -18,6 +18,8 @@ DEFAULT_METHODS = "full,duo,think,vq,all"
 def _add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="registry name or local HF folder")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="model weights and KV cache (bfloat16: what vLLM serves; ~10x faster prefill on CPUs with AMX)")
     p.add_argument("--methods", type=T.method_list, default=DEFAULT_METHODS,
                    help="comma-separated: full, all, or '+'-joined subsets of duo, think, vq")
     p.add_argument("--sparsity", type=T.fraction, default=DEF.DUO_SPARSITY, help="DuoAttention: fraction of streaming KV heads")
@@ -52,8 +54,8 @@ def _setup(a):
     methods = a.methods  # names checked while parsing, before anything loads
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
-    model, tok = load_model(a.model, device=device)
-    print(f"[kvcomp] loaded {a.model} on {device} in {time.perf_counter() - t0:.1f} s")
+    model, tok = load_model(a.model, device=device, dtype=getattr(torch, a.dtype))
+    print(f"[kvcomp] loaded {a.model} ({a.dtype}) on {device} in {time.perf_counter() - t0:.1f} s")
     opts = _options(a)
     configs = {m: build_method(m, model, tok, a.model, opts) for m in methods}
     return model, tok, configs
@@ -123,7 +125,7 @@ def cmd_eval(a) -> int:
                                                  "ci95", "accuracy_retained", "paired", "bytes_fraction", "wall_s")}))
     meta = {"model": a.model, "mode": a.mode, "tasks": a.tasks if a.mode == "single" else ["niah_shared"],
             "queries": a.queries if a.mode != "single" else None, "haystacks": ",".join(a.haystacks),
-            "trials": a.trials, "seed": a.seed, "batch_size": a.batch_size, "command": " ".join(sys.argv),
+            "trials": a.trials, "seed": a.seed, "dtype": a.dtype, "batch_size": a.batch_size, "command": " ".join(sys.argv),
             "method_seconds": method_seconds, "seconds": round(time.perf_counter() - t_start, 1)}
     obj = {"machine": machine, "commit": commit, "meta": meta, "records": summary}
     if a.keep_samples:
