@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The published quality run in one command: every method x 2K/4K/8K on >= 50 prompts per cell (TRIALS x 5 tasks),
+# The published quality run in one command: every method x 2K/4K/8K on >= 50 prompts per cell (TRIALS x 4 tasks),
 # the shared-context multi-query rows (MQ_TRIALS contexts x QUERIES questions), the kvpress peers when
 # .venv-kvpress exists (scripts/setup_kvpress.sh), then one merged JSON, the README quality table and the plot.
 # One process per (mode, context, method), JOBS at a time, each with nproc/JOBS threads; a finished output is
@@ -7,7 +7,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-bench/results/quality-runs}
-TRIALS=${TRIALS:-10}
+TRIALS=${TRIALS:-13}
+# 4 tasks x 13 trials = 52 prompts per cell. No pass-key task: SmolLM2 answers "The pass key is" with
+# " a special type of key used in the game of pass-" (noise haystack) or a Python keyword (prose) under
+# the chat template even with the full cache (0/10 at 2K, 0/2 at 4K, measured 2026-12-07), so its
+# prompts would only dilute every cell.
+TASKS=${TASKS:-niah_single,niah_multikey,niah_multivalue,niah_multiquery}
 MQ_TRIALS=${MQ_TRIALS:-50}
 QUERIES=${QUERIES:-4}
 CONTEXTS=${CONTEXTS:-"2048 4096 8192"}
@@ -22,7 +27,7 @@ jobs_file=$(mktemp)
 # short leaves the most important outputs finished
 for ctx in $CONTEXTS; do
   for m in $METHODS; do
-    echo "$RUNS/single-$ctx-$m.json .venv/bin/kvcomp eval --dtype $DTYPE --methods $m --context-lens $ctx --trials $TRIALS --haystacks prose --batch-size 4 --keep-samples" >> "$jobs_file"
+    echo "$RUNS/single-$ctx-$m.json .venv/bin/kvcomp eval --dtype $DTYPE --methods $m --context-lens $ctx --tasks $TASKS --trials $TRIALS --haystacks prose --batch-size 4 --keep-samples" >> "$jobs_file"
   done
 done
 for ctx in $CONTEXTS; do
@@ -32,7 +37,7 @@ for ctx in $CONTEXTS; do
 done
 if [ -x .venv-kvpress/bin/python ]; then
   for ctx in $PEER_CONTEXTS; do
-    echo "$RUNS/peers-$ctx.json .venv-kvpress/bin/python bench/peers_kvpress.py --dtype $DTYPE --context-lens $ctx --trials $TRIALS" >> "$jobs_file"
+    echo "$RUNS/peers-$ctx.json .venv-kvpress/bin/python bench/peers_kvpress.py --dtype $DTYPE --context-lens $ctx --tasks $TASKS --trials $TRIALS" >> "$jobs_file"
   done
 fi
 t0=$(date +%s)
