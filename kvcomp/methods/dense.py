@@ -23,27 +23,40 @@ from .step import Rows, Step, grow
 
 def write_pages(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
                 v: torch.Tensor) -> None:
-    """Store ``k [n, H, Dk]`` / ``v [n, H, Dv]`` at slots ``block * block_size + offset`` (all valid),
-    moved to the pages' device (e.g. host pages). Pages of equal key and value width on the new
-    tokens' device go through ``kvcomp::write_paged_kv`` (the Triton kernel on the GPU); other pages
-    in host memory (A²ATS's host pages, ThinK's narrow key pages on the CPU) through
-    :func:`kvcomp.ops.scatter_tokens` (the native copy), other GPU pages by an indexed copy (no host
-    sync: a CUDA graph can hold it). CPU pages take the native copy whenever ``kvcomp._C`` has it
-    (the write op's CPU route is the reference's indexed copy: ~80 us a layer at decode)."""
-    if k_cache.device.type == "cpu" and impl_for(k_cache, "scatter_tokens") == "native":
-        slots = slots.contiguous()  # the op itself: ops.scatter_tokens re-dispatches per call (~5 us each)
-        torch.ops.kvcomp_C.scatter_tokens(k_cache, k.to(k_cache.device, k_cache.dtype), slots)
-        torch.ops.kvcomp_C.scatter_tokens(v_cache, v.to(v_cache.device, v_cache.dtype), slots)
-        return
+    """Store ``k [n, H, Dk]`` / ``v [n, H, Dv]`` at slots ``block * block_size + offset`` (negative:
+    skipped, vLLM's padding), moved to the pages' device (e.g. host pages), with no host read of the
+    slots. Pages in host memory go through :func:`kvcomp.ops.scatter_tokens` (the native copy;
+    without ``kvcomp._C`` its reference), except pages of equal key and value width under
+    ``TRITON_INTERPRET=1``; GPU pages of equal width through ``kvcomp::write_paged_kv`` (the Triton
+    kernel), other GPU pages by :func:`indexed_write`."""
+    if k_cache.is_cpu:
+        if impl_for(k_cache, "scatter_tokens") != "triton" or k_cache.shape != v_cache.shape or k.shape != v.shape:
+            ops.scatter_tokens(k_cache, k.to(k_cache.dtype), slots)
+            ops.scatter_tokens(v_cache, v.to(v_cache.dtype), slots)
+            return
     if k.device == k_cache.device and k_cache.shape == v_cache.shape and k.shape == v.shape:
         ops.triton_write_paged_kv(k, v, k_cache, v_cache, slots)
         return
-    for cache, x in ((k_cache, k), (v_cache, v)):
-        if cache.device.type == "cpu":
-            ops.scatter_tokens(cache, x.to(cache.device, cache.dtype), slots)
-        else:
-            s = slots.to(cache.device, torch.long)
-            cache[s // cache.shape[1], s % cache.shape[1]] = x.to(cache.device, cache.dtype)
+    s = slots.to(k_cache.device, torch.long)
+    indexed_write(k_cache, s, k.to(k_cache.device, k_cache.dtype))
+    indexed_write(v_cache, s, v.to(v_cache.device, v_cache.dtype))
+
+
+def indexed_write(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
+    """``cache [blocks, block_size, ...]`` at ``slots [n]`` (long, on the cache's device) takes ``x [n,
+    ...]``, negative slots skipped without a host read (no boolean mask: a CUDA sync): a padded row
+    repeats the write of the first real row (the same value to the same slot), or, when there is
+    none, writes slot 0's own value back."""
+    if not slots.shape[0]:
+        return
+    keep = slots >= 0
+    first = keep.to(torch.uint8).argmax()  # the first real row (0 when none)
+    src = torch.where(keep, torch.arange(slots.shape[0], device=slots.device), first)
+    s = slots.index_select(0, src).clamp(min=0)
+    blk, off = s // cache.shape[1], s % cache.shape[1]
+    val = torch.where(keep.index_select(0, src).view(-1, *[1] * (x.dim() - 1)), x.index_select(0, src),
+                      cache[blk, off])
+    cache[blk, off] = val
 
 
 def head_map(paged: list[int], streaming: list[int], device) -> torch.Tensor:

@@ -96,7 +96,7 @@ class Fp8Pages:
         return out
 
     def write(self, method, pages: Store, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """``method.write`` of ``k, v`` at ``slots`` (all valid) into the fp8 ``pages`` (code pages:
+        """``method.write`` of ``k, v`` at ``slots`` (negative: skipped) into the fp8 ``pages`` (code pages:
         the host pages take ``k, v`` rounded to e4m3)."""
         if pages.k is None:
             method.write(pages, slots, self.round(k, self.k_scale), self.round(v, self.v_scale))

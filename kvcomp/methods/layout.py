@@ -195,7 +195,7 @@ class RequestChannels:
         if store.ring is None:
             raise RuntimeError("kvcomp query-driven ThinK: the layer has no per-request ring")
         slots = md.slot_mapping
-        if bool((slots < 0).any()):
+        if md.has_padded_slots():
             raise RuntimeError("kvcomp query-driven ThinK: padded slots among the step's tokens are not supported")
         ring, w, dk = self.think_ring(store), self.think.window, self.key_dim
         rb = store.ring_block

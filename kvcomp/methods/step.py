@@ -95,6 +95,7 @@ class Step:
     _seq_lens_host: list[int] | None = field(default=None, repr=False)
     _rows: tuple | None = field(default=None, repr=False)
     _positions: torch.Tensor | None = field(default=None, repr=False)
+    _padded: bool | None = field(default=None, repr=False)
 
     def qsl_host(self) -> list[int]:
         """Host copy of ``query_start_loc`` (vLLM's CPU tensor when the builder had it: no sync)."""
@@ -107,6 +108,12 @@ class Step:
         if self._seq_lens_host is None:
             self._seq_lens_host = self.seq_lens.tolist()
         return self._seq_lens_host
+
+    def has_padded_slots(self) -> bool:
+        """Whether a token of the step has a negative slot (not stored): one host read per step."""
+        if self._padded is None:
+            self._padded = bool((self.slot_mapping < 0).any())
+        return self._padded
 
     def rows(self) -> tuple[Rows | None, Rows | None]:
         """``(one-token rows, multi-token rows)``: :func:`split_rows`, once per step."""

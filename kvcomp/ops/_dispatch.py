@@ -23,6 +23,11 @@ IMPLS = ("triton", "native", "reference")
 ENV = "KVCOMP_OPS"
 _warned = False
 _chosen: dict[tuple, str] = {}  # (op, KVCOMP_OPS, TRITON_INTERPRET) -> the CPU implementation
+# os.environ's own dict (encoded names; updated in place by os.environ[...] = and del): one plain
+# dict read per variable and call instead of os.environ.get (~1 us each: it encodes the name)
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEYS = (os.environ.encodekey(ENV), os.environ.encodekey("TRITON_INTERPRET")) \
+    if _ENV_DATA is not None and hasattr(os.environ, "encodekey") else None
 
 
 def _forced() -> str | None:
@@ -47,10 +52,18 @@ def impl_for(t: torch.Tensor, op: str | None = None) -> str:
     ``op`` names the native operator (``torch.ops.kvcomp_C.<op>``); ops without one (``None``)
     choose between Triton and the reference only.
     """
-    if t.device.type == "cuda":
+    return impl_on("cuda" if t.is_cuda else "cpu", op)  # is_cuda: a flag (``.device`` builds an object)
+
+
+def impl_on(device_type: str, op: str | None = None) -> str:
+    """:func:`impl_for` of a tensor on a ``device_type`` device (``"cpu"``, ``"cuda"``): no tensor
+    needed (the ops' per-call dispatch)."""
+    if device_type == "cuda":
         return "triton"
-    env = os.environ
-    key = (op, env.get(ENV), env.get("TRITON_INTERPRET"))
+    if _ENV_KEYS is not None:
+        key = (op, _ENV_DATA.get(_ENV_KEYS[0]), _ENV_DATA.get(_ENV_KEYS[1]))
+    else:
+        key = (op, os.environ.get(ENV), os.environ.get("TRITON_INTERPRET"))
     impl = _chosen.get(key)
     if impl is None:
         impl = _chosen[key] = _cpu_impl(op)

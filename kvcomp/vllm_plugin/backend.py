@@ -267,15 +267,14 @@ class KVCompAttentionImpl(C.AttentionImpl):
         if self.method is None:
             self._setup_layer(layer, kv_cache)
         n = slot_mapping.shape[0]
-        slots = slot_mapping.to(torch.long)
+        if not n:
+            return
+        # padding slots (-1) stay in: every page write skips them (no host read of the slots per layer)
         k, v = key[:n], value[:n]
-        if n and int(slots.min()) < 0:  # padding slots: dropped (one reduction when there are none)
-            keep = slots >= 0
-            slots, k, v = slots[keep], k[keep], v[keep]
-        if slots.numel() and self._fp8 is not None:
-            self._fp8.write(self.method, self._store(kv_cache, ring=False), slots, k, v)
-        elif slots.numel():
-            self.method.write(self._store(kv_cache, ring=False), slots, k, v)
+        if self._fp8 is not None:
+            self._fp8.write(self.method, self._store(kv_cache, ring=False), slot_mapping, k, v)
+        else:
+            self.method.write(self._store(kv_cache, ring=False), slot_mapping, k, v)
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                 attn_metadata: Step | None, output: torch.Tensor, output_scale: torch.Tensor | None = None,

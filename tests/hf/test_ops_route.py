@@ -52,8 +52,7 @@ EXPECTED = {
     "duo": {"triton_duo_decode_attention"},  # exact heads, and the streaming heads over their rings in place
     "think": {"think_decode", "scatter_tokens"},  # ThinK's narrow key pages (CPU): ops.scatter_tokens
     "vq": {"vq_lut", "vq_topk", "vq_encode_paged", "sparse_attention_host"},
-    # its CPU page writes take the native scatter directly (dense.write_pages), not the ops entry
-    "duo+think+vq": {"sparse_attention_host", "vq_lut", "vq_topk", "vq_encode_paged"},
+    "duo+think+vq": {"sparse_attention_host", "vq_lut", "vq_topk", "vq_encode_paged", "scatter_tokens"},
 }
 
 
