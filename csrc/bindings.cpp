@@ -9,11 +9,16 @@
 //  * no tensor crosses pybind11, so the pip `pybind11` used here may differ from the copy bundled
 //    in torch without any ABI coupling to torch_python.
 // PYBIND11_MODULE only makes the shared object importable as `kvcomp._C` (importing it runs the
-// registrations) and exposes build facts.
+// registrations) and exposes build facts and the CPU ISA switch (cpu_isa.h).
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include <string>
+#include <vector>
+
+#include "cpu_isa.h"
 #include "kvcomp/host_mirror.h"
 
 namespace kvcomp {
@@ -22,6 +27,16 @@ constexpr bool kWithCuda = true;
 #else
 constexpr bool kWithCuda = false;
 #endif
+
+// Runs f, turning a c10 ValueError (bad KVCOMP_CPU_ISA / ISA name) into a Python ValueError.
+template <typename F>
+auto value_errors(F&& f) {
+  try {
+    return f();
+  } catch (const c10::ValueError& e) {
+    throw pybind11::value_error(e.what_without_backtrace());
+  }
+}
 }  // namespace kvcomp
 
 TORCH_LIBRARY(kvcomp_C, m) {
@@ -56,4 +71,24 @@ PYBIND11_MODULE(_C, m) {
         return d;
       },
       "Versions the extension was built against.");
+  m.def(
+      "cpu_isa",
+      [] { return kvcomp::value_errors([] { return std::string(kvcomp::isa::name(kvcomp::isa::current())); }); },
+      "The ISA the CPU kernels run with: 'generic', 'avx2' or 'avx512' (the best this CPU has, lowered by "
+      "KVCOMP_CPU_ISA or set_cpu_isa).");
+  m.def(
+      "cpu_isas",
+      [] {
+        std::vector<std::string> out;
+        for (int i = 0; i <= static_cast<int>(kvcomp::isa::detected()); ++i) {
+          out.emplace_back(kvcomp::isa::name(static_cast<kvcomp::isa::CpuIsa>(i)));
+        }
+        return out;
+      },
+      "The ISAs this CPU can run, lowest first.");
+  m.def(
+      "set_cpu_isa", [](const std::string& name) { kvcomp::value_errors([&] { kvcomp::isa::set_current(name); }); },
+      pybind11::arg("name"),
+      "Runs the CPU kernels with `name` ('generic', 'avx2', 'avx512'; 'auto' = back to KVCOMP_CPU_ISA or the "
+      "best the CPU has) from now on, process-wide. ValueError for an ISA this CPU lacks.");
 }

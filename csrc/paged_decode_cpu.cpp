@@ -27,24 +27,26 @@
 #include <vector>
 
 #include "checks.h"
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define KVCOMP_PD_X86 1
-#endif
+#include "cpu_isa.h"
 
 namespace kvcomp {
 namespace {
 
-#ifdef KVCOMP_PD_X86
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
+#ifdef KVCOMP_X86
+KVCOMP_BEGIN_AVX512
+namespace avx512 {
+#define KVCOMP_PD_AVX512 1
+#include "paged_decode_kernels.inc"
+#undef KVCOMP_PD_AVX512
+}  // namespace avx512
+KVCOMP_END_ISA
+KVCOMP_BEGIN_AVX2
 namespace avx2 {
 #define KVCOMP_PD_AVX2 1
 #include "paged_decode_kernels.inc"
 #undef KVCOMP_PD_AVX2
 }  // namespace avx2
-#pragma GCC pop_options
+KVCOMP_END_ISA
 #endif
 namespace generic {
 #include "paged_decode_kernels.inc"
@@ -54,17 +56,16 @@ template <typename T>
 using TileFn = void (*)(const float*, int64_t, int64_t, const T* const*, const T* const*, int64_t, float*, float*,
                         float*, float*);
 
-// The tile kernel for this CPU: AVX2+FMA+F16C when it has them, else the portable build.
+// The tile kernel of the current ISA (cpu_isa.h).
 template <typename T>
 TileFn<T> tile_fn() {
-#ifdef KVCOMP_PD_X86
-  static const bool fast = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  }();
-  if (fast) return &avx2::tile_update<T>;
+  switch (isa::current()) {
+#ifdef KVCOMP_X86
+    case isa::CpuIsa::avx512: return &avx512::tile_update<T>;
+    case isa::CpuIsa::avx2: return &avx2::tile_update<T>;
 #endif
-  return &generic::tile_update<T>;
+    default: return &generic::tile_update<T>;
+  }
 }
 
 constexpr int64_t kTile = 32;        // rows per tile (logits of a tile stay in L1)

@@ -22,24 +22,28 @@
 #include <limits>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define KVCOMP_PP_X86 1
-#endif
+#include "cpu_isa.h"
 
 namespace kvcomp {
 namespace {
 
-#ifdef KVCOMP_PP_X86
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
+#ifdef KVCOMP_X86
+KVCOMP_BEGIN_AVX512
+namespace avx512 {
+#define KVCOMP_PD_AVX512 1
+#include "paged_decode_kernels.inc"
+#include "paged_prefill_kernels.inc"
+#undef KVCOMP_PD_AVX512
+}  // namespace avx512
+KVCOMP_END_ISA
+KVCOMP_BEGIN_AVX2
 namespace avx2 {
 #define KVCOMP_PD_AVX2 1
 #include "paged_decode_kernels.inc"
 #include "paged_prefill_kernels.inc"
 #undef KVCOMP_PD_AVX2
 }  // namespace avx2
-#pragma GCC pop_options
+KVCOMP_END_ISA
 #endif
 namespace generic {
 #include "paged_decode_kernels.inc"
@@ -52,17 +56,16 @@ struct Kernels {
   void (*softmax)(float*, int64_t, int64_t, const int64_t*, const int64_t*, float*, float*, float*);
 };
 
-// The loops for this CPU: AVX2+FMA+F16C when it has them, else the portable build.
+// The loops of the current ISA (cpu_isa.h).
 template <typename T>
 Kernels<T> kernels() {
-#ifdef KVCOMP_PP_X86
-  static const bool fast = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  }();
-  if (fast) return {&avx2::to_float<T>, &avx2::softmax_rows};
+  switch (isa::current()) {
+#ifdef KVCOMP_X86
+    case isa::CpuIsa::avx512: return {&avx512::to_float<T>, &avx512::softmax_rows};
+    case isa::CpuIsa::avx2: return {&avx2::to_float<T>, &avx2::softmax_rows};
 #endif
-  return {&generic::to_float<T>, &generic::softmax_rows};
+    default: return {&generic::to_float<T>, &generic::softmax_rows};
+  }
 }
 
 // Tile sizes near those of torch's CPU flash attention (256 query x 512 key rows): GEMMs big enough

@@ -16,42 +16,43 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu_isa.h"
 #include "kvcomp/host_mirror.h"
 
 namespace kvcomp {
 namespace {
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define KVCOMP_X86_DISPATCH 1
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#ifdef KVCOMP_X86
+KVCOMP_BEGIN_AVX512
+namespace avx512 {
+#include "attention_kernels.inc"
+}  // namespace avx512
+KVCOMP_END_ISA
+KVCOMP_BEGIN_AVX2
 namespace avx2 {
 #include "attention_kernels.inc"
 }  // namespace avx2
-#pragma GCC pop_options
+KVCOMP_END_ISA
 #endif
 namespace generic {
 #include "attention_kernels.inc"
 }  // namespace generic
 
-// The inner loops for this CPU: AVX2+FMA when it has them, else the portable build.
+// The inner loops of the current ISA (cpu_isa.h).
 struct Kernels {
   void (*dot_rows)(const float*, int64_t, int64_t, const float*, float*);
   void (*axpy_rows)(float*, int64_t, int64_t, const float*, int64_t, const float*);
   void (*bf16_to_float)(const uint16_t*, int64_t, float*);
 };
 
-const Kernels& kernels() {
-  static const Kernels k = [] {
-#ifdef KVCOMP_X86_DISPATCH
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-      return Kernels{avx2::dot_rows, avx2::axpy_rows, avx2::bf16_to_float};
-    }
+Kernels kernels() {
+  switch (isa::current()) {
+#ifdef KVCOMP_X86
+    case isa::CpuIsa::avx512: return Kernels{avx512::dot_rows, avx512::axpy_rows, avx512::bf16_to_float};
+    case isa::CpuIsa::avx2: return Kernels{avx2::dot_rows, avx2::axpy_rows, avx2::bf16_to_float};
 #endif
-    return Kernels{generic::dot_rows, generic::axpy_rows, generic::bf16_to_float};
-  }();
-  return k;
+    default: return Kernels{generic::dot_rows, generic::axpy_rows, generic::bf16_to_float};
+  }
 }
 
 // Selected rows are scattered over the mirror, so the hardware prefetcher cannot guess the next one:
@@ -94,7 +95,7 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const in
   const int64_t part = n.g * (n.dv + 2);
   std::vector<float> partials(static_cast<size_t>(n.b * n.hkv * n.split * part));
   const int64_t items = n.b * n.hkv * n.split;
-  const Kernels& kn = kernels();
+  const Kernels kn = kernels();
 
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(n.g * n.d), kbuf(n.d), vbuf(n.dv), logits(n.g * std::max<int64_t>(n.chunk, 1));

@@ -11,7 +11,7 @@
 // the at::parallel_for threads; inside an item, tiles of kTile tokens are read once for the whole
 // GQA group of each head (all heads of a token are adjacent in a page, so an item streams its pages),
 // with an online softmax per tile and a flash-decoding merge of the chunks at the end. fp32 math;
-// fp32 / bf16 / fp16 caches; AVX2+FMA+F16C inner loops when the CPU has them.
+// fp32 / bf16 / fp16 caches; AVX-512 or AVX2+FMA+F16C inner loops when the CPU has them (cpu_isa.h).
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -25,23 +25,23 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#endif
-
 #include "checks.h"
+#include "cpu_isa.h"
 
 namespace kvcomp {
 namespace {
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define KVCOMP_THINK_X86 1
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
+#ifdef KVCOMP_X86
+KVCOMP_BEGIN_AVX512
+namespace avx512 {
+#include "tile_kernels_avx512.inc"
+}  // namespace avx512
+KVCOMP_END_ISA
+KVCOMP_BEGIN_AVX2
 namespace avx2 {
 #include "tile_kernels_avx2.inc"
 }  // namespace avx2
-#pragma GCC pop_options
+KVCOMP_END_ISA
 #endif
 namespace generic {
 #include "attention_kernels.inc"
@@ -75,18 +75,20 @@ struct Kernels {
   void (*half)(const uint16_t*, int64_t, float*);
 };
 
-const Kernels& kernels() {
-  static const Kernels k = [] {
-#ifdef KVCOMP_THINK_X86
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+// The tile kernels of the current ISA (cpu_isa.h).
+Kernels kernels() {
+  switch (isa::current()) {
+#ifdef KVCOMP_X86
+    case isa::CpuIsa::avx512:
+      return Kernels{avx512::qk_tile, avx512::pv_tile, avx512::exp_sum, avx512::bf16_to_float16,
+                     avx512::half_to_float16};
+    case isa::CpuIsa::avx2:
       return Kernels{avx2::qk_tile, avx2::pv_tile, avx2::exp_sum, avx2::bf16_to_float8, avx2::half_to_float8};
-    }
 #endif
-    return Kernels{generic::qk_tile, generic::pv_tile, generic::exp_sum, generic::bf16_to_float,
-                   generic::half_to_float};
-  }();
-  return k;
+    default:
+      return Kernels{generic::qk_tile, generic::pv_tile, generic::exp_sum, generic::bf16_to_float,
+                     generic::half_to_float};
+  }
 }
 
 constexpr int64_t kTile = 32;  // tokens per tile: K + V of a tile for one head stay in L1
@@ -127,7 +129,7 @@ struct Strides {
 
 template <typename T>
 void run(const Problem& P, const Strides& S, const T* kp, const T* kr, const T* vc, float* partials) {
-  const Kernels& kn = kernels();
+  const Kernels kn = kernels();
   const int64_t nchunks = static_cast<int64_t>(P.chunk_seq.size()), items = nchunks * P.groups;
   std::atomic<int64_t> next{0};
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), items);

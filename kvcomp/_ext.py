@@ -15,7 +15,7 @@ import importlib
 import os
 from types import ModuleType
 
-__all__ = ["load_ext", "has_ext", "ext_ops", "BUILD_HINT"]
+__all__ = ["load_ext", "has_ext", "ext_ops", "cpu_isa", "BUILD_HINT"]
 
 BUILD_HINT = (
     "reinstall with KVCOMP_BUILD_EXT=1 pip install --no-build-isolation -e . "
@@ -88,3 +88,14 @@ def ext_ops():
     import torch
 
     return torch.ops.kvcomp_C
+
+
+def cpu_isa() -> str | None:
+    """The ISA the native CPU kernels run with (``generic`` / ``avx2`` / ``avx512``: the best the CPU has,
+    lowered by ``KVCOMP_CPU_ISA`` or ``kvcomp._C.set_cpu_isa``), or None without the extension.
+
+    Raises:
+        ValueError: ``KVCOMP_CPU_ISA`` is set to an unknown name.
+    """
+    mod, _ = _load()
+    return None if mod is None else mod.cpu_isa()

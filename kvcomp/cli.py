@@ -159,7 +159,7 @@ def cmd_info(a) -> int:
     import torch
 
     from . import __version__
-    from ._ext import has_ext
+    from ._ext import cpu_isa, has_ext
 
     try:
         import triton
@@ -168,7 +168,8 @@ def cmd_info(a) -> int:
     except ImportError:
         tv = None
     print(json.dumps({"kvcomp": __version__, "torch": torch.__version__, "triton": tv,
-                      "cuda": torch.cuda.is_available(), "native_extension": has_ext()}, indent=2))
+                      "cuda": torch.cuda.is_available(), "native_extension": has_ext(),
+                      "native_cpu_isa": cpu_isa()}, indent=2))
     return 0
 
 

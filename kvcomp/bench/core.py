@@ -308,9 +308,10 @@ def read_bandwidth_gbps(gib: float = 1.0, reps: int = 5) -> float:
 
 
 def machine(root: str | None = None) -> dict:
-    """Machine line: device, CPU model, cores, torch, triton, commit, whether ``kvcomp._C`` is built and
-    which native ops it registers, torch's intra-op threads and the 1-minute load average."""
-    from kvcomp._ext import has_ext
+    """Machine line: device, CPU model, cores, torch, triton, commit, whether ``kvcomp._C`` is built,
+    which native ops it registers and the ISA its CPU kernels run with, torch's intra-op threads and the
+    1-minute load average."""
+    from kvcomp._ext import cpu_isa, has_ext
     from kvcomp.utils.machine import git_commit, machine_info
 
     info = machine_info()
@@ -318,6 +319,7 @@ def machine(root: str | None = None) -> dict:
     info["kvcomp_C"] = has_ext()
     info["native_ops"] = sorted(n for n in ("duo_decode", "think_decode", "vq_lut", "vq_topk", "vq_encode",
                                             "sparse_attention") if has_ext() and hasattr(torch.ops.kvcomp_C, n))
+    info["cpu_isa"] = cpu_isa()
     info["threads"] = torch.get_num_threads()
     info["loadavg_1m"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     return info

@@ -168,7 +168,7 @@ def test_sparse_attention_reference_vs_naive(case, dtype):
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: "B{}-Hkv{}-G{}-T{}-D{}-Dv{}-K{}".format(*c))
-def test_sparse_attention_native_vs_reference(case, dtype, index_dtype, use_native):
+def test_sparse_attention_native_vs_reference(case, dtype, index_dtype, use_native, cpu_isa):
     q, k, v, idx, count = _attn_inputs(*case, dtype, seed=20)
     idx, count = idx.to(index_dtype), count.to(index_dtype)
     ref = R.sparse_attention_host(q, k, v, idx, count)

@@ -56,6 +56,7 @@ CASES = [  # (B, G, n_ret, n_str, D, seq_lens, block_size, sink, window, dtype)
     (2, 8, 1, 1, 64, [500, 33], 32, 2, 9, torch.bfloat16),
     (2, 2, 3, 1, 128, [333, 17], 16, 4, 16, torch.float16),
     (5, 1, 1, 1, 72, [1, 2, 3, 333, 17], 16, 4, 16, torch.float16),
+    (2, 4, 1, 1, 12, [40, 3], 16, 2, 8, torch.bfloat16),  # D < 16 and not a multiple of 8: partial loads only
 ]
 
 
@@ -65,7 +66,7 @@ def _ids(c):
 
 @pytest.mark.parametrize("num_splits", [0, 3])
 @pytest.mark.parametrize("case", CASES, ids=_ids)
-def test_native_matches_reference(case, num_splits):
+def test_native_matches_reference(case, num_splits, cpu_isa):
     bsz, g, n_ret, n_str, d, lens, bs, sink, window, dtype = case
     args = _inputs(bsz, g, n_ret, n_str, d, lens, bs, sink, window, dtype, seed=len(lens) + d)
     scale = 1.0 / math.sqrt(d)
@@ -77,7 +78,7 @@ def test_native_matches_reference(case, num_splits):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_native_strided_pages_int64_tables_and_mixed_dtypes(dtype):
+def test_native_strided_pages_int64_tables_and_mixed_dtypes(dtype, cpu_isa):
     args = _inputs(3, 4, 2, 2, 64, [40, 1, 129], 16, 4, 16, dtype, seed=7, index_dtype=torch.int64,
                    strided_cache=True)
     assert not args[1].is_contiguous()
@@ -102,7 +103,7 @@ RING_CASES = [
 @pytest.mark.parametrize("int64", [False, True], ids=["rb32", "rb64"])
 @pytest.mark.parametrize("case", RING_CASES, ids=[f"B{c[0]}-G{c[1]}-str{c[3]}-cap{c[8]}-{str(c[10])[6:]}"
                                                   for c in RING_CASES])
-def test_native_reads_rings_in_place(case, int64):
+def test_native_reads_rings_in_place(case, int64, cpu_isa):
     """Rings read through ``ring_block`` from a pool (permuted ids, spare rings, wider or partly filled
     rings, K/V views of one tensor) = the reference over one ring per request; NaN in every slot no
     kept token holds."""

@@ -59,7 +59,7 @@ CASES = [  # (seq_lens, q_lens, Hkv, G, D, block_size, dtype)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"L{max(c[0])}-q{sum(c[1])}-kv{c[2]}-G{c[3]}-D{c[4]}-{str(c[6])[6:]}")
-def test_native_prefill_matches_reference(case):
+def test_native_prefill_matches_reference(case, cpu_isa):
     seq_lens, q_lens, hkv, g, d, bs, dtype = case
     args = _inputs(seq_lens, q_lens, hkv, g, d, bs, dtype, seed=sum(seq_lens))
     ref = paged_attention(*args, scale=0.2)

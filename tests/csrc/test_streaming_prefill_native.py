@@ -68,7 +68,7 @@ CASES = [  # (per request (tq, tk, ring?), Hkv, G, D, sink, window, dtype)
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{len(c[0])}-kv{c[1]}-G{c[2]}-D{c[3]}-s{c[4]}-w{c[5]}-"
                          f"{str(c[6])[6:]}")
-def test_native_streaming_matches_reference(case):
+def test_native_streaming_matches_reference(case, cpu_isa):
     shapes, hkv, g, d, sink, window, dtype = case
     gen = torch.Generator().manual_seed(len(shapes) * 100 + g)
     reqs = [_request(tq, tk, hkv, g, d, dtype, gen, ring=(sink, window - 1) if ring else None)

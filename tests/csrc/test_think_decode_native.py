@@ -74,7 +74,7 @@ CASES = [
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_think_decode_native_matches_reference(case, dtype):
+def test_think_decode_native_matches_reference(case, dtype, cpu_isa):
     _, b, hkv, g, d, dk, w, bs, lens, shared = case
     args = build(b, hkv, g, d, dk, w, bs, lens, dtype, shared_chan=shared)
     ref = paged_pruned_key_attention(*args, scale=0.3)
@@ -85,7 +85,7 @@ def test_think_decode_native_matches_reference(case, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_think_decode_native_strided_layouts(dtype):
+def test_think_decode_native_strided_layouts(dtype, cpu_isa):
     """Transposed-contiguous block table, int64 chan / lens, pages as views of one fused buffer."""
     q, kp, chan, kr, vc, bt, lens = build(3, 2, 4, 64, 38, W, 16, [333, W + 1, 70], dtype, fused_pages=True)
     assert not kp.is_contiguous() and not vc.is_contiguous()
@@ -96,7 +96,7 @@ def test_think_decode_native_strided_layouts(dtype):
     assert_close("think_native_strided", ref.float(), out.float(), RATIO[dtype])
 
 
-def test_think_decode_native_fp32_query_over_bf16_cache():
+def test_think_decode_native_fp32_query_over_bf16_cache(cpu_isa):
     q, kp, chan, kr, vc, bt, lens = build(2, 2, 2, 64, 38, W, 16, [90, 3], torch.bfloat16)
     ref = paged_pruned_key_attention(q.float(), kp, chan, kr, vc, bt, lens, scale=0.125)
     out = native(q.float(), kp, chan, kr, vc, bt, lens, scale=0.125)
