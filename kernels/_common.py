@@ -105,17 +105,25 @@ def reg_budget(f32: bool, num_warps: int) -> int:
     return 2048 * num_warps if f32 else 16384
 
 
-def prune_sm90(tiles):
+def prune_sm90(tiles, *, f32_strict: bool = False, fallback=None):
     """An ``early_config_prune`` for :func:`autotune`. ``tiles(config, nargs, meta) -> (reg, smem, f32)``:
     the bytes of the largest operand tile one loop step holds, the shared memory one pipeline stage needs
-    and whether the dots run in fp32. Keeps the configs with ``reg <= reg_budget(f32, warps)`` and
-    ``num_stages * smem <= SHARED_LIMIT`` (tests/kernels/test_sm90_compile.py compiles every kept config
-    and checks shared memory and spills). When none fits (a shape outside the tuned range), the config
-    with the smallest register tile."""
+    and whether the dots run in fp32. Keeps the configs with ``reg <= reg_budget(f32, warps)`` (strictly
+    under it for fp32 tiles with ``f32_strict``: a kernel holding two such tiles a step, which spilled at
+    exactly the budget) and ``num_stages * smem <= SHARED_LIMIT`` (tests/kernels/test_sm90_compile.py
+    compiles every kept config and checks shared memory and spills). When none fits (a shape outside the
+    tuned range), the configs ``fallback(config)`` accepts, else the config with the smallest register tile."""
     def prune(configs, nargs, **meta):
         size = {c: tiles(c, nargs, meta) for c in configs}
-        kept = [c for c, (reg, smem, f32) in size.items()
-                if reg <= reg_budget(f32, c.num_warps) and c.num_stages * smem <= SHARED_LIMIT]
+
+        def fits(c):
+            reg, smem, f32 = size[c]
+            budget = reg_budget(f32, c.num_warps)
+            return (reg < budget if f32 and f32_strict else reg <= budget) and c.num_stages * smem <= SHARED_LIMIT
+
+        kept = [c for c in configs if fits(c)]
+        if not kept and fallback is not None:
+            kept = [c for c in configs if fallback(c)]
         return kept or [min(configs, key=lambda c: size[c][0])]
     return prune
 

@@ -42,22 +42,22 @@ from . import _common as C
 from .splitk import LOG2E, alloc_partials, online_update, pick_splits, splitk_combine, store_partial
 
 
-def _fits(configs, nargs, **meta):
-    """Configs whose ``[BLOCK_N, D]`` K/V tiles stay in registers on sm_90 (the budget of :func:`C.reg_budget`).
-    fp32 tiles must stay strictly under it: a step holds a key tile of each part (pruned and full-width), and
-    the two fp32 configs at exactly the budget spilled with Triton 3.6 (D = 64 at 32 rows x 4 warps, D = 128
-    at 16 rows x 4 warps). When none fits (fp32 at D = 256), 16 rows on 8 warps (compiled without spills)."""
+def _tiles(c, nargs, meta):
+    """``(reg, smem, f32)`` of :func:`C.prune_sm90`: a ``[BLOCK_N, max(D, Dv)]`` K/V tile in registers, and
+    per pipeline stage the key and value tiles (``BLOCK_N x (BLOCK_D + BLOCK_DV)``)."""
     dtype = nargs["q_ptr"].dtype
-    d = max(meta["BLOCK_D"], meta["BLOCK_DV"])
-    f32 = dtype == torch.float32
     size = torch.finfo(dtype).bits // 8
+    n = c.kwargs["BLOCK_N"]
+    return (n * max(meta["BLOCK_D"], meta["BLOCK_DV"]) * size, n * (meta["BLOCK_D"] + meta["BLOCK_DV"]) * size,
+            dtype == torch.float32)
 
-    def fits(c):
-        tile, budget = c.kwargs["BLOCK_N"] * d * size, C.reg_budget(f32, c.num_warps)
-        return tile < budget if f32 else tile <= budget
 
-    kept = [c for c in configs if fits(c)]
-    return kept or [c for c in configs if c.kwargs["BLOCK_N"] == 16 and c.num_warps == 8]
+# Configs whose K/V tiles stay in registers on sm_90. fp32 tiles stay strictly under the budget: a step
+# holds a key tile of each part (pruned and full-width), and the two fp32 configs at exactly the budget
+# spilled with Triton 3.6 (D = 64 at 32 rows x 4 warps, D = 128 at 16 rows x 4 warps). When none fits
+# (fp32 at D = 256), 16 rows on 8 warps (compiled without spills).
+_fits = C.prune_sm90(_tiles, f32_strict=True,
+                     fallback=lambda c: c.kwargs["BLOCK_N"] == 16 and c.num_warps == 8)
 
 
 # the first config is the interpreter's; (16, 8 warps) fits every dtype and head dim
