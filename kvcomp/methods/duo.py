@@ -24,7 +24,7 @@ from .dense import Dense, dense_rows, head_map, write_pages
 from .step import Rows, Step, Store, grow
 from .think import ThinK
 
-__all__ = ["DuoAttention", "StreamingHeads", "ring_kept", "ring_slot", "streaming_selection"]
+__all__ = ["DuoAttention", "StreamingHeads", "ring_kept", "ring_slot", "shared_ring", "streaming_selection", "think_view"]
 
 
 def ring_kept(start: int, end: int, sink: int, recent: int) -> list[int]:
@@ -32,6 +32,27 @@ def ring_kept(start: int, end: int, sink: int, recent: int) -> list[int]:
     to ``[start, end)``: the sink ones and the last ``recent``."""
     tail = max(start, sink, end - recent)
     return list(range(start, min(end, sink))) + list(range(tail, end))
+
+
+def shared_ring(n_str: int, n_ret: int, kept: int, think_slots: int) -> tuple[list[int], list[int], int]:
+    """Where the ring DuoAttention + ThinK share (``[blocks, n_str, capacity, 2D]``) keeps ThinK's
+    window: ``(ring head, first slot)`` of each retrieval head's ``think_slots`` slots (keys in their
+    first ``D`` elements) and the capacity the ring needs. Slots ``[0, kept)`` are the streaming
+    heads' (sink + recent K/V); past them each retrieval head takes ``think_slots`` slots of its own
+    streaming head when there are enough (``n_ret <= n_str``), else of the first one, one run after
+    the other, so that the windows are one strided view (:func:`think_view`) and the ring holds
+    ``n_str`` heads, not ``n_str + n_ret`` heads of ``kept`` slots (vLLM makes the retrieval pages'
+    blocks as large as the ring: SmolLM2 duo+think 768 -> 256 tokens)."""
+    if n_ret <= n_str:
+        return list(range(n_ret)), [kept] * n_ret, kept + think_slots
+    return [0] * n_ret, [kept + j * think_slots for j in range(n_ret)], kept + n_ret * think_slots
+
+
+def think_view(ring: torch.Tensor, n_ret: int, kept: int, think_slots: int, d: int) -> torch.Tensor:
+    """ThinK's window ``[blocks, n_ret, think_slots, d]`` in a shared ring (:func:`shared_ring`), a view."""
+    if n_ret <= ring.shape[1]:
+        return ring[:, :n_ret, kept:kept + think_slots, :d]
+    return ring[:, 0, kept:kept + n_ret * think_slots, :d].unflatten(1, (n_ret, think_slots))
 
 
 def streaming_selection(seq_lens: torch.Tensor, heads: int, sink: int, recent: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,8 +178,9 @@ class DuoAttention:
     a ring — or the host pages — for the streaming heads).
 
     Views per part (:meth:`stores`): with :class:`Dense` the whole store is both's (one fused decode
-    op); with :class:`ThinK` the ring is shared, streaming heads first (``ring[:, :n_str]``), then
-    ThinK's window of the retrieval heads (``ring[:, n_str:, :, :D]``); with :class:`A2ATS` the host
+    op); with :class:`ThinK` the ring is shared: the streaming heads' ``sink + recent`` slots
+    (``ring[:, :, :sink + recent]``), then ThinK's window of the retrieval heads (``think_slots``
+    slots each: :func:`shared_ring`, :func:`think_view`); with :class:`A2ATS` the host
     pages hold the retrieval heads first (keys in their first ``key_dim`` elements: ThinK's narrow
     keys), then the streaming heads at full width, and the ring (if any) is ThinK's.
     """
@@ -166,8 +188,8 @@ class DuoAttention:
     name = "duo"
 
     def __init__(self, inner: Dense | ThinK | A2ATS, retrieval: list[int], streaming: list[int], group: int,
-                 sink: int, recent: int, scale: float, device, key_dim: int | None = None):
-        self.inner, self.scale, self.key_dim = inner, scale, key_dim
+                 sink: int, recent: int, scale: float, device, key_dim: int | None = None, think_slots: int = 0):
+        self.inner, self.scale, self.key_dim, self.think_slots = inner, scale, key_dim, think_slots
         self.streaming = StreamingHeads(sink, recent, scale)
         self.kv_ret = torch.tensor(retrieval, device=device)
         self.kv_str = torch.tensor(streaming, device=device)
@@ -186,10 +208,10 @@ class DuoAttention:
                           mirror=(mk[:, :, :n_ret, :kd], mv[:, :, :n_ret]))
             return inner, Store(mirror=(mk[:, :, n_ret:], mv[:, :, n_ret:]))
         if isinstance(self.inner, ThinK):
-            ring = store.ring
-            shared = None if ring is None else ring[:, n_str:, :, : store.v.shape[-1]]
+            ring, kept = store.ring, self.streaming.sink + self.streaming.recent
+            shared = None if ring is None else think_view(ring, n_ret, kept, self.think_slots, store.v.shape[-1])
             inner = Store(k=store.k, v=store.v, ring=shared, ring_block=store.ring_block, chan=store.chan)
-            return inner, Store(ring=None if ring is None else ring[:, :n_str], ring_block=store.ring_block)
+            return inner, Store(ring=None if ring is None else ring[:, :n_str, :kept], ring_block=store.ring_block)
         return store, store
 
     def write(self, store, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: Step | None = None) -> None:

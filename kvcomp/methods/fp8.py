@@ -35,11 +35,12 @@ from .step import Step, Store
 
 class Fp8Pages:
     """fp8 pages (and ring) of one layer: ``k_scale``, ``v_scale``, the float ``dtype`` the method
-    sees, ``key_width`` key elements per ring slot (the head size), and ``ids`` = ``(first head,
-    slot, elements)`` of the ring cells holding channel ids as bytes (None: no such cells)."""
+    sees, ``key_width`` key elements per ring slot (the head size), and ``ids`` = ``(ring heads,
+    slots, elements)`` of the ring cells holding channel ids as bytes (cell ``i`` at ``(heads[i],
+    slots[i])``: :func:`kvcomp.methods.layout.ring_id_cells`; None: no such cells)."""
 
     def __init__(self, k_scale: float, v_scale: float, dtype: torch.dtype, key_width: int | None = None,
-                 ids: tuple[int, int, int] | None = None):
+                 ids: tuple[list[int], list[int], int] | None = None):
         self.k_scale, self.v_scale, self.dtype = float(k_scale), float(v_scale), dtype
         self.key_width, self.ids = key_width, ids
 
@@ -83,7 +84,7 @@ class Fp8Pages:
         out[..., kw:] = dequantize_fp8(ring[..., kw:], self.v_scale, self.dtype)
         if self.ids is not None:
             h, s, w = self.ids
-            out[:, h:, s, :w] = ring[:, h:, s, :w].to(self.dtype)
+            out[:, h, s, :w] = ring[:, h, s, :w].to(self.dtype)
         return out
 
     def ring_out(self, ring: torch.Tensor) -> torch.Tensor:
@@ -92,7 +93,7 @@ class Fp8Pages:
         out = torch.cat([quantize_fp8(ring[..., :kw], self.k_scale), quantize_fp8(ring[..., kw:], self.v_scale)], -1)
         if self.ids is not None:
             h, s, w = self.ids
-            out[:, h:, s, :w] = ring[:, h:, s, :w].float().round().clamp(0, 255).to(torch.uint8)
+            out[:, h, s, :w] = ring[:, h, s, :w].float().round().clamp(0, 255).to(torch.uint8)
         return out
 
     def write(self, method, pages: Store, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -16,7 +16,7 @@ import torch
 
 from .a2ats import A2ATS
 from .dense import Dense
-from .duo import DuoAttention, StreamingHeads
+from .duo import DuoAttention, StreamingHeads, shared_ring
 from .step import Step, Store
 from .think import ThinK
 from .window import SlidingWindow
@@ -83,8 +83,9 @@ def ring_request(plan, num_kv_heads: int, head_size: int, num_streaming: int, bl
     read the host pages) in a ring of whole pages (:func:`ring_capacity`); ThinK's heads (every
     retrieval head) keep their ``window`` full-width keys, plus, with query-driven channels, one slot
     holding the request's kept channel ids (:class:`RequestChannels`). DuoAttention + ThinK share
-    one ring: streaming heads first (``sink + recent`` slots of K and V), then ThinK's heads (their
-    window in the first ``head_size`` elements of each slot). ThinK's ring is rounded to whole
+    one ring of the streaming heads: their ``sink + recent`` slots of K and V, then ThinK's window
+    slots of each retrieval head (keys in the first ``head_size`` elements of a slot:
+    :func:`kvcomp.methods.duo.shared_ring`). ThinK's ring is rounded to whole
     pages too: one larger than a code page (A²ATS) or a narrow page and not a multiple of it would
     pad every page (measured: think+vq 4.5x fewer tokens than vq alone). ``elem``: bytes of one
     element of the pages and the ring (the page dtype: 1 with ``--kv-cache-dtype fp8``); a code
@@ -93,8 +94,9 @@ def ring_request(plan, num_kv_heads: int, head_size: int, num_streaming: int, bl
     think = 0 if plan.key_dim is None else plan.think_window + int(plan.per_request_channels)
     if plan.streaming is not None and plan.vq is None:
         if think:
-            return (num_kv_heads, ring_capacity(max(plan.sink + plan.recent, think), num_kv_heads, n_page, block_size,
-                                                2 * head_size, plan.key_dim + head_size), 2 * head_size)
+            slots = shared_ring(num_streaming, n_page, plan.sink + plan.recent, think)[2]
+            return (num_streaming, ring_capacity(slots, num_streaming, n_page, block_size, 2 * head_size,
+                                                 plan.key_dim + head_size), 2 * head_size)
         return num_streaming, ring_capacity(plan.sink + plan.recent, num_streaming, n_page, block_size), 2 * head_size
     if think:
         # elements (of the ring's dtype, the page's) per head slot of a page: an int16 code cell, or D_keep + Dv
@@ -103,14 +105,18 @@ def ring_request(plan, num_kv_heads: int, head_size: int, num_streaming: int, bl
     return None
 
 
-def ring_id_cells(plan, num_streaming: int) -> tuple[int, int, int] | None:
-    """``(first head, slot, elements)`` of the ring cells holding query-driven ThinK's kept channel
-    ids (:class:`RequestChannels`: slot ``window`` of ThinK's heads, which follow the streaming
-    heads in a ring they share), or None without them."""
+def ring_id_cells(plan, num_kv_heads: int, num_streaming: int) -> tuple[list[int], list[int], int] | None:
+    """``(ring heads, slots, elements)`` of the ring cells holding query-driven ThinK's kept channel
+    ids (:class:`RequestChannels`: slot ``window`` of each ThinK head's window, which in a ring
+    shared with DuoAttention's streaming heads follows theirs: :func:`~kvcomp.methods.duo.shared_ring`),
+    cell ``i`` at ``(heads[i], slots[i])``, or None without them."""
     if not plan.per_request_channels:
         return None
-    first = num_streaming if plan.streaming is not None and plan.vq is None else 0
-    return first, plan.think_window, plan.key_dim
+    n_page, w = num_kv_heads - num_streaming, plan.think_window
+    if plan.streaming is not None and plan.vq is None:
+        heads, first, _ = shared_ring(num_streaming, n_page, plan.sink + plan.recent, w + 1)
+        return heads, [f + w for f in first], plan.key_dim
+    return list(range(n_page)), [w] * n_page, plan.key_dim
 
 
 def mirror_heads(plan, num_kv_heads: int) -> int:
@@ -151,7 +157,8 @@ def build_layer(plan, layer: int, num_heads: int, num_kv_heads: int, head_start:
         inner = Dense(len(paged), scale, device)
     method = inner
     if stream:
-        method = DuoAttention(inner, paged, stream, g, plan.sink, plan.recent, scale, device, key_dim=plan.key_dim)
+        method = DuoAttention(inner, paged, stream, g, plan.sink, plan.recent, scale, device, key_dim=plan.key_dim,
+                              think_slots=plan.think_window + int(plan.per_request_channels))
     if plan.per_request_channels:
         q_heads = None if not stream else method.q_ret
         return RequestChannels(method, think, plan.key_dim, None if not stream else method.kv_ret, q_heads)

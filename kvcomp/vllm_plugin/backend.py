@@ -219,7 +219,7 @@ class KVCompAttentionImpl(C.AttentionImpl):
                                               or self.ring_name is not None):
             n_str = p.rank_num_streaming(self.num_kv_heads, *C.tp_rank_and_size())
             self._fp8 = Fp8Pages(layer._k_scale_float, layer._v_scale_float, self._act_dtype, key_width=self.head_size,
-                                 ids=layout.ring_id_cells(p, n_str))
+                                 ids=layout.ring_id_cells(p, self.num_kv_heads, n_str))
 
     def _store(self, kv_cache: torch.Tensor, ring: bool) -> layout.Store:
         """This step's views of the layer's pages, ring and host pages (the page views made once per

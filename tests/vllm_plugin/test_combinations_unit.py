@@ -97,7 +97,7 @@ def _compare(parts: str, query_driven: bool, fp8: bool = False) -> VllmLayer:
     rope = (inv_freq, 1.0)
     pages = None
     if fp8:
-        pages = Fp8Pages(0.5, 0.25, torch.float32, key_width=D, ids=layout.ring_id_cells(plan, plan.num_streaming))
+        pages = Fp8Pages(0.5, 0.25, torch.float32, key_width=D, ids=layout.ring_id_cells(plan, HKV, plan.num_streaming))
     vl = VllmLayer(plan, rope, pages)
     hf = layout.build_hf_layer(cfg, 0, HQ, D ** -0.5, rope, "cpu")
     g = torch.Generator().manual_seed(5)
@@ -155,9 +155,9 @@ def test_query_driven_channels_kept_in_the_ring(monkeypatch):
     vl.step(q, k, v, _vllm_step(tables, [0, 0], [10, 10]), torch.tensor([4, 0]))
     hf.step(q, k, v, Step.uniform(2, 0, 10, 10, "cpu"), head_dim=D, pin=False)
     want = next(st.chan for st, (_, _, m) in zip(hf.stores, hf.parts) if m.name == "think")  # [2, 1, KEEP]
-    # shared ring: the streaming head first, then the retrieval head's window + its channel slot
-    assert vl.ring.shape[1] == HKV and vl.ring.shape[2] >= SINK + RECENT
-    got = vl.ring[[4, 0], 1, WINDOW, :KEEP].long()
+    # the streaming head's ring: its sink + recent slots, then the retrieval head's window + its channel slot
+    assert vl.ring.shape[1] == 1 and vl.ring.shape[2] >= SINK + RECENT + WINDOW + 1
+    got = vl.ring[[4, 0], 0, SINK + RECENT + WINDOW, :KEEP].long()
     assert torch.equal(got, want[:, 0]) and not torch.equal(got[0], got[1])
 
 
@@ -166,7 +166,8 @@ def test_layouts_of_the_combinations():
     p = plan_from_config(_config("duo+think", False))
     assert layout.page_changes(p, HKV, D, D, 4, 1) == {"num_head_slots": 1, "state_content_bytes": (KEEP + D) * 4}
     heads, cap, content = layout.ring_request(p, HKV, D, 1, BS, 4)
-    assert (heads, content) == (HKV, 2 * D) and cap >= SINK + RECENT
+    # the streaming head's sink + recent K/V, then the retrieval head's window (its key in the first D)
+    assert (heads, content) == (1, 2 * D) and cap >= SINK + RECENT + WINDOW
     assert (heads * cap * content) % (1 * BS * (KEEP + D)) == 0  # a whole number of pages
     p = plan_from_config(_config("think+vq", True))
     assert layout.page_changes(p, HKV, D, D, 4, 0) == {"state_content_bytes": 4}
