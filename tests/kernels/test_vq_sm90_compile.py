@@ -108,7 +108,9 @@ def test_kernels_compile_for_sm90_without_spills():
     res = subprocess.run([sys.executable, __file__], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     lines = [ln for ln in res.stdout.splitlines() if "\t" in ln]
-    assert len(lines) == 100, res.stdout  # every kept autotune config of the tuned kernels
+    # every kept autotune config of the tuned kernels (think_decode fp32 at D = 128: one, 16 rows x 8 warps,
+    # since b72b490 keeps fp32 tiles strictly under the register budget)
+    assert len(lines) == 98, res.stdout
     for ln in lines:
         name, usage = ln.split("\t")
         if name.startswith(("think_decode", "sparse_decode", "vq_lut", "vq_encode")):
