@@ -13,9 +13,9 @@ kvcomp takes the flag with every method:
 * A²ATS, DuoAttention + A²ATS: codes unchanged in 2-byte cells (half the fp32 cell: twice the
   blocks), host mirror in the model dtype; nothing is fp8 but the cells, so nothing is rounded:
   tokens equal kvcomp's HF path;
-* ThinK + A²ATS (query-driven; all three run in ``test_combinations_unit.py``): codes in 2-byte
-  cells, ThinK's window ring in e4m3 (sized in bytes to whole code pages), the host mirror holding
-  the e4m3 values in the model dtype; tokens equal kvcomp's HF path with K/V rounded to e4m3.
+* ThinK + A²ATS and all three (query-driven ThinK): codes in 2-byte cells, ThinK's window ring in
+  e4m3 (sized in bytes to whole code pages), the host mirror holding the e4m3 values in the model
+  dtype; tokens equal kvcomp's HF path with K/V rounded to e4m3.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from _vllm_common import (DUO_PATTERN, HERE, HKV, MAX_TOKENS, RECENT, SINK, D, L
                           collect_engines, hf_greedy, kvcomp_hf_greedy, make_prompts, tiny_vq, vllm_python)
 
 KV_BYTES = 1 << 20
-RINGS = ("duo", "think", "duo+think", "think+vq")
+RINGS = ("duo", "think", "duo+think", "think+vq", "duo+think+vq")
 SERVED = ("off", "vq", "duo+vq", *RINGS)
 WINDOW = 8  # ThinK's observation window and full-width ring (query-driven channels, 25% pruned)
 
@@ -80,7 +80,8 @@ def fp8_runs(tmp_path_factory):
     cfgs = {"vq": CompressionConfig(**geo, vq=vq), "duo+vq": CompressionConfig(**geo, duo=duo, vq=vq),
             "duo": CompressionConfig(**geo, duo=duo), "think": CompressionConfig(**geo, think=think),
             "duo+think": CompressionConfig(**geo, duo=duo, think=think),
-            "think+vq": CompressionConfig(**geo, think=think, vq=vq)}
+            "think+vq": CompressionConfig(**geo, think=think, vq=vq),
+            "duo+think+vq": CompressionConfig(**geo, duo=duo, think=think, vq=vq)}
     runs = {"stock": ["--stock"], "off": [], **{name: [] for name in cfgs}}
     procs = {}
     for name, extra in runs.items():
