@@ -103,6 +103,30 @@ inline void load_q(const Problem& p, int64_t b, int64_t h, float* qs) {
   for (int64_t c = 0; c < p.g * p.d; ++c) qs[c] = src[c] * p.scale;
 }
 
+// Asks for the key / value rows of every retrieval head of tokens [t0, t0 + n) (the next tile) while
+// the current one is computed: the pages are scattered, so the hardware prefetcher cannot follow them
+// across blocks. Llama-3.1-8B layer at 32K tokens, 1 thread: 1.6x faster in bf16, 1.15-1.2x in fp32
+// (memory-bound; without it AVX-512 ran no faster than AVX2, sometimes slower); ~4% slower at 4K.
+// ks, vs: the caches' block / token / head strides.
+template <typename T>
+inline void prefetch_tile(const Problem& p, const T* kb, const T* vb, const int64_t* blk, int64_t t0, int64_t n,
+                          const int64_t* ks, const int64_t* vs) {
+  const int64_t rowb = p.d * static_cast<int64_t>(sizeof(T));
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t t = t0 + j, bid = blk[t / p.block_size], off = t % p.block_size;
+    const T* kr = kb + bid * ks[0] + off * ks[1];
+    const T* vr = vb + bid * vs[0] + off * vs[1];
+    for (int64_t r = 0; r < p.n_ret; ++r) {
+      const char* kc = reinterpret_cast<const char*>(kr + r * ks[2]);
+      const char* vc = reinterpret_cast<const char*>(vr + r * vs[2]);
+      for (int64_t o = 0; o < rowb; o += 64) {
+        __builtin_prefetch(kc + o, 0, 3);
+        __builtin_prefetch(vc + o, 0, 3);
+      }
+    }
+  }
+}
+
 template <typename T>
 void retrieval_phase(const Problem& p, const at::Tensor& k_cache, const at::Tensor& v_cache, float* partials) {
   const TileFn<T> fn = tile_fn<T>();
@@ -110,6 +134,7 @@ void retrieval_phase(const Problem& p, const at::Tensor& k_cache, const at::Tens
   const T* vb = v_cache.const_data_ptr<T>();
   const int64_t k0 = k_cache.stride(0), k1 = k_cache.stride(1), k2 = k_cache.stride(2);
   const int64_t v0 = v_cache.stride(0), v1 = v_cache.stride(1), v2 = v_cache.stride(2);
+  const int64_t ks[3] = {k0, k1, k2}, vs[3] = {v0, v1, v2};
   const int64_t psz = partial_size(p), gd = p.g * p.d;
   at::parallel_for(0, static_cast<int64_t>(p.items.size()), 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> koff(kTile), voff(kTile);
@@ -131,6 +156,7 @@ void retrieval_phase(const Problem& p, const at::Tensor& k_cache, const at::Tens
           koff[j] = bid * k0 + off * k1;
           voff[j] = bid * v0 + off * v1;
         }
+        prefetch_tile(p, kb, vb, blk, t0 + n, std::min(kTile, item.t1 - t0 - n), ks, vs);
         for (int64_t r = 0; r < p.n_ret; ++r) {
           for (int64_t j = 0; j < n; ++j) {
             krows[j] = kb + koff[j] + r * k2;
