@@ -17,7 +17,7 @@ import torch
 
 from .. import ops
 from ..ops._dispatch import impl_for
-from ..ops.prefill import streaming_prefill
+from ..ops.prefill import streaming_prefill_varlen
 from ..ref.cache_write import streaming_slot as ring_slot
 from .a2ats import A2ATS
 from .dense import Dense, dense_rows, head_map, write_pages
@@ -131,44 +131,95 @@ class StreamingHeads:
     def prefill(self, store, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, md: Step, reqs: list[int],
                 output: torch.Tensor, heads: torch.Tensor | None = None) -> None:
         """Multi-token rows: ``q [n, Hq_str, D]`` over the kept earlier tokens (the ring, or the host
-        pages ``store.mirror``) and this step's ``k_new, v_new [n, n_str, D]``; writes ``output[rows,
+        pages ``store.mirror``) and this step's ``k_new, v_new [n, n_str, D]``, every request in one
+        varlen :func:`~kvcomp.ops.prefill.streaming_prefill_varlen` call; writes ``output[rows,
         heads]`` (default: every head); then the ring keeps this step's sink and recent tokens."""
-        sink, recent, d = self.sink, self.recent, k_new.shape[2]
-        ring = store.ring
-        qsl, lens = md.qsl_host(), md.seq_lens_host()
-        if ring is None:
-            mk, mv = store.mirror
+        d, ring = k_new.shape[2], store.ring
+        anchor = md.block_table if ring is None else store.ring_block
+        bs = store.mirror[0].shape[1] if ring is None else None  # host pages [blocks, block_size, H, D]
+        _, multi = md.rows()
+        if multi is not None and multi.reqs == reqs:  # the step's layers share the index tensors
+            p = multi.memo(("streaming prefill", self.sink, self.recent, bs, q.device), anchor,
+                           lambda: self._plan(md, reqs, anchor, q.device, bs))
         else:
-            blocks = store.ring_block.tolist()
-        for b in reqs:
-            s0, e0 = qsl[b], qsl[b + 1]
-            seq_len = lens[b]
-            ctx = seq_len - (e0 - s0)
-            old_pos = ring_kept(0, ctx, sink, recent)
-            if ring is not None:
-                r = ring[blocks[b]]  # [n_str, capacity, D + Dv]
-                idx = torch.tensor([ring_slot(p, sink, recent) for p in old_pos], dtype=torch.long, device=r.device)
-                k_old, v_old = r[:, idx, :d], r[:, idx, d:]
-            else:  # gathered from the host pages (zero-copy onto a GPU with the CUDA extension)
-                pos = torch.tensor(old_pos, dtype=torch.long, device=q.device).expand(mk.shape[2], -1)
-                k_old = ops.gather_tokens(mk, pos, block_table=md.block_table[b])
-                v_old = ops.gather_tokens(mv, pos, block_table=md.block_table[b])
-            k = torch.cat([k_old, k_new[s0:e0].transpose(0, 1).to(k_old.dtype)], dim=1)[None].to(q.dtype)
-            v = torch.cat([v_old, v_new[s0:e0].transpose(0, 1).to(v_old.dtype)], dim=1)[None].to(q.dtype)
-            k_pos = torch.tensor(old_pos + list(range(ctx, seq_len)), device=q.device)
-            o = streaming_prefill(q[s0:e0].transpose(0, 1)[None], k, v, sink=sink, window=recent, scale=self.scale,
-                                  q_pos=k_pos[len(old_pos):], k_pos=k_pos)
-            o = o[0].transpose(0, 1).to(output.dtype)
-            if heads is None:
-                output[s0:e0] = o
-            else:
-                output[s0:e0].index_copy_(1, heads, o)
-            keep = ring_kept(ctx, seq_len, sink, recent) if ring is not None else []
-            if keep:
-                ki = torch.tensor([p - ctx for p in keep], dtype=torch.long, device=r.device) + s0
-                slot = torch.tensor([ring_slot(p, sink, recent) for p in keep], dtype=torch.long, device=r.device)
-                r[:, slot, :d] = k_new.index_select(0, ki).transpose(0, 1).to(r.dtype)
-                r[:, slot, d:] = v_new.index_select(0, ki).transpose(0, 1).to(r.dtype)
+            p = self._plan(md, reqs, anchor, q.device, bs)
+        if ring is not None:
+            old = ring[p["old_blk"], :, p["old_slot"]]  # [m, n_str, D + Dv]: a copy, read before the writes
+            k_old, v_old = old[..., :d], old[..., d:]
+        else:  # gathered from the host pages (zero-copy onto a GPU with the CUDA extension)
+            mk, mv = store.mirror
+            idx = p["old_flat"].expand(mk.shape[2], -1)
+            k_old, v_old = (ops.gather_tokens(t, idx).transpose(0, 1) for t in (mk, mv))
+        span = p["span"]
+        q_rows = q[span[0]:span[1]] if span is not None else q.index_select(0, p["rows"])
+
+        def packed(old, new):
+            x = old.new_empty((p["total_k"], *old.shape[1:]), dtype=q.dtype)
+            x.index_copy_(0, p["old_dst"], old.to(q.dtype))
+            new = new[span[0]:span[1]] if span is not None else new.index_select(0, p["rows"])
+            x.index_copy_(0, p["new_dst"], new.to(old.dtype).to(q.dtype))
+            return x
+
+        o = streaming_prefill_varlen(q_rows, packed(k_old, k_new), packed(v_old, v_new), p["q_pos"], p["k_pos"],
+                                     p["cu_q"], p["cu_k"], sink=self.sink, window=self.recent, scale=self.scale)
+        o = o.to(output.dtype)
+        if span is not None and heads is None:
+            output[span[0]:span[1]] = o
+        elif span is not None:
+            output[span[0]:span[1]].index_copy_(1, heads, o)
+        elif heads is None:
+            output.index_copy_(0, p["rows"], o)
+        else:
+            output[p["rows"][:, None], heads[None, :]] = o
+        if ring is not None and p["keep_src"].numel():
+            ki = p["keep_src"]
+            ring[p["keep_blk"], :, p["keep_slot"], :d] = k_new.index_select(0, ki).to(ring.dtype)
+            ring[p["keep_blk"], :, p["keep_slot"], d:] = v_new.index_select(0, ki).to(ring.dtype)
+
+    def _plan(self, md: Step, reqs: list[int], anchor: torch.Tensor, device, bs: int | None) -> dict:
+        """Index tensors of :meth:`prefill` for the requests ``reqs`` of ``md`` (once per step): packed
+        rows, request ``i``'s keys at ``cu_k[i] : cu_k[i + 1]`` (its kept earlier tokens, then its new
+        ones), their positions, where the kept tokens are read (ring blocks and slots from ``anchor =
+        store.ring_block``, or with the host pages' block size ``bs`` flat slots from ``anchor =
+        md.block_table``) and which new tokens the ring keeps."""
+        sink, recent = self.sink, self.recent
+        qsl, lens = md.qsl_host(), md.seq_lens_host()
+        starts = [qsl[b] for b in reqs]
+        qlens = [qsl[b + 1] - qsl[b] for b in reqs]
+        ctxs = [lens[b] - n for b, n in zip(reqs, qlens)]
+        olds = [ring_kept(0, c, sink, recent) for c in ctxs]
+        keeps = [ring_kept(c, lens[b], sink, recent) for b, c in zip(reqs, ctxs)]
+        nold = [len(x) for x in olds]
+        cu_q = torch.tensor([0, *qlens], dtype=torch.long).cumsum(0)
+        cu_k = torch.tensor([0, *(a + b for a, b in zip(qlens, nold))], dtype=torch.long).cumsum(0)
+        qn, on = torch.tensor(qlens), torch.tensor(nold)
+        # row j of request i: new tokens at cu_k[i] + nold[i] + j, kept ones at cu_k[i] + j
+        new_dst = torch.arange(int(cu_q[-1])) + torch.repeat_interleave(cu_k[:-1] + on - cu_q[:-1], qn)
+        old_dst = torch.arange(sum(nold)) + torch.repeat_interleave(cu_k[:-1] - (on.cumsum(0) - on), on)
+        q_pos = torch.arange(int(cu_q[-1])) + torch.repeat_interleave(torch.tensor(ctxs) - cu_q[:-1], qn)
+        old_pos = torch.tensor([x for o in olds for x in o], dtype=torch.long)
+        k_pos = torch.empty(int(cu_k[-1]), dtype=torch.long)
+        k_pos[old_dst], k_pos[new_dst] = old_pos, q_pos
+        first, end = starts[0], starts[-1] + qlens[-1]
+        span = (first, end) if end - first == sum(qlens) else None
+        rows = torch.arange(int(cu_q[-1])) + torch.repeat_interleave(torch.tensor(starts) - cu_q[:-1], qn)
+        p = {"cu_q": cu_q, "cu_k": cu_k, "total_k": int(cu_k[-1]), "span": span}
+        for name, t in (("new_dst", new_dst), ("old_dst", old_dst), ("q_pos", q_pos), ("k_pos", k_pos),
+                        ("rows", rows)):
+            p[name] = t.to(device)
+        req = torch.repeat_interleave(torch.tensor(reqs), on).to(anchor.device)
+        if bs is not None:  # flat slots of the host pages: block_table[b, pos // bs] * bs + pos % bs
+            op = old_pos.to(anchor.device)
+            p["old_flat"] = (anchor[req, op // bs].long() * bs + op % bs).to(device)
+            return p
+        p["old_blk"] = anchor.index_select(0, req).long()
+        p["old_slot"] = ring_slot(old_pos, sink, recent).to(anchor.device)
+        kn = torch.tensor([len(x) for x in keeps])
+        keep_pos = torch.tensor([x for k in keeps for x in k], dtype=torch.long)
+        p["keep_src"] = (keep_pos + torch.repeat_interleave(torch.tensor(starts) - torch.tensor(ctxs), kn)).to(device)
+        p["keep_blk"] = anchor.index_select(0, torch.repeat_interleave(torch.tensor(reqs), kn).to(anchor.device)).long()
+        p["keep_slot"] = ring_slot(keep_pos, sink, recent).to(anchor.device)
+        return p
 
 
 class DuoAttention:

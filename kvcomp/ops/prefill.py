@@ -1,6 +1,7 @@
 """Prefill attention for DuoAttention: :func:`streaming_prefill` for the streaming heads (sink + window:
 the Triton ``kvcomp::streaming_prefill`` on CUDA, the native ``torch.ops.kvcomp_C.streaming_prefill`` on
-CPU, csrc/streaming_prefill_cpu.cpp) and the dense causal path for retrieval heads (``flash_attn`` when
+CPU, csrc/streaming_prefill_cpu.cpp; :func:`streaming_prefill_varlen`: several requests' packed rows
+in one native call) and the dense causal path for retrieval heads (``flash_attn`` when
 installed and the inputs are CUDA fp16/bf16, otherwise torch SDPA).
 """
 
@@ -124,6 +125,41 @@ def streaming_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sink
     mask = streaming_mask(q_pos, k_pos, sink, window)
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask.reshape(tq, tk), scale=scale,
                                                             enable_gqa=q.shape[1] != k.shape[1])
+
+
+def streaming_prefill_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
+                             k_pos: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, *, sink: int, window: int,
+                             scale: float | None = None) -> torch.Tensor:
+    """:func:`streaming_prefill` of several requests in one call: q ``[total_q, Hq, D]``, k / v
+    ``[total_k, Hkv, D]`` (last dim contiguous; request ``b``'s rows ``cu_q[b] : cu_q[b + 1]`` /
+    ``cu_k[b] : cu_k[b + 1]``, keys in any order), positions ``q_pos [total_q]``, ``k_pos [total_k]``
+    on q's device, offsets ``cu_q, cu_k [B + 1]`` on the CPU. Returns ``[total_q, Hq, D]`` in q's dtype.
+
+    CPU with the native op: one ``torch.ops.kvcomp_C.streaming_prefill`` call (it checks the inputs);
+    otherwise request by request through :func:`streaming_prefill` (Triton on CUDA, the masked SDPA
+    fallback on CPU). Reference: ``kvcomp.ref.varlen_streaming_attention``."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            raise ValueError(f"{name} must be a 3-dim tensor [rows, H, D]")
+    for name, t in (("cu_q", cu_q), ("cu_k", cu_k)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.is_cuda:
+            raise ValueError(f"{name} must be a 1-dim CPU tensor [B + 1] of row offsets")
+    scale = 1.0 / q.shape[-1] ** 0.5 if scale is None else float(scale)
+    if not q.is_cuda and q.shape[-1] in SUPPORTED_HEAD_DIMS and impl_for(q, "streaming_prefill") == "native":
+        return torch.ops.kvcomp_C.streaming_prefill(q, k, v, q_pos, k_pos, cu_q, cu_k, sink, window, scale)
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    if len(cq) != len(ck) or not cq or cq[0] != 0 or ck[0] != 0 or cq[-1] != q.shape[0] or ck[-1] != k.shape[0] \
+            or any(a > b for a, b in zip(cq, cq[1:])) or any(a > b for a, b in zip(ck, ck[1:])):
+        raise ValueError(f"cu_q / cu_k must both be [B + 1] non-decreasing offsets from 0 to {q.shape[0]} / "
+                         f"{k.shape[0]} rows, got {cq} and {ck}")
+    out = torch.empty_like(q)
+    for b in range(len(cq) - 1):
+        q0, q1, k0, k1 = cq[b], cq[b + 1], ck[b], ck[b + 1]
+        if q1 > q0:
+            out[q0:q1] = streaming_prefill(q[q0:q1].transpose(0, 1)[None], k[k0:k1].transpose(0, 1)[None],
+                                           v[k0:k1].transpose(0, 1)[None], sink=sink, window=window, scale=scale,
+                                           q_pos=q_pos[q0:q1], k_pos=k_pos[k0:k1])[0].transpose(0, 1)
+    return out
 
 
 def _native_streaming(q, k, v, sink, window, scale, q_pos, k_pos) -> torch.Tensor:

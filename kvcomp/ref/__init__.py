@@ -22,6 +22,7 @@ from .rope import windowed_rope_query as windowed_rope_query
 from .streaming import paged_streaming_attention as paged_streaming_attention
 from .streaming import streaming_attention as streaming_attention
 from .streaming import streaming_mask as streaming_mask
+from .streaming import varlen_streaming_attention as varlen_streaming_attention
 from .think import pack_pruned_keys as pack_pruned_keys
 from .think import pruned_key_attention as pruned_key_attention
 from .think import think_channel_scores as think_channel_scores
@@ -42,6 +43,7 @@ __all__ = [
     "streaming_mask",
     "streaming_attention",
     "paged_streaming_attention",
+    "varlen_streaming_attention",
     "think_channel_scores",
     "think_keep_channels",
     "think_kept_dim",

@@ -75,6 +75,57 @@ def streaming_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, si
     return attention(q, k, v, scale=scale, causal=False, mask=m)
 
 
+def varlen_streaming_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
+                               k_pos: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, sink: int, window: int,
+                               scale: float | None = None) -> torch.Tensor:
+    """Sink + window attention of several requests packed in rows (the signature of the native
+    ``torch.ops.kvcomp_C.streaming_prefill``).
+
+    Args:
+        q: ``[total_q, Hq, D]``; request ``b``'s queries are rows ``cu_q[b] : cu_q[b + 1]``.
+        k, v: ``[total_k, Hkv, D]``; request ``b``'s keys / values are rows ``cu_k[b] : cu_k[b + 1]``,
+            in any order (``k_pos`` gives each row's position).
+        q_pos, k_pos: ``[total_q]`` / ``[total_k]`` integer positions.
+        cu_q, cu_k: ``[B + 1]`` integer row offsets, from 0 to ``total_q`` / ``total_k``, non-decreasing.
+        sink, window: see :func:`streaming_mask` (``window >= 1``).
+        scale: default ``1/sqrt(D)``.
+    Returns:
+        ``[total_q, Hq, D]`` in ``q.dtype``.
+    """
+    _check_sink_window(sink, window)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        V.tensor(name, t, ndim=3, kind="float")
+    for name, t in (("q_pos", q_pos), ("k_pos", k_pos), ("cu_q", cu_q), ("cu_k", cu_k)):
+        V.tensor(name, t, ndim=1, kind="int")
+    V.same_device(q=q, k=k, v=v, q_pos=q_pos, k_pos=k_pos)
+    if v.shape != k.shape:
+        raise ValueError(f"v shape {tuple(v.shape)} differs from k shape {tuple(k.shape)}")
+    if k.shape[2] != q.shape[2]:
+        raise ValueError(f"k head dim {k.shape[2]} must equal q's {q.shape[2]}")
+    V.gqa("q", q.shape[1], k.shape[1])
+    if q_pos.shape[0] != q.shape[0] or k_pos.shape[0] != k.shape[0]:
+        raise ValueError(f"q_pos must be [{q.shape[0]}] and k_pos [{k.shape[0]}], got {tuple(q_pos.shape)} and "
+                         f"{tuple(k_pos.shape)}")
+    if cu_q.shape[0] < 1 or cu_k.shape != cu_q.shape:
+        raise ValueError(f"cu_q and cu_k must both be [B + 1], got {tuple(cu_q.shape)} and {tuple(cu_k.shape)}")
+    offsets = []
+    for name, cu, total, what in (("cu_q", cu_q, q.shape[0], "query"), ("cu_k", cu_k, k.shape[0], "key")):
+        c = cu.tolist()
+        if c[0] != 0 or c[-1] != total:
+            raise ValueError(f"{name} must run from 0 to the number of {what} rows {total}, got {c[0]} .. {c[-1]}")
+        if any(a > b for a, b in zip(c, c[1:])):
+            raise ValueError(f"{name} must be non-decreasing, got {c}")
+        offsets.append(c)
+    out = torch.empty_like(q)
+    for (q0, q1), (k0, k1) in zip(zip(offsets[0], offsets[0][1:]), zip(offsets[1], offsets[1][1:])):
+        if q1 == q0:
+            continue
+        out[q0:q1] = streaming_attention(q[q0:q1].transpose(0, 1)[None], k[k0:k1].transpose(0, 1)[None],
+                                         v[k0:k1].transpose(0, 1)[None], sink=sink, window=window, scale=scale,
+                                         q_pos=q_pos[q0:q1], k_pos=k_pos[k0:k1])[0].transpose(0, 1)
+    return out
+
+
 def paged_streaming_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                               block_table: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                               *, sink: int, window: int, scale: float | None = None) -> torch.Tensor:

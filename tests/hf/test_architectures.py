@@ -193,11 +193,12 @@ def test_sliding_window_method_over_permuted_pages(dtype, tol, group, window):
     mixing decode rows and chunked-prefill rows, odd lengths, GQA, permuted non-contiguous blocks."""
     from kvcomp.methods.step import Step, Store
     from kvcomp.methods.window import SlidingWindow
+    from kvcomp.ops._dispatch import impl_on
     from kvcomp.ref import gather_paged, streaming_attention
 
     g = torch.Generator().manual_seed(group * 100 + window)
     hkv, d, bs = 2, 16, 4
-    lens, qlens = [1, 19, 7, 33, 12], [1, 1, 7, 5, 1]
+    lens, qlens = [1, 19, 7, 9, 33, 12], [1, 1, 7, 1, 5, 1]  # prefill rows 2 and 4: not one range
     nblk = sum(-(-n // bs) for n in lens) + 3
     k_cache = torch.randn(nblk, bs, hkv, d, generator=g).to(dtype)
     v_cache = torch.randn(nblk, bs, hkv, d, generator=g).to(dtype)
@@ -217,7 +218,10 @@ def test_sliding_window_method_over_permuted_pages(dtype, tol, group, window):
     md = Step(len(lens), qsl[-1], max(qlens), max(lens), torch.tensor(qsl, dtype=torch.int32),
               torch.tensor(lens, dtype=torch.int32), table, torch.zeros(qsl[-1], dtype=torch.long), qsl)
     out = torch.zeros_like(q)
-    SlidingWindow(window, 0.3).attend(Store(k=k_cache, v=v_cache), q, None, None, md, out)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        SlidingWindow(window, 0.3).attend(Store(k=k_cache, v=v_cache), q, None, None, md, out)
+    if impl_on("cpu", "streaming_prefill") == "native":  # both prefill rows in one varlen call
+        assert {e.key: e.count for e in prof.key_averages()}.get("kvcomp_C::streaming_prefill") == 1
     for b, n in enumerate(lens):
         kd, vd = (gather_paged(c, table, n, b)[None].float() for c in (k_cache, v_cache))
         qb = q[qsl[b]:qsl[b + 1]].transpose(0, 1)[None].float()
