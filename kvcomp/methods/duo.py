@@ -143,25 +143,21 @@ class StreamingHeads:
                            lambda: self._plan(md, reqs, anchor, q.device, bs))
         else:
             p = self._plan(md, reqs, anchor, q.device, bs)
+        kv_new = torch.cat([k_new, v_new], dim=-1)  # [n, n_str, D + Dv]: like a ring slot
         if ring is not None:
             old = ring[p["old_blk"], :, p["old_slot"]]  # [m, n_str, D + Dv]: a copy, read before the writes
-            k_old, v_old = old[..., :d], old[..., d:]
         else:  # gathered from the host pages (zero-copy onto a GPU with the CUDA extension)
             mk, mv = store.mirror
             idx = p["old_flat"].expand(mk.shape[2], -1)
-            k_old, v_old = (ops.gather_tokens(t, idx).transpose(0, 1) for t in (mk, mv))
+            old = torch.cat([ops.gather_tokens(t, idx) for t in (mk, mv)], dim=-1).transpose(0, 1)
         span = p["span"]
         q_rows = q[span[0]:span[1]] if span is not None else q.index_select(0, p["rows"])
-
-        def packed(old, new):
-            x = old.new_empty((p["total_k"], *old.shape[1:]), dtype=q.dtype)
-            x.index_copy_(0, p["old_dst"], old.to(q.dtype))
-            new = new[span[0]:span[1]] if span is not None else new.index_select(0, p["rows"])
-            x.index_copy_(0, p["new_dst"], new.to(old.dtype).to(q.dtype))
-            return x
-
-        o = streaming_prefill_varlen(q_rows, packed(k_old, k_new), packed(v_old, v_new), p["q_pos"], p["k_pos"],
-                                     p["cu_q"], p["cu_k"], sink=self.sink, window=self.recent, scale=self.scale)
+        kv = old.new_empty((p["total_k"], *old.shape[1:]), dtype=q.dtype)  # each request's kept, then new rows
+        kv.index_copy_(0, p["old_dst"], old.to(q.dtype))
+        new = kv_new[span[0]:span[1]] if span is not None else kv_new.index_select(0, p["rows"])
+        kv.index_copy_(0, p["new_dst"], new.to(old.dtype).to(q.dtype))
+        o = streaming_prefill_varlen(q_rows, kv[..., :d], kv[..., d:], p["q_pos"], p["k_pos"], p["cu_q"], p["cu_k"],
+                                     sink=self.sink, window=self.recent, scale=self.scale)
         o = o.to(output.dtype)
         if span is not None and heads is None:
             output[span[0]:span[1]] = o
@@ -171,10 +167,8 @@ class StreamingHeads:
             output.index_copy_(0, p["rows"], o)
         else:
             output[p["rows"][:, None], heads[None, :]] = o
-        if ring is not None and p["keep_src"].numel():
-            ki = p["keep_src"]
-            ring[p["keep_blk"], :, p["keep_slot"], :d] = k_new.index_select(0, ki).to(ring.dtype)
-            ring[p["keep_blk"], :, p["keep_slot"], d:] = v_new.index_select(0, ki).to(ring.dtype)
+        if ring is not None and p["keep_src"].numel():  # after attending: key and value of a slot in one write
+            ring[p["keep_blk"], :, p["keep_slot"]] = kv_new.index_select(0, p["keep_src"]).to(ring.dtype)
 
     def _plan(self, md: Step, reqs: list[int], anchor: torch.Tensor, device, bs: int | None) -> dict:
         """Index tensors of :meth:`prefill` for the requests ``reqs`` of ``md`` (once per step): packed
