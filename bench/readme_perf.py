@@ -120,6 +120,11 @@ def vllm_cpu_section(data: dict) -> list[str]:
             x = long.get(r["method"])
             cells += ["–", "–"] if x is None else [f"{x['kv_capacity_tokens']:,}", f"x{x['capacity_ratio']}"]
         out.append("| " + " | ".join(cells) + " |")
+    loads = [x for r in data["records"] for x in (r.get("load_avg") or [])]
+    if loads:
+        out += ["", f"1-minute load average around the engines: {min(loads):g} to {max(loads):g}."]
+    if data.get("note"):
+        out += ["", data["note"]]
     return out
 
 

@@ -73,7 +73,7 @@ def run_engine(py: str, work: Path, name: str, model_dir: str, prompts_file: Pat
         cmd += ["--num-blocks", str(num_blocks)]
     if method not in RING_FREE:  # per-request rings
         cmd.append("--no-prefix-caching")
-    t0 = time.time()
+    t0, load0 = time.time(), os.getloadavg()[0]
     with open(log, "w") as fh:
         rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=str(ROOT))
     text = log.read_text(errors="replace")
@@ -97,6 +97,7 @@ def run_engine(py: str, work: Path, name: str, model_dir: str, prompts_file: Pat
     res["device_kv_bytes"] = sum(ELEM_BYTES[r["dtype"]] * _prod(r["kv_cache_shape"]) for r in recs) or None
     res["host_mirror_bytes"] = max((r["host_mirror_bytes"] for r in recs), default=0)
     res["wall_s"] = round(time.time() - t0, 1)
+    res["load_avg"] = [round(load0, 2), round(os.getloadavg()[0], 2)]  # 1-minute load before / after the engine
     return res
 
 
@@ -219,7 +220,7 @@ def main() -> int:
                "num_blocks": r["num_blocks"], "block_size": r["block_size"],
                "device_kv_bytes": r["device_kv_bytes"], "host_mirror_bytes": r["host_mirror_bytes"],
                "tokens_per_s": round(r["generated_tokens"] / r["generate_s"], 2),
-               "generate_s": r["generate_s"], "engine_start_s": r["engine_start_s"],
+               "generate_s": r["generate_s"], "engine_start_s": r["engine_start_s"], "load_avg": r.get("load_avg"),
                "kvcomp_backend_ran": r["active"], "vllm_accuracy": acc}
         if base != "stock":
             rounded = dtype == "fp8" and base not in CODES_ONLY
