@@ -21,7 +21,7 @@ from ..ops.prefill import streaming_prefill_varlen
 from ..ref.cache_write import streaming_slot as ring_slot
 from .a2ats import A2ATS
 from .dense import Dense, dense_rows, head_map, write_pages
-from .step import Rows, Step, Store, grow
+from .step import Rows, Step, Store, concat_ranges, grow
 from .think import ThinK
 
 __all__ = ["DuoAttention", "StreamingHeads", "ring_kept", "ring_slot", "shared_ring", "streaming_selection", "think_view"]
@@ -188,15 +188,15 @@ class StreamingHeads:
         cu_k = torch.tensor([0, *(a + b for a, b in zip(qlens, nold))], dtype=torch.long).cumsum(0)
         qn, on = torch.tensor(qlens), torch.tensor(nold)
         # row j of request i: new tokens at cu_k[i] + nold[i] + j, kept ones at cu_k[i] + j
-        new_dst = torch.arange(int(cu_q[-1])) + torch.repeat_interleave(cu_k[:-1] + on - cu_q[:-1], qn)
-        old_dst = torch.arange(sum(nold)) + torch.repeat_interleave(cu_k[:-1] - (on.cumsum(0) - on), on)
-        q_pos = torch.arange(int(cu_q[-1])) + torch.repeat_interleave(torch.tensor(ctxs) - cu_q[:-1], qn)
+        new_dst = concat_ranges(cu_k[:-1] + on, qn)
+        old_dst = concat_ranges(cu_k[:-1], on)
+        q_pos = concat_ranges(ctxs, qn)
         old_pos = torch.tensor([x for o in olds for x in o], dtype=torch.long)
         k_pos = torch.empty(int(cu_k[-1]), dtype=torch.long)
         k_pos[old_dst], k_pos[new_dst] = old_pos, q_pos
         first, end = starts[0], starts[-1] + qlens[-1]
         span = (first, end) if end - first == sum(qlens) else None
-        rows = torch.arange(int(cu_q[-1])) + torch.repeat_interleave(torch.tensor(starts) - cu_q[:-1], qn)
+        rows = concat_ranges(starts, qn)
         p = {"cu_q": cu_q, "cu_k": cu_k, "total_k": int(cu_k[-1]), "span": span}
         for name, t in (("new_dst", new_dst), ("old_dst", old_dst), ("q_pos", q_pos), ("k_pos", k_pos),
                         ("rows", rows)):

@@ -49,6 +49,13 @@ class Rows:
             out[self.rows] = o.to(out.dtype)
 
 
+def concat_ranges(starts, lens) -> torch.Tensor:
+    """``cat([arange(s, s + n) for s, n in zip(starts, lens)])`` (int64, CPU) without a loop: the
+    packed row / position / destination indices of several requests' varlen rows."""
+    starts, lens = torch.as_tensor(starts, dtype=torch.long), torch.as_tensor(lens, dtype=torch.long)
+    return torch.arange(int(lens.sum())) + torch.repeat_interleave(starts - (lens.cumsum(0) - lens), lens)
+
+
 def split_rows(num_reqs: int, qsl: list[int], block_table: torch.Tensor, seq_lens: torch.Tensor,
                device: torch.device) -> tuple[Rows | None, Rows | None]:
     """``(one-token rows, multi-token rows)`` of a batch; ``None`` for an empty part.

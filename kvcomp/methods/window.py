@@ -19,7 +19,7 @@ from .. import ops
 from ..ops.prefill import streaming_prefill_varlen
 from .dense import write_pages
 from .duo import streaming_selection
-from .step import Step
+from .step import Step, concat_ranges
 
 
 class SlidingWindow:
@@ -80,9 +80,9 @@ class SlidingWindow:
         cu_q = torch.tensor([0, *qlens]).cumsum(0)
         cu_k = torch.tensor([0, *klens]).cumsum(0)
         qn, kn = torch.tensor(qlens), torch.tensor(klens)
-        q_pos = torch.arange(int(cu_q[-1])) + torch.repeat_interleave(torch.tensor(firsts) - cu_q[:-1], qn)
-        k_pos = torch.arange(int(cu_k[-1])) + torch.repeat_interleave(torch.tensor(k0) - cu_k[:-1], kn)
-        rows = torch.arange(int(cu_q[-1])) + torch.repeat_interleave(starts - cu_q[:-1], qn)
+        q_pos = concat_ranges(firsts, qn)
+        k_pos = concat_ranges(k0, kn)
+        rows = concat_ranges(starts, qn)
         first, end = qsl[reqs[0]], qsl[reqs[-1] + 1]
         req = torch.repeat_interleave(torch.tensor(reqs), kn).to(md.block_table.device)
         kp = k_pos.to(md.block_table.device)

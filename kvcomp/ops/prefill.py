@@ -147,11 +147,9 @@ def streaming_prefill_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     scale = 1.0 / q.shape[-1] ** 0.5 if scale is None else float(scale)
     if not q.is_cuda and q.shape[-1] in SUPPORTED_HEAD_DIMS and impl_for(q, "streaming_prefill") == "native":
         return torch.ops.kvcomp_C.streaming_prefill(q, k, v, q_pos, k_pos, cu_q, cu_k, sink, window, scale)
-    cq, ck = cu_q.tolist(), cu_k.tolist()
-    if len(cq) != len(ck) or not cq or cq[0] != 0 or ck[0] != 0 or cq[-1] != q.shape[0] or ck[-1] != k.shape[0] \
-            or any(a > b for a, b in zip(cq, cq[1:])) or any(a > b for a, b in zip(ck, ck[1:])):
-        raise ValueError(f"cu_q / cu_k must both be [B + 1] non-decreasing offsets from 0 to {q.shape[0]} / "
-                         f"{k.shape[0]} rows, got {cq} and {ck}")
+    from kvcomp.ref.streaming import varlen_offsets
+
+    cq, ck = varlen_offsets(cu_q, cu_k, q.shape[0], k.shape[0])
     out = torch.empty_like(q)
     for b in range(len(cq) - 1):
         q0, q1, k0, k1 = cq[b], cq[b + 1], ck[b], ck[b + 1]

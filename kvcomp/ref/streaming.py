@@ -75,6 +75,22 @@ def streaming_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, si
     return attention(q, k, v, scale=scale, causal=False, mask=m)
 
 
+def varlen_offsets(cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, total_k: int) -> list[list[int]]:
+    """``[cu_q, cu_k]`` as lists after checking them: both ``[B + 1]``, from 0 to ``total_q`` /
+    ``total_k`` rows, non-decreasing (ValueError naming the offending one otherwise)."""
+    if cu_q.dim() != 1 or cu_q.shape[0] < 1 or cu_k.shape != cu_q.shape:
+        raise ValueError(f"cu_q and cu_k must both be [B + 1], got {tuple(cu_q.shape)} and {tuple(cu_k.shape)}")
+    offsets = []
+    for name, cu, total, what in (("cu_q", cu_q, total_q, "query"), ("cu_k", cu_k, total_k, "key")):
+        c = cu.tolist()
+        if c[0] != 0 or c[-1] != total:
+            raise ValueError(f"{name} must run from 0 to the number of {what} rows {total}, got {c[0]} .. {c[-1]}")
+        if any(a > b for a, b in zip(c, c[1:])):
+            raise ValueError(f"{name} must be non-decreasing, got {c}")
+        offsets.append(c)
+    return offsets
+
+
 def varlen_streaming_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
                                k_pos: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, sink: int, window: int,
                                scale: float | None = None) -> torch.Tensor:
@@ -106,16 +122,7 @@ def varlen_streaming_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     if q_pos.shape[0] != q.shape[0] or k_pos.shape[0] != k.shape[0]:
         raise ValueError(f"q_pos must be [{q.shape[0]}] and k_pos [{k.shape[0]}], got {tuple(q_pos.shape)} and "
                          f"{tuple(k_pos.shape)}")
-    if cu_q.shape[0] < 1 or cu_k.shape != cu_q.shape:
-        raise ValueError(f"cu_q and cu_k must both be [B + 1], got {tuple(cu_q.shape)} and {tuple(cu_k.shape)}")
-    offsets = []
-    for name, cu, total, what in (("cu_q", cu_q, q.shape[0], "query"), ("cu_k", cu_k, k.shape[0], "key")):
-        c = cu.tolist()
-        if c[0] != 0 or c[-1] != total:
-            raise ValueError(f"{name} must run from 0 to the number of {what} rows {total}, got {c[0]} .. {c[-1]}")
-        if any(a > b for a, b in zip(c, c[1:])):
-            raise ValueError(f"{name} must be non-decreasing, got {c}")
-        offsets.append(c)
+    offsets = varlen_offsets(cu_q, cu_k, q.shape[0], k.shape[0])
     out = torch.empty_like(q)
     for (q0, q1), (k0, k1) in zip(zip(offsets[0], offsets[0][1:]), zip(offsets[1], offsets[1][1:])):
         if q1 == q0:
