@@ -175,11 +175,14 @@ def cmd_info(a) -> int:
 
 def cmd_vllm_config(a) -> int:
     from .methods import build_vllm_method, parse_method
+    from .methods.named import check_duo_threshold
     from .models import load_model, model_folder
 
+    check_duo_threshold(a.method, a.duo_threshold)  # before loading the model
     model, tok = load_model(a.model, device="cpu")
     opts = _options(a)
     opts.think_channels = a.think_channels
+    opts.duo_threshold = a.duo_threshold
     cfg = build_vllm_method(a.method, model, tok, a.model, opts)
     if cfg is None:
         print("[kvcomp] method 'full': no config needed (serve without KVCOMP_CONFIG)")
@@ -254,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--think-channels", choices=("static", "query"), default="static",
                    help="ThinK's kept key channels: static (calibrated once, cached) or query (chosen per "
                         "request from its own prompt's last queries, as published)")
+    v.add_argument("--duo-threshold", choices=("layer", "global"), default="layer",
+                   help="DuoAttention's gates thresholded per layer (the same number of streaming heads in "
+                        "every layer) or globally, as published (counts differ per layer: each layer gets "
+                        "its own page; DuoAttention alone, tensor parallel size 1)")
     v.add_argument("--out", required=True, help="directory to write (CompressionConfig.save)")
     v.set_defaults(fn=cmd_vllm_config)
 

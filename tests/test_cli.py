@@ -119,3 +119,13 @@ def test_command_line_process(tmp_path):
     r = run("demo", "--methods", "full", "--model", str(tmp_path / "no-such-model"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("kvcomp: error: unknown model")
+
+
+def test_global_duo_threshold_with_another_method_refused_before_loading(monkeypatch, capsys):
+    monkeypatch.delenv("KVCOMP_DEBUG", raising=False)
+    _fail_loading(monkeypatch)  # reaching the model load would print "unknown model"
+    assert cli.main(["vllm-config", "--method", "duo+think", "--duo-threshold", "global", "--out", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "--duo-threshold global is served for DuoAttention alone" in err and "--duo-threshold layer" in err
+    assert cli.main(["vllm-config", "--method", "duo", "--duo-threshold", "global", "--out", "x"]) == 2
+    assert "unknown model" in capsys.readouterr().err  # accepted: went on to load the model

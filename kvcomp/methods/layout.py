@@ -105,6 +105,18 @@ def ring_request(plan, num_kv_heads: int, head_size: int, num_streaming: int, bl
     return None
 
 
+def per_layer_ring_slots(plan, num_streaming: int) -> int:
+    """Ring slots of a layer with ``num_streaming`` streaming heads under a per-layer DuoAttention
+    pattern (:attr:`~kvcomp.vllm_plugin.plan.Plan.streaming_per_layer`): ``sink + recent``, plus
+    ``num_streaming - 1`` unused slots so that rings of different head counts have different block
+    sizes. vLLM 0.32 buckets rings of equal block size together and, when it splits a bucket whose
+    page sizes differ, drops the layers past the shortest page size's count
+    (``_get_packed_kv_cache_groups``: ``zip(*page_size_layers.values())``); one block size per head
+    count gives one page size per bucket. No rounding to pages: the block-outermost layout packs
+    pages of any size."""
+    return plan.sink + plan.recent + num_streaming - 1
+
+
 def ring_id_cells(plan, num_kv_heads: int, num_streaming: int) -> tuple[list[int], list[int], int] | None:
     """``(ring heads, slots, elements)`` of the ring cells holding query-driven ThinK's kept channel
     ids (:class:`RequestChannels`: slot ``window`` of each ThinK head's window, which in a ring

@@ -33,6 +33,7 @@ class MethodOptions:
     think_window: int = DEF.THINK_WINDOW        # ThinK: observation window / full-width recent keys
     think_channel_multiple: int = DEF.THINK_CHANNEL_MULTIPLE  # ThinK: kept channels rounded up to a multiple
     think_channels: str = "static"  # vLLM layout: "static" (calibrated once) or "query" (chosen per request)
+    duo_threshold: str = "layer"  # vLLM layout: DuoAttention gates thresholded per "layer" or "global" (as published)
     topk: float = DEF.VQ_TOPK             # VQ: per-query-head top-K (fraction or count). A²ATS uses 0.03 on
                                    # Llama-3.1-8B; SmolLM2-135M's diffuse attention needs ~0.1 (README)
     vq_sink: int = DEF.VQ_SINK
@@ -178,6 +179,20 @@ def static_think_channels(model, tokenizer, model_name: str, opts: MethodOptions
     return ch
 
 
+def check_duo_threshold(name: str, threshold: str) -> None:
+    """Refuse a DuoAttention threshold the vLLM backend cannot serve with method ``name``.
+
+    Raises:
+        ValueError: ``threshold`` is neither ``layer`` nor ``global``, or ``global`` with another
+            method than DuoAttention alone.
+    """
+    if threshold not in ("layer", "global"):
+        raise ValueError(f"duo_threshold: {threshold!r}, use 'layer' or 'global'")
+    if threshold == "global" and parse_method(name) != ("duo",):
+        raise ValueError(f"--duo-threshold global is served for DuoAttention alone, not {name!r}: use "
+                         "--duo-threshold layer (the same number of streaming heads in every layer) with it")
+
+
 def build_vllm_method(name: str, model, tokenizer, model_name: str, opts: MethodOptions | None = None
                       ) -> CompressionConfig | None:
     """The :class:`CompressionConfig` of a named method laid out for kvcomp's vLLM backend.
@@ -187,14 +202,17 @@ def build_vllm_method(name: str, model, tokenizer, model_name: str, opts: Method
     with static channels (``opts.think_channels == "static"``: calibrated on text, cached) or
     channels chosen per request from its own queries (``"query"``, ThinK as published), A²ATS
     covers every layer (``vq_dense_layers`` is ignored; with DuoAttention, every retrieval head).
-    Any combination is served. None for ``full``.
+    Any combination is served. ``opts.duo_threshold == "global"``: DuoAttention alone with the gates
+    thresholded globally, as published (``round(sparsity * L * Hkv)`` streaming heads, different
+    counts per layer; the backend gives each layer its own page). None for ``full``.
 
     Raises:
-        ValueError: ``opts.think_channels`` is neither ``static`` nor ``query``.
+        ValueError: ``opts.think_channels`` is neither ``static`` nor ``query``; ``opts.duo_threshold``
+            is neither ``layer`` nor ``global``, or ``global`` with another method than DuoAttention alone.
     """
     import torch
 
-    from ..patterns import read_pattern_tsv, threshold_pattern_per_layer
+    from ..patterns import read_pattern_tsv, threshold_pattern, threshold_pattern_per_layer
 
     opts = opts or MethodOptions()
     parts = parse_method(name)
@@ -202,11 +220,13 @@ def build_vllm_method(name: str, model, tokenizer, model_name: str, opts: Method
         return None
     if opts.think_channels not in ("static", "query"):
         raise ValueError(f"think_channels: {opts.think_channels!r}, use 'static' or 'query'")
+    check_duo_threshold(name, opts.duo_threshold)
     kw = {}
     if "duo" in parts:
         gates = read_pattern_tsv(duo_pattern_path(model_name, opts))
-        kw["duo"] = DuoAttention(pattern=threshold_pattern_per_layer(gates, opts.sparsity), sink=opts.sink,
-                                 recent=opts.recent)
+        pattern = (threshold_pattern(gates, opts.sparsity) if opts.duo_threshold == "global"
+                   else threshold_pattern_per_layer(gates, opts.sparsity))
+        kw["duo"] = DuoAttention(pattern=pattern, sink=opts.sink, recent=opts.recent)
     if "think" in parts:
         static = opts.think_channels == "static"
         kw["think"] = ThinK(prune_ratio=opts.prune_ratio, window=opts.think_window,

@@ -40,6 +40,7 @@ import torch
 
 from ..defaults import SUPPORTED_HEAD_DIMS
 from ..methods import layout
+from ..methods.duo import StreamingHeads
 from ..methods.fp8 import Fp8Pages
 from ..methods.step import Step
 from ..ops._dispatch import impl_for
@@ -47,7 +48,7 @@ from . import ENV_TRACE
 from . import compat as C
 from .mirror import mirror_bytes, mirror_for
 from .plan import Plan, kv_head_range, layer_index, plan_from_env
-from .ring import layer_name, page_dtype, register_ring, ring_of
+from .ring import layer_name, page_dtype, register_ring, ring_of, set_layer_spec
 from .rope import rope_from_hf_config
 
 # a child of "vllm" so that vLLM's log handler (and its level setting) prints it
@@ -77,7 +78,14 @@ class KVCompAttentionBackend(C.AttentionBackend):
 
     @staticmethod
     def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list:
-        return [C.MultipleOf(16)]
+        # a layer whose every head streams is its own ring (any number of slots)
+        return [C.MultipleOf(1 if isinstance(kv_cache_spec, C.CircularBufferSpec) else 16)]
+
+    @classmethod
+    def supported_kv_cache_layouts(cls):
+        """Block-outermost layouts for a per-layer DuoAttention pattern (one page size per layer,
+        packed into each block by vLLM); any layout otherwise."""
+        return C.BLOCK_OUTER_LAYOUTS if plan_from_env().streaming_per_layer else None
 
     @classmethod
     def supports_sliding_window(cls) -> bool:
@@ -92,6 +100,8 @@ class KVCompAttentionBackend(C.AttentionBackend):
         """The page of each method (:func:`kvcomp.methods.layout.page_changes`)."""
         plan = layer_plan(getattr(spec, "sliding_window", None))
         plan.check_model(spec.head_size)
+        if plan.streaming_per_layer:  # the layer's own page, set on the layer (see process_weights_after_loading)
+            return spec
         elem = torch.empty((), dtype=spec.dtype).element_size()
         n_str = plan.rank_num_streaming(spec.num_kv_heads, *C.tp_rank_and_size())
         changes = layout.page_changes(plan, spec.num_kv_heads, spec.head_size, spec.head_size_v, elem, n_str)
@@ -174,6 +184,8 @@ class KVCompAttentionImpl(C.AttentionImpl):
         self._act_dtype: torch.dtype | None = None  # the model's dtype (host mirror, dequantised fp8 pages)
         self._fp8: Fp8Pages | None = None  # fp8 K/V pages: the method sees them dequantised
         self._pages: tuple | None = None  # (page tensor, its k, v, codes views): see _store
+        self._page_heads: int | None = None  # per-layer DuoAttention pattern: retrieval heads in this layer's page
+        self._own_ring = False  # per-layer DuoAttention pattern, every head streaming: the cache is the ring
 
     def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
         """Register this layer's ring companion before vLLM collects KV specs; keep the HF config
@@ -181,16 +193,46 @@ class KVCompAttentionImpl(C.AttentionImpl):
         p = self.plan
         # a config made without the model's sliding windows: refused here, before serving
         plan_from_env().check_window(layer_index(layer_name(self)), self.sliding_window)
-        n_str = p.rank_num_streaming(self.num_kv_heads, *C.tp_rank_and_size())
+        n_str = p.layer_num_streaming(layer_index(layer_name(self)), self.num_kv_heads, *C.tp_rank_and_size())
         elem = torch.empty((), dtype=page_dtype(self, act_dtype)).element_size()  # of the pages and the ring
         req = layout.ring_request(p, self.num_kv_heads, self.head_size, n_str,
                                   C.current_vllm_config().cache_config.block_size, elem)
         self._act_dtype = act_dtype
+        if p.streaming_per_layer:
+            req = self._per_layer_pages(n_str, act_dtype)
         if req is not None:
             heads, tokens, content = req
             self.ring_name = register_ring(self, act_dtype, num_heads=heads, capacity=tokens, content=content)
         if layout.mirror_heads(p, self.num_kv_heads):
             self._hf_config = C.current_vllm_config().model_config.hf_config
+
+    def _per_layer_pages(self, n_str: int, act_dtype: torch.dtype) -> tuple[int, int, int] | None:
+        """DuoAttention's globally thresholded pattern: this layer's own page (its retrieval heads),
+        or, when every head streams, the layer's spec is its ring (no page, no companion); returns
+        the companion ring's ``(heads, slots, content)`` (None: no companion)."""
+        if C.BLOCK_OUTER_LAYOUTS is None:
+            raise ValueError(f"kvcomp duo: vLLM {'.'.join(map(str, C.VLLM_VERSION))} has no block-outermost KV "
+                             "cache layout, which one page size per layer needs; threshold the gates per layer "
+                             "(kvcomp vllm-config --duo-threshold layer)")
+        if self.kv_cache_dtype.startswith("fp8"):
+            raise ValueError("kvcomp duo: the globally thresholded pattern is served with --kv-cache-dtype auto "
+                             "(or the model's dtype); for fp8 pages threshold the gates per layer "
+                             "(kvcomp vllm-config --duo-threshold layer)")
+        slots = layout.per_layer_ring_slots(self.plan, n_str)
+        self._own_ring = n_str == self.num_kv_heads
+        if self._own_ring:
+            content = 2 * self.head_size
+
+            def spec_of(spec):
+                elem = torch.empty((), dtype=spec.dtype).element_size()
+                return C.CircularBufferSpec(block_size=slots, num_kv_heads=n_str, head_size=spec.head_size,
+                                            dtype=spec.dtype, state_content_bytes=content * elem)
+        else:
+            def spec_of(spec):
+                return C.replace_spec(spec, num_head_slots=self.num_kv_heads - n_str) if n_str else spec
+        set_layer_spec(self, spec_of)
+        self._page_heads = 0 if self._own_ring else self.num_kv_heads - n_str
+        return None if self._own_ring or not n_str else (n_str, slots, 2 * self.head_size)
 
     # ------------------------------------------------------------------ per-layer setup
     def _setup_layer(self, layer, kv_cache: torch.Tensor) -> None:
@@ -212,6 +254,14 @@ class KVCompAttentionImpl(C.AttentionImpl):
                                       dtype=self._act_dtype if kv_cache.dtype == torch.uint8 else kv_cache.dtype,
                                       layers_in_process=p.num_layers)
         rope = None if self._hf_config is None else rope_from_hf_config(self._hf_config, self.head_size, li)
+        if self._page_heads is not None and kv_cache.shape[1] != (self.num_kv_heads if self._own_ring
+                                                                  else self._page_heads):
+            raise RuntimeError(f"kvcomp duo: layer {li} got a {list(kv_cache.shape)} cache view, not its own page "
+                               f"of {self._page_heads} retrieval heads (was its spec collected before "
+                               "process_weights_after_loading?)")
+        if self._own_ring:  # every head streams: the layer's cache is its ring
+            self.method = StreamingHeads(p.sink, p.recent, self.scale)
+            return
         self.method = layout.build_layer(p, li, self.num_heads, self.num_kv_heads, start, self.scale,
                                          kv_cache.device, rope, window=self.sliding_window)
         # fp8 K/V pages, or ThinK's fp8 ring beside A2ATS codes (the host pages then take e4m3 values)
@@ -221,9 +271,11 @@ class KVCompAttentionImpl(C.AttentionImpl):
             self._fp8 = Fp8Pages(layer._k_scale_float, layer._v_scale_float, self._act_dtype, key_width=self.head_size,
                                  ids=layout.ring_id_cells(p, self.num_kv_heads, n_str))
 
-    def _store(self, kv_cache: torch.Tensor, ring: bool) -> layout.Store:
+    def _store(self, kv_cache: torch.Tensor, ring: bool, md: Step | None = None) -> layout.Store:
         """This step's views of the layer's pages, ring and host pages (the page views made once per
         page tensor: vLLM hands every step the same one; a fresh Store per call, methods fill it)."""
+        if self._own_ring:  # the layer's cache is its ring; the group's block table holds one ring per request
+            return layout.Store(ring=kv_cache, ring_block=md.block_table[:, 0])
         if self._pages is None or self._pages[0] is not kv_cache:
             pv = layout.page_store(self.plan, kv_cache, self.head_size)
             self._pages = (kv_cache, pv.k, pv.v, pv.codes)
@@ -262,7 +314,7 @@ class KVCompAttentionImpl(C.AttentionImpl):
             kv_cache: ``[num_blocks, Hkv, block_size, Dk + Dv]`` (A²ATS: code cells).
             slot_mapping: ``[n]`` int, ``block * block_size + offset``; negative = skip.
         """
-        if kv_cache.numel() == 0:
+        if kv_cache.numel() == 0 or self._own_ring:  # a ring takes its tokens in forward
             return
         if self.method is None:
             self._setup_layer(layer, kv_cache)
@@ -302,5 +354,5 @@ class KVCompAttentionImpl(C.AttentionImpl):
             self._fp8.attend(self.method, self._store(kv_cache, ring=True), query[:n], key[:n], value[:n],
                              attn_metadata, output)
         else:
-            self.method.attend(self._store(kv_cache, ring=True), query[:n], key[:n], value[:n], attn_metadata, output)
+            self.method.attend(self._store(kv_cache, ring=True, md=attn_metadata), query[:n], key[:n], value[:n], attn_metadata, output)
         return output

@@ -77,6 +77,17 @@ except ImportError as e:  # vLLM 0.26 and older
                       f"running {vllm.__version__}") from e
 
 
+# Per-layer page sizes in one KV-cache group (DuoAttention's globally thresholded pattern) need a
+# block-outermost layout: vLLM then packs every layer's page, whatever its size, into one block
+# (kv_cache_utils._get_packed_kv_cache_groups); layer-outer layouts unify page sizes instead.
+try:
+    from vllm.v1.kv_cache_layout import KVCacheLayout
+
+    BLOCK_OUTER_LAYOUTS: tuple | None = (KVCacheLayout.BLNHC, KVCacheLayout.BLHNC)
+except ImportError:  # a vLLM without resolvable layouts: the per-layer pattern is refused
+    BLOCK_OUTER_LAYOUTS = None
+
+
 def current_vllm_config():
     """The vLLM config of the model being built/loaded in this process."""
     from vllm.config import get_current_vllm_config

@@ -15,14 +15,15 @@ What this plugin version serves (every method and combination, as the HF path ru
 * DuoAttention with the same number of streaming KV heads in every layer: pages hold the retrieval
   heads (``num_head_slots``), each layer's streaming heads keep ``sink + recent`` tokens in a
   per-request ring (a companion layer with vLLM's ``CircularBufferSpec``); with ThinK, the
-  retrieval heads' pages are narrow and their window shares the ring;
+  retrieval heads' pages are narrow and their window shares the ring. DuoAttention alone also
+  with the globally thresholded pattern (:attr:`Plan.streaming_per_layer`: each layer's own
+  retrieval-head pages and ring);
 * A²ATS on every (layer, KV head) (with DuoAttention: every retrieval head): pages hold one VQ code
   per token and KV head; the K/V lives in a backend-owned host mirror, a page-for-page shadow of
   vLLM's code pages (with ThinK: ThinK's narrow keys, their window in the ring); DuoAttention's
   streaming heads hold nothing on the device: their K/V sits in the host mirror.
 
-Layouts that are not uniform over layers and heads are refused with a clear error (vLLM pages are
-uniform per KV-cache group).
+Other layouts that are not uniform over layers and heads are refused with a clear error.
 """
 
 from __future__ import annotations
@@ -152,6 +153,30 @@ class Plan:
         return next(iter(counts))
 
     @property
+    def streaming_per_layer(self) -> bool:
+        """True when the DuoAttention pattern streams different numbers of heads per (global) layer:
+        the globally thresholded pattern, served with one page layout per layer (see the backend)."""
+        if self.streaming is None:
+            return False
+        return len({int(self.streaming[l].sum()) for l in range(self.streaming.shape[0])
+                    if self.windows is None or self.windows[l] is None}) > 1
+
+    def layer_num_streaming(self, layer: int, num_kv_heads_local: int, rank: int, size: int) -> int:
+        """Streaming KV heads of ``layer`` on tensor-parallel rank ``rank`` (the uniform count, or
+        the layer's own with :attr:`streaming_per_layer`).
+
+        Raises:
+            ValueError: see :meth:`rank_num_streaming`; a per-layer pattern with tensor parallelism.
+        """
+        if not self.streaming_per_layer:
+            return self.rank_num_streaming(num_kv_heads_local, rank, size)
+        if size != 1:
+            raise ValueError(f"{ENV_CONFIG} ({self.source}): the globally thresholded DuoAttention pattern is served "
+                             f"with tensor parallel size 1 only (got {size}); threshold the gates per layer "
+                             "(kvcomp vllm-config --duo-threshold layer) to shard it")
+        return int(self.streaming[layer].sum())
+
+    @property
     def key_dim(self) -> int | None:
         """Stored key channels per token (``D_keep`` with ThinK, else None = full head dim)."""
         if self.think_channels is not None:
@@ -221,19 +246,25 @@ def plan_from_config(cfg, source: str = "config") -> Plan:
     DuoAttention, ThinK and A²ATS; ThinK with static or query-driven channels).
 
     Raises:
-        ValueError: a layout vLLM's uniform pages cannot hold: ThinK or A²ATS on only some of the
-            (retrieval) heads, DuoAttention with unequal streaming-head counts per layer, more
-            codes than int16 cells hold.
+        ValueError: a layout the backend cannot hold: ThinK or A²ATS on only some of the
+            (retrieval) heads, DuoAttention with unequal streaming-head counts per layer combined
+            with ThinK, A²ATS or sliding-window layers, no head to split, more codes than int16
+            cells hold.
     """
     glob = torch.tensor([cfg.window(l) is None for l in range(cfg.num_layers)])  # sliding layers stay exact
     streaming = None
     if cfg.duo is not None:
         streaming = cfg.duo.pattern.bool().cpu() & glob[:, None]
         counts = streaming[glob].sum(dim=1).tolist()
-        if len(set(counts)) != 1 or not 0 < counts[0] < cfg.num_kv_heads:
-            raise ValueError(f"{ENV_CONFIG} ({source}): vLLM pages are uniform per KV-cache group, so "
-                             "DuoAttention needs the same number (>0, <Hkv) of streaming heads in every "
-                             f"layer; got {counts} (threshold the gates per layer)")
+        if len(set(counts)) == 1 and not 0 < counts[0] < cfg.num_kv_heads:
+            raise ValueError(f"{ENV_CONFIG} ({source}): DuoAttention with {counts[0]} streaming heads in every "
+                             f"layer of {cfg.num_kv_heads}: nothing to split (serve without DuoAttention, or "
+                             "stream 1 to Hkv-1 heads per layer)")
+        if len(set(counts)) > 1 and (cfg.think is not None or cfg.vq is not None or cfg.windows is not None):
+            raise ValueError(f"{ENV_CONFIG} ({source}): the globally thresholded DuoAttention pattern (streaming "
+                             f"heads per layer {counts}) is served alone, on a model without sliding-window "
+                             "layers; with ThinK or A2ATS threshold the gates per layer (kvcomp vllm-config "
+                             "--duo-threshold layer)")
     want = torch.ones(cfg.num_layers, cfg.num_kv_heads, dtype=torch.bool) if streaming is None else ~streaming
     want &= glob[:, None]
     which = "retrieval " if streaming is not None else ""

@@ -136,6 +136,23 @@ def register_ring(impl, act_dtype: torch.dtype, *, num_heads: int, capacity: int
     return ring_name
 
 
+def set_layer_spec(impl, spec_of) -> None:
+    """Make the KV-cache spec of ``impl``'s attention layer ``spec_of(vLLM's spec)``: a page of this
+    layer's own (vLLM's ``customize_spec`` hook gets the spec, not the layer). Set on the layer
+    instance from ``process_weights_after_loading``, before vLLM collects the specs; idempotent."""
+    mod = C.current_vllm_config().compilation_config.static_forward_context[layer_name(impl)]
+    if getattr(mod, "_kvcomp_spec_of", None) is not None:
+        return
+    original = mod.get_kv_cache_spec
+
+    def get_kv_cache_spec(vllm_config):
+        spec = original(vllm_config)
+        return None if spec is None else spec_of(spec)
+
+    mod._kvcomp_spec_of = spec_of
+    mod.get_kv_cache_spec = get_kv_cache_spec
+
+
 def ring_of(ring_name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ring view [blocks, heads, capacity', content], ring block id per request [num_reqs])`` of
     this step (the ids stay on the device)."""

@@ -57,8 +57,8 @@ def vllm_python() -> tuple[str | None, str]:
 
 
 def build_tiny_llama(directory: Path, seed: int = 0, *, num_heads: int = 4, num_kv_heads: int = HKV,
-                     head_dim: int = D):
-    """Save a random 2-layer Llama (default GQA 4 q / 2 kv heads, head_dim 64, fp32) and return it.
+                     head_dim: int = D, num_layers: int = L):
+    """Save a random Llama (default 2 layers, GQA 4 q / 2 kv heads, head_dim 64, fp32) and return it.
 
     ``initializer_range=0.1`` makes logits well separated, so greedy decoding is not decided by
     rounding differences between attention implementations.
@@ -67,7 +67,7 @@ def build_tiny_llama(directory: Path, seed: int = 0, *, num_heads: int = 4, num_
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=num_layers,
                       num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, head_dim=head_dim,
                       max_position_embeddings=4096, initializer_range=0.1, rope_theta=10000.0,
                       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)

@@ -68,11 +68,17 @@ def test_duo_plan_and_refusals(tmp_path):
     assert p.layer_heads(0) == ([0], [1]) and p.layer_heads(1) == ([1], [0])
     with pytest.raises(ValueError, match="layer"):
         p.layer_heads(2)
-    uneven = DuoAttention(pattern=torch.tensor([[True, False], [False, False]]))
-    with pytest.raises(ValueError, match="same number"):
-        plan_from_config(_cfg(duo=uneven))
+    # the globally thresholded pattern: served alone, one page per layer; not with ThinK, not sharded
+    uneven = DuoAttention(pattern=torch.tensor([[True, True], [False, False]]))
+    g = plan_from_config(_cfg(duo=uneven))
+    assert g.streaming_per_layer and not p.streaming_per_layer
+    assert [g.layer_num_streaming(l, 2, 0, 1) for l in (0, 1)] == [2, 0] and p.layer_num_streaming(1, 2, 0, 1) == 1
+    with pytest.raises(ValueError, match="tensor parallel size 1 only.*--duo-threshold layer"):
+        g.layer_num_streaming(0, 1, 0, 2)
+    with pytest.raises(ValueError, match="served alone.*--duo-threshold layer"):
+        plan_from_config(_cfg(duo=uneven, think=ThinK(prune_ratio=0.25, channels=_channels())))
     all_streaming = DuoAttention(pattern=torch.ones(2, 2, dtype=torch.bool))
-    with pytest.raises(ValueError, match="same number"):
+    with pytest.raises(ValueError, match="2 streaming heads in every layer of 2: nothing to split"):
         plan_from_config(_cfg(duo=all_streaming))
     pat = torch.tensor([[False, True], [True, False]])
     both = plan_from_config(_cfg(duo=DuoAttention(pattern=pat), think=ThinK(prune_ratio=0.25, channels=_channels())))
