@@ -1,17 +1,22 @@
 // SPDX-License-Identifier: Apache-2.0
 // Exact decode attention on the CPU over the tokens A2ATS selected, read straight from the host
-// mirror (no cached KV crosses PCIe). Work items are (batch, KV head, token split); the G query
-// heads of a KV head share each key/value row load. Each split keeps a flash-decoding partial
-// (running max m, sum l, unnormalised accumulator) that a second pass merges; all math in fp32.
+// mirror (no cached KV crosses PCIe). Work items are (batch, KV head, split of that head's selected
+// ids); the G query heads of a KV head share each key/value row load (the selection is already the
+// union over the GQA group). An item computes its rows' addresses once (ids ascending: the rows of a
+// page come together), then walks them in tiles of kTile rows through the dense paged decode's tile
+// loops (paged_decode_kernels.inc: G x tile logits in registers, online softmax, value rows read
+// in their storage dtype and widened in registers), prefetching the next tile's rows. Each split
+// keeps a flash-decoding partial (running max m, sum l, unnormalised accumulator) that a second
+// pass merges; all math in fp32.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
-#include <type_traits>
 #include <limits>
 #include <vector>
 
@@ -25,162 +30,168 @@ namespace {
 #ifdef KVCOMP_X86
 KVCOMP_BEGIN_AVX512
 namespace avx512 {
-#include "attention_kernels.inc"
+#define KVCOMP_PD_AVX512 1
+#include "paged_decode_kernels.inc"
+#undef KVCOMP_PD_AVX512
+#include "sparse_attention_kernels.inc"
 }  // namespace avx512
 KVCOMP_END_ISA
 KVCOMP_BEGIN_AVX2
 namespace avx2 {
-#include "attention_kernels.inc"
+#define KVCOMP_PD_AVX2 1
+#include "paged_decode_kernels.inc"
+#undef KVCOMP_PD_AVX2
+#include "sparse_attention_kernels.inc"
 }  // namespace avx2
 KVCOMP_END_ISA
 #endif
 namespace generic {
-#include "attention_kernels.inc"
+#include "paged_decode_kernels.inc"
+#include "sparse_attention_kernels.inc"
 }  // namespace generic
 
-// The inner loops of the current ISA (cpu_isa.h).
-struct Kernels {
-  void (*dot_rows)(const float*, int64_t, int64_t, const float*, float*);
-  void (*axpy_rows)(float*, int64_t, int64_t, const float*, int64_t, const float*);
-  void (*bf16_to_float)(const uint16_t*, int64_t, float*);
-};
+template <typename T>
+using TileFn = void (*)(const float*, int64_t, int64_t, int64_t, const T* const*, const T* const*, int64_t, float*,
+                        float*, float*, float*);
 
-Kernels kernels() {
+// The tile kernel of the current ISA (cpu_isa.h).
+template <typename T>
+TileFn<T> tile_fn() {
   switch (isa::current()) {
 #ifdef KVCOMP_X86
-    case isa::CpuIsa::avx512: return Kernels{avx512::dot_rows, avx512::axpy_rows, avx512::bf16_to_float};
-    case isa::CpuIsa::avx2: return Kernels{avx2::dot_rows, avx2::axpy_rows, avx2::bf16_to_float};
+    case isa::CpuIsa::avx512: return &avx512::sparse_tile<T>;
+    case isa::CpuIsa::avx2: return &avx2::sparse_tile<T>;
 #endif
-    default: return Kernels{generic::dot_rows, generic::axpy_rows, generic::bf16_to_float};
+    default: return &generic::sparse_tile<T>;
   }
 }
 
-// Selected rows are scattered over the mirror, so the hardware prefetcher cannot guess the next one:
-// ask for the rows kPrefetch positions ahead while the current one is being used.
-constexpr int64_t kPrefetch = 4;
-inline void prefetch_row(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 1);
-}
-
-// Pointer to an fp32 view of one row: the row itself for fp32, else converted into `buf`.
-template <typename scalar_t>
-inline const float* as_float(const scalar_t* row, int64_t n, float* buf, const Kernels& kn) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return row;
-  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    kn.bf16_to_float(reinterpret_cast<const uint16_t*>(row), n, buf);
-    return buf;
-  } else {
-    for (int64_t c = 0; c < n; ++c) buf[c] = static_cast<float>(row[c]);
-    return buf;
-  }
-}
+// Rows per tile (the logits of a tile stay in L1), and how many rows ahead of the tile being computed
+// are prefetched: one tile, as in paged_decode_cpu.cpp. At 32K tokens (Llama-3.1-8B layer, top-K 3%,
+// ~3.9K rows per KV head) 8- to 64-row tiles and 0- to 128-row distances timed within the noise of
+// this 2-core machine; the tile kernel itself (the dense decode's) is what made the difference.
+constexpr int64_t kTile = 32, kAhead = kTile;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 struct Dims {
-  int64_t b, hq, hkv, g, d, dv, kmax, split, chunk;
+  int64_t b, hq, hkv, g, d, dv, kmax, split;
 };
 
-template <typename scalar_t, typename index_t>
+// Row addressing of one cache (dense [B, Hkv, T, D] or paged [num_blocks, block_size, Hkv, D]): the
+// token -> (block, in-block offset) split is shared by K and V, a shift and mask where block_size
+// is a power of two (vLLM's 16) instead of an integer division per row.
+struct RowMap {
+  bool paged;
+  int64_t block_size, shift;  // shift >= 0: block_size == 1 << shift
+  inline void split(int64_t t, const int32_t* table, int64_t& blk, int64_t& off) const {
+    if (!paged) {
+      blk = 0;
+      off = t;
+    } else if (shift >= 0) {
+      blk = table ? table[t >> shift] : t >> shift;
+      off = t & (block_size - 1);
+    } else {
+      blk = table ? table[t / block_size] : t / block_size;
+      off = t % block_size;
+    }
+  }
+};
+
+// Asks for every cache line of rows [0, n) of the two pointer lists (the rows are scattered over
+// the mirror, so the hardware prefetcher cannot guess them).
+template <typename T>
+inline void prefetch_rows(const T* const* krows, const T* const* vrows, int64_t n, int64_t kbytes, int64_t vbytes) {
+  for (int64_t j = 0; j < n; ++j) {
+    const char* kc = reinterpret_cast<const char*>(krows[j]);
+    const char* vc = reinterpret_cast<const char*>(vrows[j]);
+    for (int64_t o = 0; o < kbytes; o += 64) __builtin_prefetch(kc + o, 0, 3);
+    for (int64_t o = 0; o < vbytes; o += 64) __builtin_prefetch(vc + o, 0, 3);
+  }
+}
+
+template <typename T, typename index_t>
 void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const index_t* idx, const int64_t* cnt,
          const int32_t* table, int64_t table_len, bool paged, const Dims& n, float scale, at::Tensor& out) {
-  using detail::TokenAddr;
-  const TokenAddr k_addr = detail::make_addr(k, paged, 1), v_addr = detail::make_addr(v, paged, 1);
+  const detail::TokenAddr ka = detail::make_addr(k, paged, 1), va = detail::make_addr(v, paged, 1);
   const int64_t k_sb = paged ? 0 : k.stride(0), v_sb = paged ? 0 : v.stride(0);
-  const scalar_t* kbase = k.data_ptr<scalar_t>();
-  const scalar_t* vbase = v.data_ptr<scalar_t>();
-  const scalar_t* qbase = q.data_ptr<scalar_t>();
+  const int64_t k_blk = paged ? ka.stride_block : 0, v_blk = paged ? va.stride_block : 0;
+  const int64_t bs = paged ? k.size(1) : 1;
+  const RowMap map{paged, bs, (bs & (bs - 1)) == 0 ? static_cast<int64_t>(__builtin_ctzll(bs)) : -1};
+  const T* kbase = k.const_data_ptr<T>();
+  const T* vbase = v.const_data_ptr<T>();
+  const T* qbase = q.const_data_ptr<T>();
   const int64_t q_sb = q.stride(0), q_sh = q.stride(1);
+  const int64_t kbytes = n.d * static_cast<int64_t>(sizeof(T)), vbytes = n.dv * static_cast<int64_t>(sizeof(T));
   // Partials per work item: for each of the G heads [m, l, acc(Dv)].
   const int64_t part = n.g * (n.dv + 2);
   std::vector<float> partials(static_cast<size_t>(n.b * n.hkv * n.split * part));
   const int64_t items = n.b * n.hkv * n.split;
-  const Kernels kn = kernels();
+  const TileFn<T> fn = tile_fn<T>();
 
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(n.g * n.d), kbuf(n.d), vbuf(n.dv), logits(n.g * std::max<int64_t>(n.chunk, 1));
+    std::vector<float> qs(n.g * n.d), s(n.g * kTile);
+    std::vector<const T*> krows, vrows;
     for (int64_t it = begin; it < end; ++it) {
-      const int64_t bh = it / n.split, s = it % n.split;
+      const int64_t bh = it / n.split, sp = it % n.split;
       const int64_t bi = bh / n.hkv, h = bh % n.hkv;
-      const int64_t c = cnt[bh];
-      const int64_t j0 = std::min(s * n.chunk, c), j1 = std::min(j0 + n.chunk, c);
-      float* p = partials.data() + it * part;
-      float* m = p;               // [G]
-      float* l = p + n.g;         // [G]
-      float* acc = p + 2 * n.g;   // [G, Dv]
-      std::fill(p, p + part, 0.f);
-      for (int64_t i = 0; i < n.g; ++i) m[i] = -std::numeric_limits<float>::infinity();
-      if (j0 >= j1) continue;
+      const int64_t c = cnt[bh], chunk = (c + n.split - 1) / n.split;
+      const int64_t j0 = std::min(sp * chunk, c), j1 = std::min(j0 + chunk, c), len = j1 - j0;
+      float* m = partials.data() + it * part;  // [G]
+      float* l = m + n.g;                      // [G]
+      float* acc = l + n.g;                    // [G, Dv]
+      std::fill(m, m + n.g, kNegInf);
+      std::fill(l, l + n.g + n.g * n.dv, 0.f);
+      if (len <= 0) continue;
       for (int64_t i = 0; i < n.g; ++i) {
-        const scalar_t* qr = qbase + bi * q_sb + (h * n.g + i) * q_sh;
-        for (int64_t cc = 0; cc < n.d; ++cc) qf[i * n.d + cc] = static_cast<float>(qr[cc]) * scale;
+        const T* qr = qbase + bi * q_sb + (h * n.g + i) * q_sh;
+        for (int64_t cc = 0; cc < n.d; ++cc) qs[i * n.d + cc] = static_cast<float>(qr[cc]) * scale;
       }
-      TokenAddr ka = k_addr, va = v_addr;  // per item: the block-table row depends on the batch
-      ka.table = va.table = table ? table + bi * table_len : nullptr;
-      const index_t* ids = idx + bh * n.kmax;
-      const int64_t len = j1 - j0;
+      // Row pointers of the whole chunk first (ids are read in order), then tiles of kTile rows with
+      // the rows kAhead positions on prefetched while the current tile is computed.
+      krows.resize(len);
+      vrows.resize(len);
+      const int32_t* trow = table ? table + bi * table_len : nullptr;
+      const T* kb = kbase + bi * k_sb + h * ka.stride_head;
+      const T* vb = vbase + bi * v_sb + h * va.stride_head;
+      const index_t* ids = idx + bh * n.kmax + j0;
       for (int64_t j = 0; j < len; ++j) {
-        if (j + kPrefetch < len) {
-          prefetch_row(kbase + bi * k_sb + ka.offset(h, static_cast<int64_t>(ids[j0 + j + kPrefetch])),
-                       n.d * static_cast<int64_t>(sizeof(scalar_t)));
-        }
-        const int64_t t = static_cast<int64_t>(ids[j0 + j]);
-        const float* kr = as_float(kbase + bi * k_sb + ka.offset(h, t), n.d, kbuf.data(), kn);
-        float dots[64];
-        // G <= 64 in every real model; larger groups go through logits directly, one head at a time.
-        if (n.g <= 64) {
-          kn.dot_rows(qf.data(), n.g, n.d, kr, dots);
-          for (int64_t i = 0; i < n.g; ++i) logits[i * len + j] = dots[i];
-        } else {
-          for (int64_t i = 0; i < n.g; ++i) kn.dot_rows(qf.data() + i * n.d, 1, n.d, kr, &logits[i * len + j]);
-        }
+        int64_t blk, off;
+        map.split(static_cast<int64_t>(ids[j]), trow, blk, off);
+        krows[j] = kb + blk * k_blk + off * ka.stride_tok;
+        vrows[j] = vb + blk * v_blk + off * va.stride_tok;
       }
-      for (int64_t i = 0; i < n.g; ++i) {
-        float* li = logits.data() + i * len;
-        float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t j = 0; j < len; ++j) mx = std::max(mx, li[j]);
-        float sum = 0.f;
-        for (int64_t j = 0; j < len; ++j) {
-          li[j] = std::exp(li[j] - mx);
-          sum += li[j];
-        }
-        m[i] = mx;
-        l[i] = sum;
-      }
-      for (int64_t j = 0; j < len; ++j) {
-        if (j + kPrefetch < len) {
-          prefetch_row(vbase + bi * v_sb + va.offset(h, static_cast<int64_t>(ids[j0 + j + kPrefetch])),
-                       n.dv * static_cast<int64_t>(sizeof(scalar_t)));
-        }
-        const int64_t t = static_cast<int64_t>(ids[j0 + j]);
-        const float* vr = as_float(vbase + bi * v_sb + va.offset(h, t), n.dv, vbuf.data(), kn);
-        kn.axpy_rows(acc, n.g, n.dv, logits.data() + j, len, vr);
+      prefetch_rows(krows.data(), vrows.data(), std::min(kAhead, len), kbytes, vbytes);
+      for (int64_t t0 = 0; t0 < len; t0 += kTile) {
+        const int64_t nt = std::min(kTile, len - t0);
+        const int64_t p0 = t0 + kAhead, p1 = std::min(p0 + nt, len);
+        if (p0 < p1) prefetch_rows(krows.data() + p0, vrows.data() + p0, p1 - p0, kbytes, vbytes);
+        fn(qs.data(), n.g, n.d, n.dv, krows.data() + t0, vrows.data() + t0, nt, m, l, acc, s.data());
       }
     }
   });
 
   // Merge the splits of each (batch, query head) and write out in q's dtype.
-  scalar_t* obase = out.data_ptr<scalar_t>();
+  T* obase = out.data_ptr<T>();
   at::parallel_for(0, n.b * n.hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> res(n.dv);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t bi = bh / n.hkv, h = bh % n.hkv;
       for (int64_t i = 0; i < n.g; ++i) {
-        float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t s = 0; s < n.split; ++s) mx = std::max(mx, partials[(bh * n.split + s) * part + i]);
+        float mx = kNegInf;
+        for (int64_t sp = 0; sp < n.split; ++sp) mx = std::max(mx, partials[(bh * n.split + sp) * part + i]);
         float sum = 0.f;
         std::fill(res.begin(), res.end(), 0.f);
-        for (int64_t s = 0; s < n.split; ++s) {
-          const float* p = partials.data() + (bh * n.split + s) * part;
+        for (int64_t sp = 0; sp < n.split; ++sp) {
+          const float* p = partials.data() + (bh * n.split + sp) * part;
           if (p[n.g + i] == 0.f) continue;  // empty split
           const float w = std::exp(p[i] - mx);
           sum += w * p[n.g + i];
           const float* a = p + 2 * n.g + i * n.dv;
-          for (int64_t c = 0; c < n.dv; ++c) res[c] += w * a[c];
+          for (int64_t cc = 0; cc < n.dv; ++cc) res[cc] += w * a[cc];
         }
-        scalar_t* o = obase + (bi * n.hq + h * n.g + i) * n.dv;
+        T* o = obase + (bi * n.hq + h * n.g + i) * n.dv;
         const float inv = 1.f / sum;
-        for (int64_t c = 0; c < n.dv; ++c) o[c] = static_cast<scalar_t>(res[c] * inv);
+        for (int64_t cc = 0; cc < n.dv; ++cc) o[cc] = static_cast<T>(res[cc] * inv);
       }
     }
   });
@@ -251,24 +262,31 @@ at::Tensor sparse_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
 
   auto out = at::empty({b, hq, dv}, q.options());
   if (b == 0 || hq == 0) return out;
-  Dims n{b, hq, hkv, hq / hkv, d, dv, kmax, 1, kmax};
-  // Split the selected tokens until there are about kItems work items, keeping at least kMinChunk
-  // tokens per split so the merge stays cheap. Independent of at::get_num_threads() (1 inside a vLLM
+  Dims n{b, hq, hkv, hq / hkv, d, dv, kmax, 1};
+  // Split each (sequence, KV head)'s selected ids into n.split equal chunks (of its own count) until
+  // there are about kItems work items, keeping at least kMinChunk ids per split at K = kmax so the
+  // merge stays cheap. Independent of at::get_num_threads() (1 inside a vLLM
   // worker that never set it): at::parallel_for spreads the items over whatever pool it has.
   constexpr int64_t kItems = 64, kMinChunk = 128;
   n.split = std::max<int64_t>(1, std::min((kItems + b * hkv - 1) / (b * hkv), (kmax + kMinChunk - 1) / kMinChunk));
-  n.chunk = (kmax + n.split - 1) / n.split;
 
   AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "sparse_attention_cpu", [&] {
     const index_t* ip = idx.data_ptr<index_t>();
-    for (int64_t bh = 0; bh < b * hkv; ++bh) {
-      check_token_ids(ip + bh * kmax, cp[bh], "idx", paged, paged ? 0 : k.size(2), paged ? k.size(0) : 0,
-                      paged ? k.size(1) : 1, table ? table + (bh / hkv) * table_len : nullptr, table_len,
-                      "block_table");
-    }
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "sparse_attention_cpu", [&] {
-      run<scalar_t, index_t>(q, k, v, ip, cp, table, table_len, paged, n, static_cast<float>(scale), out);
+    // Every selected id is checked before any is read, spread over the threads like the work (a
+    // failed check's ValueError is rethrown here by at::parallel_for).
+    at::parallel_for(0, b * hkv, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bh = begin; bh < end; ++bh) {
+        check_token_ids(ip + bh * kmax, cp[bh], "idx", paged, paged ? 0 : k.size(2), paged ? k.size(0) : 0,
+                        paged ? k.size(1) : 1, table ? table + (bh / hkv) * table_len : nullptr, table_len,
+                        "block_table");
+      }
     });
+    const float sc = static_cast<float>(scale);
+    switch (q.scalar_type()) {  // check_float_dtype: fp32, bf16 or fp16
+      case at::kFloat: run<float, index_t>(q, k, v, ip, cp, table, table_len, paged, n, sc, out); break;
+      case at::kBFloat16: run<c10::BFloat16, index_t>(q, k, v, ip, cp, table, table_len, paged, n, sc, out); break;
+      default: run<c10::Half, index_t>(q, k, v, ip, cp, table, table_len, paged, n, sc, out); break;
+    }
   });
   return out;
 }

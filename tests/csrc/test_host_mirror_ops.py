@@ -208,6 +208,52 @@ def test_sparse_attention_paged_many_sequences_threads(use_native):
         torch.set_num_threads(threads)
 
 
+PAGED_CASES = [  # (B, Hkv, G, T, D, Dv, K, block_size): odd counts around the 32-row tiles, GQA 1-8, B 1-8
+    (1, 8, 4, 700, 128, 128, 257, 16),  # the Llama-3.1-8B head shape, several tiles and splits per head
+    (8, 2, 8, 90, 64, 64, 33, 16),
+    (3, 3, 5, 200, 17, 13, 65, 6),      # block size not a power of two; D, Dv not a multiple of the lanes
+    (2, 1, 1, 50, 32, 40, 31, 8),
+    (5, 4, 2, 129, 48, 48, 129, 32),
+]
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", PAGED_CASES, ids=lambda c: "B{}-Hkv{}-G{}-T{}-D{}-Dv{}-K{}-bs{}".format(*c))
+def test_sparse_attention_paged_native_vs_naive(case, dtype, use_native, cpu_isa):
+    """Paged native op over a mirror laid out like the vLLM backend's (K and V halves of one
+    [num_blocks, block_size, Hkv, D + Dv] tensor, permuted blocks, a non-contiguous block table),
+    ascending ids with a per-head count (every head a different number of tiles)."""
+    b, hkv, g, t, d, dv, k, bs = case
+    q, kk, vv, _, _ = _attn_inputs(b, hkv, g, t, d, dv, k, dtype, seed=60)
+    kc, table = _paged(kk, bs, seed=61)
+    vc, _ = _paged(vv, bs, seed=61)
+    kv = torch.cat([kc, vc], dim=-1)  # one row per (slot, head): K then V
+    gen = _gen(62)
+    idx = torch.stack([torch.randperm(t, generator=gen)[:k].sort().values for _ in range(b * hkv)]).view(b, hkv, k)
+    count = torch.randint(1, k + 1, (b, hkv), generator=gen)
+    count[0, 0] = k
+    wide = torch.full((b, 2 * table.shape[1]), -7, dtype=torch.int32)
+    wide[:, ::2] = table  # a strided view: the op's caller makes it contiguous
+    out = hm.sparse_attention_host(q, kv[..., :d], kv[..., d:], idx.to(torch.int32), count, block_table=wide[:, ::2])
+    assert out.dtype == dtype and out.shape == (b, hkv * g, dv)
+    assert_close("paged sparse attention (native)", _naive_attention(q, kk, vv, idx, count, 1 / math.sqrt(d)), out,
+                 DTYPE_RATIO[dtype])
+
+
+@native
+def test_sparse_attention_paged_bad_table(use_native):
+    """A selected id whose table entry points outside the cache fails before any row is read."""
+    b, hkv, g, t, d, k, bs = 2, 2, 2, 64, 16, 9, 16
+    q, kk, vv, idx, count = _attn_inputs(b, hkv, g, t, d, d, k, torch.float32, seed=65)
+    kc, table = _paged(kk, bs, seed=66)
+    vc, _ = _paged(vv, bs, seed=66)
+    idx[1, 1, 0], count[1, 1] = 40, k  # token 40 -> table[1, 2]
+    table[1, 2] = kc.shape[0] + 5
+    with pytest.raises(ValueError, match="block_table maps token 40 to block"):
+        hm.sparse_attention_host(q, kc, vc, idx, count, block_table=table)
+
+
 @pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_sparse_attention_triton_route(paged, dtype, monkeypatch):
