@@ -57,6 +57,10 @@ CASES = [  # (B, G, n_ret, n_str, D, seq_lens, block_size, sink, window, dtype)
     (2, 2, 3, 1, 128, [333, 17], 16, 4, 16, torch.float16),
     (5, 1, 1, 1, 72, [1, 2, 3, 333, 17], 16, 4, 16, torch.float16),
     (2, 4, 1, 1, 12, [40, 3], 16, 2, 8, torch.bfloat16),  # D < 16 and not a multiple of 8: partial loads only
+    # retrieval tiles sized by bytes (paged_decode_cpu.cpp retrieval_tile): 8 rows (16 KiB of K + V per
+    # token) and 64 rows (1 KiB per token), with partial last tiles
+    (1, 2, 8, 0, 256, [333], 16, 4, 16, torch.float32),
+    (2, 4, 2, 2, 128, [1000, 70], 16, 4, 16, torch.bfloat16),
 ]
 
 
