@@ -26,6 +26,8 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sink", type=T.nonneg_int, default=DEF.DUO_SINK, help="DuoAttention sink tokens")
     p.add_argument("--recent", type=T.positive_int, default=DEF.DUO_RECENT, help="DuoAttention recent window")
     p.add_argument("--prune-ratio", type=T.prune_ratio, default=DEF.THINK_PRUNE_RATIO, help="ThinK: fraction of key channels pruned")
+    p.add_argument("--think-window", type=T.positive_int, default=DEF.THINK_WINDOW,
+                   help="ThinK: observation window (last prompt queries scoring the channels) and full-width recent keys")
     p.add_argument("--think-channel-multiple", type=T.positive_int, default=DEF.THINK_CHANNEL_MULTIPLE,
                    help="ThinK: kept channels rounded up to a multiple of this with the next-best channels "
                         "(16: 80 of 128 at λ=0.4; 1: exactly D - floor(λ·D))")
@@ -40,7 +42,7 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
 def _options(a):
     from .methods import MethodOptions
 
-    return MethodOptions(sparsity=a.sparsity, sink=a.sink, recent=a.recent, prune_ratio=a.prune_ratio,
+    return MethodOptions(sparsity=a.sparsity, sink=a.sink, recent=a.recent, prune_ratio=a.prune_ratio, think_window=a.think_window,
                          think_channel_multiple=a.think_channel_multiple,
                          topk=a.topk, n_codes=a.n_codes, vq_dense_layers=a.vq_dense_layers, duo_pattern=a.duo_pattern, codebooks=a.codebooks)
 

@@ -37,6 +37,7 @@ def no_model_load(monkeypatch):
     (["demo", "--sparsity", "1.5"], "--sparsity"),
     (["demo", "--prune-ratio", "1"], "--prune-ratio"),
     (["demo", "--prune-ratio", "nan"], "--prune-ratio"),
+    (["demo", "--think-window", "0"], "--think-window"),
     (["demo", "--topk", "12.5"], "--topk"),
     (["demo", "--topk", "0"], "--topk"),
     (["demo", "--n-codes", "0"], "--n-codes"),
@@ -65,6 +66,12 @@ def test_list_arguments_parse_to_lists():
     assert a.topk == 64 and a.haystacks == ["prose"]
     a = cli.build_parser().parse_args(["eval", "--mode", "multi-query", "--queries", "5", "--batch-size", "4"])
     assert (a.mode, a.queries, a.batch_size) == ("multi-query", 5, 4)
+
+
+def test_think_window_reaches_the_method_options():
+    a = cli.build_parser().parse_args(["eval", "--think-window", "128"])
+    assert cli._options(a).think_window == 128
+    assert cli._options(cli.build_parser().parse_args(["eval"])).think_window == cli.DEF.THINK_WINDOW
 
 
 def _fail_loading(monkeypatch):
