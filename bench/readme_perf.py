@@ -36,6 +36,23 @@ METHOD_NAMES = {"stock": "stock vLLM (CPU_ATTN)", "off": "kvcomp, compression of
                 "think+vq": "ThinK + A²ATS", "all": "DuoAttention + ThinK + A²ATS"}
 
 
+# Why the missed kernel targets are missed; each line names its measurement (helpers' A/B runs, 2026-12-07).
+LIMITS = [
+    "- A²ATS top-K 3%: each query head keeps its own top 3% and the KV head reads the union over its GQA group "
+    "(as in the paper), about 12% of the rows at group size 4, so the bytes alone bound the speedup at ~8x "
+    "(*byte bound* above): 12x at 128K cannot be reached with this selection rule. Below the bound: the selected "
+    "rows are scattered over 16-token host pages (the attention stage reads them at ~25-45% of the read "
+    "bandwidth; 1-thread A/B at 32K: tiling the rows through the dense decode's loops took the attention stage "
+    "from 3.3x to 6.3x faster than dense) and top-K selection (2.3 ms of a 128K step).",
+    "- DuoAttention 50%: reads half the bytes (bound 2.0x); each 32-row tile has a fixed cost of ~8-10 us "
+    "(1-thread timing on cache-resident data) that halving the heads does not halve.",
+    "- dense paged decode in bf16: time goes to stalls on the key/value loads, not to widening or arithmetic "
+    "(cache-resident data: ~54 ns per token per KV head in fp32 and bf16 alike); TLB misses on the permuted "
+    "4 KiB pages cost ~30% of 1-thread CPU time (THP_MEM_ALLOC_ENABLE=1 A/B); huge pages for the KV cache are "
+    "an allocation choice not made yet.",
+]
+
+
 def kernels_section(data: dict) -> list[str]:
     rows = [r for r in data["results"] if r.get("batch") == 1 and r.get("dtype") == "float32" and r.get("ms")]
     ctxs = sorted({r["context_len"] for r in rows})
@@ -57,6 +74,7 @@ def kernels_section(data: dict) -> list[str]:
                              f"{report._num(r.get('speedup_vs_sdpa'), '.2f')}x")
         out.append(f"| {label} | " + " | ".join(cells) + " |")
     out += ["", "Kernel targets (issue 10; every batch and dtype measured):", ""] + report.targets(data["results"])
+    out += ["", "What limits the missed kernel targets (measured):", "", *LIMITS]
     limits = report.stages([r for r in rows if r.get("stage_ms")])
     if limits:
         out += ["", "Where an A²ATS decode step's time goes (batch 1, fp32; each stage timed alone; the sparse "

@@ -63,8 +63,25 @@ def targets(rows: list[dict]) -> list[str]:
         ok = all(v >= thr for _, _, v in vals)
         unit = "%" if field == "pct_read_bw" else "x"
         got = ", ".join(f"B{b} {dt} {v:.2f}{unit}" for b, dt, v in vals)
-        out.append(f"- **{'met' if ok else 'missed'}**: {label} ({got})")
+        line = f"- **{'met' if ok else 'missed'}**: {label} ({got})"
+        if field == "speedup_vs_dense" and not ok:
+            line += "; " + _byte_bound(rows, method, ctx)
+        out.append(line)
     return out
+
+
+def _byte_bound(rows: list[dict], method: str, ctx: int) -> str:
+    """What the bytes allow: dense bytes / the method's bytes (same batch and dtype), the speedup a
+    method reading its rows as efficiently as the dense decode reads all of them would reach."""
+    out = []
+    for r in rows:
+        if r["method"] != method or r["context_len"] != ctx or not r.get("bytes"):
+            continue
+        dense = next((x for x in rows if x["method"] == "off" and x["context_len"] == ctx
+                      and x["batch"] == r["batch"] and x["dtype"] == r["dtype"] and x.get("bytes")), None)
+        if dense:
+            out.append(f"B{r['batch']} {r['dtype']} {dense['bytes'] / r['bytes']:.1f}x")
+    return "byte bound (dense bytes / its bytes): " + (", ".join(out) if out else "not measured")
 
 
 def stages(rows: list[dict]) -> list[str]:

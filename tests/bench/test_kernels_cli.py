@@ -139,6 +139,11 @@ def test_report_targets_met_and_missed():
            "40.00%)" in lines
     assert "- **met**: A2ATS top-K 3% >= 12x dense at 128K (B1 float32 12.50x)" in lines
     assert "- **not measured**: ThinK 0.4 >= 1.15x dense at 32K" in lines
+    # a missed speedup target names what the bytes allow (dense bytes / the method's, same batch and dtype)
+    rows += [dict(method="off", context_len=32768, batch=1, dtype="float32", bytes=800),
+             dict(method="duo50", context_len=32768, batch=1, dtype="float32", speedup_vs_dense=1.5, bytes=500)]
+    assert ("- **missed**: DuoAttention 50% >= 1.8x dense at 32K (B1 float32 1.50x); byte bound (dense bytes / its "
+            "bytes): B1 float32 1.6x") in report.targets(rows)
 
 
 def test_observed_impl_sees_which_implementation_ran(monkeypatch):
