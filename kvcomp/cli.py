@@ -35,6 +35,9 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                    help="VQ: top-K per query head (fraction < 1, or count); A²ATS uses 0.03 on 8B models")
     p.add_argument("--n-codes", type=T.positive_int, default=DEF.VQ_CODES, help="VQ codebook size (256: shipped for SmolLM2)")
     p.add_argument("--vq-dense-layers", type=T.nonneg_int, default=DEF.VQ_DENSE_LAYERS, help="VQ: first layers keep exact attention")
+    p.add_argument("--vq-select", choices=DEF.VQ_SELECTS, default=DEF.VQ_SELECT,
+                   help="VQ token ranking: codes (A²ATS) or oracle (exact q.k top-K under the same sink/local/GQA-union "
+                        "rules: an analysis baseline that keeps the full KV and saves nothing; HF path only)")
     p.add_argument("--duo-pattern", default=None, help="duo-attention full_attention_heads.tsv (or its folder)")
     p.add_argument("--codebooks", default=None, help="VQ codebooks .safetensors (default: calibrate on first use)")
 
@@ -44,7 +47,8 @@ def _options(a):
 
     return MethodOptions(sparsity=a.sparsity, sink=a.sink, recent=a.recent, prune_ratio=a.prune_ratio, think_window=a.think_window,
                          think_channel_multiple=a.think_channel_multiple,
-                         topk=a.topk, n_codes=a.n_codes, vq_dense_layers=a.vq_dense_layers, duo_pattern=a.duo_pattern, codebooks=a.codebooks)
+                         topk=a.topk, n_codes=a.n_codes, vq_dense_layers=a.vq_dense_layers,
+                         vq_select=a.vq_select, duo_pattern=a.duo_pattern, codebooks=a.codebooks)
 
 
 def _setup(a):

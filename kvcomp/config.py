@@ -174,6 +174,9 @@ class VQRetrieval:
     ``codebook [L, Hkv, C, D]`` and ``whiten [L, Hkv, D, D]`` (Cholesky factor of the query
     Hessian) come from ``kvcomp calibrate vq``. ``topk`` is a fraction of the context (< 1) or
     a token count (>= 1). ``sink`` first and ``local`` last tokens are always attended exactly.
+    ``select = "oracle"`` ranks tokens by their exact logits ``q . k`` (read from the host keys)
+    instead of the codes: an analysis baseline for the codes' selection at the same budget, which
+    saves nothing and is refused by the vLLM backend and with ThinK-pruned keys.
     """
 
     codebook: torch.Tensor
@@ -183,6 +186,7 @@ class VQRetrieval:
     local: int = DEF.VQ_LOCAL
     rel_pos: int = DEF.VQ_REL_POS
     heads: torch.Tensor | None = None
+    select: str = DEF.VQ_SELECT
 
     def __post_init__(self):
         self.validate()
@@ -198,6 +202,8 @@ class VQRetrieval:
         self.sink = _int("vq.sink", self.sink, 0)
         self.local = _int("vq.local", self.local, 1)
         self.rel_pos = _int("vq.rel_pos", self.rel_pos, 0)
+        if self.select not in DEF.VQ_SELECTS:
+            raise ConfigError("vq.select", f"must be one of {DEF.VQ_SELECTS}, got {self.select!r}")
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, **kw) -> "VQRetrieval":
@@ -310,6 +316,9 @@ class CompressionConfig:
                     raise ConfigError("think.channels", f"channel indices must lie in [0, {D})")
             if self.vq is not None and (prune & vq_heads).any() and self.vq.local < t.window:
                 raise ConfigError("vq.local", f"must be >= think.window ({t.window}) on heads that are both VQ and pruned")
+            if self.vq is not None and (prune & vq_heads).any() and self.vq.select != "codes":
+                raise ConfigError("vq.select", f"{self.vq.select!r} ranks exact full-width keys: not with ThinK-pruned "
+                                  "VQ heads (use select='codes' or leave ThinK out)")
         kinds = [["full"] * H for _ in range(L)]
         for l in range(L):
             for h in range(H):
@@ -397,7 +406,7 @@ class CompressionConfig:
             v = self.vq
             v.save(os.path.join(directory, "vq_codebooks.safetensors"))
             meta["vq"] = {"topk": v.topk, "sink": v.sink, "local": v.local, "rel_pos": v.rel_pos,
-                          "codebook_file": "vq_codebooks.safetensors",
+                          "codebook_file": "vq_codebooks.safetensors", "select": v.select,
                           "heads": None if v.heads is None else v.heads.int().tolist()}
         with open(os.path.join(directory, "config.json"), "w") as f:
             json.dump(meta, f, indent=2)
@@ -427,7 +436,8 @@ class CompressionConfig:
             v = meta["vq"]
             heads = None if v.get("heads") is None else torch.tensor(v["heads"], dtype=torch.bool)
             kw["vq"] = VQRetrieval.from_file(os.path.join(directory, v["codebook_file"]), topk=v["topk"],
-                                             sink=v["sink"], local=v["local"], rel_pos=v["rel_pos"], heads=heads)
+                                             sink=v["sink"], local=v["local"], rel_pos=v["rel_pos"], heads=heads,
+                                             select=v.get("select", DEF.VQ_SELECT))
         return cls(**kw)
 
     def to_dict(self) -> dict:

@@ -30,6 +30,8 @@ VQ_LOCAL = 64
 VQ_CODES = 256  # codebook size of the shipped SmolLM2 codebooks
 VQ_REL_POS = 2048  # windowed RoPE: relative position every key is rotated to
 VQ_DENSE_LAYERS = 2  # the first layers keep exact attention (their attention is not sparse)
+VQ_SELECT = "codes"  # "oracle": exact-score top-K, an analysis baseline (saves nothing)
+VQ_SELECTS = ("codes", "oracle")
 
 
 def check_head_dim(name: str, d: int) -> None:

@@ -7,7 +7,8 @@ H]``) and the full K/V in host memory laid out like the pages (``mirror = (k, v)
 code through the windowed-RoPE lookup table, keeps each query head's ``topk`` tokens (union over
 the GQA group) plus ``sink`` first and ``local`` last tokens, and attends exactly over them, read
 from the host copy. Codes of the step's tokens are written before attending, so the current token
-is always among the ``local`` ones.
+is always among the ``local`` ones. ``vq.select == "oracle"`` ranks by the exact logits of the host
+keys instead (:func:`kvcomp.ref.paged_exact_topk`): an analysis baseline, not a product path.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ class A2ATS:
         self.whiten = vq.whiten[layer, idx].float().to(device)
         self.inv_freq = inv_freq.to(device)
         self.n_heads = len(heads)  # the mirror's first heads (DuoAttention appends its streaming heads)
+        if vq.select != "codes" and think is not None:
+            raise ValueError(f"vq.select={vq.select!r} ranks full-width keys: not with ThinK-pruned host keys")
 
     def mirror_kv(self, store) -> tuple[torch.Tensor, torch.Tensor]:
         """The host pages ``(k, v)`` of this method's heads (the mirror's first ``n_heads``)."""
@@ -114,16 +117,22 @@ class A2ATS:
                ) -> torch.Tensor:
         """Windowed-RoPE LUT, top-K over the code pages, exact attention over the selected host rows."""
         lens = r.seq_lens.long()
-        cos, sin = ref.rope_cos_sin(lens - 1, self.inv_freq, self.scaling)
-        q_pre = ref.unapply_rope(q.float(), cos[:, None, :], sin[:, None, :])
-        qw = ref.windowed_rope_query(q_pre, self.inv_freq, self.vq.rel_pos, self.scaling)
-        lut = ops.vq_lut(qw.contiguous(), self.codebook, scale=self.scale)
-        kw = {}
         topk = topk_tokens(self.vq.topk, lens)
-        if isinstance(topk, torch.Tensor):
-            kw["topk_max"] = topk_tokens(self.vq.topk, max(int(max_seq_len), 1))
-        idx, count = ops.vq_topk(lut, store.codes, r.block_table, r.seq_lens, topk=topk, sink=self.vq.sink,
-                                 local=self.vq.local, **kw)
+        if self.vq.select == "oracle":  # exact q.k ranking over the host keys (reference code: analysis only)
+            idx, count = ref.paged_exact_topk(q.cpu(), self.mirror_kv(store)[0], r.block_table.cpu(),
+                                              r.seq_lens.cpu(), topk=topk.cpu() if isinstance(topk, torch.Tensor)
+                                              else topk, sink=self.vq.sink, local=self.vq.local, scale=self.scale)
+            idx, count = idx.to(lens.device), count.to(lens.device)
+        else:
+            cos, sin = ref.rope_cos_sin(lens - 1, self.inv_freq, self.scaling)
+            q_pre = ref.unapply_rope(q.float(), cos[:, None, :], sin[:, None, :])
+            qw = ref.windowed_rope_query(q_pre, self.inv_freq, self.vq.rel_pos, self.scaling)
+            lut = ops.vq_lut(qw.contiguous(), self.codebook, scale=self.scale)
+            kw = {}
+            if isinstance(topk, torch.Tensor):
+                kw["topk_max"] = topk_tokens(self.vq.topk, max(int(max_seq_len), 1))
+            idx, count = ops.vq_topk(lut, store.codes, r.block_table, r.seq_lens, topk=topk, sink=self.vq.sink,
+                                     local=self.vq.local, **kw)
         self.last_selected = count.float().mean() / lens.float().mean()  # fraction attended (a tensor: no sync)
         if self.think is None:
             return ops.sparse_attention_host(q, *self.mirror_kv(store), idx, count, block_table=r.block_table,

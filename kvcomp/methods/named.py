@@ -40,6 +40,7 @@ class MethodOptions:
     vq_local: int = DEF.VQ_LOCAL
     n_codes: int = DEF.VQ_CODES           # the shipped SmolLM2 codebooks; other sizes are calibrated on first use
     vq_dense_layers: int = DEF.VQ_DENSE_LAYERS      # VQ: the first layers keep exact attention (their attention is not sparse)
+    vq_select: str = DEF.VQ_SELECT    # VQ: "codes" (A²ATS) or "oracle" (exact-score top-K: analysis baseline, saves nothing)
     duo_pattern: str | None = None
     codebooks: str | None = None
 
@@ -151,7 +152,8 @@ def build_method(name: str, model, tokenizer, model_name: str, opts: MethodOptio
         if "duo" in kw:
             heads &= ~kw["duo"].pattern
         kw["vq"] = VQRetrieval.from_file(ensure_codebooks(model, tokenizer, model_name, opts, progress=progress),
-                                         topk=opts.topk, sink=opts.vq_sink, local=opts.vq_local, heads=heads)
+                                         topk=opts.topk, sink=opts.vq_sink, local=opts.vq_local, heads=heads,
+                                         select=opts.vq_select)
     return CompressionConfig.for_model(model, **kw)
 
 
@@ -221,6 +223,9 @@ def build_vllm_method(name: str, model, tokenizer, model_name: str, opts: Method
     if opts.think_channels not in ("static", "query"):
         raise ValueError(f"think_channels: {opts.think_channels!r}, use 'static' or 'query'")
     check_duo_threshold(name, opts.duo_threshold)
+    if "vq" in parts and opts.vq_select != "codes":
+        raise ValueError(f"vq_select {opts.vq_select!r} is an analysis baseline of the HF path (kvcomp eval), "
+                         "not served by vLLM: use 'codes'")
     kw = {}
     if "duo" in parts:
         gates = read_pattern_tsv(duo_pattern_path(model_name, opts))

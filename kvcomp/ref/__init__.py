@@ -14,6 +14,7 @@ from .duo import duo_head_map as duo_head_map
 from .duo import ring_positions as ring_positions
 from .think_paged import paged_pruned_key_attention as paged_pruned_key_attention
 from .vq_paged import gather_codes as gather_codes
+from .vq_paged import paged_exact_topk as paged_exact_topk
 from .vq_paged import paged_vq_topk as paged_vq_topk
 from .rope import apply_rope as apply_rope
 from .rope import rope_cos_sin as rope_cos_sin
@@ -68,5 +69,6 @@ __all__ = [
     "paged_pruned_key_attention",
     "gather_codes",
     "paged_vq_topk",
+    "paged_exact_topk",
     "vq_encode_paged",
 ]

@@ -278,6 +278,9 @@ def plan_from_config(cfg, source: str = "config") -> Plan:
                              f"{int(want.sum())} (build it with vq_dense_layers=0)")
         if vq.n_codes > MAX_CODES:
             raise ValueError(f"{ENV_CONFIG} ({source}): {vq.n_codes} VQ codes do not fit the int16 code pages")
+        if vq.select != "codes":
+            raise ValueError(f"{ENV_CONFIG} ({source}): vq.select={vq.select!r} is an analysis baseline of the HF "
+                             "path (kvcomp eval), not served: use 'codes'")
     channels, keep, ratio, window, multiple = None, None, None, 0, THINK_CHANNEL_MULTIPLE
     if cfg.think is not None:
         t = cfg.think

@@ -191,6 +191,43 @@ def test_vq_topk_covering_everything_is_exact_attention():
     assert float(layer.split.methods()[0].last_selected) == 1.0
 
 
+def test_vq_oracle_select_ranks_exact_logits():
+    """``select="oracle"`` attends to the tokens the exact logits rank first (same sink / local /
+    GQA-union rules); the codes' selection of the same budget differs on these random keys."""
+    gen = torch.Generator().manual_seed(3)
+    k = torch.randn(1, 2, 50, D, generator=gen)
+    v = torch.randn(1, 2, 50, D, generator=gen)
+    qp = torch.randn(1, 6, 49, D, generator=gen)
+    q = torch.randn(1, 6, 1, D, generator=gen)
+    outs = {}
+    for select in ("codes", "oracle"):
+        cfg, rope = _setup(2, 3, ["vq", "vq"], [False, False], topk=3)
+        cfg.vq.select = select
+        layer = KVCompLayer(cfg, 0, rope)
+        layer.update(k[:, :, :49], v[:, :, :49])
+        layer.attend(qp, D ** -0.5)
+        layer.update(k[:, :, 49:], v[:, :, 49:])
+        outs[select] = layer.attend(q, D ** -0.5)
+    logits = torch.matmul(q[:, :, 0].view(1, 2, 3, D), k.transpose(2, 3)).view(1, 6, 50) * D ** -0.5
+    idx, cnt = ref.mask_to_indices(ref.vq_select(logits, topk=3, sink=2, local=W, num_kv_heads=2))
+    assert_close("oracle", ref.sparse_attention(q, k, v, idx, cnt), outs["oracle"], 1e-5)
+    assert (outs["oracle"] - outs["codes"]).abs().max() > 1e-3
+
+
+def test_vq_oracle_select_is_refused_where_it_is_not_a_baseline():
+    cfg, _ = _setup(2, 3, ["vq", "vq"], [False, False])
+    with pytest.raises(ValueError, match="select"):
+        VQRetrieval(codebook=cfg.vq.codebook, whiten=cfg.vq.whiten, select="exact")
+    with pytest.raises(ValueError, match="select"):
+        _setup_pruned_oracle()
+
+
+def _setup_pruned_oracle():
+    vq = VQRetrieval(codebook=torch.randn(1, 2, 12, D), whiten=torch.eye(D).expand(1, 2, D, D).clone(), topk=3,
+                     local=W, select="oracle")
+    return CompressionConfig(1, 2, D, num_q_heads=6, think=ThinK(prune_ratio=0.5, window=W), vq=vq)
+
+
 def test_update_without_attend_is_an_error():
     cfg, rope = _setup(1, 1, ["full"], [False])
     layer = KVCompLayer(cfg, 0, rope)

@@ -292,6 +292,32 @@ def test_paged_sparse_attention_matches_dense(bs):
         R.paged_sparse_attention(q, kc, vc, table, idx + 10 ** 4, cnt)
 
 
+@pytest.mark.parametrize("bs", [16, 5], ids=["bs16", "bs5"])
+def test_paged_exact_topk_is_vq_select_over_exact_logits(bs):
+    """The oracle baseline: A²ATS's selection rule over ``scale * q . k`` of each request's own keys
+    (the paged cache's unused slots hold large garbage that must never be ranked)."""
+    hq, hkv, d = 6, 2, 8
+    lens = [7, 33, 129]
+    g = torch.Generator().manual_seed(17)
+    ks = [torch.randn(hkv, n, d, generator=g) for n in lens]
+    kc, table = to_pages(ks, bs, hkv, d, seed=5)
+    q = torch.randn(3, hq, d, generator=g)
+    topk = torch.tensor([2, 5, 9])
+    idx, cnt = R.paged_exact_topk(q, kc, table, torch.tensor(lens), topk=topk, sink=1, local=3, scale=0.5)
+    for b, n in enumerate(lens):
+        logits = torch.stack([0.5 * ks[b][h // 3] @ q[b, h] for h in range(hq)])[None]  # [1, Hq, n]
+        mask = R.vq_select(logits, topk=int(topk[b]), sink=1, local=3, num_kv_heads=hkv)
+        want_idx, want_cnt = R.mask_to_indices(mask)
+        assert_equal(f"count {b}", want_cnt[0], cnt[b])
+        for h in range(hkv):
+            assert_equal(f"idx {b} {h}", want_idx[0, h, : want_cnt[0, h]], idx[b, h, : cnt[b, h]])
+    # the top-2 of a query head are its two largest logits outside the always-kept tokens here
+    top = torch.topk(ks[0][0] @ q[0, 0], 2).indices
+    assert set(top.tolist()) <= set(idx[0, 0, : cnt[0, 0]].tolist())
+    with pytest.raises(ValueError, match="head dim"):
+        R.paged_exact_topk(q[..., :4], kc, table, torch.tensor(lens), topk=2, sink=0, local=1)
+
+
 def test_distance_blocks_stay_bounded(monkeypatch):
     # kmeans and vq_encode never materialise more than _DIST_ELEMS distances at once.
     monkeypatch.setattr(VQ, "_DIST_ELEMS", 1000)
