@@ -181,10 +181,11 @@ def cmd_info(a) -> int:
 
 def cmd_vllm_config(a) -> int:
     from .methods import build_vllm_method, parse_method
-    from .methods.named import check_duo_threshold
+    from .methods.named import check_duo_threshold, check_vllm_vq_select
     from .models import load_model, model_folder
 
     check_duo_threshold(a.method, a.duo_threshold)  # before loading the model
+    check_vllm_vq_select(a.method, a.vq_select)
     model, tok = load_model(a.model, device="cpu")
     opts = _options(a)
     opts.think_channels = a.think_channels

@@ -42,6 +42,7 @@ def no_model_load(monkeypatch):
     (["demo", "--topk", "0"], "--topk"),
     (["demo", "--n-codes", "0"], "--n-codes"),
     (["demo", "--vq-dense-layers", "-2"], "--vq-dense-layers"),
+    (["eval", "--vq-select", "exact"], "--vq-select"),
     (["demo", "--context", "abc"], "--context"),
     (["vllm-config", "--method", "bogus", "--out", "x"], "--method"),
     (["calibrate", "duo", "--steps", "0"], "--steps"),
@@ -136,3 +137,11 @@ def test_global_duo_threshold_with_another_method_refused_before_loading(monkeyp
     assert "--duo-threshold global is served for DuoAttention alone" in err and "--duo-threshold layer" in err
     assert cli.main(["vllm-config", "--method", "duo", "--duo-threshold", "global", "--out", "x"]) == 2
     assert "unknown model" in capsys.readouterr().err  # accepted: went on to load the model
+
+
+def test_oracle_selection_refused_by_vllm_config_before_loading(monkeypatch, capsys):
+    monkeypatch.delenv("KVCOMP_DEBUG", raising=False)
+    _fail_loading(monkeypatch)
+    assert cli.main(["vllm-config", "--method", "vq", "--vq-select", "oracle", "--out", "x"]) == 2
+    assert "analysis baseline" in capsys.readouterr().err
+    assert cli.build_parser().parse_args(["eval", "--vq-select", "oracle"]).vq_select == "oracle"

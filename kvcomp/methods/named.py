@@ -195,6 +195,13 @@ def check_duo_threshold(name: str, threshold: str) -> None:
                          "--duo-threshold layer (the same number of streaming heads in every layer) with it")
 
 
+def check_vllm_vq_select(name: str, select: str) -> None:
+    """Refuse the oracle selection (an analysis baseline of ``kvcomp eval``) for vLLM."""
+    if "vq" in parse_method(name) and select != "codes":
+        raise ValueError(f"--vq-select {select} is an analysis baseline of the HF path (kvcomp eval), "
+                         "not served by vLLM: use --vq-select codes")
+
+
 def build_vllm_method(name: str, model, tokenizer, model_name: str, opts: MethodOptions | None = None
                       ) -> CompressionConfig | None:
     """The :class:`CompressionConfig` of a named method laid out for kvcomp's vLLM backend.
@@ -223,9 +230,7 @@ def build_vllm_method(name: str, model, tokenizer, model_name: str, opts: Method
     if opts.think_channels not in ("static", "query"):
         raise ValueError(f"think_channels: {opts.think_channels!r}, use 'static' or 'query'")
     check_duo_threshold(name, opts.duo_threshold)
-    if "vq" in parts and opts.vq_select != "codes":
-        raise ValueError(f"vq_select {opts.vq_select!r} is an analysis baseline of the HF path (kvcomp eval), "
-                         "not served by vLLM: use 'codes'")
+    check_vllm_vq_select(name, opts.vq_select)
     kw = {}
     if "duo" in parts:
         gates = read_pattern_tsv(duo_pattern_path(model_name, opts))

@@ -129,6 +129,9 @@ def test_vq_plan(tmp_path):
     partial = _cfg(vq=_vq(heads=torch.tensor([[False, False], [True, True]])))
     with pytest.raises(ValueError, match="vq_dense_layers=0"):
         plan_from_config(partial)
+    _cfg(vq=_vq(select="oracle")).save(tmp_path / "o")  # the oracle baseline round-trips, and is not served
+    with pytest.raises(ValueError, match="analysis baseline"):
+        load_plan(tmp_path / "o")
     tv = plan_from_config(_cfg(think=ThinK(prune_ratio=0.25, window=8), vq=_vq(local=8)))
     assert tv.method == "think+vq" and tv.per_request_channels and tv.key_dim == 48
     three = plan_from_config(_cfg(duo=DuoAttention(pattern=torch.tensor([[False, True], [True, False]])),
