@@ -8,7 +8,10 @@ published ``single-2048-vq.json`` as ``vq@topk0.1``). Before merging, every cell
 accuracy, the Wilson 95% interval, retention and paired flips vs the full cache
 (:func:`kvcomp.eval.runner.compare_to_full`), the mean fraction of tokens attended by the VQ
 heads (``selected_fraction``: GQA union + sinks + local window, at the last decode step), and
-``vs_oracle``: the codes' cell paired against the oracle's cell of the same top-K.
+``vs_oracle``: the codes' cell paired against the oracle's cell of the same top-K. The output keeps
+its rows under ``cells`` and the per-prompt records under ``prompt_records`` so that
+``bench/merge_quality.py`` (which pools ``samples`` and imports ``rows``) skips it: these are
+analysis cells, not published method rows.
 
     python bench/a2ats_sweep.py --full bench/results/quality-runs/single-2048-full.json \\
         --cell vq@topk0.03=runs/2048-vq-0.03.json --cell vq@oracle0.03=runs/2048-oracle-0.03.json \\
@@ -76,6 +79,9 @@ def main(argv=None) -> int:
     rows = [_row(r, sources[r["method"]], tasks) for r in compare_to_full(summarize(pooled), pooled)]
     for r in rows:
         m = r["method"]
+        if "@oracle" in m:
+            r["analysis_baseline"] = ("exact q.k ranking over the full host keys: saves nothing; its bytes columns "
+                                      "are those of the codes path it runs on, not a cost")
         if "@topk" in m:
             o = m.replace("@topk", "@oracle")
             if o in cells:
@@ -95,11 +101,12 @@ def main(argv=None) -> int:
            "machine": full_run.get("machine", {}).get("line"),
            "commits": sorted({s["commit"] for s in sources.values() if s.get("commit")}),
            "commands": [s["command"] for s in sources.values()],
-           "prompts": len(want), "prompts_match_full": True, "rows": rows, "note": a.note}
+           "merged_by": "python bench/a2ats_sweep.py " + " ".join(sys.argv[1:] if argv is None else argv),
+           "prompts": len(want), "prompts_match_full": True, "cells": rows, "note": a.note}
     if a.extra:
         with open(a.extra) as f:
             obj.update(json.load(f))
-    obj["samples"] = pooled
+    obj["prompt_records"] = pooled  # not "samples" / "rows": bench/merge_quality.py must not pool these cells
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(obj, f, indent=1)

@@ -99,8 +99,11 @@ def merge(paths: list[str], existing: list[dict] | None = None) -> list[dict]:
             new = [dict(r) for r in run["rows"]]
         elif run.get("samples"):
             new = by_file.get(p, [])
-        else:
+        elif "records" in run:
             new = [_row(r, _source(p, run), _tasks(run)) for r in run["records"]]
+        else:  # e.g. bench/a2ats_sweep.py's analysis cells: not published rows
+            print(f"[merge] {p}: no rows, samples or records: skipped", file=sys.stderr)
+            continue
         for r in new:
             rows[tuple(r.get(k) for k in KEY)] = r
     _unpaired_retention(list(rows.values()))
