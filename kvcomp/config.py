@@ -174,9 +174,8 @@ class VQRetrieval:
     ``codebook [L, Hkv, C, D]`` and ``whiten [L, Hkv, D, D]`` (Cholesky factor of the query
     Hessian) come from ``kvcomp calibrate vq``. ``topk`` is a fraction of the context (< 1) or
     a token count (>= 1). ``sink`` first and ``local`` last tokens are always attended exactly.
-    ``select = "oracle"`` ranks tokens by their exact logits ``q . k`` (read from the host keys)
-    instead of the codes: an analysis baseline for the codes' selection at the same budget, which
-    saves nothing and is refused by the vLLM backend and with ThinK-pruned keys.
+    ``select = "oracle"`` ranks by exact ``q . k`` (host keys) instead of the codes: an analysis
+    baseline that saves nothing, refused by the vLLM backend and with ThinK-pruned keys.
     """
 
     codebook: torch.Tensor
