@@ -65,11 +65,12 @@ def plot_accuracy_vs_kv(rows: Sequence[dict], path: str, *, title: str | None = 
     for ci, c in enumerate(ctxs):
         ax.plot([], [], _MARKERS[ci % len(_MARKERS)], color="grey", label=f"ctx {_ctx_label(c)}")
     if logx and xs_all and max(xs_all) / min(xs_all) > 3:
-        from matplotlib.ticker import FuncFormatter, NullFormatter
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
         plain = FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:g}")
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))  # labelled minor ticks that do not collide
         ax.xaxis.set_minor_formatter(plain if max(xs_all) / min(xs_all) <= 30 else NullFormatter())
     ax.set_xlabel("KV cache bytes per token")
     ax.set_ylabel("accuracy (%)")
