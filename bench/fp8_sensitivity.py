@@ -8,7 +8,11 @@ every new K/V scaled by (1 + eps) before rounding, and the same pair without rou
 equal answers in each pair says whether a last-bit difference between two fp32 forwards (vLLM's and
 transformers') is enough to change answers once the cache is e4m3.
 """
-import json, sys, torch
+import contextlib
+import json
+import sys
+
+import torch
 from kvcomp.config import CompressionConfig
 from kvcomp.eval.tasks import make_sample
 from kvcomp.hf.cache import KVCompLayer
@@ -22,31 +26,23 @@ model, tok = load_model("smollm2-135m", device="cpu")
 samples = [make_sample("passkey", tok, 1024, haystack="prose", seed=s, max_new_tokens=16) for s in range(12)]
 cfg = CompressionConfig.for_model(model)
 
-def run(perturb):
-    upd = KVCompLayer.update
-    if perturb:
-        def nudged(self, k, v, *a, **kw):
-            return upd(self, k * (1 + eps), v * (1 + eps), *a, **kw)
-        KVCompLayer.update = nudged
-    try:
-        with rounded_kv():
+def run(perturb: bool, rounded: bool) -> list[str]:
+    """Answers of the 12 prompts; ``perturb``: every new K/V scaled by (1 + eps) before it is stored
+    (with ``rounded``: before its e4m3 rounding)."""
+    with rounded_kv() if rounded else contextlib.nullcontext():
+        upd = KVCompLayer.update  # rounding (when on) runs after the nudge
+        if perturb:
+            def nudged(self, k, v, *a, **kw):
+                return upd(self, k * (1 + eps), v * (1 + eps), *a, **kw)
+            KVCompLayer.update = nudged
+        try:
             return [generate(model, tok, sample_input_ids(tok, s), cfg, max_new_tokens=16).text for s in samples]
-    finally:
-        KVCompLayer.update = upd
+        finally:
+            KVCompLayer.update = upd
 
-def run_exact(perturb):
-    upd = KVCompLayer.update
-    if perturb:
-        def nudged(self, k, v, *a, **kw):
-            return upd(self, k * (1 + eps), v * (1 + eps), *a, **kw)
-        KVCompLayer.update = nudged
-    try:
-        return [generate(model, tok, sample_input_ids(tok, s), cfg, max_new_tokens=16).text for s in samples]
-    finally:
-        KVCompLayer.update = upd
 
-a, b = run(False), run(True)
-c, d = run_exact(False), run_exact(True)
+a, b = run(False, True), run(True, True)
+c, d = run(False, False), run(True, False)
 res = {"eps": eps, "fp8_same": sum(x.strip() == y.strip() for x, y in zip(a, b)),
        "no_fp8_same": sum(x.strip() == y.strip() for x, y in zip(c, d)), "n": len(samples)}
 print(json.dumps(res))
