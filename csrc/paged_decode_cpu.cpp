@@ -54,8 +54,8 @@ namespace generic {
 }  // namespace generic
 
 template <typename T>
-using TileFn = void (*)(const float*, int64_t, int64_t, const T* const*, const T* const*, int64_t, float*, float*,
-                        float*, float*);
+using TileFn = void (*)(const float*, int64_t, int64_t, int64_t, const T* const*, const T* const*, int64_t, float*,
+                        float*, float*, float*);
 
 // The tile kernel of the current ISA (cpu_isa.h).
 template <typename T>
@@ -181,7 +181,7 @@ void retrieval_phase(const Problem& p, const at::Tensor& k_cache, const at::Tens
             krows[j] = kb + koff[j] + r * k2;
             vrows[j] = vb + voff[j] + r * v2;
           }
-          fn(qs.data() + r * gd, p.g, p.d, krows.data(), vrows.data(), n, m + r * p.g, l + r * p.g,
+          fn(qs.data() + r * gd, p.g, p.d, p.d, krows.data(), vrows.data(), n, m + r * p.g, l + r * p.g,
              acc + r * gd, s.data());
         }
       }
@@ -241,7 +241,7 @@ void streaming_head(const Problem& p, const at::Tensor& k_stream, const at::Tens
       krows[j] = kb + slot * ks;
       vrows[j] = vb + slot * vs;
     }
-    fn(qs, p.g, p.d, krows, vrows, n, m, l, acc, s);
+    fn(qs, p.g, p.d, p.d, krows, vrows, n, m, l, acc, s);
   }
   for (int64_t i = 0; i < p.g; ++i) {
     float* o = p.out + (b * p.hq + h * p.g + i) * p.d;

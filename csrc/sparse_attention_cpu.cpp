@@ -33,7 +33,6 @@ namespace avx512 {
 #define KVCOMP_PD_AVX512 1
 #include "paged_decode_kernels.inc"
 #undef KVCOMP_PD_AVX512
-#include "sparse_attention_kernels.inc"
 }  // namespace avx512
 KVCOMP_END_ISA
 KVCOMP_BEGIN_AVX2
@@ -41,13 +40,11 @@ namespace avx2 {
 #define KVCOMP_PD_AVX2 1
 #include "paged_decode_kernels.inc"
 #undef KVCOMP_PD_AVX2
-#include "sparse_attention_kernels.inc"
 }  // namespace avx2
 KVCOMP_END_ISA
 #endif
 namespace generic {
 #include "paged_decode_kernels.inc"
-#include "sparse_attention_kernels.inc"
 }  // namespace generic
 
 template <typename T>
@@ -59,10 +56,10 @@ template <typename T>
 TileFn<T> tile_fn() {
   switch (isa::current()) {
 #ifdef KVCOMP_X86
-    case isa::CpuIsa::avx512: return &avx512::sparse_tile<T>;
-    case isa::CpuIsa::avx2: return &avx2::sparse_tile<T>;
+    case isa::CpuIsa::avx512: return &avx512::tile_update<T>;
+    case isa::CpuIsa::avx2: return &avx2::tile_update<T>;
 #endif
-    default: return &generic::sparse_tile<T>;
+    default: return &generic::tile_update<T>;
   }
 }
 
