@@ -194,12 +194,13 @@ class KVCompAttentionImpl(C.AttentionImpl):
         # a config made without the model's sliding windows: refused here, before serving
         plan_from_env().check_window(layer_index(layer_name(self)), self.sliding_window)
         n_str = p.layer_num_streaming(layer_index(layer_name(self)), self.num_kv_heads, *C.tp_rank_and_size())
-        elem = torch.empty((), dtype=page_dtype(self, act_dtype)).element_size()  # of the pages and the ring
-        req = layout.ring_request(p, self.num_kv_heads, self.head_size, n_str,
-                                  C.current_vllm_config().cache_config.block_size, elem)
         self._act_dtype = act_dtype
         if p.streaming_per_layer:
             req = self._per_layer_pages(n_str, act_dtype)
+        else:
+            elem = torch.empty((), dtype=page_dtype(self, act_dtype)).element_size()  # of the pages and the ring
+            req = layout.ring_request(p, self.num_kv_heads, self.head_size, n_str,
+                                      C.current_vllm_config().cache_config.block_size, elem)
         if req is not None:
             heads, tokens, content = req
             self.ring_name = register_ring(self, act_dtype, num_heads=heads, capacity=tokens, content=content)
