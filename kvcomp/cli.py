@@ -97,6 +97,7 @@ def cmd_demo(a) -> int:
 
 
 def cmd_eval(a) -> int:
+    from .eval.checkpoint import Checkpoint
     from .eval.runner import _jsonable, build_samples, compare_to_full, evaluate_samples, summarize
     from .hf.generate import make_converse, make_generate
     from .utils.machine import git_commit, machine_info
@@ -111,6 +112,13 @@ def cmd_eval(a) -> int:
 
         samples = build_multiquery_samples(tok, context_lens=a.context_lens, n_trials=a.trials, n_queries=a.queries,
                                            haystacks=a.haystacks, seed=a.seed, chat=True)
+    # finished samples go to <out>.partial.jsonl as they finish: a killed run resumes there
+    identity = {k: getattr(a, k) for k in ("model", "dtype", "mode", "tasks", "haystacks", "context_lens", "trials",
+                                           "seed", "queries", "tag", "batch_size")}
+    identity["configs"] = {n: (c.to_dict() if c is not None else "stock") for n, c in configs.items()}
+    ckpt = Checkpoint(f"{a.out}.partial.jsonl", identity, commit)
+    if ckpt.resumed:
+        print(f"[kvcomp] resuming: {ckpt.resumed} finished samples in {ckpt.path}")
     print(f"[kvcomp] {len(samples)} {a.mode} samples x {len(configs)} methods")
     t_start = time.perf_counter()
     records, method_seconds = [], {}
@@ -118,9 +126,11 @@ def cmd_eval(a) -> int:
         t0 = time.perf_counter()
         if a.mode == "single":
             gen = make_generate(model, tok, cfg, batched=a.batch_size > 1)
-            records += evaluate_samples(gen, samples, method_name=name + a.tag, batch_size=a.batch_size)
+            records += evaluate_samples(gen, samples, method_name=name + a.tag, batch_size=a.batch_size,
+                                        checkpoint=ckpt)
         else:
-            records += evaluate_multiquery(make_converse(model, tok, cfg), samples, method_name=name + a.tag)
+            records += evaluate_multiquery(make_converse(model, tok, cfg), samples, method_name=name + a.tag,
+                                           checkpoint=ckpt)
         method_seconds[name + a.tag] = round(time.perf_counter() - t0, 1)
     summary = compare_to_full(summarize(records), records, full_method="full" + a.tag)
     for r in summary:
@@ -132,13 +142,15 @@ def cmd_eval(a) -> int:
     meta = {"model": a.model, "mode": a.mode, "tasks": a.tasks if a.mode == "single" else ["niah_shared"],
             "queries": a.queries if a.mode != "single" else None, "haystacks": ",".join(a.haystacks),
             "trials": a.trials, "seed": a.seed, "dtype": a.dtype, "batch_size": a.batch_size, "command": " ".join(sys.argv),
-            "method_seconds": method_seconds, "seconds": round(time.perf_counter() - t_start, 1)}
+            "method_seconds": method_seconds, "seconds": round(time.perf_counter() - t_start, 1),
+            "resumed_samples": ckpt.resumed, "commits": ckpt.commits}
     obj = {"machine": machine, "commit": commit, "meta": meta, "records": summary}
     if a.keep_samples:
         obj["samples"] = records
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(obj, f, indent=1, default=_jsonable)
+    ckpt.remove()
     print(f"[kvcomp] wrote {a.out} ({meta['seconds']} s)")
     if a.plot:
         from .eval.plot import plot_accuracy_vs_kv

@@ -3,7 +3,8 @@
 # the shared-context multi-query rows (MQ_TRIALS contexts x QUERIES questions), the kvpress peers when
 # .venv-kvpress exists (scripts/setup_kvpress.sh), then one merged JSON, the README quality table and the plot.
 # One process per (mode, context, method), JOBS at a time, each with nproc/JOBS threads; a finished output is
-# kept, so a rerun resumes. Outputs: $RUNS/*.json (per-sample records kept) -> bench/results/quality-smollm2.json.
+# kept and a killed cell's finished prompts are in <out>.partial.jsonl, so a rerun resumes where it stopped.
+# Outputs: $RUNS/*.json (per-sample records kept) -> bench/results/quality-smollm2.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-bench/results/quality-runs}

@@ -160,15 +160,17 @@ def build_multiquery_samples(tokenizer: Any, *, context_lens: list[int], n_trial
 
 
 def evaluate_multiquery(converse: Any, samples: list[MultiQuerySample], *, method_name: str,
-                        progress: bool = True) -> list[dict]:
+                        progress: bool = True, checkpoint: Any = None) -> list[dict]:
     """Run ``converse(sample) -> [(text, stats)] per question`` on every sample and score each answer.
 
     One record per question: ``method, mode, task, haystack, context_len, seed, trial, query_index,
     score, prediction, answers, n_prompt_tokens`` (tokens appended for that turn), ``max_new_tokens,
-    stats, wall_s`` (the turn's time, from ``stats['seconds']``).
+    stats, wall_s`` (the turn's time, from ``stats['seconds']``). A ``checkpoint`` works as in
+    :func:`kvcomp.eval.runner.evaluate_samples` (one entry per shared context).
     """
     import sys
 
+    from .checkpoint import sample_key
     from .score import string_match_all
 
     if not callable(converse):
@@ -183,7 +185,14 @@ def evaluate_multiquery(converse: Any, samples: list[MultiQuerySample], *, metho
     records: list[dict] = []
     try:
         for s in samples:
+            held = checkpoint.get(sample_key(method_name, s)) if checkpoint else None
+            if held is not None:
+                records += held
+                if bar is not None:
+                    bar.update(1)
+                continue
             outs = converse(s)
+            first = len(records)
             if not isinstance(outs, list) or len(outs) != len(s.turns):
                 raise ValueError(f"converse must return one (text, stats) per question ({len(s.turns)})")
             for i, (text, stats) in enumerate(outs):
@@ -196,6 +205,8 @@ def evaluate_multiquery(converse: Any, samples: list[MultiQuerySample], *, metho
                     "n_prompt_tokens": s.n_prompt_tokens if i == 0 else s.n_turn_tokens[i - 1],
                     "max_new_tokens": s.max_new_tokens, "stats": dict(stats), "wall_s": float(stats.get("seconds", 0.0)),
                 })
+            if checkpoint:
+                checkpoint.add(sample_key(method_name, s), records[first:])
             if bar is not None:
                 bar.update(1)
     finally:

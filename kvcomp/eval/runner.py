@@ -87,7 +87,7 @@ def _batches(samples: Sequence[Sample], batch_size: int) -> list[list[Sample]]:
 
 
 def evaluate_samples(generate: Generate, samples: Sequence[Sample], *, method_name: str,
-                     progress: bool = True, batch_size: int = 1) -> list[dict]:
+                     progress: bool = True, batch_size: int = 1, checkpoint: Any = None) -> list[dict]:
     """Run ``generate`` on every sample and score it with ``string_match_all``.
 
     With ``batch_size > 1`` (``generate.batched`` must be true) samples of equal prompt length and
@@ -95,7 +95,9 @@ def evaluate_samples(generate: Generate, samples: Sequence[Sample], *, method_na
     the batch's time and ``batch`` the batch size. Returns one record per sample: ``method, mode,
     task, haystack, context_len, seed, trial, depth, score, prediction, answers, n_prompt_tokens,
     max_new_tokens, stats, wall_s, batch``. Raises ValueError when ``generate`` does not return
-    ``(str, dict)`` with ``kv_bytes_per_token``.
+    ``(str, dict)`` with ``kv_bytes_per_token``. With a :class:`~kvcomp.eval.checkpoint.Checkpoint`,
+    samples it holds are not run again (their stored records are returned) and every finished sample
+    is stored as soon as its batch ends.
     """
     if not callable(generate):
         raise ValueError("generate must be callable: generate(sample) -> (text, stats)")
@@ -106,15 +108,20 @@ def evaluate_samples(generate: Generate, samples: Sequence[Sample], *, method_na
     batched = bool(getattr(generate, "batched", False))
     if batch_size > 1 and not batched:
         raise ValueError("batch_size > 1 needs a batched generate (generate.batched = True)")
+    from .checkpoint import sample_key
+
+    stored = {id(s): checkpoint.get(sample_key(method_name, s)) for s in samples} if checkpoint else {}
+    todo = [s for s in samples if stored.get(id(s)) is None]
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(samples), desc=method_name, file=sys.stderr, dynamic_ncols=True)
-    records: list[dict] = []
-    total = 0.0
+        bar = tqdm(total=len(samples), initial=len(samples) - len(todo), desc=method_name, file=sys.stderr,
+                   dynamic_ncols=True)
+    new: dict[int, dict] = {}
+    total, n_new = 0.0, 0
     try:
-        for batch in _batches(samples, batch_size):
+        for batch in _batches(todo, batch_size):
             t0 = time.perf_counter()
             outs = generate(batch) if batched else [generate(batch[0])]
             wall = (time.perf_counter() - t0) / len(batch)
@@ -128,21 +135,23 @@ def evaluate_samples(generate: Generate, samples: Sequence[Sample], *, method_na
                 if "kv_bytes_per_token" not in stats:
                     raise ValueError("generate's stats must contain 'kv_bytes_per_token'")
                 score = string_match_all(text, s.answers)
-                total += score
-                records.append({
+                total, n_new = total + score, n_new + 1
+                new[id(s)] = ({
                     "method": method_name, "mode": "single", "task": s.task, "haystack": s.haystack,
                     "context_len": s.context_len, "seed": s.seed, "trial": s.meta.get("trial"),
                     "depth": s.depth, "score": score, "prediction": text, "answers": list(s.answers),
                     "n_prompt_tokens": s.n_prompt_tokens, "max_new_tokens": s.max_new_tokens,
                     "stats": dict(stats), "wall_s": wall, "batch": len(batch),
                 })
+                if checkpoint:
+                    checkpoint.add(sample_key(method_name, s), [new[id(s)]])
             if bar is not None:
                 bar.update(len(batch))
-                bar.set_postfix(ctx=batch[0].context_len, task=batch[0].task, acc=f"{total / len(records):.3f}")
+                bar.set_postfix(ctx=batch[0].context_len, task=batch[0].task, acc=f"{total / n_new:.3f}")
     finally:
         if bar is not None:
             bar.close()
-    return records
+    return [r for s in samples for r in (stored.get(id(s)) or [new[id(s)]])]
 
 
 def run_eval(generate: Generate, tokenizer: Any, *, tasks: Sequence[str], context_lens: Sequence[int],
