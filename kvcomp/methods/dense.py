@@ -25,14 +25,14 @@ def write_pages(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tenso
                 v: torch.Tensor) -> None:
     """Store ``k [n, H, Dk]`` / ``v [n, H, Dv]`` at slots ``block * block_size + offset`` (negative:
     skipped, vLLM's padding), moved to the pages' device (e.g. host pages), with no host read of the
-    slots. Pages in host memory go through :func:`kvcomp.ops.scatter_tokens` (the native copy;
+    slots. Pages in host memory go through :func:`kvcomp.ops.scatter_kv` (the native copy;
     without ``kvcomp._C`` its reference), except pages of equal key and value width under
     ``TRITON_INTERPRET=1``; GPU pages of equal width through ``kvcomp::write_paged_kv`` (the Triton
     kernel), other GPU pages by :func:`indexed_write`."""
     if k_cache.is_cpu:
         if impl_for(k_cache, "scatter_tokens") != "triton" or k_cache.shape != v_cache.shape or k.shape != v.shape:
-            ops.scatter_tokens(k_cache, k.to(k_cache.dtype), slots)
-            ops.scatter_tokens(v_cache, v.to(v_cache.dtype), slots)
+            ops.scatter_kv(k_cache, v_cache, k if k.dtype == k_cache.dtype else k.to(k_cache.dtype),
+                           v if v.dtype == v_cache.dtype else v.to(v_cache.dtype), slots)
             return
     if k.device == k_cache.device and k_cache.shape == v_cache.shape and k.shape == v.shape:
         ops.triton_write_paged_kv(k, v, k_cache, v_cache, slots)
@@ -132,12 +132,22 @@ def dense_rows_loop(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             output[s0:e0].index_copy_(1, heads, o)
 
 
+def no_rings(like: torch.Tensor, batch: int, d: int, dv: int, cached: tuple | None = None) -> tuple:
+    """``(k, v)`` rings of no head for ``batch`` requests (``[batch, 0, 1, d | dv]``, no data), ``cached``
+    when it is that already (a layer keeps its own: ~2 us per tensor made)."""
+    if (cached is not None and cached[0].shape[0] == batch and cached[0].shape[3] == d and cached[1].shape[3] == dv
+            and cached[0].dtype == like.dtype and cached[0].device == like.device):
+        return cached
+    k = like.new_empty(batch, 0, 1, d)
+    return k, (k if dv == d else like.new_empty(batch, 0, 1, dv))
+
+
 def dense_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, hm: torch.Tensor, r: Rows,
-                 scale: float) -> torch.Tensor:
-    """Full paged attention of one query per request (DuoAttention's op with no streaming heads)."""
-    none = k_cache.new_empty(q.shape[0], 0, 1, k_cache.shape[-1])
-    return ops.triton_duo_decode_attention(q, k_cache, v_cache, r.block_table, r.seq_lens, none,
-                                           none.new_empty(q.shape[0], 0, 1, v_cache.shape[-1]), hm, sink=0,
+                 scale: float, none: tuple | None = None) -> torch.Tensor:
+    """Full paged attention of one query per request (DuoAttention's op with no streaming heads);
+    ``none``: :func:`no_rings` of the call, when the caller keeps them."""
+    ks, vs = none or no_rings(k_cache, q.shape[0], k_cache.shape[-1], v_cache.shape[-1])
+    return ops.triton_duo_decode_attention(q, k_cache, v_cache, r.block_table, r.seq_lens, ks, vs, hm, sink=0,
                                            window=1, scale=scale)
 
 
@@ -149,6 +159,7 @@ class Dense:
     def __init__(self, num_kv_heads: int, scale: float, device):
         self.scale = scale
         self.hm = head_map(list(range(num_kv_heads)), [], device)
+        self._none = None  # the decode op's empty rings (no_rings), kept for the next step of the same batch size
 
     def alloc(self, store, heads: int, batch: int, tokens: int, head_dim: int, dtype, device, pin: bool) -> None:
         """One block of ``tokens`` slots per request (the transformers cache's layout)."""
@@ -163,6 +174,8 @@ class Dense:
         """Attention of the step's queries ``q [n, Hq, D]``; writes ``out [n, Hq, Dv]``."""
         single, multi = md.rows()
         if single is not None:
-            single.put(out, dense_decode(single.take(q), store.k, store.v, self.hm, single, self.scale))
+            k, v = store.k, store.v
+            self._none = no_rings(k, len(single.reqs), k.shape[-1], v.shape[-1], self._none)
+            single.put(out, dense_decode(single.take(q), k, v, self.hm, single, self.scale, self._none))
         if multi is not None:
             dense_rows(q, store.k, store.v, md, multi.reqs, self.scale, out)

@@ -69,6 +69,17 @@ def streaming_selection(seq_lens: torch.Tensor, heads: int, sink: int, recent: i
             count.expand(-1, heads).to(torch.int32).contiguous())
 
 
+def head_picker(heads: list[int]):
+    """``f(x)`` = ``x``'s heads ``heads`` along dim 1 (``x [n, H, D]``): a strided view when they are evenly
+    spaced (one op, no copy: every page and ring write reads it in place), else an index_select."""
+    if len(heads) == 1 or (len(heads) > 1 and len({b - a for a, b in zip(heads, heads[1:])}) == 1 and heads[1] > heads[0]):
+        step = 1 if len(heads) == 1 else heads[1] - heads[0]
+        sl = slice(heads[0], heads[-1] + 1, step)
+        return lambda x: x[:, sl]
+    idx = torch.tensor(heads, dtype=torch.long)
+    return lambda x: x.index_select(1, idx if idx.device == x.device else idx.to(x.device))
+
+
 class StreamingHeads:
     """DuoAttention's streaming heads on their own: a per-request ring of ``sink + recent`` tokens
     (``store.ring``, ``store.ring_block``), or the host pages ``store.mirror`` beside A²ATS heads."""
@@ -78,6 +89,17 @@ class StreamingHeads:
     def __init__(self, sink: int, recent: int, scale: float):
         self.sink, self.recent, self.scale = sink, recent, scale
         self._hm = None  # head map of the decode op (every head streaming), built on first use
+        self._views = None  # (ring, d, its slot-copy key / value views, its key / value views): see ring_views
+
+    def ring_views(self, ring: torch.Tensor, d: int) -> tuple:
+        """``(pages k, pages v, ring k, ring v)``: the ring as pages of ``capacity`` slots (key and value
+        parts, for the slot copy) and its key / value parts ``[blocks, H, capacity, d]`` (for the decode
+        op); made once per ring tensor (vLLM binds one per layer)."""
+        v = self._views
+        if v is None or v[0] is not ring or v[1] != d:
+            pages = ring.permute(0, 2, 1, 3)
+            v = self._views = (ring, d, pages[..., :d], pages[..., d:], ring[..., :d], ring[..., d:2 * d])
+        return v[2:]
 
     def alloc(self, store, heads: int, batch: int, tokens: int, head_dim: int, dtype, device, pin: bool) -> None:
         """A ring per request, of the kept tokens so far (at most ``sink + recent``: slot ``p`` holds
@@ -108,9 +130,9 @@ class StreamingHeads:
             return rb, slot, (rb.long() * ring.shape[2] + slot).contiguous()
 
         rb, slot, flat = r.memo(("duo ring", self.sink, self.recent, ring.shape[2]), store.ring_block, index)
-        if ring.device.type == "cpu" and impl_for(ring, "scatter_tokens") == "native":
-            pages = ring.permute(0, 2, 1, 3)  # each ring a page of `capacity` slots: the native slot copy
-            write_pages(pages[..., :d], pages[..., d:], flat, k_new, v_new)
+        if ring.is_cpu and impl_for(ring, "scatter_tokens") == "native":
+            pk, pv, _, _ = self.ring_views(ring, d)  # each ring a page of `capacity` slots: the native slot copy
+            write_pages(pk, pv, flat, k_new, v_new)
         else:
             ring[rb, :, slot, :d] = k_new.to(ring.dtype)
             ring[rb, :, slot, d:] = v_new.to(ring.dtype)
@@ -124,9 +146,9 @@ class StreamingHeads:
         if self._hm is None or self._hm.shape[0] != ring.shape[1] or self._hm.device != ring.device:
             self._hm = head_map([], list(range(ring.shape[1])), ring.device)
         none = ring.new_empty(0, 1, 0, d)  # no retrieval head
-        return ops.triton_duo_decode_attention(q, none, none, r.block_table, r.seq_lens, ring[..., :d],
-                                               ring[..., d:2 * d], self._hm, sink=self.sink, window=self.recent,
-                                               scale=self.scale, ring_block=rb)
+        _, _, rk, rv = self.ring_views(ring, d)
+        return ops.triton_duo_decode_attention(q, none, none, r.block_table, r.seq_lens, rk, rv, self._hm,
+                                               sink=self.sink, window=self.recent, scale=self.scale, ring_block=rb)
 
     def prefill(self, store, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, md: Step, reqs: list[int],
                 output: torch.Tensor, heads: torch.Tensor | None = None) -> None:
@@ -242,10 +264,12 @@ class DuoAttention:
         self.q_str = torch.tensor([h * group + i for h in streaming for i in range(group)], device=device)
         self.hm = head_map(retrieval, streaming, device)
         self.in_mirror = isinstance(inner, A2ATS)  # streaming heads' K/V beside the A²ATS heads' on the host
+        self.n_ret, self.n_str = len(retrieval), len(streaming)
+        self.ret_heads, self.str_heads = head_picker(retrieval), head_picker(streaming)  # of k, v [n, Hkv, D]
 
     def stores(self, store) -> tuple[Store, Store]:
         """``(retrieval heads' store, streaming heads' store)``: views of the layer's storage."""
-        n_ret, n_str = len(self.kv_ret), len(self.kv_str)
+        n_ret, n_str = self.n_ret, self.n_str
         if self.in_mirror:
             mk, mv = store.mirror
             kd = self.key_dim or mk.shape[-1]
@@ -264,15 +288,15 @@ class DuoAttention:
         streaming heads' K/V into the host pages beside them; otherwise streaming heads enter the
         ring in :meth:`attend` (it needs positions)."""
         ret, st = self.stores(store)
-        self.inner.write(ret, slots, k.index_select(1, self.kv_ret), v.index_select(1, self.kv_ret), md)
+        self.inner.write(ret, slots, self.ret_heads(k), self.ret_heads(v), md)
         if self.in_mirror:
-            write_pages(*st.mirror, slots, k.index_select(1, self.kv_str), v.index_select(1, self.kv_str))
+            write_pages(*st.mirror, slots, self.str_heads(k), self.str_heads(v))
 
     def attend(self, store, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: Step, out: torch.Tensor) -> None:
         """Retrieval heads through ``inner``, streaming heads over their kept tokens and the step's
         own; the step's streaming keys then stay in the ring."""
         single, multi = md.rows()
-        k_str, v_str = k.index_select(1, self.kv_str), v.index_select(1, self.kv_str)
+        k_str, v_str = self.str_heads(k), self.str_heads(v)
         q_str = None if isinstance(self.inner, Dense) and multi is None else q.index_select(1, self.q_str)
         ret, st = self.stores(store)
         if isinstance(self.inner, Dense):  # one decode op for both kinds of heads
@@ -284,12 +308,11 @@ class DuoAttention:
         else:
             n = q.shape[0]
             o = torch.empty(n, len(self.q_ret), out.shape[-1], dtype=out.dtype, device=out.device)
-            self.inner.attend(ret, q.index_select(1, self.q_ret), k.index_select(1, self.kv_ret),
-                              v.index_select(1, self.kv_ret), md, o)
+            self.inner.attend(ret, q.index_select(1, self.q_ret), self.ret_heads(k), self.ret_heads(v), md, o)
             out[:n].index_copy_(1, self.q_ret, o)
             if single is not None:
                 if self.in_mirror:
-                    idx, count = streaming_selection(single.seq_lens, len(self.kv_str), self.streaming.sink,
+                    idx, count = streaming_selection(single.seq_lens, self.n_str, self.streaming.sink,
                                                      self.streaming.recent)
                     o = ops.sparse_attention_host(q_str[single.rows], *st.mirror, idx, count,
                                                   block_table=single.block_table, scale=self.scale)
@@ -304,7 +327,6 @@ class DuoAttention:
         their ring, which takes this step's ``k_new, v_new [d, n_str, D]`` first."""
         s = self.streaming
         rb = s.ring_write(store, r, k_new, v_new)
-        ring, d = store.ring, k_new.shape[-1]
-        return ops.triton_duo_decode_attention(q, store.k, store.v, r.block_table, r.seq_lens, ring[..., :d],
-                                               ring[..., d:2 * d], self.hm, sink=s.sink, window=s.recent,
-                                               scale=self.scale, ring_block=rb)
+        _, _, rk, rv = s.ring_views(store.ring, k_new.shape[-1])
+        return ops.triton_duo_decode_attention(q, store.k, store.v, r.block_table, r.seq_lens, rk, rv, self.hm,
+                                               sink=s.sink, window=s.recent, scale=self.scale, ring_block=rb)

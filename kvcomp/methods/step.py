@@ -27,6 +27,7 @@ class Rows:
     query_start_loc: torch.Tensor  # [len(reqs) + 1] (int32, on the device)
     span: tuple[int, int] | None = None  # (first, end) when ``rows`` is that contiguous range
     _memo: dict = field(default_factory=dict, repr=False)
+    whole: bool = False  # ``span`` is every packed row of the step: ``(0, num_actual_tokens)``
 
     def memo(self, key, anchor: torch.Tensor, fn):
         """``fn()``, computed once per step for ``key`` and the tensor ``anchor`` it derives from (e.g.
@@ -38,13 +39,17 @@ class Rows:
 
     def take(self, x: torch.Tensor) -> torch.Tensor:
         """``x``'s rows of this sub-batch: a view when they are a contiguous range (vLLM puts the
-        decodes first), else an indexed copy."""
-        return x[self.span[0]:self.span[1]] if self.span is not None else x[self.rows]
+        decodes first), ``x`` itself when they are all its rows (a decode-only step), else an indexed copy."""
+        span = self.span
+        if span is None:
+            return x[self.rows]
+        return x if self.whole and x.shape[0] == span[1] else x[span[0]:span[1]]
 
     def put(self, out: torch.Tensor, o: torch.Tensor) -> None:
         """``out[rows] = o`` (cast to ``out``'s dtype)."""
-        if self.span is not None:
-            out[self.span[0]:self.span[1]].copy_(o)
+        span = self.span
+        if span is not None:
+            (out if self.whole and out.shape[0] == span[1] else out[span[0]:span[1]]).copy_(o)
         else:
             out[self.rows] = o.to(out.dtype)
 
@@ -69,14 +74,20 @@ def split_rows(num_reqs: int, qsl: list[int], block_table: torch.Tensor, seq_len
         if not reqs:
             return None
         lens = [qsl[b + 1] - qsl[b] for b in reqs]
-        rows = torch.cat([torch.arange(qsl[b], qsl[b + 1]) for b in reqs]).to(device)
-        starts = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
-        idx = torch.tensor(reqs, device=device)
+        if len(reqs) == num_reqs and qsl[0] == 0 and qsl[num_reqs] == num_reqs:  # decode-only step: two aranges
+            idx = rows = torch.arange(num_reqs, device=device)  # request b is row b
+            starts = torch.arange(num_reqs + 1, dtype=torch.int32, device=device)
+        else:
+            rows = torch.cat([torch.arange(qsl[b], qsl[b + 1]) for b in reqs]).to(device)
+            starts = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+            idx = torch.tensor(reqs, device=device)
         first, end = qsl[reqs[0]], qsl[reqs[-1] + 1]
         span = (first, end) if end - first == sum(lens) else None  # ascending reqs: no gap means contiguous
+        whole = span == (0, qsl[num_reqs])
         if reqs == list(range(num_reqs)):  # every request: the step's own tensors, no copies
-            return Rows(reqs, idx, rows, block_table, seq_lens, starts, span)
-        return Rows(reqs, idx, rows, block_table.index_select(0, idx), seq_lens.index_select(0, idx), starts, span)
+            return Rows(reqs, idx, rows, block_table, seq_lens, starts, span, whole=whole)
+        return Rows(reqs, idx, rows, block_table.index_select(0, idx), seq_lens.index_select(0, idx), starts, span,
+                    whole=whole)
 
     return part(single), part(multi)
 

@@ -59,9 +59,10 @@ def ring_rows(ring: torch.Tensor) -> torch.Tensor:
 
 def tail_index(ring: torch.Tensor, ring_block: torch.Tensor, seq_lens: torch.Tensor,
                window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(rows [d * H * (window + 1)], requests [d], new [d])`` for :func:`full_width_tail`: the
-    :func:`ring_rows` row of each output slot (the ring slot of an older key; the new key's slot reads
-    any row, then takes the key) and the slot of each request's new key."""
+    """``(rows [d * H * (window + 1)], requests [d], new [d], new_slots [d])`` for :func:`full_width_tail`:
+    the :func:`ring_rows` row of each output slot (the ring slot of an older key; the new key's slot reads
+    any row, then takes the key), the slot of each request's new key, and that slot as a flat slot of the
+    tail seen as pages of ``window + 1`` slots (for the slot copy)."""
     dev = ring.device
     _, sb, sh, ss = _row_steps(ring)
     lens = seq_lens.to(dev)
@@ -69,24 +70,31 @@ def tail_index(ring: torch.Tensor, ring_block: torch.Tensor, seq_lens: torch.Ten
     heads = torch.arange(ring.shape[1], device=dev)[None, :, None] * sh
     rows = ring_block.to(dev).long()[:, None, None] * sb + heads + src[:, None, :] * ss
     new = torch.remainder(lens.long() - 1, window + 1)
-    return rows.flatten(), torch.arange(len(lens), device=dev), new
+    reqs = torch.arange(len(lens), device=dev)
+    return rows.flatten(), reqs, new, (reqs * (window + 1) + new).contiguous()
 
 
 def full_width_tail(k_new: torch.Tensor, ring: torch.Tensor | None, ring_block: torch.Tensor | None,
-                    seq_lens: torch.Tensor, window: int, index: tuple | None = None) -> torch.Tensor:
+                    seq_lens: torch.Tensor, window: int, index: tuple | None = None,
+                    rows_view: torch.Tensor | None = None) -> torch.Tensor:
     """ThinK's full-width keys of a decode step, ``[d, Hkv, window + 1, D]`` in the layout of
     :func:`kvcomp.ops.think_decode` (token ``p`` in slot ``p % (window + 1)``).
 
     The ring (slot ``p % window``) gives the ``window`` keys before this step (one row gather from
     :func:`ring_rows`), ``k_new [d, Hkv, D]`` this step's key; ``index``: :func:`tail_index` when
-    already made for the step.
+    already made for the step; ``rows_view``: ``ring_rows(ring)`` when the caller keeps it.
     """
     if window == 0:
         return k_new.unsqueeze(2)
-    rows, reqs, new = tail_index(ring, ring_block, seq_lens, window) if index is None else index
+    rows, reqs, new, new_slots = tail_index(ring, ring_block, seq_lens, window) if index is None else index
     d, h = k_new.shape[:2]
-    tail = ring_rows(ring).index_select(0, rows).view(d, h, window + 1, ring.shape[3])
-    tail[reqs, :, new] = k_new.to(tail.dtype)
+    tail = (ring_rows(ring) if rows_view is None else rows_view).index_select(0, rows).view(d, h, window + 1,
+                                                                                           ring.shape[3])
+    k_new = k_new if k_new.dtype == tail.dtype else k_new.to(tail.dtype)
+    if tail.is_cpu:  # the native slot copy: each request's tail a page of window + 1 slots
+        ops.scatter_tokens(tail.permute(0, 2, 1, 3), k_new, new_slots)
+    else:
+        tail[reqs, :, new] = k_new
     return tail
 
 
@@ -104,10 +112,20 @@ class ThinK:
             raise ValueError("ThinK: give static channels or a prune_ratio to choose them per request")
         self.chan, self.window, self.scale, self.prune_ratio = channels, window, scale, prune_ratio
         self.multiple = multiple
+        self._chan1 = None if channels is None else channels.unsqueeze(0)
+        self._ring = None  # (ring, ring_rows(ring), the ring as pages [blocks, capacity, H, D]), once per ring tensor
 
     def channels(self, store) -> torch.Tensor:
         """``[num_reqs or 1, Hkv, D_keep]`` kept channels."""
-        return self.chan.unsqueeze(0) if self.chan is not None else store.chan
+        return self._chan1 if self._chan1 is not None else store.chan
+
+    def ring_views(self, ring: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ring_rows(ring), ring as pages [blocks, capacity, H, D])``, made once per ring tensor (vLLM
+        binds one per layer)."""
+        v = self._ring
+        if v is None or v[0] is not ring:
+            v = self._ring = (ring, ring_rows(ring), ring.permute(0, 2, 1, 3))
+        return v[1], v[2]
 
     def prepare(self, store, q: torch.Tensor, k: torch.Tensor, md: Step) -> None:
         """Query-driven channels, chosen at a request's first chunk from its last ``window`` queries
@@ -157,16 +175,22 @@ class ThinK:
                 slot = torch.remainder(r.seq_lens.long() - 1, w)
                 return b, tail_index(ring, b, r.seq_lens, w), slot, (b.long() * ring.shape[2] + slot).contiguous()
 
-            rb, tix, slot, flat = r.memo(("think ring", w, tuple(ring.shape), ring.stride()), store.ring_block, index)
-        tail = full_width_tail(k_new, ring, rb, r.seq_lens, w, tix).to(q.dtype)
+            rb, tix, slot, flat = r.memo(("think ring", w, ring.shape, ring.stride()), store.ring_block, index)
+            rows_view, ring_pages = self.ring_views(ring)
+            tail = full_width_tail(k_new, ring, rb, r.seq_lens, w, tix, rows_view)
+        else:
+            tail = full_width_tail(k_new, ring, rb, r.seq_lens, w)
+        tail = tail if tail.dtype == q.dtype else tail.to(q.dtype)
         c = self.channels(store)
         c = c if c.shape[0] == 1 else c.index_select(0, r.req_index)
         o = ops.think_decode(q, store.k, c, tail, store.v, r.block_table, r.seq_lens, scale=self.scale,
                              max_seq_len=max_seq_len)
-        if w and ring.device.type == "cpu":  # each ring a page of `capacity` slots: the (native) slot copy
-            ops.scatter_tokens(ring.permute(0, 2, 1, 3), k_new.to(ring.dtype), flat)
-        elif w:
-            ring[rb, :, slot] = k_new.to(ring.dtype)
+        if w:
+            k_ring = k_new if k_new.dtype == ring.dtype else k_new.to(ring.dtype)
+            if ring.is_cpu:  # each ring a page of `capacity` slots: the (native) slot copy
+                ops.scatter_tokens(ring_pages, k_ring, flat)
+            else:
+                ring[rb, :, slot] = k_ring
         return o
 
     def prefill(self, store, q: torch.Tensor, k_new: torch.Tensor, md: Step, reqs: list[int],

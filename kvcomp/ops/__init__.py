@@ -6,7 +6,7 @@ implementations for torch.compile / CUDA graphs); Triton itself is imported only
 
 from kvcomp.ops.cache_write import triton_write_paged_kv
 from kvcomp.ops.duo import triton_duo_decode_attention
-from kvcomp.ops.host_mirror import gather_tokens, scatter_tokens, sparse_attention_host
+from kvcomp.ops.host_mirror import gather_tokens, scatter_kv, scatter_tokens, sparse_attention_host
 from kvcomp.ops.prefill import dense_prefill, triton_streaming_attention
 from kvcomp.ops.think import think_decode
 from kvcomp.ops.vq import topk_kmax, vq_encode, vq_encode_paged, vq_lut, vq_topk
@@ -14,6 +14,7 @@ from kvcomp.ops.vq import topk_kmax, vq_encode, vq_encode_paged, vq_lut, vq_topk
 __all__ = [
     "dense_prefill",
     "gather_tokens",
+    "scatter_kv",
     "scatter_tokens",
     "sparse_attention_host",
     "think_decode",

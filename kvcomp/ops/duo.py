@@ -62,12 +62,12 @@ def triton_duo_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
     op = torch.ops.kvcomp.duo_decode
-    if (isinstance(q, torch.Tensor) and q.device.type == "cpu" and not torch.compiler.is_compiling()
-            and impl_for(q, "duo_decode") == "native"):
+    if (isinstance(q, torch.Tensor) and q.is_cpu and impl_for(q, "duo_decode") == "native"
+            and not torch.compiler.is_compiling()):
         # eager CPU: the native operator itself, which checks its inputs (shapes, dtypes, devices,
         # strides, block ids) in C++; no custom-op Python dispatch (~70 us a call, measured by
         # bench/vllm_layer_decode.py: a vLLM decode step calls it once per layer)
-        op = torch.ops.kvcomp_C.duo_decode
+        op = torch.ops.kvcomp_C.duo_decode.default  # the overload itself: no resolution per call
     else:
         check_duo_inputs(q, k_cache, v_cache, block_table, seq_lens, k_stream, v_stream, head_map, sink, window,
                          ring_block)

@@ -19,7 +19,7 @@ import torch
 from kvcomp.ops._dispatch import impl_on
 from kvcomp.ref import host_mirror as ref
 
-__all__ = ["gather_tokens", "scatter_tokens", "sparse_attention_host"]
+__all__ = ["gather_tokens", "scatter_kv", "scatter_tokens", "sparse_attention_host"]
 
 
 def _constant_to_compile(fn):
@@ -190,3 +190,18 @@ def scatter_tokens(cache: torch.Tensor, new_tokens: torch.Tensor, slots: torch.T
         torch.ops.kvcomp_C.scatter_tokens(cache, new_tokens if new_tokens.is_cpu else new_tokens.cpu(), slots)
         return
     ref.scatter_tokens(cache, new_tokens, slots)
+
+
+def scatter_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               slots: torch.Tensor) -> None:
+    """:func:`scatter_tokens` of keys ``k`` into ``k_cache`` and values ``v`` into ``v_cache`` at the same
+    ``slots``, with one dispatch for both (a page write of every layer of every decode step)."""
+    if _impl("cuda" if k_cache.is_cuda else "cpu", "scatter_tokens") == "native":
+        if not (slots.is_cpu and slots.is_contiguous()):
+            slots = slots.cpu().contiguous()
+        op = torch.ops.kvcomp_C.scatter_tokens.default  # the overload itself: no resolution per call
+        op(k_cache, k if k.is_cpu else k.cpu(), slots)
+        op(v_cache, v if v.is_cpu else v.cpu(), slots)
+        return
+    ref.scatter_tokens(k_cache, k, slots)
+    ref.scatter_tokens(v_cache, v, slots)

@@ -69,8 +69,8 @@ def think_decode(q: torch.Tensor, kp_cache: torch.Tensor, chan_idx: torch.Tensor
         raise ValueError(f"max_seq_len must be a positive int or None, got {max_seq_len!r}")
     sc = 1.0 / q.shape[-1] ** 0.5 if scale is None else float(scale)
     op = torch.ops.kvcomp.think_decode
-    if q.device.type == "cpu" and not torch.compiler.is_compiling() and impl_for(q, "think_decode") == "native":
-        op = torch.ops.kvcomp_C.think_decode  # eager CPU: no custom-op Python dispatch (as kvcomp.ops.duo)
+    if q.is_cpu and impl_for(q, "think_decode") == "native" and not torch.compiler.is_compiling():
+        op = torch.ops.kvcomp_C.think_decode.default  # eager CPU: no custom-op Python dispatch (as kvcomp.ops.duo)
     return op(q, kp_cache, chan_idx, k_recent, v_cache, block_table, seq_lens, sc, tokens_per_split or 0,
               max_seq_len or 0)
 

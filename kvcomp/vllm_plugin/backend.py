@@ -183,7 +183,7 @@ class KVCompAttentionImpl(C.AttentionImpl):
         self._traced = False
         self._act_dtype: torch.dtype | None = None  # the model's dtype (host mirror, dequantised fp8 pages)
         self._fp8: Fp8Pages | None = None  # fp8 K/V pages: the method sees them dequantised
-        self._pages: tuple | None = None  # (page tensor, its k, v, codes views): see _store
+        self._pages: tuple | None = None  # (page tensor, the Store of its views and the host pages): see _store
         self._page_heads: int | None = None  # per-layer DuoAttention pattern: retrieval heads in this layer's page
         self._own_ring = False  # per-layer DuoAttention pattern, every head streaming: the cache is the ring
 
@@ -273,19 +273,22 @@ class KVCompAttentionImpl(C.AttentionImpl):
                                  ids=layout.ring_id_cells(p, self.num_kv_heads, n_str))
 
     def _store(self, kv_cache: torch.Tensor, ring: bool, md: Step | None = None) -> layout.Store:
-        """This step's views of the layer's pages, ring and host pages (the page views made once per
-        page tensor: vLLM hands every step the same one; a fresh Store per call, methods fill it)."""
+        """This step's views of the layer's pages, ring and host pages. The page and host views are
+        made once per page tensor (vLLM hands every step the same one) into a Store that the calls
+        without a ring share (methods read it, never fill it); with a ring, a fresh Store per call
+        (the ring's block ids change every step; query-driven ThinK fills in the channels)."""
         if self._own_ring:  # the layer's cache is its ring; the group's block table holds one ring per request
             return layout.Store(ring=kv_cache, ring_block=md.block_table[:, 0])
-        if self._pages is None or self._pages[0] is not kv_cache:
+        pages = self._pages
+        if pages is None or pages[0] is not kv_cache:
             pv = layout.page_store(self.plan, kv_cache, self.head_size)
-            self._pages = (kv_cache, pv.k, pv.v, pv.codes)
-        st = layout.Store(k=self._pages[1], v=self._pages[2], codes=self._pages[3])
-        if ring and self.ring_name is not None:
-            st.ring, st.ring_block = ring_of(self.ring_name)
-        if self._mirror is not None:
-            st.mirror = (self._mirror.k, self._mirror.v)
-        return st
+            mirror = None if self._mirror is None else (self._mirror.k, self._mirror.v)
+            pages = self._pages = (kv_cache, layout.Store(k=pv.k, v=pv.v, codes=pv.codes, mirror=mirror))
+        base = pages[1]
+        if not ring or self.ring_name is None:
+            return base
+        r, rb = ring_of(self.ring_name)
+        return layout.Store(k=base.k, v=base.v, codes=base.codes, mirror=base.mirror, ring=r, ring_block=rb)
 
     def _trace(self, layer, kv_cache: torch.Tensor) -> None:
         self._traced = True
@@ -323,7 +326,8 @@ class KVCompAttentionImpl(C.AttentionImpl):
         if not n:
             return
         # padding slots (-1) stay in: every page write skips them (no host read of the slots per layer)
-        k, v = key[:n], value[:n]
+        k = key if key.shape[0] == n else key[:n]  # a slice is an op: ~1-2 us
+        v = value if value.shape[0] == n else value[:n]
         if self._fp8 is not None:
             self._fp8.write(self.method, self._store(kv_cache, ring=False), slot_mapping, k, v)
         else:
@@ -351,9 +355,12 @@ class KVCompAttentionImpl(C.AttentionImpl):
         if not self._traced:
             self._trace(layer, kv_cache)
         n = attn_metadata.num_actual_tokens
+        q, k, v = query, key, value  # padding rows past n: sliced off (a slice is an op: ~1-2 us)
+        if q.shape[0] != n or k.shape[0] != n or v.shape[0] != n:
+            q, k, v = q[:n], k[:n], v[:n]
+        store = self._store(kv_cache, ring=True, md=attn_metadata)
         if self._fp8 is not None:
-            self._fp8.attend(self.method, self._store(kv_cache, ring=True), query[:n], key[:n], value[:n],
-                             attn_metadata, output)
+            self._fp8.attend(self.method, store, q, k, v, attn_metadata, output)
         else:
-            self.method.attend(self._store(kv_cache, ring=True, md=attn_metadata), query[:n], key[:n], value[:n], attn_metadata, output)
+            self.method.attend(store, q, k, v, attn_metadata, output)
         return output
