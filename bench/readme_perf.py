@@ -53,6 +53,29 @@ LIMITS = [
 ]
 
 
+# Why the missed serving targets are missed (the serve run above is at f3ea667; each line names its measurement).
+SERVE_LIMITS = [
+    "- compression off (0.88x at 4x4K, 0.99x at 8x7.5K) and DuoAttention / ThinK at 4x4K: Python around the native "
+    "ops in every layer's step. `bench/vllm_layer_decode.py` (one layer step, thread CPU time, 1 thread, stock's "
+    "ops in the same process) at that code (0c79fc8, same backend): off 0.80x of stock at batch 1 / 4K, "
+    "0.78x at batch 4 / 1K; duo 0.84x, "
+    "think 0.63x at batch 1 / 4K; profiled: ~70 us of a batch-1 1K step was slicing, per-call views and dispatch "
+    "around the kernels (the native decode op alone is 1.48x of stock there). Commit 854f758 cut it (same-window A/B "
+    "in its message: off 0.87-1.14x, duo 0.65-1.38x, think 0.43-1.01x of stock per layer step; "
+    "`bench/results/vllm-layer-decode-cpu.json` is still the older 2cbc225 run); the serve run has not been "
+    "repeated since. In that bench stock, "
+    "native and off share one page tensor that stays warm between them while duo and think have their own, so "
+    "duo's and think's ratios there are pessimistic (off on its own copy: ~800 -> ~1860 us at batch 1 / 8K).",
+    "- A²ATS and DuoAttention + A²ATS at 8x1K (0.89x / 0.94x): at 1K the fixed per-step stages (LUT, top-K, "
+    "the concatenation and Python between them: 0.62 of a 2.00 ms step already at 8K in the kernel table above) "
+    "are not paid back by fewer rows; the vq row also ran while other work had the load at 18.5 (column in "
+    "`serve-vllm-cpu.md`).",
+    "- TTFT: ThinK 1.22x / 1.28x (its prefill scores key channels per request and writes pruned keys plus the "
+    "full-width window; not yet timed apart) and compression off 1.11x at 8x7.5K (kvcomp's native varlen "
+    "prefill is 0.90x of a per-request loop at one 8K request, `bench/results/prefill-cpu.json`).",
+]
+
+
 def kernels_section(data: dict) -> list[str]:
     rows = [r for r in data["results"] if r.get("batch") == 1 and r.get("dtype") == "float32" and r.get("ms")]
     ctxs = sorted({r["context_len"] for r in rows})
@@ -104,7 +127,8 @@ def serve_section(data: dict) -> list[str]:
             else:
                 cells.append(f"{report._num(r.get('decode_vs_stock'), '.2f')}x / {report._num(r.get('ttft_vs_stock'), '.2f')}x")
         out.append(f"| {SERVE_NAMES.get(m, m)} | " + " | ".join(cells) + " |")
-    return out + ["", "Serving targets (issue 10):", ""] + report_serve.targets(rows)
+    return out + ["", "Serving targets (issue 10):", ""] + report_serve.targets(rows) + [
+        "", "What limits the missed serving targets (measured):", "", *SERVE_LIMITS]
 
 
 def _row_name(row: str) -> str:
