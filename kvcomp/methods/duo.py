@@ -72,9 +72,9 @@ def streaming_selection(seq_lens: torch.Tensor, heads: int, sink: int, recent: i
 def head_picker(heads: list[int]):
     """``f(x)`` = ``x``'s heads ``heads`` along dim 1 (``x [n, H, D]``): a strided view when they are evenly
     spaced (one op, no copy: every page and ring write reads it in place), else an index_select."""
-    if len(heads) == 1 or (len(heads) > 1 and len({b - a for a, b in zip(heads, heads[1:])}) == 1 and heads[1] > heads[0]):
-        step = 1 if len(heads) == 1 else heads[1] - heads[0]
-        sl = slice(heads[0], heads[-1] + 1, step)
+    steps = {b - a for a, b in zip(heads, heads[1:])}  # empty for one head
+    if heads and len(steps) <= 1 and min(steps, default=1) > 0:
+        sl = slice(heads[0], heads[-1] + 1, min(steps, default=1))
         return lambda x: x[:, sl]
     idx = torch.tensor(heads, dtype=torch.long)
     return lambda x: x.index_select(1, idx if idx.device == x.device else idx.to(x.device))

@@ -185,11 +185,19 @@ def scatter_tokens(cache: torch.Tensor, new_tokens: torch.Tensor, slots: torch.T
     """
     # per page write of every layer: tensor flags only (``.device`` builds an object: ~0.5 us)
     if _impl("cuda" if cache.is_cuda else "cpu", "scatter_tokens") == "native":
-        if not (slots.is_cpu and slots.is_contiguous()):
-            slots = slots.cpu().contiguous()
-        torch.ops.kvcomp_C.scatter_tokens(cache, new_tokens if new_tokens.is_cpu else new_tokens.cpu(), slots)
+        _native_scatter(cache, new_tokens, _host_slots(slots))
         return
     ref.scatter_tokens(cache, new_tokens, slots)
+
+
+def _host_slots(slots: torch.Tensor) -> torch.Tensor:
+    """``slots`` as the native copy takes them: contiguous, in host memory."""
+    return slots if slots.is_cpu and slots.is_contiguous() else slots.cpu().contiguous()
+
+
+def _native_scatter(cache: torch.Tensor, new_tokens: torch.Tensor, slots: torch.Tensor) -> None:
+    # the overload itself: no resolution per call
+    torch.ops.kvcomp_C.scatter_tokens.default(cache, new_tokens if new_tokens.is_cpu else new_tokens.cpu(), slots)
 
 
 def scatter_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -197,11 +205,9 @@ def scatter_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v:
     """:func:`scatter_tokens` of keys ``k`` into ``k_cache`` and values ``v`` into ``v_cache`` at the same
     ``slots``, with one dispatch for both (a page write of every layer of every decode step)."""
     if _impl("cuda" if k_cache.is_cuda else "cpu", "scatter_tokens") == "native":
-        if not (slots.is_cpu and slots.is_contiguous()):
-            slots = slots.cpu().contiguous()
-        op = torch.ops.kvcomp_C.scatter_tokens.default  # the overload itself: no resolution per call
-        op(k_cache, k if k.is_cpu else k.cpu(), slots)
-        op(v_cache, v if v.is_cpu else v.cpu(), slots)
+        slots = _host_slots(slots)
+        _native_scatter(k_cache, k, slots)
+        _native_scatter(v_cache, v, slots)
         return
     ref.scatter_tokens(k_cache, k, slots)
     ref.scatter_tokens(v_cache, v, slots)
