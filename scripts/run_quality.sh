@@ -18,20 +18,24 @@ MQ_TRIALS=${MQ_TRIALS:-50}
 QUERIES=${QUERIES:-4}
 CONTEXTS=${CONTEXTS:-"2048 4096 8192"}
 METHODS=${METHODS:-"full duo think vq all"}
-PEER_CONTEXTS=${PEER_CONTEXTS:-$CONTEXTS}
+# each part's contexts ("" skips that part), e.g. SINGLE_CONTEXTS=8192 MQ_CONTEXTS= PEER_CONTEXTS= in one
+# process and the rest in another (THREADS=1 each) to keep both cores busy through the single-threaded decode
+SINGLE_CONTEXTS=${SINGLE_CONTEXTS-$CONTEXTS}
+MQ_CONTEXTS=${MQ_CONTEXTS-$CONTEXTS}
+PEER_CONTEXTS=${PEER_CONTEXTS-$CONTEXTS}
 JOBS=${JOBS:-2}
 DTYPE=${DTYPE:-bfloat16}  # what vLLM serves; on CPUs with AMX ~5x faster than float32 for the same prompts
-export OMP_NUM_THREADS=$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))
+export OMP_NUM_THREADS=${THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}
 mkdir -p "$RUNS"
 jobs_file=$(mktemp)
 # single-query cells first (the published table), then the shared-context rows, then the peers: a run cut
 # short leaves the most important outputs finished
-for ctx in $CONTEXTS; do
+for ctx in $SINGLE_CONTEXTS; do
   for m in $METHODS; do
     echo "$RUNS/single-$ctx-$m.json .venv/bin/kvcomp eval --dtype $DTYPE --methods $m --context-lens $ctx --tasks $TASKS --trials $TRIALS --haystacks prose --batch-size 4 --keep-samples" >> "$jobs_file"
   done
 done
-for ctx in $CONTEXTS; do
+for ctx in $MQ_CONTEXTS; do
   for m in $METHODS; do
     echo "$RUNS/mq-$ctx-$m.json .venv/bin/kvcomp eval --dtype $DTYPE --mode multi-query --queries $QUERIES --methods $m --context-lens $ctx --trials $MQ_TRIALS --haystacks prose --keep-samples" >> "$jobs_file"
   done
