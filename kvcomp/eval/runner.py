@@ -251,8 +251,9 @@ def compare_to_full(summary: Sequence[dict], records: Sequence[dict], full_metho
 
     For each row the full cache's records of the same cell (context length, mode, turn) are paired
     with the row's records on the same prompts (:func:`kvcomp.eval.stats.paired`): ``paired``
-    (``n``, ``right_to_wrong``, ``wrong_to_right``, ``both_right``, ``both_wrong``), ``full_accuracy``,
-    ``accuracy_retained`` (= accuracy / full accuracy on the paired prompts), ``full_kv_bytes_per_token``
+    (``n``, ``right_to_wrong``, ``wrong_to_right``, ``both_right``, ``both_wrong``, ``sign_p``), ``full_accuracy``,
+    ``accuracy_retained`` (= accuracy / full accuracy on the paired prompts) with its paired bootstrap
+    interval ``retention_ci95``, ``full_kv_bytes_per_token``
     and ``bytes_fraction``. Rows without a full-cache cell are left as they are.
     """
     cells: dict = {}
@@ -266,9 +267,11 @@ def compare_to_full(summary: Sequence[dict], records: Sequence[dict], full_metho
             continue
         p = paired(cells.get((row["method"],) + cell, []), full_recs)
         f = full_rows[cell]
-        row["paired"] = {k: p[k] for k in ("n", "right_to_wrong", "wrong_to_right", "both_right", "both_wrong")}
+        row["paired"] = {k: p[k] for k in ("n", "right_to_wrong", "wrong_to_right", "both_right", "both_wrong",
+                                           "sign_p")}
         row["full_accuracy"] = p["full_accuracy"]
         row["accuracy_retained"] = p["retention"]
+        row["retention_ci95"] = p["retention_ci95"]
         row["full_kv_bytes_per_token"] = f["kv_bytes_per_token"]
         row["bytes_fraction"] = row["kv_bytes_per_token"] / f["kv_bytes_per_token"] if f["kv_bytes_per_token"] else None
     return list(summary)

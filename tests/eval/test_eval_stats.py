@@ -5,7 +5,7 @@ import math
 import pytest
 
 from kvcomp.eval.runner import compare_to_full, evaluate_samples, summarize
-from kvcomp.eval.stats import paired, wilson
+from kvcomp.eval.stats import paired, retention_interval, sign_test, wilson
 from kvcomp.eval.tasks import make_sample
 
 
@@ -55,7 +55,8 @@ def test_summarize_and_compare_to_full_cells():
                           (("single", "all"), ("multi-query", "first"), ("multi-query", "later"))}
     m = cells[("m", "single", "all")]
     assert m["n_prompts"] == 10 and m["accuracy"] == 0.5 and m["ci95"] == list(wilson(0.5, 10))
-    assert m["paired"] == {"n": 10, "right_to_wrong": 5, "wrong_to_right": 0, "both_right": 5, "both_wrong": 0}
+    assert m["paired"] == {"n": 10, "right_to_wrong": 5, "wrong_to_right": 0, "both_right": 5, "both_wrong": 0,
+                           "sign_p": 0.0625}
     assert m["accuracy_retained"] == 0.5 and m["bytes_fraction"] == 0.25 and math.isclose(m["wall_s"], 5.0)
     assert cells[("m", "multi-query", "first")]["accuracy_retained"] == 1.0
     later = cells[("m", "multi-query", "later")]
@@ -84,3 +85,25 @@ def test_batched_evaluation_groups_equal_lengths(ws_tok):
     gen_short.batched = True
     with pytest.raises(ValueError, match="one \\(text, stats\\) per sample"):
         evaluate_samples(gen_short, samples, method_name="x", progress=False, batch_size=4)
+
+
+def test_sign_test_exact_two_sided():
+    assert sign_test(0, 0) == 1.0 and sign_test(1, 1) == 1.0
+    assert sign_test(4, 0) == 0.125 and sign_test(0, 4) == 0.125  # 2 * (1/2)^4
+    assert math.isclose(sign_test(9, 1), 2 * 11 / 1024)
+    with pytest.raises(ValueError):
+        sign_test(-1, 2)
+
+
+def test_retention_interval_is_paired_and_clustered():
+    same = [((i,), float(i % 2), float(i % 2)) for i in range(40)]  # method == full on every prompt
+    assert retention_interval(same) == [1.0, 1.0]  # paired: no spread even though scores vary
+    lost = [((i,), 0.0 if i < 4 else float(i % 2), float(i % 2)) for i in range(40)]  # 2 of 20 right ones lost
+    lo, hi = retention_interval(lost)
+    assert lo < 0.9 < hi <= 1.0 and retention_interval(lost) == [lo, hi]  # deterministic
+    # the questions of one context resampled together: 2 contexts with 10 questions each are 2 units
+    two = [(("a",), 1.0, 1.0)] * 10 + [(("b",), 0.0, 1.0)] * 10
+    lo2, hi2 = retention_interval(two)
+    assert lo2 == 0.0 and hi2 == 1.0
+    assert retention_interval([((0,), 1.0, 0.0), ((1,), 0.0, 0.0)]) is None  # full scored 0
+    assert retention_interval([((0,), 1.0, 1.0)]) is None  # one unit: no interval

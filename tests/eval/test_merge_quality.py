@@ -43,7 +43,8 @@ def test_pools_runs_pairs_across_files_and_writes_readme(tmp_path):
     assert mq.main([a, b, c, "--out", str(out), "--readme", str(readme), "--plot", str(tmp_path / "q.png")]) == 0
     rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
     duo = rows["duo"]
-    assert duo["paired"] == {"n": 4, "right_to_wrong": 1, "wrong_to_right": 1, "both_right": 2, "both_wrong": 0}
+    assert duo["paired"] == {"n": 4, "right_to_wrong": 1, "wrong_to_right": 1, "both_right": 2, "both_wrong": 0,
+                             "sign_p": 1.0}
     assert duo["n_prompts"] == 4 and duo["accuracy_retained"] == 1.0 and duo["bytes_fraction"] == 0.5
     assert duo["source"]["file"].endswith("duo.json") and duo["source"]["commit"] == "def5678"
     assert rows["kvpress:snapkv@0.5"]["simulated"] is True and "simulated" not in duo
