@@ -64,7 +64,7 @@ def _tasks(run: dict) -> str:
     meta = run.get("meta") if isinstance(run.get("meta"), dict) else {}
     t = meta.get("tasks") or []
     if meta.get("mode") == "multi-query":
-        return f"niah_shared x{meta.get('queries')}"
+        return f"niah_shared x{meta.get('queries')}, {meta.get('history') or 'model'} history"
     return ",".join(t) if isinstance(t, list) else str(t)
 
 

@@ -115,6 +115,8 @@ def cmd_eval(a) -> int:
     # finished samples go to <out>.partial.jsonl as they finish: a killed run resumes there
     identity = {k: getattr(a, k) for k in ("model", "dtype", "mode", "tasks", "haystacks", "context_lens", "trials",
                                            "seed", "queries", "tag", "batch_size")}
+    if a.mode != "single":
+        identity["history"] = a.history
     identity["configs"] = {n: (c.to_dict() if c is not None else "stock") for n, c in configs.items()}
     ckpt = Checkpoint(f"{a.out}.partial.jsonl", identity, commit)
     if ckpt.resumed:
@@ -129,18 +131,19 @@ def cmd_eval(a) -> int:
             records += evaluate_samples(gen, samples, method_name=name + a.tag, batch_size=a.batch_size,
                                         checkpoint=ckpt)
         else:
-            records += evaluate_multiquery(make_converse(model, tok, cfg), samples, method_name=name + a.tag,
+            records += evaluate_multiquery(make_converse(model, tok, cfg, history=a.history), samples, method_name=name + a.tag,
                                            checkpoint=ckpt)
         method_seconds[name + a.tag] = round(time.perf_counter() - t0, 1)
     summary = compare_to_full(summarize(records), records, full_method="full" + a.tag)
     for r in summary:
         cfg = configs.get(r["method"][: len(r["method"]) - len(a.tag)] if a.tag else r["method"])
         r["config"] = cfg.to_dict() if cfg is not None else {"policy": "stock"}
-        r["tasks"] = ",".join(a.tasks) if a.mode == "single" else f"niah_shared x{a.queries}"
+        r["tasks"] = ",".join(a.tasks) if a.mode == "single" else f"niah_shared x{a.queries}, {a.history} history"
         print(json.dumps({k: r.get(k) for k in ("method", "context_len", "mode", "turn", "n_prompts", "accuracy",
                                                  "ci95", "accuracy_retained", "paired", "bytes_fraction", "wall_s")}))
     meta = {"model": a.model, "mode": a.mode, "tasks": a.tasks if a.mode == "single" else ["niah_shared"],
-            "queries": a.queries if a.mode != "single" else None, "haystacks": ",".join(a.haystacks),
+            "queries": a.queries if a.mode != "single" else None,
+            "history": a.history if a.mode != "single" else None, "haystacks": ",".join(a.haystacks),
             "trials": a.trials, "seed": a.seed, "dtype": a.dtype, "batch_size": a.batch_size, "command": " ".join(sys.argv),
             "method_seconds": method_seconds, "seconds": round(time.perf_counter() - t_start, 1),
             "resumed_samples": ckpt.resumed, "commits": ckpt.commits}
@@ -256,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--mode", choices=("single", "multi-query"), default="single",
                    help="multi-query: one shared context, --queries questions asked in turn on the same cache")
     e.add_argument("--queries", type=T.positive_int, default=4, help="multi-query: facts hidden and questions asked")
+    e.add_argument("--history", choices=("gold", "model"), default="gold",
+                   help="multi-query: a later turn follows the gold answers (SCBench's protocol; every method sees the "
+                        "same conversation) or the model's own answers (an earlier miss is carried forward)")
     e.add_argument("--batch-size", type=T.positive_int, default=1,
                    help="single mode: run up to this many prompts of equal token length together")
     e.set_defaults(fn=cmd_eval)

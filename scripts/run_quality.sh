@@ -14,6 +14,10 @@ TRIALS=${TRIALS:-13}
 # the chat template even with the full cache (0/10 at 2K, 0/2 at 4K, measured 2026-12-07), so its
 # prompts would only dilute every cell.
 TASKS=${TASKS:-niah_single,niah_multikey,niah_multivalue,niah_multiquery}
+# multi-query rows follow SCBench's multi-turn protocol (kvcomp eval --history gold, its default): a later
+# question comes after the gold answers, so it measures the shared compressed cache; with the model's own
+# answers (--history model) an earlier miss is carried forward: 7 of 8 duo later-question losses at 2K were
+# lost by the full cache too on duo's conversation (bench/mq_history_check.py, quality-runs/mq-model-history/)
 MQ_TRIALS=${MQ_TRIALS:-50}
 QUERIES=${QUERIES:-4}
 CONTEXTS=${CONTEXTS:-"2048 4096 8192"}

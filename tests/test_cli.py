@@ -28,6 +28,7 @@ def no_model_load(monkeypatch):
     (["eval", "--methods", "full,duo+xx"], "--methods"),
     (["eval", "--mode", "multi"], "--mode"),
     (["eval", "--queries", "0"], "--queries"),
+    (["eval", "--history", "none"], "--history"),
     (["eval", "--batch-size", "0"], "--batch-size"),
     (["demo", "--methods", "duo+duo"], "--methods"),
     (["demo", "--sink", "2.5"], "--sink"),
@@ -66,7 +67,8 @@ def test_list_arguments_parse_to_lists():
     assert a.context_lens == [1024, 2048] and a.tasks == ["passkey"] and a.methods == ["full", "duo+vq"]
     assert a.topk == 64 and a.haystacks == ["prose"]
     a = cli.build_parser().parse_args(["eval", "--mode", "multi-query", "--queries", "5", "--batch-size", "4"])
-    assert (a.mode, a.queries, a.batch_size) == ("multi-query", 5, 4)
+    assert (a.mode, a.queries, a.batch_size, a.history) == ("multi-query", 5, 4, "gold")
+    assert cli.build_parser().parse_args(["eval", "--history", "model"]).history == "model"
 
 
 def test_think_window_reaches_the_method_options():

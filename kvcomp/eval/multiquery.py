@@ -22,9 +22,13 @@ from typing import Any
 from .haystack import HAYSTACKS, build_context, haystack_sentences, take_sentences
 from .tasks import _NIAH_INTRO, _Draw, count_tokens
 
-__all__ = ["MODE", "MultiQuerySample", "build_multiquery_samples", "evaluate_multiquery", "make_multiquery_sample", "turn_text"]
+__all__ = ["HISTORIES", "MODE", "MultiQuerySample", "build_multiquery_samples", "evaluate_multiquery", "gold_turn",
+           "make_multiquery_sample", "turn_text"]
 
 MODE = "multi-query"
+# what a later turn's history holds: the gold answers (SCBench's multi-turn protocol: a later question then
+# measures the compressed cache, not an earlier wrong answer carried forward) or the model's own answers
+HISTORIES = ("gold", "model")
 TASK = "niah_shared"
 _SENTINELS = ("QQ1xQQ", "QQ2xQQ")
 
@@ -63,6 +67,14 @@ class MultiQuerySample:
 def _question(key: str) -> tuple[str, str]:
     return (f"What is the special magic number for {key} mentioned in the provided text?",
             f"The special magic number for {key} mentioned in the provided text is")
+
+
+def gold_turn(sample: "MultiQuerySample", i: int) -> str:
+    """Text appended before answer ``i`` (>= 1) under the gold history: the previous question's gold
+    answer after its answer prefix (" 1234567."), then the turn (end of that answer, the new question)."""
+    if not 1 <= i < len(sample.turns):
+        raise ValueError(f"turn {i} is not a later turn of a {len(sample.turns)}-question sample")
+    return f" {sample.answers[i - 1][0]}." + sample.turns[i]
 
 
 def turn_text(tokenizer: Any, question: str, prefix: str, chat: bool) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 
@@ -119,10 +120,13 @@ def make_generate(model, tokenizer, config: CompressionConfig | None, *, batched
 
 
 @torch.inference_mode()
-def _greedy(model, cache, ids: torch.Tensor, max_new_tokens: int, eos: set[int]) -> list[int]:
-    """Append ``ids [1, T]`` to ``cache`` and greedy-decode; the last token returned is not cached yet."""
+def _greedy(model, cache, ids: torch.Tensor, max_new_tokens: int, eos: set[int], fork: bool = False) -> list[int]:
+    """Append ``ids [1, T]`` to ``cache`` and greedy-decode; the last token returned is not cached yet.
+    With ``fork`` the answer is decoded on a copy of the cache, so ``cache`` ends with ``ids``."""
     out: list[int] = []
     logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    if fork:
+        cache = copy.deepcopy(cache)
     for i in range(max_new_tokens):
         t = int(logits[0, -1].argmax())
         out.append(t)
@@ -133,14 +137,21 @@ def _greedy(model, cache, ids: torch.Tensor, max_new_tokens: int, eos: set[int])
     return out
 
 
-def make_converse(model, tokenizer, config: CompressionConfig | None):
+def make_converse(model, tokenizer, config: CompressionConfig | None, history: str = "gold"):
     """A multi-query ``converse(sample) -> [(text, stats)]`` closure for one method.
 
     All turns of a :class:`kvcomp.eval.multiquery.MultiQuerySample` go through ONE cache: the first
     turn is prefilled (and compressed), each later turn is a multi-token chunk appended to that
-    cache, led by the previous answer's last token. Stats per turn: the cache's device / host bytes
+    cache. ``history="gold"`` (SCBench's multi-turn protocol): each answer is decoded on a copy of the
+    cache and the later turn appends the gold answer (:func:`kvcomp.eval.multiquery.gold_turn`), so
+    every method sees the same conversation; ``"model"``: the model's own answer stays in the cache
+    and the later turn is led by its last token. Stats per turn: the cache's device / host bytes
     per cached token after the turn, the turn's seconds, tokens appended and generated.
     """
+    from ..eval.multiquery import HISTORIES, gold_turn
+
+    if history not in HISTORIES:
+        raise ValueError(f"history must be one of {HISTORIES}, got {history!r}")
     eos = _eos_ids(tokenizer)
 
     def _converse(sample):
@@ -148,11 +159,14 @@ def make_converse(model, tokenizer, config: CompressionConfig | None):
         results, pending = [], None
         try:
             for i, text in enumerate(sample.turns):
+                if history == "gold" and i:
+                    text = gold_turn(sample, i)
                 ids = tokenizer(text, add_special_tokens=sample.add_special_tokens and i == 0).input_ids
-                if pending is not None:
+                if pending is not None and history == "model":
                     ids = [pending] + (ids[1:] if ids and ids[0] == pending else ids)
                 t0 = time.perf_counter()
-                out = _greedy(model, cache, torch.tensor([ids], device=model.device), sample.max_new_tokens, eos)
+                out = _greedy(model, cache, torch.tensor([ids], device=model.device), sample.max_new_tokens, eos,
+                              fork=history == "gold")
                 secs = time.perf_counter() - t0
                 pending = out[-1]
                 kv = dynamic_cache_bytes(cache) if config is None else cache.kv_bytes()

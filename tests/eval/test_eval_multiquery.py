@@ -68,3 +68,15 @@ def test_evaluate_scores_each_question_and_splits_turns(ws_tok):
     assert rows[("m", "later")]["accuracy"] == 0.0 and rows[("m", "later")]["paired"]["right_to_wrong"] == 8
     with pytest.raises(ValueError, match="one \\(text, stats\\) per question"):
         evaluate_multiquery(lambda s: [], samples, method_name="x", progress=False)
+
+
+def test_gold_turn_appends_the_previous_gold_answer(ws_tok):
+    from kvcomp.eval.multiquery import gold_turn
+
+    s = make_multiquery_sample(ws_tok, 900, n_queries=3, seed=4)
+    for i in (1, 2):
+        t = gold_turn(s, i)
+        assert t == f" {s.answers[i - 1][0]}." + s.turns[i] and s.answers[i][0] not in t
+    for bad in (0, 3):
+        with pytest.raises(ValueError, match="later turn"):
+            gold_turn(s, bad)

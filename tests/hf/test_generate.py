@@ -110,3 +110,51 @@ def test_smollm2_generate_per_method(smollm2, method):
         assert r.kv_bytes["host"] > 0 and r.selected_fraction is not None and r.selected_fraction < 1
     # the passkey at 400 tokens is easy: the full cache answers it, and so must every method here
     assert string_match_all(r.text, s.answers) == 1.0, (method, r.text, s.answers)
+
+
+def _fork_configs(model):
+    L, H = 2, 2
+    pat = torch.tensor([[True, False], [False, True]])
+    vq = VQRetrieval(codebook=torch.randn(L, H, 8, 16, generator=torch.Generator().manual_seed(3)),
+                     whiten=torch.eye(16).expand(L, H, 16, 16).clone(), topk=0.25, sink=2, local=4)
+    return {
+        "stock": None,
+        "duo": CompressionConfig.for_model(model, duo=DuoAttention(pattern=pat, sink=2, recent=8)),
+        "think": CompressionConfig.for_model(model, think=ThinK(prune_ratio=0.5, window=4, channel_multiple=4)),
+        "vq": CompressionConfig.for_model(model, vq=vq),
+        "all": CompressionConfig.for_model(model, duo=DuoAttention(pattern=pat, sink=2, recent=8),
+                                           think=ThinK(prune_ratio=0.5, window=4, channel_multiple=4), vq=vq),
+    }
+
+
+@pytest.mark.parametrize("method", ["stock", "duo", "think", "vq", "all"])
+def test_forked_answer_leaves_the_shared_cache_as_it_was(tiny, method):
+    """The gold-history multi-query turn: an answer decoded on a copy of the cache is the answer decoded on
+    the cache itself, and the cache then continues exactly as if no answer had been decoded."""
+    from transformers import DynamicCache
+
+    from kvcomp.hf.generate import _greedy
+
+    cfg = _fork_configs(tiny)[method]
+    g = torch.Generator().manual_seed(5)
+    ids0, ids1 = torch.randint(1, 128, (1, 45), generator=g), torch.randint(1, 128, (1, 7), generator=g)
+
+    def fresh():
+        return DynamicCache(config=tiny.config) if cfg is None else compress(tiny, cfg)
+
+    try:
+        forked = fresh()
+        ans_fork = _greedy(tiny, forked, ids0, 6, set(), fork=True)
+        assert forked.get_seq_length() == 45  # the answer went to the copy only
+        with torch.inference_mode():
+            after_fork = tiny(input_ids=ids1, past_key_values=forked, use_cache=True).logits
+        ans = _greedy(tiny, fresh(), ids0, 6, set())
+        plain = fresh()
+        with torch.inference_mode():
+            tiny(input_ids=ids0, past_key_values=plain, use_cache=True)
+            want = tiny(input_ids=ids1, past_key_values=plain, use_cache=True).logits
+    finally:
+        if cfg is not None:
+            restore(tiny)
+    assert ans_fork == ans and len(ans) == 6
+    assert torch.equal(after_fork, want)
