@@ -85,11 +85,15 @@ def merge(paths: list[str], existing: list[dict] | None = None) -> list[dict]:
         if "rows" not in run and run.get("samples"):
             for s in run["samples"]:
                 pooled.append(s)
-                owner[(s["method"], s["context_len"], s.get("mode", "single"))] = (p, _source(p, run), _tasks(run))
+                cell = owner.setdefault((s["method"], s["context_len"], s.get("mode", "single")), {})
+                cell.setdefault(p, (_source(p, run), _tasks(run)))
     by_file: dict = {}
     if pooled:
         for r in compare_to_full(summarize(pooled), pooled):
-            p, src, tasks = owner[(r["method"], r["context_len"], r["mode"])]
+            files = owner[(r["method"], r["context_len"], r["mode"])]  # a cell pooled from several runs (seeds)
+            p, (src, tasks) = next(iter(files.items()))
+            if len(files) > 1:
+                src = dict(src, also=[s for s, _ in list(files.values())[1:]])
             by_file.setdefault(p, []).append(_row(r, src, tasks))
     rows: dict = {}
     for r in existing or []:
@@ -171,11 +175,12 @@ def table(rows: list[dict], out_name: str) -> str:
         frac = r.get("bytes_fraction")
         mode = "single" if r["mode"] == "single" else f"shared, {r['turn']} q"
         src = r["source"]
+        runs = " + ".join(f"`{os.path.basename(x['file'])}` @ {str(x.get('commit'))[:7]}" for x in [src] + src.get("also", []))
         name = r["method"] + (" (simulated)" if r.get("simulated") else "")
         ci = f" [{100 * lo:.0f}–{100 * hi:.0f}]" if lo is not None else ""
         lines.append(f"| {name} | {_ctx(r['context_len'])} | {mode} | {r['n_prompts']} | {100 * r['accuracy']:.0f}%{ci} "
                      f"| {kept} | {flips} | {r['kv_bytes_per_token']:.0f} ({_pct(frac)}) "
-                     f"| `{os.path.basename(src['file'])}` @ {str(src.get('commit'))[:7]} |")
+                     f"| {runs} |")
     return "\n".join(lines) + "\n"
 
 

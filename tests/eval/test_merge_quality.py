@@ -99,3 +99,15 @@ def test_input_order_decides_and_rows_name_their_own_context(tmp_path):
     assert rows[("full", 2048)]["source"]["file"].endswith("ctx2.json")
     assert rows[("full", 4096)]["source"]["commit"] == "4444444"
     assert rows[("all", 2048)]["accuracy"] == 0.5 and rows[("all", 2048)]["source"]["commit"] == "5555555"
+
+
+def test_a_cell_pooled_from_two_seeds_names_both_runs(tmp_path):
+    s1 = [dict(r, seed=r["seed"] + 10) for r in _samples("full", [1, 1], 100) + _samples("m", [1, 0], 50)]
+    a = _run(tmp_path / "s0.json", _samples("full", [1, 1], 100) + _samples("m", [1, 1], 50))
+    b = _run(tmp_path / "s1.json", s1)
+    rows = mq.merge([a, b])
+    m = next(r for r in rows if r["method"] == "m")
+    assert m["n_prompts"] == 4 and m["paired"]["right_to_wrong"] == 1 and m["accuracy_retained"] == 0.75
+    assert m["source"]["file"].endswith("s0.json") and m["source"]["also"][0]["file"].endswith("s1.json")
+    text = mq.table(rows, "q.json")
+    assert "`s0.json` @ abc1234 + `s1.json` @ abc1234" in text
