@@ -12,7 +12,8 @@ method, context length, task group, mode, turn and number of prompts) replaces t
 of ``--out`` come first, then the inputs in the order given.
 
 With ``--readme`` the text between ``<!-- BEGIN quality-table -->`` and ``<!-- END quality-table -->``
-is replaced by the table built from the merged rows (for each cell the row with the most prompts);
+is replaced by the table built from the merged rows (for each cell the row with the most prompts), and
+the ``quality-glance`` block, when the file has one, by the per-method summary (:func:`glance`);
 ``--plot`` draws the same rows (accuracy vs device KV bytes per token).
 """
 
@@ -27,6 +28,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 PEER_PREFIX = "kvpress:"
 BEGIN, END = "<!-- BEGIN quality-table -->", "<!-- END quality-table -->"
+GLANCE = ("<!-- BEGIN quality-glance -->", "<!-- END quality-glance -->")
+NAMES = {"full": "full cache", "duo": "DuoAttention 50%", "think": "ThinK λ=0.4", "vq": "A²ATS top-K 10% (K/V on the host)",
+         "all": "all three (A²ATS K/V on the host)"}
 KEY = ("method", "context_len", "tasks", "mode", "turn", "n_prompts")
 ROW_FIELDS = ("method", "context_len", "tasks", "mode", "turn", "n_prompts", "accuracy", "ci95", "full_accuracy",
               "accuracy_retained", "paired", "kv_bytes_per_token", "device_bytes_per_token", "host_bytes_per_token",
@@ -184,15 +188,57 @@ def table(rows: list[dict], out_name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_readme(path: str, text: str) -> None:
+def glance(rows: list[dict]) -> str:
+    """The README's summary: per method its device bytes and the share of the full cache's accuracy it
+    keeps (paired, with the bootstrap interval) at each context, single question and shared context."""
+    best = best_rows(rows)
+    cell = {(r["method"], r["context_len"], r["mode"], r["turn"]): r for r in best}
+    single = sorted({r["context_len"] for r in best if r["mode"] == "single"})
+    shared = sorted({r["context_len"] for r in best if r["mode"] != "single"})
+    methods = [m for m in NAMES if any(k[0] == m for k in cell)]
+    methods += sorted({r["method"] for r in best if r["method"].startswith(PEER_PREFIX) and r["method"] != "kvpress:none"})
+
+    def kept(m, c, mode, turn):
+        r = cell.get((m, c, mode, turn))
+        if r is None:
+            return "–"
+        if m == "full":
+            return f"{100 * r['accuracy']:.0f}% acc."
+        ci = r.get("retention_ci95")
+        return _pct(r.get("accuracy_retained")) + (f" [{100 * ci[0]:.0f}–{100 * ci[1]:.0f}]" if ci else "")
+
+    def frac(m):
+        fs = [cell[(m, c, "single", "all")].get("bytes_fraction") for c in single if (m, c, "single", "all") in cell]
+        fs = [f for f in fs if f is not None]
+        if not fs:
+            return "–"
+        lo, hi = min(fs), max(fs)
+        return f"{100 * lo:.0f}%" if round(100 * lo) == round(100 * hi) else f"{100 * lo:.0f}–{100 * hi:.0f}%"
+
+    ctx = " / ".join(_ctx(c) for c in single)
+    sctx = " / ".join(_ctx(c) for c in shared)
+    lines = [f"| method | device KV bytes (of full, bf16) | kept, one question: {ctx} | kept, shared context, first / later "
+             f"questions: {sctx} |", "|---|---|---|---|"]
+    for m in methods:
+        name = NAMES.get(m) or m[len(PEER_PREFIX):].replace("_", " ") + " (kvpress, simulated)"
+        one = " / ".join(kept(m, c, "single", "all") for c in single)
+        many = " / ".join(f"{kept(m, c, 'multi-query', 'first')}, {kept(m, c, 'multi-query', 'later')}" for c in shared)
+        lines.append(f"| {name} | {frac(m)} | {one} | {many or '–'} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_readme(path: str, text: str, markers: tuple = (BEGIN, END), required: bool = True) -> None:
+    begin, end = markers
     with open(path) as f:
         doc = f.read()
-    if doc.count(BEGIN) != 1 or doc.count(END) != 1 or doc.index(BEGIN) > doc.index(END):
-        raise SystemExit(f"{path} needs exactly one {BEGIN} ... {END} block")
-    head, rest = doc.split(BEGIN)
-    tail = rest.split(END)[1]
+    if doc.count(begin) != 1 or doc.count(end) != 1 or doc.index(begin) > doc.index(end):
+        if not required and begin not in doc and end not in doc:
+            return
+        raise SystemExit(f"{path} needs exactly one {begin} ... {end} block")
+    head, rest = doc.split(begin)
+    tail = rest.split(end)[1]
     with open(path, "w") as f:
-        f.write(head + BEGIN + "\n" + text + END + tail)
+        f.write(head + begin + "\n" + text + end + tail)
 
 
 def main(argv=None) -> int:
@@ -217,6 +263,7 @@ def main(argv=None) -> int:
     print(text)
     if a.readme:
         write_readme(a.readme, text)
+        write_readme(a.readme, glance(rows), GLANCE, required=False)
     if a.plot:
         from kvcomp.eval.plot import plot_accuracy_vs_kv
 

@@ -111,3 +111,18 @@ def test_a_cell_pooled_from_two_seeds_names_both_runs(tmp_path):
     assert m["source"]["file"].endswith("s0.json") and m["source"]["also"][0]["file"].endswith("s1.json")
     text = mq.table(rows, "q.json")
     assert "`s0.json` @ abc1234 + `s1.json` @ abc1234" in text
+
+
+def test_glance_block_is_generated_when_the_readme_has_one(tmp_path):
+    a = _run(tmp_path / "a.json", _samples("full", [1, 1, 0, 1], 100) + _samples("duo", [1, 0, 0, 1], 50))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- BEGIN quality-glance -->\nold\n<!-- END quality-glance -->\n"
+                      "<!-- BEGIN quality-table -->\nold\n<!-- END quality-table -->\n")
+    assert mq.main([a, "--out", str(tmp_path / "q.json"), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old" not in text
+    assert "| full cache | 100% | 75% acc. |" in text
+    assert "| DuoAttention 50% | 50% | 67% [" in text  # 2 of the full cache's 3 right answers kept
+    readme.write_text("<!-- BEGIN quality-glance -->\nonly one marker\n<!-- BEGIN quality-table -->\n<!-- END quality-table -->\n")
+    with pytest.raises(SystemExit, match="quality-glance"):
+        mq.main([a, "--out", str(tmp_path / "q.json"), "--readme", str(readme)])
