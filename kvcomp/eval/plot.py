@@ -1,4 +1,4 @@
-"""Accuracy vs KV bytes per token, one marker per (method, context length)."""
+"""Accuracy vs KV bytes per token: one panel per context length, one marker per method."""
 
 from __future__ import annotations
 
@@ -21,10 +21,10 @@ def plot_accuracy_vs_kv(rows: Sequence[dict], path: str, *, title: str | None = 
                         logx: bool = True) -> str:
     """Save a PNG scatter of accuracy (y, %) against mean KV bytes per token (x).
 
-    ``rows`` is ``summarize`` output, or raw records (summarized here). Colour = method, marker
-    shape = context length; each point is labelled with its context length, and the points of a
-    method are joined in context-length order. matplotlib (Agg backend) is imported here, not at
-    module import. Returns ``path``.
+    ``rows`` is ``summarize`` output, or raw records (summarized here). One panel per context length;
+    colour and marker = method, a hollow marker = a simulated saving (``simulated`` rows, e.g. kvpress),
+    error bars = the row's ``ci95``. matplotlib (Agg backend) is imported here, not at module import.
+    Returns ``path``.
     """
     rows = list(rows)
     if not rows:
@@ -45,42 +45,41 @@ def plot_accuracy_vs_kv(rows: Sequence[dict], path: str, *, title: str | None = 
 
     methods = list(dict.fromkeys(r["method"] for r in rows))
     ctxs = sorted({r["context_len"] for r in rows})
-    colors = plt.get_cmap("tab10")
-    fig, ax = plt.subplots(figsize=(7.5, 5.0), dpi=120)
-    xs_all = []
-    for mi, m in enumerate(methods):
-        pts = sorted((r for r in rows if r["method"] == m), key=lambda r: r["context_len"])
-        color = colors(mi % 10)
-        xs = [float(r["kv_bytes_per_token"]) for r in pts]
-        ys = [100.0 * float(r["accuracy"]) for r in pts]
-        xs_all += [x for x in xs if math.isfinite(x) and x > 0]
-        if len(pts) > 1:
-            ax.plot(xs, ys, "-", color=color, alpha=0.35, lw=1)
-        for r, x, y in zip(pts, xs, ys):
-            marker = _MARKERS[ctxs.index(r["context_len"]) % len(_MARKERS)]
-            ax.plot([x], [y], marker, color=color, ms=8, mec="black", mew=0.5)
-            ax.annotate(_ctx_label(r["context_len"]), (x, y), textcoords="offset points",
-                        xytext=(6, 4), fontsize=8, color=color)
-        ax.plot([], [], "o", color=color, label=m)  # legend entry per method
-    for ci, c in enumerate(ctxs):
-        ax.plot([], [], _MARKERS[ci % len(_MARKERS)], color="grey", label=f"ctx {_ctx_label(c)}")
-    if logx and xs_all and max(xs_all) / min(xs_all) > 3:
-        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    colors = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+    fig, axes = plt.subplots(1, len(ctxs), figsize=(4.2 * len(ctxs) + 2.6, 4.6), dpi=120, sharex=True, sharey=True, squeeze=False)
+    axes = axes[0]
+    xs_all = [float(r["kv_bytes_per_token"]) for r in rows]
+    xs_all = [x for x in xs_all if math.isfinite(x) and x > 0]
+    for ax, c in zip(axes, ctxs):
+        for mi, m in enumerate(methods):
+            for r in (r for r in rows if r["method"] == m and r["context_len"] == c):
+                x, y = float(r["kv_bytes_per_token"]), 100.0 * float(r["accuracy"])
+                ci = r.get("ci95")
+                yerr = [[y - 100.0 * ci[0]], [100.0 * ci[1] - y]] if ci else None
+                hollow = bool(r.get("simulated"))  # a peer's bytes are its ratio's, not allocated
+                ax.errorbar([x], [y], yerr=yerr, fmt=_MARKERS[mi % len(_MARKERS)], color=colors(mi % colors.N),
+                            ms=7, mec=colors(mi % colors.N), mfc="none" if hollow else colors(mi % colors.N),
+                            elinewidth=0.8, capsize=2, alpha=0.9)
+        ax.set_title(f"context {_ctx_label(c)}", fontsize=10)
+        ax.set_xlabel("device KV bytes per token")
+        ax.grid(True, alpha=0.3, which="both")
+        if logx and xs_all and max(xs_all) / min(xs_all) > 3:
+            from matplotlib.ticker import FuncFormatter, NullFormatter
 
-        plain = FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:g}")
-        ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(plain)
-        ax.xaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))  # labelled minor ticks that do not collide
-        ax.xaxis.set_minor_formatter(plain if max(xs_all) / min(xs_all) <= 30 else NullFormatter())
-    ax.set_xlabel("KV cache bytes per token")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(-5, 105)
-    ax.grid(True, alpha=0.3, which="both")
-    ax.set_title(title or "Accuracy vs KV memory")
-    ax.legend(fontsize=8, loc="best")
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+    axes[0].set_ylabel("accuracy (%), 95% interval")
+    axes[0].set_ylim(-5, 105)
+    for mi, m in enumerate(methods):
+        hollow = any(r.get("simulated") for r in rows if r["method"] == m)
+        axes[-1].plot([], [], _MARKERS[mi % len(_MARKERS)], color=colors(mi % colors.N),
+                      mfc="none" if hollow else colors(mi % colors.N), label=m + (" (simulated)" if hollow else ""))
+    fig.legend(*axes[-1].get_legend_handles_labels(), fontsize=7, loc="center left", bbox_to_anchor=(0.99, 0.5))
+    fig.suptitle(title or "Accuracy vs KV memory")
     fig.tight_layout()
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
