@@ -63,7 +63,8 @@ def _setup(a):
     model, tok = load_model(a.model, device=device, dtype=getattr(torch, a.dtype))
     print(f"[kvcomp] loaded {a.model} ({a.dtype}) on {device} in {time.perf_counter() - t0:.1f} s")
     opts = _options(a)
-    configs = {m: build_method(m, model, tok, a.model, opts) for m in methods}
+    ch = getattr(a, "think_channels", "query")
+    configs = {m: build_method(m, model, tok, a.model, opts, think_channels=ch) for m in methods}
     return model, tok, configs
 
 
@@ -259,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--mode", choices=("single", "multi-query"), default="single",
                    help="multi-query: one shared context, --queries questions asked in turn on the same cache")
     e.add_argument("--queries", type=T.positive_int, default=4, help="multi-query: facts hidden and questions asked")
+    e.add_argument("--think-channels", choices=("query", "static"), default="query",
+                   help="ThinK's kept key channels: chosen per request from the prompt's last queries (as published) "
+                        "or static (calibrated once: what kvcomp vllm-config serves by default)")
     e.add_argument("--history", choices=("gold", "model"), default="gold",
                    help="multi-query: a later turn follows the gold answers (SCBench's protocol; every method sees the "
                         "same conversation) or the model's own answers (an earlier miss is carried forward)")

@@ -4,6 +4,7 @@ line ``kvcomp: error: ...`` with exit status 2, or the traceback under --debug /
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -147,3 +148,27 @@ def test_oracle_selection_refused_by_vllm_config_before_loading(monkeypatch, cap
     assert cli.main(["vllm-config", "--method", "vq", "--vq-select", "oracle", "--out", "x"]) == 2
     assert "analysis baseline" in capsys.readouterr().err
     assert cli.build_parser().parse_args(["eval", "--vq-select", "oracle"]).vq_select == "oracle"
+
+
+def test_eval_think_channels_static_reaches_build_method(monkeypatch):
+    """kvcomp eval --think-channels static builds ThinK with the static channels vLLM serves; query (the default)
+    leaves them to each request; a bad value is refused by build_method before any calibration."""
+    import torch
+
+    import kvcomp.methods.named as named
+    from kvcomp.methods import MethodOptions, build_method
+
+    assert cli.build_parser().parse_args(["eval"]).think_channels == "query"
+    assert cli.build_parser().parse_args(["eval", "--think-channels", "static"]).think_channels == "static"
+    ch = torch.arange(48).expand(2, 3, 48).clone()
+    monkeypatch.setattr(named, "static_think_channels", lambda *a, **k: ch)
+
+    class M:
+        config = types.SimpleNamespace(num_hidden_layers=2, num_key_value_heads=3, num_attention_heads=9,
+                                       hidden_size=576, head_dim=64)
+
+    static = build_method("think", M(), None, "smollm2-135m", MethodOptions(), think_channels="static")
+    assert static.think.channels is ch
+    assert build_method("think", M(), None, "smollm2-135m", MethodOptions()).think.channels is None
+    with pytest.raises(ValueError, match="think_channels"):
+        build_method("think", M(), None, "smollm2-135m", MethodOptions(), think_channels="calibrated")

@@ -129,10 +129,17 @@ def ensure_codebooks(model, tokenizer, model_name: str, opts: MethodOptions, *, 
 
 
 def build_method(name: str, model, tokenizer, model_name: str, opts: MethodOptions | None = None,
-                 *, progress: bool = True) -> CompressionConfig | None:
-    """The :class:`CompressionConfig` of a named method (None for ``full``: stock cache)."""
+                 *, progress: bool = True, think_channels: str = "query") -> CompressionConfig | None:
+    """The :class:`CompressionConfig` of a named method (None for ``full``: stock cache).
+
+    ``think_channels``: ThinK's kept key channels chosen per request from the prompt's last queries
+    (``"query"``, as published) or the static channels the vLLM backend serves by default (``"static"``,
+    :func:`static_think_channels`), so the transformers path can measure what vLLM serves.
+    """
     opts = opts or MethodOptions()
     parts = parse_method(name)
+    if think_channels not in ("static", "query"):
+        raise ValueError(f"think_channels: {think_channels!r}, use 'static' or 'query'")
     if not parts:
         return None
     kw = {}
@@ -141,7 +148,9 @@ def build_method(name: str, model, tokenizer, model_name: str, opts: MethodOptio
                                           sink=opts.sink, recent=opts.recent)
     if "think" in parts:
         kw["think"] = ThinK(prune_ratio=opts.prune_ratio, window=opts.think_window,
-                            channel_multiple=opts.think_channel_multiple)
+                            channel_multiple=opts.think_channel_multiple,
+                            channels=(static_think_channels(model, tokenizer, model_name, opts)
+                                      if think_channels == "static" else None))
     if "vq" in parts:
         import torch
 
