@@ -29,7 +29,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 PEER_PREFIX = "kvpress:"
 BEGIN, END = "<!-- BEGIN quality-table -->", "<!-- END quality-table -->"
 GLANCE = ("<!-- BEGIN quality-glance -->", "<!-- END quality-glance -->")
-NAMES = {"full": "full cache", "duo": "DuoAttention 50%", "think": "ThinK λ=0.4", "vq": "A²ATS top-K 10% (K/V on the host)",
+NAMES = {"full": "full cache", "duo": "DuoAttention 50%", "think": "ThinK λ=0.4",
+         "think-static": "ThinK λ=0.4, static channels (vLLM's default)", "vq": "A²ATS top-K 10% (K/V on the host)",
          "all": "all three (A²ATS K/V on the host)"}
 KEY = ("method", "context_len", "tasks", "mode", "turn", "n_prompts")
 ROW_FIELDS = ("method", "context_len", "tasks", "mode", "turn", "n_prompts", "accuracy", "ci95", "full_accuracy",
