@@ -15,7 +15,7 @@ analysis cells, not published method rows.
 
     python bench/a2ats_sweep.py --full bench/results/quality-runs/single-2048-full.json \\
         --cell vq@topk0.03=runs/2048-vq-0.03.json --cell vq@oracle0.03=runs/2048-oracle-0.03.json \\
-        --out bench/results/quality-runs/a2ats-topk-sweep-2048.json --note "..."
+        --out bench/results/quality-runs/analysis/a2ats-topk-sweep-2048.json --note "..."
 """
 
 from __future__ import annotations

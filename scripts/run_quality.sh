@@ -4,7 +4,9 @@
 # .venv-kvpress exists (scripts/setup_kvpress.sh), then one merged JSON, the README quality table and the plot.
 # One process per (mode, context, method), JOBS at a time, each with nproc/JOBS threads; a finished output is
 # kept and a killed cell's finished prompts are in <out>.partial.jsonl, so a rerun resumes where it stopped.
-# Outputs: $RUNS/*.json (per-sample records kept) -> bench/results/quality-smollm2.json.
+# Outputs: $RUNS/*.json (per-sample records kept) -> bench/results/quality-smollm2.json. Only the top level of
+# $RUNS is merged: analyses on the same prompts (a second ThinK window, the A2ATS top-K sweep, the peers pilot,
+# the model-history shared-context runs) sit in its subfolders so they never pool with the published cells.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-bench/results/quality-runs}
