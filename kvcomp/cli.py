@@ -260,10 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--mode", choices=("single", "multi-query"), default="single",
                    help="multi-query: one shared context, --queries questions asked in turn on the same cache")
     e.add_argument("--queries", type=T.positive_int, default=4, help="multi-query: facts hidden and questions asked")
-    e.add_argument("--think-channels", choices=("query", "static"), default="query",
+    e.add_argument("--think-channels", choices=DEF.THINK_CHANNELS, default="query",
                    help="ThinK's kept key channels: chosen per request from the prompt's last queries (as published) "
                         "or static (calibrated once: what kvcomp vllm-config serves by default)")
-    e.add_argument("--history", choices=("gold", "model"), default="gold",
+    e.add_argument("--history", choices=DEF.MQ_HISTORIES, default=DEF.MQ_HISTORIES[0],
                    help="multi-query: a later turn follows the gold answers (SCBench's protocol; every method sees the "
                         "same conversation) or the model's own answers (an earlier miss is carried forward)")
     e.add_argument("--batch-size", type=T.positive_int, default=1,
@@ -283,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_method_args(v)
     v.add_argument("--method", type=T.method, required=True,
                    help="duo, think, vq, or any '+'-joined combination (all = duo+think+vq)")
-    v.add_argument("--think-channels", choices=("static", "query"), default="static",
+    v.add_argument("--think-channels", choices=DEF.THINK_CHANNELS, default="static",
                    help="ThinK's kept key channels: static (calibrated once, cached) or query (chosen per "
                         "request from its own prompt's last queries, as published)")
     v.add_argument("--duo-threshold", choices=("layer", "global"), default="layer",

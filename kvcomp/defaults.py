@@ -20,6 +20,9 @@ THINK_WINDOW = 32  # observation window / full-width recent keys
 #: 256 (37.5%); 1 keeps exactly D - floor(λ·D). A multiple of 16 makes a pruned key row whole 16-channel
 #: vectors (aligned, unmasked loads in the Triton kernel; no tail in the native CPU kernel)
 THINK_CHANNEL_MULTIPLE = 16
+#: kept channels chosen per request from the prompt's last queries (ThinK as published) or static
+#: (calibrated once on text, cached): the HF path's default is the first, vLLM's the second
+THINK_CHANNELS = ("query", "static")
 
 # ---- A²ATS (VQ retrieval)
 #: top-K per query head (fraction of the context < 1, or a count). A²ATS uses 0.03 on Llama-3.1-8B;
@@ -32,6 +35,11 @@ VQ_REL_POS = 2048  # windowed RoPE: relative position every key is rotated to
 VQ_DENSE_LAYERS = 2  # the first layers keep exact attention (their attention is not sparse)
 VQ_SELECT = "codes"  # "oracle": exact-score top-K, an analysis baseline (saves nothing)
 VQ_SELECTS = ("codes", "oracle")
+
+# ---- quality harness
+#: what a later turn of a shared-context (multi-query) sample follows: the gold answers (SCBench's multi-turn
+#: protocol, the default) or the model's own answers
+MQ_HISTORIES = ("gold", "model")
 
 
 def check_head_dim(name: str, d: int) -> None:

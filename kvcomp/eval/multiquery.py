@@ -19,6 +19,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import defaults as DEF
 from .haystack import HAYSTACKS, build_context, haystack_sentences, take_sentences
 from .tasks import _NIAH_INTRO, _Draw, count_tokens
 
@@ -28,7 +29,7 @@ __all__ = ["HISTORIES", "MODE", "MultiQuerySample", "build_multiquery_samples", 
 MODE = "multi-query"
 # what a later turn's history holds: the gold answers (SCBench's multi-turn protocol: a later question then
 # measures the compressed cache, not an earlier wrong answer carried forward) or the model's own answers
-HISTORIES = ("gold", "model")
+HISTORIES = DEF.MQ_HISTORIES
 TASK = "niah_shared"
 _SENTINELS = ("QQ1xQQ", "QQ2xQQ")
 

@@ -128,6 +128,18 @@ def ensure_codebooks(model, tokenizer, model_name: str, opts: MethodOptions, *, 
     return path
 
 
+def check_think_channels(mode: str) -> None:
+    """Refuse a ThinK channel mode other than :data:`kvcomp.defaults.THINK_CHANNELS`."""
+    if mode not in DEF.THINK_CHANNELS:
+        raise ValueError(f"think_channels: {mode!r}, use one of {DEF.THINK_CHANNELS}")
+
+
+def think_config(model, tokenizer, model_name: str, opts: MethodOptions, mode: str) -> ThinK:
+    """The named methods' ThinK: per-request channels (``mode="query"``) or :func:`static_think_channels`."""
+    return ThinK(prune_ratio=opts.prune_ratio, window=opts.think_window, channel_multiple=opts.think_channel_multiple,
+                 channels=static_think_channels(model, tokenizer, model_name, opts) if mode == "static" else None)
+
+
 def build_method(name: str, model, tokenizer, model_name: str, opts: MethodOptions | None = None,
                  *, progress: bool = True, think_channels: str = "query") -> CompressionConfig | None:
     """The :class:`CompressionConfig` of a named method (None for ``full``: stock cache).
@@ -138,8 +150,7 @@ def build_method(name: str, model, tokenizer, model_name: str, opts: MethodOptio
     """
     opts = opts or MethodOptions()
     parts = parse_method(name)
-    if think_channels not in ("static", "query"):
-        raise ValueError(f"think_channels: {think_channels!r}, use 'static' or 'query'")
+    check_think_channels(think_channels)
     if not parts:
         return None
     kw = {}
@@ -147,10 +158,7 @@ def build_method(name: str, model, tokenizer, model_name: str, opts: MethodOptio
         kw["duo"] = DuoAttention.from_tsv(duo_pattern_path(model_name, opts), sparsity=opts.sparsity,
                                           sink=opts.sink, recent=opts.recent)
     if "think" in parts:
-        kw["think"] = ThinK(prune_ratio=opts.prune_ratio, window=opts.think_window,
-                            channel_multiple=opts.think_channel_multiple,
-                            channels=(static_think_channels(model, tokenizer, model_name, opts)
-                                      if think_channels == "static" else None))
+        kw["think"] = think_config(model, tokenizer, model_name, opts, think_channels)
     if "vq" in parts:
         import torch
 
@@ -236,8 +244,7 @@ def build_vllm_method(name: str, model, tokenizer, model_name: str, opts: Method
     parts = parse_method(name)
     if not parts:
         return None
-    if opts.think_channels not in ("static", "query"):
-        raise ValueError(f"think_channels: {opts.think_channels!r}, use 'static' or 'query'")
+    check_think_channels(opts.think_channels)
     check_duo_threshold(name, opts.duo_threshold)
     check_vllm_vq_select(name, opts.vq_select)
     kw = {}
@@ -247,10 +254,7 @@ def build_vllm_method(name: str, model, tokenizer, model_name: str, opts: Method
                    else threshold_pattern_per_layer(gates, opts.sparsity))
         kw["duo"] = DuoAttention(pattern=pattern, sink=opts.sink, recent=opts.recent)
     if "think" in parts:
-        static = opts.think_channels == "static"
-        kw["think"] = ThinK(prune_ratio=opts.prune_ratio, window=opts.think_window,
-                            channel_multiple=opts.think_channel_multiple,
-                            channels=static_think_channels(model, tokenizer, model_name, opts) if static else None)
+        kw["think"] = think_config(model, tokenizer, model_name, opts, opts.think_channels)
     if "vq" in parts:
         c = model.config
         hkv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
